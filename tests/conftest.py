@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "genki-data"
+    path.mkdir()
+    return path
+
+
+def genki_cmd(*args: str) -> list[str]:
+    """The genki CLI as a subprocess command line (a real process, not an import)."""
+    return [sys.executable, "-m", "engine.cli", *args]
+
+
+@pytest.fixture(autouse=True)
+def _no_genki_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GENKI_HOME", raising=False)
+    os.environ.setdefault("PYTHONHASHSEED", "0")
