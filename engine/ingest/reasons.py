@@ -1,0 +1,33 @@
+"""Dead-letter reason codes. A dead letter's reason is "<code>: <field>: <detail>"."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    invalid_json = "invalid_json"          # the line is not JSON
+    oversized = "oversized"                # record larger than RECORD_BYTES_MAX
+    not_an_object = "not_an_object"        # JSON, but not an object
+    unknown_type = "unknown_type"          # cannot tell which wire record it is
+    bad_version = "bad_version"            # "v" is not 1
+    missing_field = "missing_field"        # a required field is absent
+    bad_field = "bad_field"                # wrong type or format of a field
+    unknown_metric = "unknown_metric"      # metric not in engine.schemas.METRICS
+    unit_mismatch = "unit_mismatch"        # unit is not the metric's unit
+    length_mismatch = "length_mismatch"    # ts_ms and values differ in length
+    too_many_samples = "too_many_samples"  # more than SAMPLES_PER_RECORD_MAX
+    out_of_range = "out_of_range"          # physically impossible value
+    future_timestamp = "future_timestamp"  # beyond now + skew allowance
+    too_old_timestamp = "too_old_timestamp"  # before TS_MS_MIN
+    segment_too_long = "segment_too_long"  # spans more than SEGMENT_SPAN_MS_MAX
+    too_late = "too_late"                  # older than the late-data window
+    conflict = "conflict"                  # same event id, different content
+
+
+def reason_text(code: Reason, field: str, detail: str) -> str:
+    return f"{code.value}: {field}: {detail}"
+
+
+def reason_code(text: str) -> str:
+    return text.split(":", 1)[0]

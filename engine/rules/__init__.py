@@ -1,0 +1,1 @@
+"""Rules: vectorised health points and frailty-risk flags."""

@@ -1,0 +1,1 @@
+"""Fleet simulator: realistic wire records for the programme."""

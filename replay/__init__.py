@@ -1,0 +1,1 @@
+"""Replay for researchers: pseudonymised Parquet, what-if, reports."""
