@@ -1,0 +1,76 @@
+"""`genki ingest` and `genki dlq`."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+import time
+
+import orjson
+
+from engine.config import add_data_dir_arg, data_dir_of
+from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, EmbeddedLog, IngestCounts
+from engine.ingest.reader import iter_sources
+from engine.progress import progress_bar
+
+
+def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
+                 show_progress: bool = False) -> IngestCounts:
+    total = IngestCounts()
+    with progress_bar("ingest", enabled=show_progress) as advance:
+        for batch in iter_sources(paths):
+            clock_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+            counts = log.ingest_lines(batch.lines, batch.source, batch.first_offset, clock_ms)
+            total.add(counts)
+            advance(len(batch.lines), f"{total.accepted_samples:,} samples")
+    return total
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    with EmbeddedLog.open(data_dir_of(args), late_window_days=args.late_window_days) as log:
+        counts = ingest_paths(log, args.paths, show_progress=not args.json and sys.stderr.isatty())
+    summary = counts.as_dict()
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    else:
+        print(f"received {counts.received:,} records: accepted {counts.accepted:,}, "
+              f"rejected {counts.rejected:,}; samples stored {counts.accepted_samples:,}, "
+              f"duplicate samples {counts.duplicate_samples:,}")
+        for reason, count in summary["rejected_by_reason"].items():  # type: ignore[union-attr]
+            print(f"  rejected {reason}: {count:,}")
+    return 0
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    with EmbeddedLog.open(data_dir_of(args), writer=False) as log:
+        letters = log.dead_letters(limit=args.limit)
+    if args.json:
+        for letter in letters:
+            raw = letter.pop("raw")
+            letter["v"] = 1
+            letter["raw_b64"] = base64.b64encode(raw).decode()  # type: ignore[arg-type]
+            sys.stdout.write(orjson.dumps(letter).decode() + "\n")
+        return 0
+    for letter in letters:
+        raw = bytes(letter["raw"])  # type: ignore[arg-type]
+        preview = raw[:60].decode("utf-8", "replace")
+        print(f"{letter['source']}:{letter['offset']}  {letter['reason']}  | {preview}")
+    print(f"{len(letters)} dead letters", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ingest", help="append NDJSON wire records to the embedded log")
+    parser.add_argument("paths", nargs="+", help="files, directories (their *.ndjson) or - for stdin")
+    parser.add_argument("--json", action="store_true", help="print the counts as JSON")
+    parser.add_argument("--late-window-days", type=int, default=LATE_WINDOW_DAYS_DEFAULT,
+                        help="data older than this behind the user's newest data is rejected")
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_ingest)
+
+    parser = subparsers.add_parser("dlq", help="list dead letters (rejected records) with reasons")
+    parser.add_argument("--json", action="store_true", help="one DeadLetter wire record per line")
+    parser.add_argument("--limit", type=int, default=None)
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_dlq)

@@ -1,0 +1,280 @@
+"""Decode and validate wire records: bytes in, columns and rejections out.
+
+Pure: no I/O and no clock (the caller passes `now_ms`). Sample segments are
+validated field by field in Python once per record, and their arrays once per
+batch with numpy, so the cost per sample is a few vector passes. Activities
+and profiles are small records validated by their pydantic models.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from pydantic import ValidationError
+
+from engine.ingest.reasons import Reason, reason_text
+from engine.schemas import (
+    ACTIVITY_KINDS,
+    METRIC_BY_NAME,
+    METRICS,
+    RECORD_BYTES_MAX,
+    SAMPLES_PER_RECORD_MAX,
+    SEGMENT_SPAN_MS_MAX,
+    TS_MS_MIN,
+    WIRE_VERSION,
+    ActivityEvent,
+    Profile,
+)
+
+TS_SKEW_MS_MAX = 10 * 60 * 1000
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_VALUE_MIN = np.array([m.value_min for m in METRICS], dtype=np.float64)
+_VALUE_MAX = np.array([m.value_max for m in METRICS], dtype=np.float64)
+_SAMPLE_ID_FIELDS = ("upload_id", "user_id", "device_id")
+_ACTIVITY_KIND_CODE = {kind: code for code, kind in enumerate(ACTIVITY_KINDS)}
+
+
+@dataclass
+class Rejected:
+    index: int
+    reason: str
+    raw: bytes
+
+
+@dataclass
+class SegmentColumns:
+    """Accepted sample segments of one batch, as columns (one row per record)."""
+
+    index: list[int] = field(default_factory=list)
+    upload_id: list[str] = field(default_factory=list)
+    user_id: list[str] = field(default_factory=list)
+    device_id: list[str] = field(default_factory=list)
+    metric: list[int] = field(default_factory=list)
+    ts_parts: list[np.ndarray] = field(default_factory=list)
+    value_parts: list[np.ndarray] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclass
+class DecodedBatch:
+    segments: SegmentColumns
+    activities: list[tuple[int, ActivityEvent, bytes]]
+    profiles: list[tuple[int, Profile]]
+    rejected: list[Rejected]
+    received: int
+    lines: list[bytes]
+
+
+def _reject(index: int, raw: bytes, code: Reason, field_name: str, detail: str) -> Rejected:
+    return Rejected(index, reason_text(code, field_name, detail), raw)
+
+
+def _kind_of(body: dict[str, Any]) -> str | None:
+    if "metric" in body or "values" in body:
+        return "sample"
+    if "event_id" in body:
+        return "activity"
+    if "birth_year" in body or "cohort" in body:
+        return "profile"
+    return None
+
+
+def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | None:
+    """First problem with a segment's scalar fields, or None."""
+    for name in (*_SAMPLE_ID_FIELDS, "metric", "unit", "ts_ms", "values"):
+        if name not in body:
+            return Reason.missing_field, name, "required"
+    for name in _SAMPLE_ID_FIELDS:
+        text = body[name]
+        if not isinstance(text, str) or not _ID_PATTERN.match(text):
+            return Reason.bad_field, name, f"must be 1-64 characters of A-Z a-z 0-9 _ . : - (got {text!r:.80})"
+    metric = body["metric"]
+    spec = METRIC_BY_NAME.get(metric) if isinstance(metric, str) else None
+    if spec is None:
+        return Reason.unknown_metric, "metric", f"unknown metric {metric!r:.40}"
+    if body["unit"] != spec.unit:
+        return Reason.unit_mismatch, "unit", f"{body['unit']!r:.20} is not the unit of {spec.name} (expects {spec.unit!r})"
+    ts, values = body["ts_ms"], body["values"]
+    if not isinstance(ts, list) or not ts:
+        return Reason.bad_field, "ts_ms", "must be a non-empty array of integers"
+    if not isinstance(values, list):
+        return Reason.bad_field, "values", "must be an array of numbers"
+    if len(values) != len(ts):
+        return Reason.length_mismatch, "values", f"length {len(values)} != ts_ms length {len(ts)}"
+    if len(ts) > SAMPLES_PER_RECORD_MAX:
+        return Reason.too_many_samples, "ts_ms", f"{len(ts)} samples, max {SAMPLES_PER_RECORD_MAX}"
+    return None
+
+
+def _segment_arrays(body: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | tuple[Reason, str, str]:
+    try:
+        ts = np.asarray(body["ts_ms"])
+        values = np.asarray(body["values"])
+    except (ValueError, TypeError, OverflowError):
+        return Reason.bad_field, "ts_ms", "arrays must hold numbers only"
+    if ts.dtype.kind not in "iu":
+        return Reason.bad_field, "ts_ms", "must hold integers (epoch milliseconds)"
+    if values.dtype.kind not in "iuf":
+        return Reason.bad_field, "values", "must hold numbers only"
+    return ts.astype(np.int64, copy=False), values.astype(np.float64, copy=False)
+
+
+def _check_segment_arrays(
+    segments: SegmentColumns, raws: list[bytes], now_ms: int
+) -> list[Rejected]:
+    """Vectorised range checks over all samples of the batch; drops bad records."""
+    if not segments.index:
+        return []
+    lengths = np.fromiter((len(p) for p in segments.ts_parts), dtype=np.int64, count=len(segments))
+    ts = np.concatenate(segments.ts_parts)
+    values = np.concatenate(segments.value_parts)
+    metric = np.repeat(np.asarray(segments.metric, dtype=np.int64), lengths)
+    record_of = np.repeat(np.arange(len(segments)), lengths)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    bad_value = (values < _VALUE_MIN[metric]) | (values > _VALUE_MAX[metric])
+    bad_future = ts > now_ms + TS_SKEW_MS_MAX
+    bad_old = ts < TS_MS_MIN
+    span = np.maximum.reduceat(ts, starts) - np.minimum.reduceat(ts, starts)
+    bad_span = span > SEGMENT_SPAN_MS_MAX
+    bad_any = bad_value | bad_future | bad_old
+    bad_records = np.union1d(np.unique(record_of[bad_any]), np.flatnonzero(bad_span))
+    if not len(bad_records):
+        return []
+    rejected = []
+    for record in bad_records.tolist():
+        lo, hi = int(starts[record]), int(starts[record] + lengths[record])
+        rejected.append(_explain_bad_segment(segments, record, raws, ts[lo:hi], values[lo:hi],
+                                             bool(bad_span[record]), now_ms))
+    keep = np.ones(len(segments), dtype=bool)
+    keep[bad_records] = False
+    _keep_rows(segments, keep)
+    return rejected
+
+
+def _explain_bad_segment(
+    segments: SegmentColumns, record: int, raws: list[bytes], ts: np.ndarray,
+    values: np.ndarray, bad_span: bool, now_ms: int,
+) -> Rejected:
+    index = segments.index[record]
+    raw = raws[index]
+    spec = METRICS[segments.metric[record]]
+    out = np.flatnonzero((values < spec.value_min) | (values > spec.value_max))
+    if len(out):
+        i = int(out[0])
+        return _reject(index, raw, Reason.out_of_range, f"values[{i}]",
+                       f"{spec.name} {values[i]:g} outside [{spec.value_min:g}, {spec.value_max:g}] {spec.unit}")
+    future = np.flatnonzero(ts > now_ms + TS_SKEW_MS_MAX)
+    if len(future):
+        i = int(future[0])
+        return _reject(index, raw, Reason.future_timestamp, f"ts_ms[{i}]",
+                       f"{int(ts[i])} is more than {TS_SKEW_MS_MAX // 1000} s in the future")
+    old = np.flatnonzero(ts < TS_MS_MIN)
+    if len(old):
+        i = int(old[0])
+        return _reject(index, raw, Reason.too_old_timestamp, f"ts_ms[{i}]",
+                       f"{int(ts[i])} is before 2020-01-01")
+    assert bad_span
+    days = (int(ts.max()) - int(ts.min())) / 86_400_000
+    return _reject(index, raw, Reason.segment_too_long, "ts_ms",
+                   f"segment spans {days:.1f} days, max {SEGMENT_SPAN_MS_MAX // 86_400_000}")
+
+
+def _keep_rows(segments: SegmentColumns, keep: np.ndarray) -> None:
+    for name in ("index", "upload_id", "user_id", "device_id", "metric", "ts_parts", "value_parts"):
+        column = getattr(segments, name)
+        setattr(segments, name, [item for item, k in zip(column, keep.tolist(), strict=True) if k])
+
+
+def _pydantic_reason(error: ValidationError) -> tuple[Reason, str, str]:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "record"
+    if first["type"] == "missing":
+        return Reason.missing_field, location, "required"
+    return Reason.bad_field, location, first["msg"]
+
+
+def decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
+    """Decode a batch of NDJSON lines (without trailing newlines)."""
+    segments = SegmentColumns()
+    activities: list[tuple[int, ActivityEvent, bytes]] = []
+    profiles: list[tuple[int, Profile]] = []
+    rejected: list[Rejected] = []
+    for index, raw in enumerate(lines):
+        problem = _decode_one(index, raw, segments, activities, profiles)
+        if problem is not None:
+            rejected.append(problem)
+    rejected.extend(_check_segment_arrays(segments, lines, now_ms))
+    for index, event, _ in activities:
+        if event.ts_ms > now_ms + TS_SKEW_MS_MAX:
+            rejected.append(_reject(index, lines[index], Reason.future_timestamp, "ts_ms",
+                                    f"{event.ts_ms} is more than {TS_SKEW_MS_MAX // 1000} s in the future"))
+    future = {r.index for r in rejected}
+    activities = [a for a in activities if a[0] not in future]
+    rejected.sort(key=lambda r: r.index)
+    return DecodedBatch(segments, activities, profiles, rejected, len(lines), lines)
+
+
+def _decode_one(
+    index: int, raw: bytes, segments: SegmentColumns,
+    activities: list[tuple[int, ActivityEvent, bytes]], profiles: list[tuple[int, Profile]],
+) -> Rejected | None:
+    if len(raw) > RECORD_BYTES_MAX:
+        return _reject(index, raw[:4096], Reason.oversized, "record",
+                       f"{len(raw)} bytes, max {RECORD_BYTES_MAX}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        return _reject(index, raw, Reason.invalid_json, "record", str(error)[:120])
+    if not isinstance(body, dict):
+        return _reject(index, raw, Reason.not_an_object, "record",
+                       f"expected a JSON object, got {type(body).__name__}")
+    if body.get("v") != WIRE_VERSION:
+        return _reject(index, raw, Reason.bad_version, "v",
+                       f"unsupported version {body.get('v')!r:.20}, expected {WIRE_VERSION}")
+    kind = _kind_of(body)
+    if kind == "sample":
+        return _decode_segment(index, raw, body, segments)
+    model = {"activity": ActivityEvent, "profile": Profile}.get(kind or "")
+    if model is None:
+        return _reject(index, raw, Reason.unknown_type, "record",
+                       "not a sample segment, activity event or profile")
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as error:
+        return _reject(index, raw, *_pydantic_reason(error))
+    if isinstance(parsed, ActivityEvent):
+        activities.append((index, parsed, raw))
+    else:
+        profiles.append((index, parsed))  # type: ignore[arg-type]
+    return None
+
+
+def _decode_segment(index: int, raw: bytes, body: dict[str, Any], segments: SegmentColumns) -> Rejected | None:
+    problem = _check_segment_fields(body)
+    if problem is None:
+        arrays = _segment_arrays(body)
+        if isinstance(arrays[0], Reason):
+            problem = arrays  # type: ignore[assignment]
+    if problem is not None:
+        return _reject(index, raw, *problem)
+    extra = set(body) - {"v", "metric", "unit", "ts_ms", "values", *_SAMPLE_ID_FIELDS}
+    if extra:
+        return _reject(index, raw, Reason.bad_field, sorted(extra)[0], "unknown field")
+    segments.index.append(index)
+    segments.upload_id.append(body["upload_id"])
+    segments.user_id.append(body["user_id"])
+    segments.device_id.append(body["device_id"])
+    segments.metric.append(METRIC_BY_NAME[body["metric"]].code)
+    segments.ts_parts.append(arrays[0])  # type: ignore[arg-type]
+    segments.value_parts.append(arrays[1])  # type: ignore[arg-type]
+    return None
+
+
+def activity_kind_code(kind: str) -> int:
+    return _ACTIVITY_KIND_CODE[kind]

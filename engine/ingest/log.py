@@ -1,0 +1,457 @@
+"""The embedded durable log: accepted records, dead letters and counters in SQLite.
+
+One writer per data directory (an exclusive file lock). Each batch of input
+lines is decoded, judged against the per-user watermarks (late data) and the
+set of stored samples (re-sends and overlapping segments), and committed in one
+transaction together with its dead letters and counters, so a kill -9 leaves
+either the whole batch or none of it. Every record gets a position (`seq`) in
+one global arrival order; the pipeline reads from a position onward.
+
+Stored sample rows hold only the samples that were new, as int32 offsets from
+the first timestamp (segments span at most 7 days) and float32 values when
+that is lossless, float64 otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from engine.clock import DAY_MS, day_to_iso, tokyo_day
+from engine.errors import GenkiError
+from engine.ingest.decode import DecodedBatch, Rejected, activity_kind_code, decode_lines
+from engine.ingest.dedup import SeenSamples, first_occurrences, pack_keys
+from engine.ingest.reasons import Reason, reason_text
+from engine.schemas import ActivityEvent
+
+LOG_FILE_NAME = "log.sqlite"
+LOCK_FILE_NAME = "log.lock"
+LATE_WINDOW_DAYS_DEFAULT = 42
+SQL_VARIABLES_PER_QUERY_MAX = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    stream_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT NOT NULL,
+    metric INTEGER NOT NULL, UNIQUE (user_id, device_id, metric));
+CREATE TABLE IF NOT EXISTS sample_records (
+    seq INTEGER PRIMARY KEY, stream_id INTEGER NOT NULL, upload_id TEXT NOT NULL,
+    base_ts_ms INTEGER NOT NULL, n INTEGER NOT NULL, ts_offsets BLOB NOT NULL,
+    vals BLOB NOT NULL, vals_f64 INTEGER NOT NULL, wm_before_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS activity_records (
+    seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+    kind INTEGER NOT NULL, ts_ms INTEGER NOT NULL, venue_id TEXT NOT NULL, source TEXT NOT NULL,
+    wm_before_ms INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS profile_records (
+    seq INTEGER PRIMARY KEY, user_id TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS profiles (
+    user_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS watermarks (
+    user_id TEXT NOT NULL, kind TEXT NOT NULL, wm_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, kind));
+CREATE TABLE IF NOT EXISTS dlq (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, partition INTEGER, offset INTEGER,
+    reason TEXT NOT NULL, raw BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+COUNTERS = ("received", "accepted", "rejected", "duplicate_samples", "accepted_samples",
+            "duplicate_records")
+
+
+class LogLocked(GenkiError):
+    code = "log_locked"
+
+
+@dataclass
+class IngestCounts:
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    duplicate_samples: int = 0
+    accepted_samples: int = 0
+    duplicate_records: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: IngestCounts) -> None:
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for reason, count in other.rejected_by_reason.items():
+            self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + count
+
+    def as_dict(self) -> dict[str, object]:
+        assert self.received == self.accepted + self.rejected, "received != accepted + rejected"
+        result: dict[str, object] = {name: getattr(self, name) for name in COUNTERS}
+        result["rejected_by_reason"] = dict(sorted(self.rejected_by_reason.items()))
+        return result
+
+
+@dataclass
+class SampleColumns:
+    """Stored samples between two log positions, one row per sample, arrival order."""
+
+    users: list[str]
+    user_idx: np.ndarray
+    metric: np.ndarray
+    ts_ms: np.ndarray
+    value: np.ndarray
+    wm_before_ms: np.ndarray
+
+
+@dataclass
+class ActivityColumns:
+    users: list[str]
+    user_idx: np.ndarray
+    event_id: list[str]
+    kind: np.ndarray
+    ts_ms: np.ndarray
+    venue_id: list[str]
+    wm_before_ms: np.ndarray
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+class EmbeddedLog:
+    """The single-machine input log. Use `EmbeddedLog.open(data_dir)`."""
+
+    def __init__(self, db: sqlite3.Connection, lock_file: object | None,
+                 late_window_days: int) -> None:
+        self._db = db
+        self._lock_file = lock_file
+        self.late_window_days = late_window_days
+        self._streams: dict[tuple[str, str, int], int] = {}
+        self._watermarks: dict[tuple[str, str], int] = {}
+        self._seen = SeenSamples()
+        if lock_file is not None:
+            self._load_state()
+
+    @classmethod
+    def open(cls, data_dir: Path, *, writer: bool = True,
+             late_window_days: int = LATE_WINDOW_DAYS_DEFAULT) -> EmbeddedLog:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = None
+        if writer:
+            lock_file = open(data_dir / LOCK_FILE_NAME, "a+b")  # noqa: SIM115
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock_file.close()
+                raise LogLocked(f"another genki process is writing to {data_dir}; "
+                                "wait for it to finish") from None
+        db = connect(data_dir / LOG_FILE_NAME)
+        db.executescript(_SCHEMA)
+        return cls(db, lock_file, late_window_days)
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> EmbeddedLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- state ---------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        for stream_id, user, device, metric in self._db.execute(
+                "SELECT stream_id, user_id, device_id, metric FROM streams"):
+            self._streams[(user, device, metric)] = stream_id
+        for user, kind, wm in self._db.execute("SELECT user_id, kind, wm_ms FROM watermarks"):
+            self._watermarks[(user, kind)] = wm
+        keys = [pack_keys(np.full(len(ts), stream_id, dtype=np.int64), ts)
+                for stream_id, ts in self._iter_stored_timestamps()]
+        if keys:
+            self._seen.add(np.concatenate(keys))
+
+    def _iter_stored_timestamps(self) -> Iterator[tuple[int, np.ndarray]]:
+        for stream_id, base, offsets in self._db.execute(
+                "SELECT stream_id, base_ts_ms, ts_offsets FROM sample_records"):
+            yield stream_id, base + np.frombuffer(offsets, dtype=np.int32).astype(np.int64)
+
+    def position(self) -> int:
+        """The highest log position written so far (0 when empty)."""
+        row = self._db.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM sample_records), 0),"
+            " coalesce((SELECT max(seq) FROM activity_records), 0),"
+            " coalesce((SELECT max(seq) FROM profile_records), 0))").fetchone()
+        return int(row[0])
+
+    def counters(self) -> IngestCounts:
+        values = dict(self._db.execute("SELECT key, value FROM stats").fetchall())
+        counts = IngestCounts(**{name: int(values.get(name, 0)) for name in COUNTERS})
+        for reason, count in self._db.execute(
+                "SELECT substr(reason, 1, instr(reason, ':') - 1), count(*) FROM dlq GROUP BY 1"):
+            counts.rejected_by_reason[reason] = count
+        return counts
+
+    # -- writing -------------------------------------------------------------
+
+    def ingest_lines(self, lines: list[bytes], source: str, first_offset: int,
+                     now_ms: int) -> IngestCounts:
+        """Decode, judge and durably store one batch of lines in one transaction."""
+        assert self._lock_file is not None, "log opened read-only"
+        decoded = decode_lines(lines, now_ms)
+        counts = IngestCounts(received=decoded.received)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            next_seq = self.position() + 1
+            next_seq = self._store_profiles(decoded, next_seq)
+            pending_keys, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq)
+            activity_wm, next_seq = self._store_activities(decoded, counts, next_seq)
+            wm_updates.update(activity_wm)
+            self._store_rejected(decoded.rejected, source, first_offset, counts)
+            counts.accepted = counts.received - counts.rejected
+            self._store_watermarks(wm_updates)
+            self._bump_counters(counts)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._seen.add(pending_keys)
+        self._watermarks.update(wm_updates)
+        return counts
+
+    def _store_profiles(self, decoded: DecodedBatch, next_seq: int) -> int:
+        for _, profile in decoded.profiles:
+            body = profile.model_dump_json().encode()
+            self._db.execute("INSERT INTO profile_records VALUES (?, ?, ?)",
+                             (next_seq, profile.user_id, body))
+            self._db.execute(
+                "INSERT INTO profiles VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE"
+                " SET seq = excluded.seq, body = excluded.body",
+                (profile.user_id, next_seq, body))
+            next_seq += 1
+        return next_seq
+
+    def _stream_id(self, user: str, device: str, metric: int) -> int:
+        key = (user, device, metric)
+        stream_id = self._streams.get(key)
+        if stream_id is None:
+            stream_id = len(self._streams) + 1
+            self._db.execute("INSERT INTO streams VALUES (?, ?, ?, ?)", (stream_id, *key))
+            self._streams[key] = stream_id
+        return stream_id
+
+    def _late_rejections(self, decoded: DecodedBatch) -> tuple[list[bool], list[int], dict]:
+        """Per segment: too late?, the user's watermark before it; new watermarks."""
+        seg = decoded.segments
+        watermarks: dict[tuple[str, str], int] = {}
+        too_late, wm_before = [], []
+        window_ms = self.late_window_days * DAY_MS
+        for user, ts in zip(seg.user_id, seg.ts_parts, strict=True):
+            key = (user, "samples")
+            wm = watermarks.get(key, self._watermarks.get(key, -1))
+            ts_min, ts_max = int(ts.min()), int(ts.max())
+            late = wm >= 0 and tokyo_day(ts_min) < tokyo_day(wm) - self.late_window_days
+            assert not late or ts_max < wm + window_ms
+            too_late.append(late)
+            wm_before.append(wm)
+            if not late and ts_max > wm:
+                watermarks[key] = ts_max
+        return too_late, wm_before, watermarks
+
+    def _store_segments(self, decoded: DecodedBatch, counts: IngestCounts,
+                        next_seq: int) -> tuple[np.ndarray, dict, int]:
+        seg = decoded.segments
+        too_late, wm_before, watermarks = self._late_rejections(decoded)
+        for i, late in enumerate(too_late):
+            if late:
+                index = seg.index[i]
+                decoded.rejected.append(Rejected(index, reason_text(
+                    Reason.too_late, "ts_ms",
+                    f"data for {_iso(int(seg.ts_parts[i].min()))} is more than "
+                    f"{self.late_window_days} days older than this user's data so far"),
+                    decoded.lines[index]))
+        keep = [i for i, late in enumerate(too_late) if not late]
+        if not keep:
+            return np.empty(0, dtype=np.uint64), watermarks, next_seq
+        stream_ids = [self._stream_id(seg.user_id[i], seg.device_id[i], seg.metric[i]) for i in keep]
+        lengths = np.array([len(seg.ts_parts[i]) for i in keep], dtype=np.int64)
+        ts = np.concatenate([seg.ts_parts[i] for i in keep])
+        values = np.concatenate([seg.value_parts[i] for i in keep])
+        keys = pack_keys(np.repeat(np.asarray(stream_ids, dtype=np.int64), lengths), ts)
+        new = first_occurrences(keys) & ~self._seen.contains(keys)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        new_per_record = np.add.reduceat(new.astype(np.int64), starts)
+        rows = []
+        for row, i in enumerate(keep):
+            n_new = int(new_per_record[row])
+            if n_new == 0:
+                counts.duplicate_records += 1
+                continue
+            lo, hi = int(starts[row]), int(starts[row] + lengths[row])
+            mask = new[lo:hi]
+            rows.append(_sample_row(next_seq, stream_ids[row], seg.upload_id[i],
+                                    ts[lo:hi][mask], values[lo:hi][mask], wm_before[i]))
+            next_seq += 1
+        self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        counts.accepted_samples += int(new.sum())
+        counts.duplicate_samples += int(len(new) - new.sum())
+        return keys[new], watermarks, next_seq
+
+    def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
+                          next_seq: int) -> tuple[dict, int]:
+        existing = self._existing_events([event.event_id for _, event, _ in decoded.activities])
+        watermarks: dict[tuple[str, str], int] = {}
+        seen_in_batch: dict[str, bytes] = {}
+        for index, event, raw in decoded.activities:
+            body = _canonical_event(event)
+            stored = existing.get(event.event_id) or seen_in_batch.get(event.event_id)
+            if stored is not None:
+                if stored == body:
+                    counts.duplicate_records += 1
+                else:
+                    decoded.rejected.append(Rejected(index, reason_text(
+                        Reason.conflict, "event_id",
+                        f"{event.event_id} was stored before with different content"), raw))
+                continue
+            key = (event.user_id, "activities")
+            wm = watermarks.get(key, self._watermarks.get(key, -1))
+            if wm >= 0 and tokyo_day(event.ts_ms) < tokyo_day(wm) - self.late_window_days:
+                decoded.rejected.append(Rejected(index, reason_text(
+                    Reason.too_late, "ts_ms", f"event on {_iso(event.ts_ms)} is more than "
+                    f"{self.late_window_days} days older than this user's events so far"), raw))
+                continue
+            self._db.execute(
+                "INSERT INTO activity_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (next_seq, event.event_id, event.user_id, activity_kind_code(event.kind.value),
+                 event.ts_ms, event.venue_id or "", event.source, wm, body))
+            seen_in_batch[event.event_id] = body
+            watermarks[key] = max(wm, event.ts_ms)
+            next_seq += 1
+        return watermarks, next_seq
+
+    def _existing_events(self, event_ids: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        unique = sorted(set(event_ids))
+        for lo in range(0, len(unique), SQL_VARIABLES_PER_QUERY_MAX):
+            chunk = unique[lo:lo + SQL_VARIABLES_PER_QUERY_MAX]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._db.execute(
+                f"SELECT event_id, body FROM activity_records WHERE event_id IN ({marks})", chunk))
+        return found
+
+    def _store_rejected(self, rejected: list[Rejected], source: str, first_offset: int,
+                        counts: IngestCounts) -> None:
+        rows = []
+        for item in sorted(rejected, key=lambda r: r.index):
+            rows.append((source, None, first_offset + item.index, item.reason, item.raw))
+            code = item.reason.split(":", 1)[0]
+            counts.rejected_by_reason[code] = counts.rejected_by_reason.get(code, 0) + 1
+        counts.rejected = len(rows)
+        self._db.executemany(
+            "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def _store_watermarks(self, updates: dict[tuple[str, str], int]) -> None:
+        self._db.executemany(
+            "INSERT INTO watermarks VALUES (?, ?, ?) ON CONFLICT(user_id, kind)"
+            " DO UPDATE SET wm_ms = excluded.wm_ms",
+            [(user, kind, wm) for (user, kind), wm in updates.items()])
+
+    def _bump_counters(self, counts: IngestCounts) -> None:
+        self._db.executemany(
+            "INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            [(name, getattr(counts, name)) for name in COUNTERS])
+
+    # -- reading -------------------------------------------------------------
+
+    def dead_letters(self, limit: int | None = None) -> list[dict[str, object]]:
+        query = "SELECT id, source, partition, offset, reason, raw FROM dlq ORDER BY id"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        return [{"id": i, "source": s, "partition": p, "offset": o, "reason": r, "raw": raw}
+                for i, s, p, o, r, raw in self._db.execute(query)]
+
+    def profiles(self) -> list[bytes]:
+        return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]
+
+    def read_samples(self, after_seq: int, upto_seq: int) -> SampleColumns:
+        rows = self._db.execute(
+            "SELECT s.user_id, s.metric, r.base_ts_ms, r.ts_offsets, r.vals, r.vals_f64,"
+            " r.wm_before_ms FROM sample_records r JOIN streams s USING (stream_id)"
+            " WHERE r.seq > ? AND r.seq <= ? ORDER BY r.seq", (after_seq, upto_seq)).fetchall()
+        return _sample_columns(rows)
+
+    def read_activities(self, after_seq: int, upto_seq: int) -> ActivityColumns:
+        rows = self._db.execute(
+            "SELECT user_id, event_id, kind, ts_ms, venue_id, wm_before_ms FROM activity_records"
+            " WHERE seq > ? AND seq <= ? ORDER BY seq", (after_seq, upto_seq)).fetchall()
+        user_index: dict[str, int] = {}
+        user_idx = np.fromiter((user_index.setdefault(r[0], len(user_index)) for r in rows),
+                               dtype=np.int32, count=len(rows))
+        return ActivityColumns(
+            users=list(user_index), user_idx=user_idx, event_id=[r[1] for r in rows],
+            kind=np.fromiter((r[2] for r in rows), dtype=np.int8, count=len(rows)),
+            ts_ms=np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows)),
+            venue_id=[r[4] for r in rows],
+            wm_before_ms=np.fromiter((r[5] for r in rows), dtype=np.int64, count=len(rows)))
+
+    def stored_sample_keys(self) -> dict[tuple[str, str, int], dict[int, float]]:
+        """Every stored sample as {(user, device, metric): {ts_ms: value}} (tests, small logs)."""
+        result: dict[tuple[str, str, int], dict[int, float]] = {}
+        for user, device, metric, base, offsets, vals, f64 in self._db.execute(
+                "SELECT s.user_id, s.device_id, s.metric, r.base_ts_ms, r.ts_offsets, r.vals,"
+                " r.vals_f64 FROM sample_records r JOIN streams s USING (stream_id)"):
+            ts = base + np.frombuffer(offsets, dtype=np.int32).astype(np.int64)
+            values = np.frombuffer(vals, dtype=np.float64 if f64 else np.float32)
+            stream = result.setdefault((user, device, metric), {})
+            for t, v in zip(ts.tolist(), values.tolist(), strict=True):
+                assert t not in stream, "a sample is stored twice"
+                stream[t] = v
+        return result
+
+
+def _sample_row(seq: int, stream_id: int, upload_id: str, ts: np.ndarray, values: np.ndarray,
+                wm_before: int) -> tuple:
+    base = int(ts.min())
+    offsets = (ts - base).astype(np.int32)
+    narrow = values.astype(np.float32)
+    lossless = bool(np.array_equal(narrow.astype(np.float64), values))
+    vals = narrow.tobytes() if lossless else values.tobytes()
+    return (seq, stream_id, upload_id, base, len(ts), offsets.tobytes(), vals,
+            0 if lossless else 1, wm_before)
+
+
+def _sample_columns(rows: list[tuple]) -> SampleColumns:
+    user_index: dict[str, int] = {}
+    ts_parts, value_parts, lengths, users, metrics, wms = [], [], [], [], [], []
+    for user, metric, base, offsets, vals, f64, wm in rows:
+        ts_parts.append(base + np.frombuffer(offsets, dtype=np.int32).astype(np.int64))
+        value_parts.append(np.frombuffer(vals, dtype=np.float64 if f64 else np.float32))
+        lengths.append(len(ts_parts[-1]))
+        users.append(user_index.setdefault(user, len(user_index)))
+        metrics.append(metric)
+        wms.append(wm)
+    if not rows:
+        empty = np.empty(0, dtype=np.int64)
+        return SampleColumns([], empty.astype(np.int32), empty.astype(np.int8), empty,
+                             empty.astype(np.float64), empty)
+    counts = np.asarray(lengths, dtype=np.int64)
+    return SampleColumns(
+        users=list(user_index),
+        user_idx=np.repeat(np.asarray(users, dtype=np.int32), counts),
+        metric=np.repeat(np.asarray(metrics, dtype=np.int8), counts),
+        ts_ms=np.concatenate(ts_parts),
+        value=np.concatenate(value_parts).astype(np.float64),
+        wm_before_ms=np.repeat(np.asarray(wms, dtype=np.int64), counts))
+
+
+def _canonical_event(event: ActivityEvent) -> bytes:
+    return orjson.dumps(event.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
+def _iso(ts_ms: int) -> str:
+    return day_to_iso(tokyo_day(ts_ms))
