@@ -11,15 +11,15 @@ import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, EmbeddedLog, IngestCounts
-from engine.ingest.reader import iter_sources
+from engine.ingest.reader import BATCH_LINES_MAX, iter_sources
 from engine.progress import progress_bar
 
 
 def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
-                 show_progress: bool = False) -> IngestCounts:
+                 show_progress: bool = False, batch_lines: int = BATCH_LINES_MAX) -> IngestCounts:
     total = IngestCounts()
     with progress_bar("ingest", enabled=show_progress) as advance:
-        for batch in iter_sources(paths):
+        for batch in iter_sources(paths, batch_lines):
             clock_ms = now_ms if now_ms is not None else int(time.time() * 1000)
             counts = log.ingest_lines(batch.lines, batch.source, batch.first_offset, clock_ms)
             total.add(counts)
@@ -29,7 +29,8 @@ def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     with EmbeddedLog.open(data_dir_of(args), late_window_days=args.late_window_days) as log:
-        counts = ingest_paths(log, args.paths, show_progress=not args.json and sys.stderr.isatty())
+        counts = ingest_paths(log, args.paths, batch_lines=args.batch_lines,
+                              show_progress=not args.json and sys.stderr.isatty())
     summary = counts.as_dict()
     if args.json:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
@@ -66,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     parser.add_argument("--late-window-days", type=int, default=LATE_WINDOW_DAYS_DEFAULT,
                         help="data older than this behind the user's newest data is rejected")
+    parser.add_argument("--batch-lines", type=int, default=BATCH_LINES_MAX,
+                        help=f"records per transaction (max {BATCH_LINES_MAX})")
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_ingest)
 

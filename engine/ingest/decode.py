@@ -115,9 +115,12 @@ def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | Non
 def _segment_arrays(body: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | tuple[Reason, str, str]:
     try:
         ts = np.asarray(body["ts_ms"])
+    except (ValueError, TypeError, OverflowError):
+        return Reason.bad_field, "ts_ms", "must hold integers (epoch milliseconds)"
+    try:
         values = np.asarray(body["values"])
     except (ValueError, TypeError, OverflowError):
-        return Reason.bad_field, "ts_ms", "arrays must hold numbers only"
+        return Reason.bad_field, "values", "must hold numbers only"
     if ts.dtype.kind not in "iu":
         return Reason.bad_field, "ts_ms", "must hold integers (epoch milliseconds)"
     if values.dtype.kind not in "iuf":

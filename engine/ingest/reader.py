@@ -40,7 +40,9 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
     return expanded
 
 
-def iter_batches(stream: BinaryIO, source: str) -> Iterator[LineBatch]:
+def iter_batches(stream: BinaryIO, source: str,
+                 batch_lines: int = BATCH_LINES_MAX) -> Iterator[LineBatch]:
+    assert 0 < batch_lines <= BATCH_LINES_MAX
     lines: list[bytes] = []
     size_bytes = 0
     first = 1
@@ -52,17 +54,17 @@ def iter_batches(stream: BinaryIO, source: str) -> Iterator[LineBatch]:
             first = number
         lines.append(line)
         size_bytes += len(line)
-        if len(lines) >= BATCH_LINES_MAX or size_bytes >= BATCH_BYTES_MAX:
+        if len(lines) >= batch_lines or size_bytes >= BATCH_BYTES_MAX:
             yield LineBatch(source, first, lines)
             lines, size_bytes = [], 0
     if lines:
         yield LineBatch(source, first, lines)
 
 
-def iter_sources(paths: Iterable[str]) -> Iterator[LineBatch]:
+def iter_sources(paths: Iterable[str], batch_lines: int = BATCH_LINES_MAX) -> Iterator[LineBatch]:
     for text in expand_paths(paths):
         if text == "-":
-            yield from iter_batches(sys.stdin.buffer, "stdin")
+            yield from iter_batches(sys.stdin.buffer, "stdin", batch_lines)
         else:
             with open(text, "rb") as stream:
-                yield from iter_batches(stream, text)
+                yield from iter_batches(stream, text, batch_lines)
