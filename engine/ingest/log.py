@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS dlq (
     id INTEGER PRIMARY KEY, source TEXT NOT NULL, partition INTEGER, offset INTEGER,
     reason TEXT NOT NULL, raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 COUNTERS = ("received", "accepted", "rejected", "duplicate_samples", "accepted_samples",
@@ -199,9 +200,16 @@ class EmbeddedLog:
 
     # -- writing -------------------------------------------------------------
 
-    def ingest_lines(self, lines: list[bytes], source: str, first_offset: int,
-                     now_ms: int) -> IngestCounts:
-        """Decode, judge and durably store one batch of lines in one transaction."""
+    def ingest_lines(self, lines: list[bytes], source: str, first_offset: int, now_ms: int,
+                     *, partition: int | None = None, offsets: list[int] | None = None,
+                     meta: dict[str, str] | None = None) -> IngestCounts:
+        """Decode, judge and durably store one batch of lines in one transaction.
+
+        A dead letter names `source`, `partition` and the line's offset: `offsets[i]`
+        when given (Kafka offsets), else `first_offset + i` (line numbers). `meta`
+        key/values (e.g. consumed Kafka offsets) commit in the same transaction.
+        """
+        assert offsets is None or len(offsets) == len(lines)
         assert self._lock_file is not None, "log opened read-only"
         decoded = decode_lines(lines, now_ms)
         counts = IngestCounts(received=decoded.received)
@@ -212,7 +220,9 @@ class EmbeddedLog:
             pending_keys, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq)
             activity_wm, next_seq = self._store_activities(decoded, counts, next_seq)
             wm_updates.update(activity_wm)
-            self._store_rejected(decoded.rejected, source, first_offset, counts)
+            line_offsets = offsets or list(range(first_offset, first_offset + len(lines)))
+            self._store_rejected(decoded.rejected, source, partition, line_offsets, counts)
+            self._store_meta(meta or {})
             counts.accepted = counts.received - counts.rejected
             self._store_watermarks(wm_updates)
             self._bump_counters(counts)
@@ -344,16 +354,25 @@ class EmbeddedLog:
                 f"SELECT event_id, body FROM activity_records WHERE event_id IN ({marks})", chunk))
         return found
 
-    def _store_rejected(self, rejected: list[Rejected], source: str, first_offset: int,
-                        counts: IngestCounts) -> None:
+    def _store_rejected(self, rejected: list[Rejected], source: str, partition: int | None,
+                        offsets: list[int], counts: IngestCounts) -> None:
         rows = []
         for item in sorted(rejected, key=lambda r: r.index):
-            rows.append((source, None, first_offset + item.index, item.reason, item.raw))
+            rows.append((source, partition, offsets[item.index], item.reason, item.raw))
             code = item.reason.split(":", 1)[0]
             counts.rejected_by_reason[code] = counts.rejected_by_reason.get(code, 0) + 1
         counts.rejected = len(rows)
         self._db.executemany(
             "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def _store_meta(self, meta: dict[str, str]) -> None:
+        self._db.executemany(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            list(meta.items()))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     def _store_watermarks(self, updates: dict[tuple[str, str], int]) -> None:
         self._db.executemany(
