@@ -1,0 +1,103 @@
+"""`genki run` and `genki flags` (the care-prevention team's risk list)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from engine.config import add_data_dir_arg, data_dir_of
+from engine.progress import progress_bar
+
+RISK_LIST_ROWS_DEFAULT = 50
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from engine.pipeline import run_pipeline
+
+    show = not args.json and sys.stderr.isatty()
+    with progress_bar("rules", enabled=show) as advance:
+        summary = run_pipeline(data_dir_of(args), args.rules,
+                               on_chunk=lambda n, s: advance(n, f"{s:,} samples"))
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary.as_dict()).decode() + "\n")
+    else:
+        print(f"processed log positions {summary.position_before:,} → {summary.position_after:,}: "
+              f"{summary.samples:,} samples, {summary.activities:,} activities → "
+              f"{summary.awards_appended:,} awards ({summary.points_awarded:,} points), "
+              f"flags raised {summary.flags_raised}, cleared {summary.flags_cleared} "
+              f"in {summary.seconds} s (rules {summary.rules_version})")
+    return 0
+
+
+def risk_list(data_dir: Path, day: str | None = None) -> list[dict[str, object]]:
+    """Users with raised flags, most severe first: [{user_id, severity, flags: [...]}]."""
+    from engine.ledger import Ledger
+    from engine.pipeline import RULES_DEFAULT_PATH
+    from engine.rules.config import load_rules
+
+    weights = load_rules(RULES_DEFAULT_PATH).flag_severity()
+    by_user: dict[str, dict[str, object]] = {}
+    with Ledger.open(data_dir) as ledger:
+        flags = ledger.current_flags(day)
+    for flag in flags:
+        row = by_user.setdefault(flag.user_id, {"user_id": flag.user_id, "severity": 0, "flags": []})
+        row["severity"] = int(row["severity"]) + weights.get(str(flag.flag), 1)  # type: ignore[call-overload]
+        row["flags"].append({"flag": str(flag.flag), "since": flag.day,  # type: ignore[union-attr]
+                             "evidence": dict(flag.evidence)})
+    return sorted(by_user.values(), key=lambda r: (-int(r["severity"]), str(r["user_id"])))  # type: ignore[call-overload]
+
+
+def _evidence_text(evidence: dict[str, object]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(evidence.items()))
+
+
+def print_risk_list(data_dir: Path, console: Console, limit: int, day: str | None = None) -> None:
+    rows = risk_list(data_dir, day)
+    table = Table(title=f"frailty risk list: {len(rows)} people with raised flags"
+                        + (f" (top {limit})" if len(rows) > limit else ""))
+    for column in ("user", "severity", "flag", "since", "evidence"):
+        table.add_column(column)
+    for row in rows[:limit]:
+        for i, flag in enumerate(row["flags"]):  # type: ignore[arg-type]
+            table.add_row(str(row["user_id"]) if i == 0 else "", str(row["severity"]) if i == 0 else "",
+                          flag["flag"], flag["since"], _evidence_text(flag["evidence"]))
+    console.print(table)
+
+
+def _cmd_flags(args: argparse.Namespace) -> int:
+    data_dir = data_dir_of(args)
+    if args.json:
+        for row in risk_list(data_dir, args.day):
+            sys.stdout.write(orjson.dumps(row).decode() + "\n")
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["user_id", "severity", "flag", "since", "evidence"])
+        for row in risk_list(data_dir, args.day):
+            for flag in row["flags"]:  # type: ignore[attr-defined]
+                writer.writerow([row["user_id"], row["severity"], flag["flag"], flag["since"],
+                                 _evidence_text(flag["evidence"])])
+    else:
+        print_risk_list(data_dir, Console(), args.limit, args.day)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("run", help="process everything pending through the rules into the ledger")
+    parser.add_argument("--rules", type=Path, default=None, help="rules TOML (default rules/default.toml)")
+    parser.add_argument("--json", action="store_true")
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_run)
+
+    parser = subparsers.add_parser("flags", help="current frailty-risk list with evidence, most severe first")
+    parser.add_argument("--day", default=None, help="risk list as of this day (YYYY-MM-DD)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per person")
+    parser.add_argument("--csv", action="store_true", help="CSV for outreach lists")
+    parser.add_argument("--limit", type=int, default=RISK_LIST_ROWS_DEFAULT)
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_flags)
