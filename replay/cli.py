@@ -1,0 +1,46 @@
+"""`genki replay`: pseudonymised Parquet for researchers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import orjson
+
+from engine.config import add_data_dir_arg, data_dir_of
+from engine.errors import UsageError
+from engine.progress import progress_bar
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from replay.export import export_embedded
+
+    if args.pseudonym_key_file is None:
+        raise UsageError("replay: --pseudonym-key-file is required (a secret of at least 16 bytes; "
+                         "the same key gives the same pseudonyms)")
+    if args.source != "embedded":
+        raise UsageError("replay: --source kafka is not available yet; replay the embedded log")
+    key = args.pseudonym_key_file.read_bytes().strip()
+    with progress_bar("replay", enabled=sys.stderr.isatty() and not args.json) as advance:
+        manifest = export_embedded(data_dir_of(args), args.to, key, since=args.since,
+                                   until=args.until, tick=lambda n: advance(n, ""))
+    if args.json:
+        sys.stdout.write(orjson.dumps(manifest.__dict__).decode() + "\n")
+    else:
+        rows = ", ".join(f"{name} {count:,}" for name, count in manifest.rows.items())
+        print(f"wrote {args.to}: {rows}; {manifest.users_included:,} consenting people, "
+              f"{manifest.users_left_out_no_consent:,} left out (no research consent)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("replay", help="export pseudonymised Parquet for research")
+    parser.add_argument("--to", type=Path, required=True, help="output directory")
+    parser.add_argument("--source", choices=["embedded", "kafka"], default="embedded")
+    parser.add_argument("--pseudonym-key-file", type=Path, default=None)
+    parser.add_argument("--since", default=None, help="first Tokyo day (YYYY-MM-DD)")
+    parser.add_argument("--until", default=None, help="last Tokyo day (YYYY-MM-DD)")
+    parser.add_argument("--json", action="store_true")
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_replay)
