@@ -255,62 +255,57 @@ class EmbeddedLog:
             self._streams[key] = stream_id
         return stream_id
 
-    def _late_rejections(self, decoded: DecodedBatch) -> tuple[list[bool], list[int], dict]:
+    def _late_rejections(self, users: list[str], ts_min: list[int],
+                         ts_max: list[int]) -> tuple[list[bool], list[int], dict]:
         """Per segment: too late?, the user's watermark before it; new watermarks."""
-        seg = decoded.segments
         watermarks: dict[tuple[str, str], int] = {}
         too_late, wm_before = [], []
         window_ms = self.late_window_days * DAY_MS
-        for user, ts in zip(seg.user_id, seg.ts_parts, strict=True):
+        for user, low, high in zip(users, ts_min, ts_max, strict=True):
             key = (user, "samples")
             wm = watermarks.get(key, self._watermarks.get(key, -1))
-            ts_min, ts_max = int(ts.min()), int(ts.max())
-            late = wm >= 0 and tokyo_day(ts_min) < tokyo_day(wm) - self.late_window_days
-            assert not late or ts_max < wm + window_ms
+            late = wm >= 0 and tokyo_day(low) < tokyo_day(wm) - self.late_window_days
+            assert not late or high < wm + window_ms
             too_late.append(late)
             wm_before.append(wm)
-            if not late and ts_max > wm:
-                watermarks[key] = ts_max
+            if not late and high > wm:
+                watermarks[key] = high
         return too_late, wm_before, watermarks
 
     def _store_segments(self, decoded: DecodedBatch, counts: IngestCounts,
                         next_seq: int) -> tuple[np.ndarray, dict, int]:
         seg = decoded.segments
-        too_late, wm_before, watermarks = self._late_rejections(decoded)
-        for i, late in enumerate(too_late):
-            if late:
-                index = seg.index[i]
-                decoded.rejected.append(Rejected(index, reason_text(
-                    Reason.too_late, "ts_ms",
-                    f"data for {_iso(int(seg.ts_parts[i].min()))} is more than "
-                    f"{self.late_window_days} days older than this user's data so far"),
-                    decoded.lines[index]))
-        keep = [i for i, late in enumerate(too_late) if not late]
-        if not keep:
-            return np.empty(0, dtype=np.uint64), watermarks, next_seq
-        stream_ids = [self._stream_id(seg.user_id[i], seg.device_id[i], seg.metric[i]) for i in keep]
-        lengths = np.array([len(seg.ts_parts[i]) for i in keep], dtype=np.int64)
-        ts = np.concatenate([seg.ts_parts[i] for i in keep])
-        values = np.concatenate([seg.value_parts[i] for i in keep])
-        keys = pack_keys(np.repeat(np.asarray(stream_ids, dtype=np.int64), lengths), ts)
-        new = first_occurrences(keys) & ~self._seen.contains(keys)
+        if not len(seg):
+            return np.empty(0, dtype=np.uint64), {}, next_seq
+        lengths = np.fromiter((len(p) for p in seg.ts_parts), dtype=np.int64, count=len(seg))
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        new_per_record = np.add.reduceat(new.astype(np.int64), starts)
-        rows = []
-        for row, i in enumerate(keep):
-            n_new = int(new_per_record[row])
-            if n_new == 0:
-                counts.duplicate_records += 1
-                continue
-            lo, hi = int(starts[row]), int(starts[row] + lengths[row])
-            mask = new[lo:hi]
-            rows.append(_sample_row(next_seq, stream_ids[row], seg.upload_id[i],
-                                    ts[lo:hi][mask], values[lo:hi][mask], wm_before[i]))
-            next_seq += 1
+        ts = np.concatenate(seg.ts_parts)
+        ts_min = np.minimum.reduceat(ts, starts).tolist()
+        too_late, wm_before, watermarks = self._late_rejections(
+            seg.user_id, ts_min, np.maximum.reduceat(ts, starts).tolist())
+        for i in np.flatnonzero(too_late).tolist():
+            index = seg.index[i]
+            decoded.rejected.append(Rejected(index, reason_text(
+                Reason.too_late, "ts_ms", f"data for {_iso(ts_min[i])} is more than "
+                f"{self.late_window_days} days older than this user's data so far"),
+                decoded.lines[index]))
+        stream_ids = np.array([0 if late else self._stream_id(user, device, metric)
+                               for user, device, metric, late in zip(
+                                   seg.user_id, seg.device_id, seg.metric, too_late, strict=True)],
+                              dtype=np.int64)
+        record_of = np.repeat(np.arange(len(seg)), lengths)
+        keys = pack_keys(stream_ids[record_of], ts)
+        new = first_occurrences(keys) & ~self._seen.contains(keys)
+        new &= ~np.repeat(np.asarray(too_late, dtype=bool), lengths)
+        values = np.concatenate(seg.value_parts)
+        rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], values[new],
+                                        stream_ids, seg.upload_id, wm_before, too_late)
         self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        counts.duplicate_records += duplicates
         counts.accepted_samples += int(new.sum())
-        counts.duplicate_samples += int(len(new) - new.sum())
-        return keys[new], watermarks, next_seq
+        accepted_total = int(lengths[~np.asarray(too_late, dtype=bool)].sum())
+        counts.duplicate_samples += accepted_total - int(new.sum())
+        return keys[new], watermarks, next_seq + len(rows)
 
     def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
                           next_seq: int) -> tuple[dict, int]:
@@ -433,15 +428,31 @@ class EmbeddedLog:
         return result
 
 
-def _sample_row(seq: int, stream_id: int, upload_id: str, ts: np.ndarray, values: np.ndarray,
-                wm_before: int) -> tuple:
-    base = int(ts.min())
-    offsets = (ts - base).astype(np.int32)
+def _sample_rows(first_seq: int, record: np.ndarray, ts: np.ndarray, values: np.ndarray,
+                 stream_ids: np.ndarray, upload_ids: list[str], wm_before: list[int],
+                 too_late: list[bool]) -> tuple[list[tuple], int]:
+    """Rows of sample_records for the new samples (grouped by record, arrival order).
+
+    Returns the rows and how many accepted records brought no new sample.
+    """
+    n_new = np.bincount(record, minlength=len(stream_ids))
+    has_new = np.flatnonzero(n_new)
+    ends = np.cumsum(n_new[has_new])
+    starts = ends - n_new[has_new]
+    base = np.minimum.reduceat(ts, starts) if len(ts) else np.empty(0, dtype=np.int64)
+    offsets = (ts - np.repeat(base, n_new[has_new])).astype(np.int32).tobytes()
     narrow = values.astype(np.float32)
-    lossless = bool(np.array_equal(narrow.astype(np.float64), values))
-    vals = narrow.tobytes() if lossless else values.tobytes()
-    return (seq, stream_id, upload_id, base, len(ts), offsets.tobytes(), vals,
-            0 if lossless else 1, wm_before)
+    exact = narrow.astype(np.float64) == values
+    lossless = np.logical_and.reduceat(exact, starts) if len(ts) else np.empty(0, dtype=bool)
+    narrow_bytes, wide_bytes = narrow.tobytes(), values.tobytes()
+    rows = []
+    for k, (i, lo, hi) in enumerate(zip(has_new.tolist(), starts.tolist(), ends.tolist(),
+                                        strict=True)):
+        vals = narrow_bytes[4 * lo:4 * hi] if lossless[k] else wide_bytes[8 * lo:8 * hi]
+        rows.append((first_seq + k, int(stream_ids[i]), upload_ids[i], int(base[k]), hi - lo,
+                     offsets[4 * lo:4 * hi], vals, 0 if lossless[k] else 1, wm_before[i]))
+    accepted_records = len(stream_ids) - sum(too_late)
+    return rows, accepted_records - len(has_new)
 
 
 def _sample_columns(rows: list[tuple]) -> SampleColumns:
