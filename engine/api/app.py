@@ -1,0 +1,333 @@
+"""The FastAPI application: routes, auth dependencies, body limits and problem responses.
+
+`create_app(data_dir)` builds an app bound to one data directory. Reads run on
+the event loop (one indexed SQLite lookup each, no thread hop); writes run on
+the service's single writer thread, ingest on its ingest thread, reports on
+the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from fastapi import Depends, FastAPI, Header, Path as PathParam, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import engine
+from engine.api import models
+from engine.api.limits import (
+    COMMAND_BODY_BYTES_MAX,
+    HISTORY_PAGE_ENTRIES_DEFAULT,
+    HISTORY_PAGE_ENTRIES_MAX,
+    IDEMPOTENCY_KEY_CHARS_MAX,
+    INGEST_BODY_BYTES_MAX,
+    INGEST_RECORDS_PER_BATCH_MAX,
+    TOKEN_TTL_S_DEFAULT,
+)
+from engine.api.problems import (
+    BadRequest,
+    BodyTooLarge,
+    IdempotencyKeyRequired,
+    TooManyRecords,
+    error_response,
+    problem_body,
+    problem_response,
+)
+from engine.api.service import (
+    ApiService,
+    Principal,
+    Reply,
+    require_role,
+    require_shop,
+    system_clock,
+)
+from engine.api.store import Role
+from engine.errors import GenkiError
+from engine.ingest.log import IngestCounts
+
+TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
+CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
+INGEST_PATH = "/v1/ingest"
+JSON = "application/json"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
+_T = TypeVar("_T")
+
+UserId = Annotated[str, PathParam(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+ShopId = UserId
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(value), status_code=status, media_type=JSON)
+
+
+def reply_response(reply: Reply) -> Response:
+    headers = {"Idempotent-Replayed": "true"} if reply.replayed else None
+    return Response(reply.body, status_code=reply.status, media_type=JSON, headers=headers)
+
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": models.Problem, "content": {"application/problem+json": {}}}
+    for status in (400, 401, 403, 404, 409, 413, 422, 503)
+}
+
+
+def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
+               clock_offset_ms: int | None = None, hold_ingest_log: bool = True) -> FastAPI:
+    """An app serving one data directory; settings default to the GENKI_API_* environment."""
+    if token_ttl_s is None:
+        token_ttl_s = int(os.environ.get(TOKEN_TTL_ENV) or TOKEN_TTL_S_DEFAULT)
+    if clock_offset_ms is None:
+        clock_offset_ms = int(os.environ.get(CLOCK_OFFSET_ENV) or 0)
+    service = ApiService(Path(data_dir), token_ttl_s=token_ttl_s,
+                         clock=system_clock(clock_offset_ms), hold_ingest_log=hold_ingest_log)
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    app = FastAPI(title="genki", version=engine.__version__, responses=_PROBLEMS,
+                  lifespan=lifespan,
+                  description="Health points, redemptions and frailty-risk flags. Every "
+                              "endpoint but /healthz needs `Authorization: Bearer <API key>`.")
+    app.state.service = service
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit)
+    _add_read_routes(app, service)
+    _add_write_routes(app, service)
+    return app
+
+
+# -- authentication ----------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="an API key from `genki keys create`")
+
+
+def _needs(service: ApiService, *roles: Role) -> Any:
+    async def principal(request: Request,
+                        _: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
+        return require_role(service.authenticate(request.headers.get("authorization")), *roles)
+    return Depends(principal)
+
+
+def _idempotency_key(value: str | None) -> str:
+    if value is None:
+        raise IdempotencyKeyRequired("this request needs an Idempotency-Key header (a unique "
+                                     "string per purchase; resend the same one on retry)")
+    if len(value) > IDEMPOTENCY_KEY_CHARS_MAX or not _IDEMPOTENCY_KEY.match(value):
+        raise BadRequest(f"Idempotency-Key: 1-{IDEMPOTENCY_KEY_CHARS_MAX} printable ASCII "
+                         "characters without spaces")
+    return value
+
+
+IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key",
+                                                 description="unique per request; resend on "
+                                                             "retry")]
+
+
+async def _on(executor: Any, fn: Callable[..., _T], *args: Any) -> _T:
+    return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args))
+
+
+# -- routes ------------------------------------------------------------------------
+
+def _add_read_routes(app: FastAPI, service: ApiService) -> None:
+    reader = _needs(service, Role.app, Role.staff)
+    staff = _needs(service, Role.staff)
+    shop_or_staff = _needs(service, Role.shop, Role.staff)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> Response:
+        return json_response({"status": "ok", "version": engine.__version__})
+
+    @app.get("/v1/users/{user_id}/balance", tags=["users"], response_model=models.BalanceOut)
+    async def balance(user_id: UserId, _: Principal = reader) -> Response:
+        return json_response(service.balance(user_id))
+
+    @app.get("/v1/users/{user_id}/history", tags=["users"], response_model=models.HistoryOut)
+    async def history(user_id: UserId, _: Principal = reader,
+                      cursor: Annotated[int | None, Query(ge=1)] = None,
+                      limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_ENTRIES_MAX)]
+                      = HISTORY_PAGE_ENTRIES_DEFAULT) -> Response:
+        return json_response(service.history(user_id, cursor, limit))
+
+    @app.get("/v1/users/{user_id}/flags", tags=["users"], response_model=models.UserFlagsOut)
+    async def user_flags(user_id: UserId, _: Principal = reader) -> Response:
+        return json_response(service.user_flags(user_id))
+
+    @app.get("/v1/flags", tags=["staff"], response_model=models.FlagsOut)
+    async def flags(_: Principal = staff,
+                    day: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
+                    ) -> Response:
+        return json_response(await run_in_threadpool(service.current_flags, day))
+
+    @app.get("/v1/shops/{shop_id}/settlement", tags=["shops"],
+             response_model=models.SettlementOut)
+    async def settlement(shop_id: ShopId,
+                         month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")],
+                         principal: Principal = shop_or_staff) -> Response:
+        require_shop(principal, shop_id)
+        return json_response(await run_in_threadpool(service.settlement, shop_id, month))
+
+
+def _add_write_routes(app: FastAPI, service: ApiService) -> None:
+    app_role = _needs(service, Role.app)
+    gateway = _needs(service, Role.gateway)
+    shop = _needs(service, Role.shop)
+    staff = _needs(service, Role.staff)
+
+    @app.post("/v1/users/{user_id}/redeem-tokens", tags=["users"], status_code=201,
+              response_model=models.RedeemTokenOut)
+    async def redeem_token(user_id: UserId, _: Principal = app_role) -> Response:
+        return json_response(service.issue_token(user_id), 201)
+
+    @app.post("/v1/redemptions", tags=["shops"], status_code=201,
+              response_model=models.RedemptionOut)
+    async def redeem(body: models.RedemptionIn, idempotency_key: IdempotencyHeader = None,
+                     principal: Principal = shop) -> Response:
+        key = _idempotency_key(idempotency_key)
+        return reply_response(await _on(service.writer, service.redeem, principal, key,
+                                        body.token, body.points, body.terminal_id))
+
+    @app.post("/v1/refunds", tags=["shops"], status_code=201, response_model=models.RefundOut)
+    async def refund(body: models.RefundIn, idempotency_key: IdempotencyHeader = None,
+                     principal: Principal = shop) -> Response:
+        key = _idempotency_key(idempotency_key)
+        return reply_response(await _on(service.writer, service.refund, principal, key,
+                                        body.redemption_entry_id, body.points))
+
+    @app.post("/v1/adjustments", tags=["staff"], status_code=201,
+              response_model=models.AdjustmentOut)
+    async def adjust(body: models.AdjustmentIn, idempotency_key: IdempotencyHeader = None,
+                     principal: Principal = staff) -> Response:
+        key = _idempotency_key(idempotency_key)
+        return reply_response(await _on(service.writer, service.adjust, principal, key,
+                                        body.user_id, body.points, body.reason))
+
+    @app.post(INGEST_PATH, tags=["ingest"], response_model=models.IngestOut,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/x-ndjson": {"schema": {"type": "string"}},
+                  JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}}})
+    async def ingest(request: Request, principal: Principal = gateway) -> Response:
+        """A batch of wire records (NDJSON, or a JSON array); same checks as `genki ingest`."""
+        lines = _ingest_lines(await request.body(), request.headers.get("content-type", ""))
+        if not lines:
+            return json_response(IngestCounts().as_dict())
+        return json_response(await _on(service.ingester, service.ingest, principal, lines))
+
+
+def _ingest_lines(body: bytes, content_type: str) -> list[bytes]:
+    """One wire record per element: NDJSON lines, or the items of a JSON array."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == JSON:
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError as error:
+            raise BadRequest(f"body is not JSON: {error}; send a JSON array of wire records "
+                             "or NDJSON (application/x-ndjson)") from None
+        if not isinstance(items, list):
+            raise BadRequest("a JSON body must be an array of wire records")
+        lines = [orjson.dumps(item) for item in items]
+    else:
+        lines = [line.rstrip(b"\r") for line in body.split(b"\n")]
+        lines = [line for line in lines if line.strip()]
+    if len(lines) > INGEST_RECORDS_PER_BATCH_MAX:
+        raise TooManyRecords(f"{len(lines)} records in one request; at most "
+                             f"{INGEST_RECORDS_PER_BATCH_MAX} per batch, split it")
+    return lines
+
+
+# -- errors and limits ---------------------------------------------------------------
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def genki_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, GenkiError)
+        return error_response(error)
+
+    async def invalid_request(_: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        problems = [{"loc": [str(part) for part in item["loc"]], "msg": item["msg"],
+                     "type": item["type"]} for item in error.errors()]
+        detail = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
+        return problem_response(422, "invalid_request", detail, errors=problems)
+
+    async def http_error(_: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return problem_response(error.status_code, codes.get(error.status_code, "http_error"),
+                                str(error.detail), dict(error.headers or {}))
+
+    async def internal_error(_: Request, error: Exception) -> Response:
+        return problem_response(500, "internal", "internal error; see the server log")
+
+    app.add_exception_handler(GenkiError, genki_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+class BodyLimit:
+    """Refuses bodies above the limit of their route (413), by header or by bytes read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = INGEST_BODY_BYTES_MAX if scope["path"] == INGEST_PATH else COMMAND_BODY_BYTES_MAX
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_too_large(send, limit)
+            return
+        received_bytes = 0
+        exceeded = started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received_bytes, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received_bytes += len(message.get("body", b""))
+                if received_bytes > limit:
+                    exceeded = True
+                    raise BodyTooLarge(f"request body over {limit} bytes")
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's answer to a cut-off body is replaced by 413
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await _send_too_large(send, limit)
+
+
+async def _send_too_large(send: Send, limit: int) -> None:
+    body = orjson.dumps(problem_body(413, BodyTooLarge.code,
+                                     f"request body over {limit} bytes, the limit of this "
+                                     "endpoint"))
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/problem+json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

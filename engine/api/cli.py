@@ -1,0 +1,135 @@
+"""`genki serve` and `genki keys create|revoke|list`.
+
+Heavy imports (FastAPI, uvicorn) happen inside the commands: every `genki`
+invocation imports this module to register its subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+
+import orjson
+
+from engine.api.limits import TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX
+from engine.api.store import ApiStore, Role
+from engine.config import add_data_dir_arg, data_dir_of
+from engine.errors import UsageError
+
+HOST_DEFAULT = "127.0.0.1"
+PORT_DEFAULT = 8080
+BACKLOG_CONNECTIONS = 2048
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 lets the OS choose (the URL printed names it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.listen(BACKLOG_CONNECTIONS)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine.api.app import create_app
+
+    data_dir = data_dir_of(args)
+    app = create_app(data_dir, token_ttl_s=args.token_ttl_s, clock_offset_ms=args.clock_offset_ms)
+    sock = bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"genki API serving {data_dir} on http://{shown}:{port} (docs: http://{shown}:{port}"
+          "/docs)", flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
+                            loop=args.loop, http=args.http, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    with ApiStore.open(data_dir_of(args)) as store:
+        key_text, record = store.create_key(args.role, args.shop, args.label, _now_ms())
+    if args.json:
+        sys.stdout.write(orjson.dumps({"key": key_text, **record.to_dict()}).decode() + "\n")
+        return 0
+    where = f" for shop {record.shop_id}" if record.shop_id else ""
+    print(f"created {record.role.value} key {record.key_id}{where}; it is shown only now:")
+    print(key_text)
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with ApiStore.open(data_dir_of(args)) as store:
+        record = store.revoke_key(args.key_id, _now_ms())
+    print(f"revoked key {record.key_id} ({record.role.value})")
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    with ApiStore.open(data_dir_of(args)) as store:
+        records = store.list_keys()
+    if args.json:
+        for record in records:
+            sys.stdout.write(orjson.dumps(record.to_dict()).decode() + "\n")
+        return 0
+    for record in records:
+        state = "revoked" if record.revoked_ms is not None else "active"
+        print(f"{record.key_id}  {record.role.value:<7}  {record.shop_id or '-':<16}  "
+              f"{state:<7}  {record.label or ''}")
+    print(f"{len(records)} keys", file=sys.stderr)
+    return 0
+
+
+def _positive_ttl(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= TOKEN_TTL_S_MAX:
+        raise argparse.ArgumentTypeError(f"1..{TOKEN_TTL_S_MAX}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve the HTTP API (FastAPI + uvicorn)")
+    parser.add_argument("--host", default=HOST_DEFAULT)
+    parser.add_argument("--port", type=int, default=PORT_DEFAULT, help="0: any free port")
+    parser.add_argument("--token-ttl-s", type=_positive_ttl, default=None,
+                        help=f"redeem token lifetime (default {TOKEN_TTL_S_DEFAULT})")
+    parser.add_argument("--clock-offset-ms", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_serve)
+
+    keys = subparsers.add_parser("keys", help="API keys: create, revoke, list")
+    actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a key (printed once)")
+    create.add_argument("--role", required=True, choices=[role.value for role in Role])
+    create.add_argument("--shop", default=None, help="the shop id (role shop only)")
+    create.add_argument("--label", default=None, help="who holds it (for `keys list`)")
+    create.add_argument("--json", action="store_true")
+    add_data_dir_arg(create)
+    create.set_defaults(func=_cmd_keys_create)
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    add_data_dir_arg(revoke)
+    revoke.set_defaults(func=_cmd_keys_revoke)
+    listing = actions.add_parser("list", help="list keys (never their text)")
+    listing.add_argument("--json", action="store_true")
+    add_data_dir_arg(listing)
+    listing.set_defaults(func=_cmd_keys_list)

@@ -1,0 +1,23 @@
+"""Every bound the HTTP API enforces, in one place, units last in the names."""
+
+from __future__ import annotations
+
+# Request bodies: ingest batches are large, commands are a few hundred bytes.
+INGEST_BODY_BYTES_MAX = 32 * 1024 * 1024
+COMMAND_BODY_BYTES_MAX = 64 * 1024
+INGEST_RECORDS_PER_BATCH_MAX = 10_000
+
+HISTORY_PAGE_ENTRIES_DEFAULT = 50
+HISTORY_PAGE_ENTRIES_MAX = 500
+
+# Redeem tokens shown as a QR code in the citizen's app.
+TOKEN_TTL_S_DEFAULT = 120
+TOKEN_TTL_S_MAX = 3_600
+TOKEN_CHARS_MAX = 512
+
+IDEMPOTENCY_KEY_CHARS_MAX = 128
+AUTHORIZATION_CHARS_MAX = 256
+KEY_LABEL_CHARS_MAX = 64
+
+# How long a request may wait for the ingest log or a write slot before 503.
+WRITE_WAIT_S_MAX = 30.0
