@@ -1,0 +1,70 @@
+"""The Kafka runtime's ledger as one: all partition ledgers of a data directory.
+
+Users are partitioned, so the partition ledgers hold disjoint entries; their
+union is what the embedded runtime's single ledger holds for the same input,
+and its content digest (engine.ledger.canonical, order independent) is the
+same number.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.kafka.partition import PARTITION_DIR_PREFIX
+from engine.ledger import LEDGER_FILE_NAME
+from engine.ledger.canonical import content_bytes, content_digest
+
+_CONTENT_SQL = ("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version "
+                "FROM entries")
+
+
+@dataclass(frozen=True)
+class CombinedLedger:
+    partitions: list[int]
+    entries: int
+    content_digest: str
+    balances: dict[str, int]
+    points_outstanding: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"partitions": self.partitions, "entries": self.entries,
+                "content_digest": self.content_digest, "users": len(self.balances),
+                "points_outstanding": self.points_outstanding}
+
+
+def partition_numbers(data_dir: Path) -> list[int]:
+    found = []
+    for path in data_dir.glob(f"{PARTITION_DIR_PREFIX}*"):
+        suffix = path.name[len(PARTITION_DIR_PREFIX):]
+        if suffix.isdigit() and (path / LEDGER_FILE_NAME).exists():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def combined_ledger(data_dir: Path) -> CombinedLedger:
+    numbers = partition_numbers(data_dir)
+    rows: list[tuple] = []
+    owner: dict[str, int] = {}
+    for number in numbers:
+        path = data_dir / f"{PARTITION_DIR_PREFIX}{number}" / LEDGER_FILE_NAME
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            part = db.execute(_CONTENT_SQL).fetchall()
+        finally:
+            db.close()
+        for row in part:
+            previous = owner.setdefault(row[1], number)
+            assert previous == number, f"user {row[1]} has entries in partitions {previous} " \
+                                       f"and {number}: topics are not co-partitioned"
+        rows.extend(part)
+    rows.sort(key=lambda row: row[0].encode())
+    assert all(a[0] != b[0] for a, b in itertools.pairwise(rows)), "duplicate entry_id"
+    balances: dict[str, int] = {}
+    for row in rows:
+        balances[row[1]] = balances.get(row[1], 0) + row[3]
+    digest = content_digest(content_bytes(*row) for row in rows)
+    return CombinedLedger(numbers, len(rows), digest, dict(sorted(balances.items())),
+                          sum(balances.values()))

@@ -1,0 +1,317 @@
+"""One user partition on this host: `<data-dir>/p<N>/`.
+
+The directory is a complete embedded data directory (EmbeddedLog + ledger, so
+`genki ledger ...` works on it) plus `kafka.sqlite`, the worker's own state:
+the redemptions offset with the dead letters those redemptions produced, and
+how far the ledger, flags and dead letters have been published.
+
+Where each offset lives, and why replay is harmless:
+* profiles / samples / activities: in the log's meta, written in the same
+  transaction as the records (EmbeddedLog.ingest_lines); the log drops
+  re-sent samples and events, so a replayed record is a no-op.
+* the pipeline's log position: in the ledger's meta, with the entries.
+* redemptions: a successful one is a ledger entry whose id comes from (shop,
+  idempotency key), so a replay returns the original; a failed one writes
+  nothing to the ledger and is recorded, offset and dead letter together, in
+  kafka.sqlite before anything is published, so its outcome never changes.
+* outputs (genki.ledger, genki.flags, genki.dlq) are published at least once
+  and carry their own ids (entry_id, flag_id; source/partition/offset).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from engine.entries import EntryDraft
+from engine.errors import GenkiError
+from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, IngestCounts
+from engine.ingest.reasons import Reason, reason_text
+from engine.ledger import LEDGER_FILE_NAME, Ledger
+from engine.ledger.model import ENTRY_COLUMNS
+from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
+
+PARTITION_DIR_PREFIX = "p"
+STATE_FILE_NAME = "kafka.sqlite"
+OWNER_LOCK_FILE_NAME = "owner.lock"
+OUTPUT_ROWS_PER_READ_MAX = 50_000
+# Kinds a worker cannot re-derive from the inputs; restored from genki.ledger.
+RESTORED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust"})
+
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox_dlq (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL, reason TEXT NOT NULL, raw BLOB NOT NULL);
+"""
+_FLAG_COLUMNS = ("seq", "flag_id", "user_id", "flag", "state", "day", "evidence", "rules_version")
+
+
+class PartitionBusy(GenkiError):
+    """Another worker process on this host still owns the partition directory."""
+
+    code = "partition_busy"
+
+
+def partition_dir(data_dir: Path, number: int) -> Path:
+    assert number >= 0
+    return data_dir / f"{PARTITION_DIR_PREFIX}{number}"
+
+
+def offset_meta_key(topic: str, number: int) -> str:
+    return f"kafka.offset:{topic}:{number}"
+
+
+@dataclass
+class Outputs:
+    """What a partition has not published yet (rows in publish order)."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    flags: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    ledger_seq: int = 0
+    flag_seq: int = 0
+    dlq_id: int = 0
+    outbox_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.entries) + len(self.flags) + len(self.dead_letters)
+
+
+@dataclass
+class RedemptionCounts:
+    applied: int = 0
+    replayed: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class PartitionStore:
+    """Open with `PartitionStore.open(data_dir, number)`; one owner process at a time."""
+
+    def __init__(self, number: int, path: Path, existed: bool, lock_file: Any,
+                 log: EmbeddedLog, ledger: Ledger, state: sqlite3.Connection,
+                 ledger_reader: sqlite3.Connection, log_reader: sqlite3.Connection) -> None:
+        self.number = number
+        self.path = path
+        self.existed = existed
+        self._lock_file = lock_file
+        self.log = log
+        self.ledger = ledger
+        self._state = state
+        self._ledger_reader = ledger_reader
+        self._log_reader = log_reader
+        self._pipeline: Any = None
+
+    @classmethod
+    def open(cls, data_dir: Path, number: int, *, late_window_days: int) -> PartitionStore:
+        path = partition_dir(data_dir, number)
+        existed = (path / STATE_FILE_NAME).exists()
+        path.mkdir(parents=True, exist_ok=True)
+        lock_file = open(path / OWNER_LOCK_FILE_NAME, "a+b")  # noqa: SIM115
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.close()
+            raise PartitionBusy(f"partition {number} in {path} is owned by another worker "
+                                "process on this host") from None
+        try:
+            log = EmbeddedLog.open(path, late_window_days=late_window_days)
+            ledger = Ledger.open(path)
+            state = sqlite3.connect(path / STATE_FILE_NAME, isolation_level=None, timeout=60.0)
+            state.execute("PRAGMA journal_mode=WAL")
+            state.execute("PRAGMA synchronous=FULL")
+            state.executescript(_STATE_SCHEMA)
+            ledger_reader = _read_only(path / LEDGER_FILE_NAME)
+            log_reader = _read_only(path / LOG_FILE_NAME)
+        except BaseException:
+            lock_file.close()
+            raise
+        return cls(number, path, existed, lock_file, log, ledger, state, ledger_reader,
+                   log_reader)
+
+    def close(self) -> None:
+        self._ledger_reader.close()
+        self._log_reader.close()
+        self._state.close()
+        self.ledger.close()
+        self.log.close()
+        self._lock_file.close()
+
+    # -- offsets ---------------------------------------------------------------------
+
+    def stored_offsets(self, topics: list[str], redemptions_topic: str) -> dict[str, int | None]:
+        """Next offset to read per topic, as recorded with the state it produced."""
+        found: dict[str, int | None] = {}
+        for topic in topics:
+            value = self.log.get_meta(offset_meta_key(topic, self.number))
+            found[topic] = None if value is None else int(value)
+        found[redemptions_topic] = self._get("redemptions_offset")
+        return found
+
+    def _get(self, key: str) -> int | None:
+        row = self._state.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def _set_many(self, values: dict[str, int]) -> None:
+        self._state.executemany(
+            "INSERT INTO state VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            list(values.items()))
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def ingest(self, topic: str, offsets: list[int], values: list[bytes],
+               now_ms: int) -> IngestCounts:
+        """Store one topic's records of this partition; their next offset commits with them."""
+        assert offsets and len(offsets) == len(values)
+        assert all(b > a for a, b in itertools.pairwise(offsets)), "offsets ascend"
+        meta = {offset_meta_key(topic, self.number): str(offsets[-1] + 1)}
+        return self.log.ingest_lines(values, topic, offsets[0], now_ms, partition=self.number,
+                                     offsets=offsets, meta=meta)
+
+    def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> dict[str, int]:
+        from engine.kafka.pipeline import PartitionPipeline
+
+        if self._pipeline is None:
+            self._pipeline = PartitionPipeline(rules_path)
+        if profiles_changed:
+            self._pipeline.invalidate()
+        return self._pipeline.run(self.log, self.ledger)
+
+    def apply_redemptions(self, topic: str, offsets: list[int],
+                          values: list[bytes]) -> RedemptionCounts:
+        """Apply redemption requests in offset order; failures become dead letters."""
+        counts = RedemptionCounts()
+        done = self._get("redemptions_offset") or 0
+        letters: list[tuple[str, int, int, str, bytes]] = []
+        for offset, raw in zip(offsets, values, strict=True):
+            if offset < done:
+                counts.replayed += 1
+                continue
+            reason = self._redeem_one(raw)
+            if reason is None:
+                counts.applied += 1
+                continue
+            letters.append((topic, self.number, offset, reason, raw))
+            code = reason.split(":", 1)[0]
+            counts.rejected += 1
+            counts.rejected_by_reason[code] = counts.rejected_by_reason.get(code, 0) + 1
+        if offsets and offsets[-1] + 1 > done:
+            self._state.execute("BEGIN IMMEDIATE")
+            self._state.executemany("INSERT INTO outbox_dlq (source, partition, offset, reason,"
+                                    " raw) VALUES (?, ?, ?, ?, ?)", letters)
+            self._set_many({"redemptions_offset": offsets[-1] + 1})
+            self._state.execute("COMMIT")
+        return counts
+
+    def _redeem_one(self, raw: bytes) -> str | None:
+        """None when applied (or already applied); else the dead-letter reason."""
+        try:
+            request = Redemption.model_validate_json(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "record"
+            code = Reason.missing_field if first["type"] == "missing" else Reason.bad_field
+            return reason_text(code, where, first["msg"])
+        try:
+            if request.kind == RedemptionKind.redeem:
+                self.ledger.redeem(request.user_id, request.points, request.shop_id,
+                                   request.terminal_id, request.idempotency_key, request.ts_ms)
+            else:
+                assert request.refund_of is not None
+                self.ledger.refund(request.refund_of, request.points, request.idempotency_key,
+                                   request.ts_ms, shop_id=request.shop_id)
+        except GenkiError as error:
+            return f"{error.code}: points: {error}"
+        return None
+
+    # -- takeover ----------------------------------------------------------------------
+
+    def restore_entries(self, entries: list[LedgerEntry]) -> int:
+        """Append the non-derivable entries (redeem, refund, adjust) another owner made.
+
+        Called after the inputs are caught up to what that owner had processed, so
+        the awards that paid for them are back; entry ids make repeats no-ops.
+        """
+        drafts = [EntryDraft(e.entry_id, e.user_id, EntryKind(e.kind), e.points, e.day, e.ts_ms,
+                             e.rule, e.ref, e.rules_version)
+                  for e in entries if e.kind.value in RESTORED_KINDS]
+        if not drafts:
+            return 0
+        return self.ledger.append(drafts).appended
+
+    # -- outputs -----------------------------------------------------------------------
+
+    def pending_outputs(self) -> Outputs:
+        """Ledger entries, flag events and dead letters not yet published (bounded)."""
+        out = Outputs(ledger_seq=self._get("published_ledger_seq") or 0,
+                      flag_seq=self._get("published_flag_seq") or 0,
+                      dlq_id=self._get("published_dlq_id") or 0,
+                      outbox_id=self._get("published_outbox_id") or 0)
+        db = self._ledger_reader
+        db.execute("BEGIN")
+        try:
+            rows = db.execute(f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE seq > ? "
+                              "ORDER BY seq LIMIT ?", (out.ledger_seq, OUTPUT_ROWS_PER_READ_MAX))
+            out.entries = [dict(zip(ENTRY_COLUMNS, row, strict=True)) for row in rows]
+            rows = db.execute(f"SELECT {', '.join(_FLAG_COLUMNS)} FROM flags WHERE seq > ? "
+                              "ORDER BY seq LIMIT ?", (out.flag_seq, OUTPUT_ROWS_PER_READ_MAX))
+            out.flags = [dict(zip(_FLAG_COLUMNS, row, strict=True)) for row in rows]
+        finally:
+            db.execute("COMMIT")
+        for row in self._log_reader.execute(
+                "SELECT id, source, partition, offset, reason, raw FROM dlq WHERE id > ?"
+                " ORDER BY id LIMIT ?", (out.dlq_id, OUTPUT_ROWS_PER_READ_MAX)):
+            out.dead_letters.append({"id": row[0], "source": row[1], "partition": row[2],
+                                     "offset": row[3], "reason": row[4], "raw": row[5],
+                                     "table": "dlq"})
+        for row in self._state.execute(
+                "SELECT id, source, partition, offset, reason, raw FROM outbox_dlq WHERE id > ?"
+                " ORDER BY id LIMIT ?", (out.outbox_id, OUTPUT_ROWS_PER_READ_MAX)):
+            out.dead_letters.append({"id": row[0], "source": row[1], "partition": row[2],
+                                     "offset": row[3], "reason": row[4], "raw": row[5],
+                                     "table": "outbox"})
+        return out
+
+    def mark_published(self, out: Outputs) -> None:
+        values = {"published_ledger_seq": max([out.ledger_seq, *(e["seq"] for e in out.entries)]),
+                  "published_flag_seq": max([out.flag_seq, *(f["seq"] for f in out.flags)]),
+                  "published_dlq_id": max([out.dlq_id, *(d["id"] for d in out.dead_letters
+                                                         if d["table"] == "dlq")]),
+                  "published_outbox_id": max([out.outbox_id, *(d["id"] for d in out.dead_letters
+                                                               if d["table"] == "outbox")])}
+        self._state.execute("BEGIN IMMEDIATE")
+        self._set_many(values)
+        self._state.execute("COMMIT")
+
+    def all_entry_contents(self) -> list[tuple]:
+        """Every entry's content columns (for digests across partitions)."""
+        return self._ledger_reader.execute(
+            "SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version "
+            "FROM entries").fetchall()
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A reader on another component's file: outputs are read by position, which
+    neither the ledger nor the log offers yet (see docs/kafka.md)."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=60.0)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def entry_wire(row: dict[str, Any]) -> bytes:
+    return orjson.dumps(row)
+
+
+def decode_entry(raw: bytes) -> LedgerEntry:
+    return LedgerEntry.model_validate_json(raw)

