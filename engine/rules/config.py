@@ -1,0 +1,443 @@
+"""The rules file: a TOML document validated into an immutable `Rules` model.
+
+Errors name the exact key ("points.steps.tiers[1].steps_min: ...") so an operator
+can fix the file without reading code. The version is a hash of the validated,
+normalised rules, so reformatting or commenting a file never changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from functools import cached_property
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import RulesError
+from engine.schemas import ACTIVITY_KINDS, FlagName
+
+RULES_DEFAULT_PATH = Path(__file__).resolve().parent.parent.parent / "rules" / "default.toml"
+VERSION_HEX_CHARS = 16
+RULES_FILE_BYTES_MAX = 1_048_576
+TIERS_MAX = 16
+STREAK_LEVELS_MAX = 7
+BANDS_MAX = 16
+CAMPAIGNS_MAX = 256
+CAMPAIGN_VENUES_MAX = 10_000
+WINDOW_DAYS_MAX = 400
+POINTS_MAX = 10_000
+STEPS_MIN_MAX = 1_000_000
+PERCENT_MAX = 1_000
+
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,47}$")]
+Severity = Annotated[int, Field(ge=1, le=100)]
+WindowDays = Annotated[int, Field(ge=1, le=WINDOW_DAYS_MAX)]
+CountMin = Annotated[int, Field(ge=1, le=100_000)]
+Percent = Annotated[int, Field(ge=1, le=PERCENT_MAX)]
+Points = Annotated[int, Field(ge=0, le=POINTS_MAX)]
+
+
+class KeyedValueError(ValueError):
+    """A cross-field error that knows which key below the validated model is wrong."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------------------- points
+
+
+class StepTier(_Strict):
+    steps_min: int = Field(ge=1, le=STEPS_MIN_MAX)
+    points: Points
+
+
+class AgeBand(_Strict):
+    age_min: int = Field(ge=0, le=150)
+    percent: Percent
+
+
+class SexPercent(_Strict):
+    F: Percent = 100
+    M: Percent = 100
+    X: Percent = 100
+
+
+class StepTarget(_Strict):
+    percent_default: Percent = 100
+    bands: list[AgeBand] = Field(default_factory=list, max_length=BANDS_MAX)
+    sex_percent: SexPercent = SexPercent()
+
+    @model_validator(mode="after")
+    def _bands_increase(self) -> StepTarget:
+        for index in range(1, len(self.bands)):
+            before, after = self.bands[index - 1].age_min, self.bands[index].age_min
+            if after <= before:
+                raise KeyedValueError(
+                    f"bands[{index}].age_min",
+                    f"must be greater than bands[{index - 1}] ({after} <= {before})")
+        return self
+
+
+class StepPoints(_Strict):
+    tiers: list[StepTier] = Field(min_length=1, max_length=TIERS_MAX)
+    points_per_day_max: int = Field(ge=0, le=POINTS_MAX)
+    target: StepTarget = StepTarget()
+
+    @model_validator(mode="after")
+    def _tiers_increase(self) -> StepPoints:
+        for index in range(1, len(self.tiers)):
+            before, after = self.tiers[index - 1], self.tiers[index]
+            if after.steps_min <= before.steps_min:
+                raise KeyedValueError(
+                    f"tiers[{index}].steps_min",
+                    f"must be greater than tiers[{index - 1}] "
+                    f"({after.steps_min} <= {before.steps_min})")
+            if after.points < before.points:
+                raise KeyedValueError(
+                    f"tiers[{index}].points",
+                    f"points are cumulative and must not decrease "
+                    f"({after.points} < {before.points})")
+        return self
+
+
+class StreakLevel(_Strict):
+    name: Name
+    days_min: int = Field(ge=1, le=7)
+    points: int = Field(ge=1, le=POINTS_MAX)
+
+
+class Streak(_Strict):
+    target_tier: int = Field(ge=1, le=TIERS_MAX)
+    levels: list[StreakLevel] = Field(default_factory=list, max_length=STREAK_LEVELS_MAX)
+
+    @model_validator(mode="after")
+    def _levels_increase(self) -> Streak:
+        for index in range(1, len(self.levels)):
+            before, after = self.levels[index - 1].days_min, self.levels[index].days_min
+            if after <= before:
+                raise KeyedValueError(
+                    f"levels[{index}].days_min",
+                    f"must be greater than levels[{index - 1}] ({after} <= {before})")
+        names = [level.name for level in self.levels]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise KeyedValueError(f"levels[{index}].name", f"duplicate name {name!r}")
+        return self
+
+
+class ActivityRule(_Strict):
+    points: Points
+    once_per: Literal["venue", "day"]
+
+
+class Activities(_Strict):
+    checkin: ActivityRule
+    meal: ActivityRule
+    brain_training: ActivityRule
+    volunteer: ActivityRule
+    class_: ActivityRule = Field(alias="class")
+
+    def by_kind(self) -> tuple[ActivityRule, ...]:
+        """Rules in engine.schemas.ACTIVITY_KINDS order (the int8 kind codes)."""
+        return tuple(getattr(self, "class_" if kind == "class" else kind)
+                     for kind in ACTIVITY_KINDS)
+
+
+class PointsRules(_Strict):
+    steps: StepPoints
+    streak: Streak
+    activities: Activities
+
+    @model_validator(mode="after")
+    def _target_tier_exists(self) -> PointsRules:
+        if self.streak.target_tier > len(self.steps.tiers):
+            raise KeyedValueError(
+                "streak.target_tier",
+                f"must name one of the {len(self.steps.tiers)} step tiers "
+                f"({self.streak.target_tier} > {len(self.steps.tiers)})")
+        return self
+
+
+CAMPAIGN_TARGETS: tuple[str, ...] = ("steps", *ACTIVITY_KINDS)
+
+
+class Campaign(_Strict):
+    name: Name
+    start: date
+    end: date
+    kind: Literal["multiplier", "bonus"]
+    applies_to: list[Literal["steps", "checkin", "meal", "brain_training", "volunteer",
+                             "class"]] = Field(min_length=1, max_length=len(CAMPAIGN_TARGETS))
+    factor: float | None = Field(default=None, gt=1.0, le=100.0)
+    points: int | None = Field(default=None, ge=1, le=POINTS_MAX)
+    venues: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, min_length=1, max_length=CAMPAIGN_VENUES_MAX)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Campaign:
+        if self.end < self.start:
+            raise KeyedValueError("end", f"is before start ({self.end} < {self.start})")
+        if len(set(self.applies_to)) != len(self.applies_to):
+            raise KeyedValueError("applies_to", "lists a target twice")
+        if self.kind == "multiplier":
+            if self.factor is None:
+                raise KeyedValueError("factor", "required for a multiplier campaign")
+            if self.points is not None:
+                raise KeyedValueError("points", "only for bonus campaigns (use factor)")
+            if abs(self.factor * 100 - round(self.factor * 100)) > 1e-9:
+                raise KeyedValueError("factor", f"at most 2 decimals ({self.factor})")
+        else:
+            if self.points is None:
+                raise KeyedValueError("points", "required for a bonus campaign")
+            if self.factor is not None:
+                raise KeyedValueError("factor", "only for multiplier campaigns (use points)")
+        return self
+
+    @property
+    def factor_percent(self) -> int:
+        """The multiplier as an integer percent, so extras are exact integer math."""
+        assert self.factor is not None
+        return round(self.factor * 100)
+
+    @property
+    def start_day(self) -> int:
+        return (self.start - date(1970, 1, 1)).days
+
+    @property
+    def end_day(self) -> int:
+        return (self.end - date(1970, 1, 1)).days
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+class _Flag(_Strict):
+    enabled: bool = True
+    severity: Severity
+
+
+class StepDecline(_Flag):
+    recent_days: WindowDays = 14
+    baseline_days: WindowDays = 14
+    ratio_max: float = Field(default=0.7, gt=0.0, lt=1.0)
+    days_with_data_min: CountMin = 7
+
+    @model_validator(mode="after")
+    def _fits(self) -> StepDecline:
+        if self.days_with_data_min > min(self.recent_days, self.baseline_days):
+            raise KeyedValueError(
+                "days_with_data_min",
+                f"exceeds the shorter window ({self.days_with_data_min} > "
+                f"{min(self.recent_days, self.baseline_days)})")
+        return self
+
+
+class LowActivity(_Flag):
+    window_days: WindowDays = 14
+    median_steps_per_day_min: int = Field(default=2000, ge=1, le=STEPS_MIN_MAX)
+    days_with_data_min: CountMin = 7
+
+    @model_validator(mode="after")
+    def _fits(self) -> LowActivity:
+        if self.days_with_data_min > self.window_days:
+            raise KeyedValueError("days_with_data_min", f"exceeds window_days "
+                                  f"({self.days_with_data_min} > {self.window_days})")
+        return self
+
+
+class SlowGait(_Flag):
+    window_days: WindowDays = 14
+    gait_speed_median_m_s_min: float = Field(default=1.0, gt=0.0, le=3.0)
+    samples_min: CountMin = 3
+
+
+class WeightLoss(_Flag):
+    recent_days: WindowDays = 7
+    lookback_days: WindowDays = 182
+    loss_kg_min: float = Field(default=2.0, gt=0.0, le=100.0)
+    recent_samples_min: CountMin = 1
+    lookback_samples_min: CountMin = 1
+
+
+class SocialIsolation(_Flag):
+    window_days: WindowDays = 28
+    social_kinds: list[Literal["checkin", "meal", "brain_training", "volunteer", "class"]] = (
+        Field(default_factory=lambda: ["checkin", "class", "volunteer"], min_length=1))
+    conversation_minutes_per_day_min: float = Field(default=30.0, gt=0.0, le=1440.0)
+    conversation_days_fraction_min: float = Field(default=0.5, gt=0.0, le=1.0)
+
+    @property
+    def conversation_days_min(self) -> int:
+        """Days with conversation data needed in the window (rounded up, at least 1)."""
+        needed = self.window_days * self.conversation_days_fraction_min
+        return max(1, int(-(-round(needed * 1e9) // 1_000_000_000)))
+
+
+class LowSpo2(_Flag):
+    window_nights: WindowDays = 14
+    night_end_hour: int = Field(default=6, ge=1, le=12)
+    spo2_night_mean_pct_min: float = Field(default=90.0, gt=50.0, le=100.0)
+    low_nights_min: CountMin = 3
+    nights_with_data_min: CountMin = 7
+
+    @model_validator(mode="after")
+    def _fits(self) -> LowSpo2:
+        for key in ("low_nights_min", "nights_with_data_min"):
+            if getattr(self, key) > self.window_nights:
+                raise KeyedValueError(key, f"exceeds window_nights "
+                                      f"({getattr(self, key)} > {self.window_nights})")
+        return self
+
+
+class RestingHrRise(_Flag):
+    recent_days: WindowDays = 7
+    baseline_days: WindowDays = 28
+    rise_bpm_min: float = Field(default=10.0, gt=0.0, le=200.0)
+    recent_days_with_data_min: CountMin = 4
+    baseline_days_with_data_min: CountMin = 14
+
+    @model_validator(mode="after")
+    def _fits(self) -> RestingHrRise:
+        if self.recent_days_with_data_min > self.recent_days:
+            raise KeyedValueError("recent_days_with_data_min", f"exceeds recent_days "
+                                  f"({self.recent_days_with_data_min} > {self.recent_days})")
+        if self.baseline_days_with_data_min > self.baseline_days:
+            raise KeyedValueError(
+                "baseline_days_with_data_min", f"exceeds baseline_days "
+                f"({self.baseline_days_with_data_min} > {self.baseline_days})")
+        return self
+
+
+class FlagRules(_Strict):
+    settle_days: int = Field(default=2, ge=0, le=60)
+    step_decline: StepDecline
+    low_activity: LowActivity
+    slow_gait: SlowGait
+    weight_loss: WeightLoss
+    social_isolation: SocialIsolation
+    low_spo2: LowSpo2
+    resting_hr_rise: RestingHrRise
+
+    def severity_of(self, flag: FlagName | str) -> int:
+        return int(getattr(self, str(flag)).severity)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+class Rules(_Strict):
+    """Validated rules. `version` hashes the normalised content, not the file text."""
+
+    points: PointsRules
+    campaigns: list[Campaign] = Field(default_factory=list, max_length=CAMPAIGNS_MAX)
+    flags: FlagRules
+
+    @model_validator(mode="after")
+    def _campaigns_consistent(self) -> Rules:
+        names = [campaign.name for campaign in self.campaigns]
+        activities = self.points.activities.by_kind()
+        for index, campaign in enumerate(self.campaigns):
+            if campaign.name in names[:index]:
+                raise KeyedValueError(f"campaigns[{index}].name",
+                                      f"duplicate campaign name {campaign.name!r}")
+            if campaign.venues is None:
+                continue
+            for target in campaign.applies_to:
+                if target == "steps" or activities[ACTIVITY_KINDS.index(target)].once_per != "venue":
+                    raise KeyedValueError(
+                        f"campaigns[{index}].venues",
+                        f"venues apply only to activity kinds awarded once per venue, "
+                        f"not {target!r}")
+        return self
+
+    def normalised(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def canonical_json(self) -> bytes:
+        return orjson.dumps(self.normalised(), option=orjson.OPT_SORT_KEYS)
+
+    @cached_property
+    def version(self) -> str:
+        """First 16 hex digits of SHA-256 over the canonical JSON of the rules."""
+        return hashlib.sha256(self.canonical_json()).hexdigest()[:VERSION_HEX_CHARS]
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+_REASONS = {
+    "missing": "required key is missing",
+    "extra_forbidden": "unknown key",
+}
+
+
+def _describe(error: Any) -> str:
+    location = tuple(part for part in error["loc"]
+                     if not (isinstance(part, str) and ("[" in part or part.startswith("function-"))))
+    path = _key_path(location)
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, KeyedValueError):
+        path = f"{path}.{cause.key}" if path else cause.key
+        path = path.replace(".[", "[")
+        reason = cause.reason
+    else:
+        reason = _REASONS.get(error["type"], error["msg"].replace("Input should be", "must be"))
+        if error["type"] not in _REASONS and "input" in error and not isinstance(
+                error["input"], dict | list):
+            reason = f"{reason} (got {error['input']!r})"
+    return f"{path or '(top level)'}: {reason}"
+
+
+def parse_rules_data(data: dict[str, Any], source: str = "<rules>") -> Rules:
+    try:
+        return Rules.model_validate(data)
+    except ValidationError as error:
+        lines = [_describe(item) for item in error.errors(include_url=False)]
+        raise RulesError(f"{source}: " + f"\n{source}: ".join(lines)) from None
+
+
+def parse_rules(text: str, source: str = "<rules>") -> Rules:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RulesError(f"{source}: not valid TOML: {error}") from None
+    return parse_rules_data(data, source)
+
+
+def load_rules(path: str | Path | None = None) -> Rules:
+    """Read and validate a rules file (default: rules/default.toml)."""
+    path = Path(path) if path is not None else RULES_DEFAULT_PATH
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise RulesError(f"{path}: cannot read rules file: {error.strerror}") from None
+    if len(raw) > RULES_FILE_BYTES_MAX:
+        raise RulesError(f"{path}: rules file is {len(raw)} bytes, over the "
+                         f"{RULES_FILE_BYTES_MAX}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RulesError(f"{path}: not UTF-8 text") from None
+    return parse_rules(text, str(path))
+
+
+def default_rules() -> Rules:
+    return load_rules(RULES_DEFAULT_PATH)
