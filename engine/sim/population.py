@@ -207,7 +207,7 @@ def make_population(config: SimConfig, venues: Venues, rng: np.random.Generator)
     decline = watch & ~low_activity & (rng.random(n) < config.decline_fraction / (1 - LOW_ACTIVITY_FRACTION_WATCH))
     age_factor = np.clip(1.0 - 0.022 * np.maximum(age - 65, 0), 0.45, 1.0)
     young = age < 60
-    median = np.where(young, 6_800.0, 5_600.0) * age_factor * rng.lognormal(0.0, 0.42, n)
+    median = np.where(young, 8_000.0, 6_800.0) * age_factor * rng.lognormal(0.0, 0.42, n)
     median = np.where(low_activity, rng.uniform(700, 1_800, n), median)
     weekend = np.where(young, rng.normal(0.82, 0.08, n), rng.normal(0.93, 0.07, n))
     wake = np.clip(rng.normal(360, 30, n), 290, 440).astype(np.int64)

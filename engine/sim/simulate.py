@@ -138,7 +138,7 @@ def simulate(config: SimConfig, out: Path, progress: Progress | None = None) -> 
 
         report("write", 0, 2)
         files = {PROFILES_FILE: _write_profiles(out / PROFILES_FILE, pop)}
-        fault_lines = {}
+        fault_lines: dict[str, list[dict[str, object]]] = {PROFILES_FILE: []}
         for step, records in enumerate((samples, activities), start=1):
             files[records.name], fault_lines[records.name] = records.write(out)
             report("write", step, 2)

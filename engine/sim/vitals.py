@@ -105,15 +105,21 @@ def minute_steps(block: Block, target: np.ndarray, rng: np.random.Generator) -> 
     users, days = block.users, block.days
     wake, bed = block.trait("wake_min"), block.trait("bed_min")
     cadence = block.trait("cadence")
-    bouts = rng.poisson(WALK_SHARE * target / (BOUT_MINUTES_MEAN * cadence[:, None]))
-    row = np.repeat(np.arange(users * days), bouts.ravel())
+    # The day's walking minutes are split into bouts of random length that add up to them,
+    # so a day's total follows its target and only the timing is left to chance.
+    walk_minutes = (WALK_SHARE * target / cadence[:, None]).ravel()
+    bouts = np.where(walk_minutes > 0, 1 + rng.poisson(walk_minutes / BOUT_MINUTES_MEAN), 0)
+    row = np.repeat(np.arange(users * days), bouts)
+    share = rng.gamma(1.5, 1.0, len(row))
+    share /= np.bincount(row, share, minlength=users * days)[row]
+    length = np.maximum(1, np.rint(walk_minutes[row] * share)).astype(np.int64)
     person = row // days
     lo, hi = wake[person], bed[person]
     choice = rng.random(len(row))
     start = np.where(choice < 0.45, rng.normal(lo + 150, 60),
                      np.where(choice < 0.8, rng.normal(930, 80), rng.uniform(lo, hi)))
     start = np.clip(np.rint(start).astype(np.int64), lo, hi - 1)
-    end = np.minimum(start + rng.geometric(1 / BOUT_MINUTES_MEAN, len(row)), hi)
+    end = np.minimum(start + length, hi)
     pace = cadence[person] * rng.normal(1.0, 0.07, len(row))
     width = MINUTES_PER_DAY + 1
     cells = users * days * width
