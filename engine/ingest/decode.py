@@ -199,6 +199,8 @@ def _pydantic_reason(error: ValidationError) -> tuple[Reason, str, str]:
     location = ".".join(str(part) for part in first["loc"]) or "record"
     if first["type"] == "missing":
         return Reason.missing_field, location, "required"
+    if location == "ts_ms" and first["type"] == "greater_than_equal":
+        return Reason.too_old_timestamp, location, f"{first['input']} is before 2020-01-01"
     return Reason.bad_field, location, first["msg"]
 
 
