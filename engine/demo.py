@@ -50,11 +50,13 @@ def _simulate(args: argparse.Namespace, out: Path, console: Console) -> dict:
 def _redeem_at_shops(data_dir: Path, sim_dir: Path, console: Console) -> list[tuple]:
     from engine.ledger import Ledger
 
-    shops = [s["shop_id"] if isinstance(s, dict) else s
-             for s in orjson.loads((sim_dir / "shops.json").read_bytes())]
+    shops = [shop["id"] for shop in orjson.loads((sim_dir / "shops.json").read_bytes())]
     done = []
+    users = [orjson.loads(line)["user_id"]
+             for line in (sim_dir / "00-profiles.ndjson").read_bytes().splitlines() if line]
     with Ledger.open(data_dir) as ledger:
-        top = ledger.top_balances(DEMO_REDEMPTIONS)
+        balances = sorted(((ledger.balance(u), u) for u in users), reverse=True)
+        top = [(user, balance) for balance, user in balances[:DEMO_REDEMPTIONS]]
         for i, (user_id, balance) in enumerate(top):
             shop = shops[i % min(len(shops), 4)]
             points = max(1, balance // 2) if i % 5 else balance + 10
