@@ -1,0 +1,284 @@
+"""HTTP API throughput and latency against a real `genki serve` on 127.0.0.1.
+
+Builds a data directory with a few thousand users' balances (ledger awards),
+starts the server in a subprocess on a free loopback port, then measures:
+
+* balance reads: CONCURRENCY keep-alive connections, at most READS_MAX requests
+  or PHASE_S_MAX seconds, whichever comes first: req/s, p50/p99 latency;
+* redemptions (token + Idempotency-Key, 1 point each, spread over users);
+* where the time goes: server CPU per request (from /proc), and in-process
+  costs per read: the SQLite lookup, the service (auth + lookup), the whole
+  FastAPI app called as ASGI without HTTP.
+
+The default load generator is a minimal HTTP/1.1 keep-alive client on asyncio
+streams, so that the client (sharing the 2 cores) costs little; `--client
+httpx` uses httpx.AsyncClient instead. Everything stops by itself.
+
+    .venv/bin/python benchmarks/api.py [--users 3000] [--http auto|h11|httptools]
+        [--loop auto|asyncio|uvloop] [--client raw|httpx] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine.api.store import ApiStore, Role  # noqa: E402
+from engine.entries import EntryDraft  # noqa: E402
+from engine.ids import derive_id  # noqa: E402
+from engine.ledger.store import Ledger  # noqa: E402
+from engine.schemas import EntryKind  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only, by design
+USERS_DEFAULT = 3_000
+POINTS_PER_USER = 1_000
+CONCURRENCY = 32
+READS_MAX = 20_000
+REDEMPTIONS_MAX = 2_000
+PHASE_S_MAX = 20.0
+SERVER_START_S_MAX = 60.0
+IN_PROCESS_CALLS = 5_000
+TS_MS = 1_767_225_600_000
+
+
+def build_data(data_dir: Path, users: int) -> dict[str, str]:
+    drafts = [EntryDraft(derive_id("bench", u), f"U{u:06d}", EntryKind.award, POINTS_PER_USER,
+                         "2026-01-01", TS_MS, "bench_award", None, "bench")
+              for u in range(users)]
+    with Ledger.open(data_dir) as ledger:
+        ledger.append(drafts)
+    with ApiStore.open(data_dir) as store:
+        return {role: store.create_key(role, "BENCH" if role == Role.shop else None, "bench",
+                                       TS_MS)[0]
+                for role in (Role.app, Role.shop)}
+
+
+def start_server(data_dir: Path, loop: str, http: str) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--host", HOST, "--port", "0",
+         "--data-dir", str(data_dir), "--loop", loop, "--http", http],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], SERVER_START_S_MAX)
+    line = process.stdout.readline().decode() if ready else ""
+    if "http://" not in line:
+        process.kill()
+        raise SystemExit(f"server did not start: {line!r}")
+    url = line.split(" on ", 1)[1].split()[0]
+    assert url.startswith(f"http://{HOST}:")
+    httpx.get(url + "/healthz", timeout=SERVER_START_S_MAX).raise_for_status()
+    return process, url
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- load generators -----------------------------------------------------------------
+
+Request = tuple[str, str, bytes, dict[str, str]]  # method, path, body, extra headers
+
+
+class Phase:
+    """Bounded work: requests are taken by index until the count or the deadline runs out."""
+
+    def __init__(self, make: Callable[[int], Request], count_max: int) -> None:
+        self.make = make
+        self.count_max = count_max
+        self.next_index = 0
+        self.deadline = time.monotonic() + PHASE_S_MAX
+        self.latencies_s: list[float] = []
+        self.statuses: dict[int, int] = {}
+
+    def take(self) -> Request | None:
+        if self.next_index >= self.count_max or time.monotonic() >= self.deadline:
+            return None
+        self.next_index += 1
+        return self.make(self.next_index - 1)
+
+    def record(self, status: int, latency_s: float) -> None:
+        self.latencies_s.append(latency_s)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+
+
+async def raw_worker(url: str, auth: str, phase: Phase) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        while (request := phase.take()) is not None:
+            method, path, body, headers = request
+            head = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Authorization: {auth}",
+                    f"Content-Length: {len(body)}"]
+            head += [f"{name}: {value}" for name, value in headers.items()]
+            started = time.perf_counter()
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            phase.record(status, time.perf_counter() - started)
+    finally:
+        writer.close()
+
+
+async def httpx_worker(url: str, auth: str, phase: Phase) -> None:
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": auth}) as client:
+        while (request := phase.take()) is not None:
+            method, path, body, headers = request
+            started = time.perf_counter()
+            response = await client.request(method, path, content=body, headers=headers)
+            phase.record(response.status_code, time.perf_counter() - started)
+
+
+async def run_phase(url: str, auth: str, phase: Phase, client: str) -> float:
+    worker = raw_worker if client == "raw" else httpx_worker
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(url, auth, phase) for _ in range(CONCURRENCY)))
+    return time.perf_counter() - started
+
+
+def summary(phase: Phase, elapsed_s: float, server_cpu_s: float,
+            client_cpu_s: float) -> dict[str, Any]:
+    done = len(phase.latencies_s)
+    cuts = statistics.quantiles(phase.latencies_s, n=100) if done > 1 else [0.0] * 99
+    return {"requests": done, "seconds": round(elapsed_s, 3),
+            "req_per_s": round(done / elapsed_s, 1),
+            "p50_ms": round(cuts[49] * 1000, 3), "p99_ms": round(cuts[98] * 1000, 3),
+            "statuses": {str(k): v for k, v in sorted(phase.statuses.items())},
+            "server_cpu_us_per_req": round(server_cpu_s / max(done, 1) * 1e6, 1),
+            "client_cpu_us_per_req": round(client_cpu_s / max(done, 1) * 1e6, 1)}
+
+
+def measure(url: str, pid: int, keys: dict[str, str], users: int,
+            client: str) -> dict[str, Any]:
+    app_auth, shop_auth = f"Bearer {keys['app']}", f"Bearer {keys['shop']}"
+
+    def read(i: int) -> Request:
+        return "GET", f"/v1/users/U{i * 7919 % users:06d}/balance", b"", {}
+
+    warm = Phase(read, 2_000)
+    asyncio.run(run_phase(url, app_auth, warm, client))
+    reads = Phase(read, READS_MAX)
+    cpu_before, client_before = cpu_s(pid), time.process_time()
+    elapsed = asyncio.run(run_phase(url, app_auth, reads, client))
+    result = {"balance_reads": summary(reads, elapsed, cpu_s(pid) - cpu_before,
+                                       time.process_time() - client_before)}
+
+    with httpx.Client(base_url=url, headers={"Authorization": app_auth}) as app:
+        tokens = [app.post(f"/v1/users/U{i % users:06d}/redeem-tokens").json()["token"]
+                  for i in range(min(REDEMPTIONS_MAX, users))]
+
+    def redemption(i: int) -> Request:
+        body = orjson.dumps({"token": tokens[i], "points": 1, "terminal_id": "T1"})
+        return "POST", "/v1/redemptions", body, {"Content-Type": "application/json",
+                                                   "Idempotency-Key": f"bench-{i}"}
+
+    redemptions = Phase(redemption, len(tokens))
+    cpu_before, client_before = cpu_s(pid), time.process_time()
+    elapsed = asyncio.run(run_phase(url, shop_auth, redemptions, client))
+    result["redemptions"] = summary(redemptions, elapsed, cpu_s(pid) - cpu_before,
+                                    time.process_time() - client_before)
+    return result
+
+
+# -- in-process breakdown ----------------------------------------------------------------
+
+def per_call_us(fn: Callable[[], object], calls: int = IN_PROCESS_CALLS) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return round((time.perf_counter() - started) / calls * 1e6, 1)
+
+
+def breakdown(data_dir: Path, keys: dict[str, str]) -> dict[str, float]:
+    """Microseconds per balance read at each layer, without HTTP or a client."""
+    from engine.api.app import create_app
+
+    app = create_app(data_dir)
+    service = app.state.service
+    auth = f"Bearer {keys['app']}"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": "/v1/users/U000001/balance", "raw_path": b"",
+             "root_path": "", "query_string": b"", "server": (HOST, 80),
+             "client": (HOST, 1), "headers": [(b"authorization", auth.encode())]}
+
+    async def asgi_calls() -> float:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                assert message["status"] == 200, message
+
+        started = time.perf_counter()
+        for _ in range(IN_PROCESS_CALLS):
+            await app(dict(scope), receive, send)
+        return round((time.perf_counter() - started) / IN_PROCESS_CALLS * 1e6, 1)
+
+    result = {
+        "sqlite_balance_lookup_us": per_call_us(lambda: service.read_ledger.balance("U000001")),
+        "auth_key_lookup_us": per_call_us(lambda: service.authenticate(auth)),
+        "service_auth_and_balance_us": per_call_us(
+            lambda: (service.authenticate(auth), service.balance("U000001"))),
+        "fastapi_asgi_call_us": asyncio.run(asgi_calls()),
+    }
+    service.close()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=USERS_DEFAULT)
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
+    parser.add_argument("--client", default="raw", choices=["raw", "httpx"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        keys = build_data(data_dir, args.users)
+        process, url = start_server(data_dir, args.loop, args.http)
+        try:
+            result = measure(url, process.pid, keys, args.users, args.client)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        result["in_process"] = breakdown(data_dir, keys)
+    result.update({"users": args.users, "concurrency": CONCURRENCY, "client": args.client,
+                   "server_loop": args.loop, "server_http": args.http,
+                   "python": platform.python_version(), "cpus": os.cpu_count()})
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return
+    for name in ("balance_reads", "redemptions"):
+        row = result[name]
+        print(f"{name:14} {row['req_per_s']:>9,.0f} req/s  p50 {row['p50_ms']:.2f} ms  "
+              f"p99 {row['p99_ms']:.2f} ms  CPU µs/req server {row['server_cpu_us_per_req']:.0f} "
+              f"client {row['client_cpu_us_per_req']:.0f}"
+              f"  ({row['requests']:,} requests, statuses {row['statuses']})")
+    print("in process (µs per balance read):", result["in_process"])
+
+
+if __name__ == "__main__":
+    main()
