@@ -40,11 +40,11 @@ import orjson
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from engine.api.store import ApiStore, Role  # noqa: E402
-from engine.entries import EntryDraft  # noqa: E402
-from engine.ids import derive_id  # noqa: E402
-from engine.ledger.store import Ledger  # noqa: E402
-from engine.schemas import EntryKind  # noqa: E402
+from engine.api.store import ApiStore, Role
+from engine.entries import EntryDraft
+from engine.ids import derive_id
+from engine.ledger.store import Ledger
+from engine.schemas import EntryKind
 
 HOST = "127.0.0.1"  # loopback only, by design
 USERS_DEFAULT = 3_000

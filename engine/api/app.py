@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Path as PathParam, Query, Request, Security
+from fastapi import Depends, FastAPI, Header, Query, Request, Security
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
@@ -127,9 +128,11 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
 _bearer = HTTPBearer(auto_error=False, description="an API key from `genki keys create`")
 
 
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+
+
 def _needs(service: ApiService, *roles: Role) -> Any:
-    async def principal(request: Request,
-                        _: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
+    async def principal(request: Request, _: BearerCredentials = None) -> Principal:
         return require_role(service.authenticate(request.headers.get("authorization")), *roles)
     return Depends(principal)
 

@@ -9,7 +9,7 @@ response body is `{type, title, status, detail, code}` with media type
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from starlette.responses import Response
@@ -24,13 +24,13 @@ PROBLEM_TYPE_PREFIX = "urn:genki:problem:"
 class ApiError(GenkiError):
     """Base of the API's own errors; `headers` are added to the response."""
 
-    headers: dict[str, str] = {}
+    headers: ClassVar[dict[str, str]] = {}
 
 
 class Unauthenticated(ApiError):
     http_status = 401
     code = "unauthenticated"
-    headers = {"WWW-Authenticate": 'Bearer realm="genki"'}
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="genki"'}
 
 
 class Forbidden(ApiError):
@@ -80,7 +80,7 @@ class BadRequest(ApiError):
 class IngestBusy(ApiError):
     http_status = 503
     code = "ingest_log_busy"
-    headers = {"Retry-After": "5"}
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
 def problem_body(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from engine.api.limits import KEY_LABEL_CHARS_MAX, WRITE_WAIT_S_MAX
 from engine.errors import NotFound, UsageError
@@ -154,7 +154,7 @@ class ApiStore:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> ApiStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
