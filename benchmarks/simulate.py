@@ -24,8 +24,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.sim import SimConfig, simulate  # noqa: E402
-from engine.sim import config as defaults  # noqa: E402
+from engine.sim import SimConfig, simulate
+from engine.sim import config as defaults
 
 FLOOR_SEGMENT_SAMPLES = 300
 

@@ -12,6 +12,7 @@ import orjson
 
 from engine.clock import DAY_MS
 from engine.sim.population import VENUE_ACTIVITY_NAMES, Population, Venues, decline_ramp
+from engine.sim.segments import RECORDS_PER_EXTEND
 from engine.sim.spill import LineSink
 from engine.sim.vitals import MINUTE_MS
 
@@ -128,8 +129,13 @@ def serialise_activities(pop: Population, venues: Venues, acts: Activities,
                          rng: np.random.Generator, lines: LineSink) -> None:
     ids = rng.bytes(EVENT_ID_BYTES * len(acts)).hex()
     user_ids, venue_ids = pop.user_ids, venues.ids
-    for r, (u, k, ts, v, s) in enumerate(zip(acts.user.tolist(), acts.kind.tolist(),
-                                             acts.ts_ms.tolist(), acts.venue.tolist(),
-                                             acts.source.tolist(), strict=True)):
-        lines.append(orjson.dumps(activity_body(ids[32 * r:32 * r + 32], user_ids[u], KIND_NAMES[k],
-                                                ts, venue_ids[v] if v >= 0 else None, SOURCES[s])))
+    columns = zip(acts.user.tolist(), acts.kind.tolist(), acts.ts_ms.tolist(), acts.venue.tolist(),
+                  acts.source.tolist(), strict=True)
+    records = []
+    for r, (u, k, ts, v, s) in enumerate(columns):
+        records.append(orjson.dumps(activity_body(ids[32 * r:32 * r + 32], user_ids[u], KIND_NAMES[k],
+                                                  ts, venue_ids[v] if v >= 0 else None, SOURCES[s])))
+        if len(records) == RECORDS_PER_EXTEND:
+            lines.extend(records)
+            records = []
+    lines.extend(records)

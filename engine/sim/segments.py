@@ -28,6 +28,8 @@ LATE_DAYS = (1, 5)
 RESYNC_GAP_MS_MAX = 2 * DAY_MS  # only re-send a tail from a recent segment
 UPLOAD_ID_BYTES = 16
 NUMPY = orjson.OPT_SERIALIZE_NUMPY
+# Many orjson outputs alive at once fragment the heap (each keeps ~4 KiB): hand them on in batches.
+RECORDS_PER_EXTEND = 10_000
 
 
 @dataclass(frozen=True)
@@ -146,14 +148,19 @@ def serialise_block(pop: Population, samples: dict[str, Samples], syncs: Syncs, 
         unit = METRIC_BY_NAME[metric].unit
         ts, values = sample.ts_ms, sample.values
         starts, ends = start.tolist(), end.tolist()
+        records = []
         for r, j in enumerate(keep.tolist()):
             a, b, u = starts[j], ends[j], sync_user[j]
             uid = user_ids[u]
-            lines.append(orjson.dumps({
+            records.append(orjson.dumps({
                 "v": 1, "upload_id": ids[32 * r:32 * r + 32], "user_id": uid,
                 "device_id": uid + ("-watch1" if u < n_watch else "-phone"),
                 "metric": metric, "unit": unit, "ts_ms": ts[a:b], "values": values[a:b],
             }, option=NUMPY))
+            if len(records) == RECORDS_PER_EXTEND:
+                lines.extend(records)
+                records = []
+        lines.extend(records)
         deliveries.append(syncs.delivery_ms[keep])
         resent = (plain - start)[keep]
         stats.records += len(keep)

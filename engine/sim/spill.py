@@ -21,7 +21,7 @@ COPY_LINES_PER_CHUNK = 50_000
 
 
 class LineSink(Protocol):
-    def append(self, line: bytes) -> None: ...
+    def extend(self, lines: list[bytes]) -> None: ...
 
 
 class Spill:
@@ -45,12 +45,20 @@ class Spill:
         return len(self._offsets)
 
     def append(self, line: bytes) -> None:
-        assert b"\n" not in line, "a record holds a newline"
-        self._offsets.append(self._size)
-        self._lengths.append(len(line))
-        self._file.write(line)
-        self._file.write(b"\n")
-        self._size += len(line) + 1
+        self.extend([line])
+
+    def extend(self, lines: list[bytes]) -> None:
+        """Append many records with one write."""
+        if not lines:
+            return
+        chunk = b"\n".join(lines) + b"\n"
+        assert chunk.count(b"\n") == len(lines), "a record holds a newline"
+        sizes = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1
+        starts = self._size + np.cumsum(sizes) - sizes
+        self._offsets.frombytes(starts.tobytes())
+        self._lengths.frombytes((sizes - 1).tobytes())
+        self._file.write(chunk)
+        self._size += len(chunk)
 
     def repeat(self, index: int) -> None:
         """Append the record at index again (an exact duplicate), without copying it."""
