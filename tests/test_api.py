@@ -7,6 +7,7 @@ import itertools
 import os
 import select
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from engine.schemas import EntryKind, FlagEvent
 from tests.conftest import REPO_ROOT, genki_cmd
 
 SERVER_START_S_MAX = 60.0
+SERVER_STOP_S_MAX = 30.0
 TS_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 _counter = itertools.count(1)
 
@@ -38,10 +40,16 @@ class Server:
 
     def __init__(self, data_dir: Path, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # stderr goes to a file: an undrained pipe would block the server once full.
+        self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             genki_cmd("serve", "--port", "0", "--data-dir", str(data_dir), *args),
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self.log)
         self.url = self._read_url()
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def _read_url(self) -> str:
         assert self.process.stdout is not None
@@ -50,8 +58,7 @@ class Server:
         line = self.process.stdout.readline().decode() if ready else ""
         if "http://" not in line or time.monotonic() > deadline:
             self.stop()
-            raise AssertionError(f"server did not start: {line!r} "
-                                 f"{self.process.stderr.read().decode()}")  # type: ignore[union-attr]
+            raise AssertionError(f"server did not start: {line!r} {self.stderr()}")
         url = line.split(" on ", 1)[1].split()[0]
         with httpx.Client() as client:  # the socket listens before uvicorn serves
             while client.get(url + "/healthz").status_code != 200:
@@ -64,10 +71,16 @@ class Server:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(timeout=30)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
+        try:
+            self.process.wait(timeout=SERVER_STOP_S_MAX)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"server ignored SIGTERM: {self.stderr()[-2000:]}") from None
+        finally:
+            assert self.process.stdout is not None
+            self.process.stdout.close()
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
