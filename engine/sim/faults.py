@@ -17,7 +17,7 @@ import orjson
 from engine.clock import DAY_MS
 from engine.ingest.reasons import Reason
 from engine.schemas import RECORD_BYTES_MAX, SAMPLES_PER_RECORD_MAX
-from engine.sim.activities import KIND_NAMES, SOURCES, activity_body
+from engine.sim.activities import SOURCES, activity_body
 from engine.sim.population import Population, Venues
 from engine.sim.vitals import MINUTE_MS
 
@@ -145,9 +145,12 @@ def _segment(ctx: FaultContext, rng: np.random.Generator, metric: str | None = N
              first_ms: int | None = None) -> dict[str, object]:
     """A well-formed segment that the fault makers then break in exactly one way."""
     pop = ctx.pop
-    u = int(rng.integers(0, pop.n)) if user is None else user
-    watch = u < pop.n_watch
-    metric = metric or ("heart_rate" if watch else "steps")
+    if user is None:
+        # Only watches measure heart rate and SpO2; phones count steps.
+        watch_only = metric not in (None, "steps") and pop.n_watch > 0
+        user = int(rng.integers(0, pop.n_watch if watch_only else pop.n))
+    u = user
+    metric = metric or ("heart_rate" if u < pop.n_watch else "steps")
     if first_ms is None:
         first_ms = ctx.day0_ms + int(rng.integers(0, ctx.days)) * DAY_MS + int(rng.integers(8, 18)) * 3_600_000
     ts = (first_ms + np.arange(count, dtype=np.int64) * step_ms).tolist()
@@ -168,7 +171,7 @@ def _activity(ctx: FaultContext, rng: np.random.Generator, user: int | None = No
         venue = int(rng.integers(0, len(ctx.venues.ids)))
         return activity_body(_new_id(rng), ctx.pop.user_ids[u], "checkin", ts_ms,
                              ctx.venues.ids[venue], SOURCES[0])
-    return activity_body(_new_id(rng), ctx.pop.user_ids[u], KIND_NAMES[3], ts_ms, None, SOURCES[1])
+    return activity_body(_new_id(rng), ctx.pop.user_ids[u], "meal", ts_ms, None, SOURCES[1])
 
 
 def _dumps(body: object) -> bytes:

@@ -94,9 +94,10 @@ class _Records:
         line_of = np.empty_like(order)
         line_of[order] = np.arange(1, len(order) + 1)
         size = self.spill.write_in_order(out / self.name, order)
-        faults = sorted(({"line": int(line_of[i]), "kind": kind,
-                          "reason": FAULT_KIND_BY_NAME[kind].reason.value}
-                         for i, kind in self.fault_rows), key=lambda row: int(row["line"]))
+        rows = sorted((int(line_of[i]), kind) for i, kind in self.fault_rows)
+        faults: list[dict[str, object]] = [
+            {"line": line, "kind": kind, "reason": FAULT_KIND_BY_NAME[kind].reason.value}
+            for line, kind in rows]
         stats = {"records": len(self.spill), "bytes": size, "good": self.good,
                  "exact_duplicates": len(self.spill) - self.good - len(self.fault_rows),
                  "faults": len(self.fault_rows)}
