@@ -10,6 +10,8 @@ import argparse
 import socket
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -42,22 +44,61 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None,
+          clock_offset_ms: int | None = None, log_level: str = "warning",
+          access_log: bool = False, loop: str = "auto", http: str = "auto") -> int:
+    """Print the URL (first line of stdout), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
     from engine.api.app import create_app
 
-    data_dir = data_dir_of(args)
-    app = create_app(data_dir, token_ttl_s=args.token_ttl_s, clock_offset_ms=args.clock_offset_ms)
-    sock = bind_socket(args.host, args.port)
+    app = create_app(data_dir, token_ttl_s=token_ttl_s, clock_offset_ms=clock_offset_ms)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"genki API serving {data_dir} on http://{shown}:{port} (docs: http://{shown}:{port}"
           "/docs)", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
-                            loop=args.loop, http=args.http, lifespan="on")
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, loop=loop,
+                            http=http, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    data_dir = data_dir_of(args)
+    sock = bind_socket(args.host, args.port)
+    return serve(data_dir, sock, token_ttl_s=args.token_ttl_s,
+                 clock_offset_ms=args.clock_offset_ms, log_level=args.log_level,
+                 access_log=args.access_log, loop=args.loop, http=args.http)
+
+
+def serve_demo(data_dir: Path, console: Any) -> int:
+    """After `genki demo --serve`: fresh keys for every role, example calls, then serve."""
+    shops_file = data_dir / "simulated" / "shops.json"
+    shops = orjson.loads(shops_file.read_bytes()) if shops_file.exists() else []
+    shop_id = str(shops[0]["id"]) if shops else "SHOP001"
+    with ApiStore.open(data_dir) as store:
+        keys = {role: store.create_key(role, shop_id if role == Role.shop else None, "demo",
+                                       _now_ms())[0] for role in Role}
+    try:
+        sock = bind_socket(HOST_DEFAULT, PORT_DEFAULT)
+    except UsageError:
+        sock = bind_socket(HOST_DEFAULT, 0)
+    url = f"http://{HOST_DEFAULT}:{sock.getsockname()[1]}"
+    console.print(f"\n[bold]API keys[/] (shown once; shop key is for {shop_id}):")
+    for role, key_text in keys.items():
+        console.print(f"    {role.value:<8} {key_text}", soft_wrap=True, highlight=False)
+    console.print("try:\n"
+                  f"    curl -H 'Authorization: Bearer {keys[Role.app]}' "
+                  f"{url}/v1/users/USER_ID/balance\n"
+                  f"    curl -X POST -H 'Authorization: Bearer {keys[Role.app]}' "
+                  f"{url}/v1/users/USER_ID/redeem-tokens\n"
+                  f"    curl -X POST -H 'Authorization: Bearer {keys[Role.shop]}' "
+                  "-H 'Idempotency-Key: sale-1' -H 'Content-Type: application/json' "
+                  "-d '{\"token\": \"TOKEN\", \"points\": 5, \"terminal_id\": \"T1\"}' "
+                  f"{url}/v1/redemptions\n"
+                  f"    curl -H 'Authorization: Bearer {keys[Role.staff]}' {url}/v1/flags",
+                  soft_wrap=True, markup=False, highlight=False)
+    return serve(data_dir, sock)
 
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
