@@ -70,7 +70,7 @@ def test_manifest_counts_lines_and_bytes_of_every_file(fleet: SimManifest) -> No
         assert len(lines_of(fleet, name)) == stats["records"]
         assert (fleet.out / name).stat().st_size == stats["bytes"]
         assert stats["records"] == stats["good"] + stats["exact_duplicates"] + stats["faults"]
-    assert SimManifest.load(fleet.out).data == fleet.data
+    assert SimManifest.load(fleet.out).data == fleet.as_dict()
 
 
 def test_every_reason_a_gateway_can_cause_is_injected(fleet: SimManifest) -> None:

@@ -45,6 +45,9 @@ class SimManifest:
     def __getitem__(self, key: str) -> object:
         return self.data[key]
 
+    def as_dict(self) -> dict[str, object]:
+        return self.data
+
     @property
     def files(self) -> dict[str, dict[str, int]]:
         return self.data["files"]  # type: ignore[return-value]
