@@ -1,0 +1,206 @@
+"""`genki balance|history|redeem|refund|adjust|settlement` and `genki ledger …`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from engine.config import add_data_dir_arg, data_dir_of
+from engine.errors import ChainBroken, LedgerError
+from engine.ledger.commands import describe
+from engine.ledger.model import Entry, Settlement
+from engine.ledger.store import HISTORY_LIMIT_MAX, Ledger
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+
+
+def _entry_line(entry: Entry) -> str:
+    return (f"{entry.seq:>9}  {entry.day or '':10}  {entry.kind.value:7}  {entry.points:>+8}  "
+            f"{describe(entry.kind, entry.points, entry.rule, entry.ref)}  [{entry.entry_id}]")
+
+
+def _print_entry(entry: Entry, as_json: bool) -> None:
+    if as_json:
+        _print_json(entry.to_dict())
+    else:
+        print(_entry_line(entry))
+
+
+def _cmd_balance(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        points = ledger.balance(args.user)
+    if args.json:
+        _print_json({"user_id": args.user, "balance": points})
+    else:
+        print(points)
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        entries, next_cursor = ledger.history(args.user, args.cursor, args.limit)
+    if args.json:
+        _print_json({"user_id": args.user, "entries": [e.to_dict() for e in entries],
+                     "next_cursor": next_cursor})
+        return 0
+    for entry in entries:
+        print(_entry_line(entry))
+    if next_cursor is not None:
+        print(f"(more: --cursor {next_cursor})")
+    return 0
+
+
+def _cmd_redeem(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        entry = ledger.redeem(args.user, args.points, args.shop, args.terminal, args.key,
+                              args.ts_ms or _now_ms())
+    _print_entry(entry, args.json)
+    return 0
+
+
+def _cmd_refund(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        entry = ledger.refund(args.entry_id, args.points, args.key, args.ts_ms or _now_ms(),
+                              shop_id=args.shop)
+    _print_entry(entry, args.json)
+    return 0
+
+
+def _cmd_adjust(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        entry = ledger.adjust(args.user, args.points, args.reason, args.staff, args.key,
+                              args.ts_ms or _now_ms())
+    _print_entry(entry, args.json)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        result = ledger.verify()
+    if args.json:
+        _print_json(result.to_dict())
+    elif result.ok:
+        print(f"ok: {result.entries_checked} entries, {result.users_checked} balances, "
+              f"head {result.chain_head}")
+    if result.ok:
+        return 0
+    where = f"first bad seq {result.first_bad_seq}: " if result.first_bad_seq else ""
+    print(f"genki: ledger verify failed: {where}{result.problem}", file=sys.stderr)
+    return ChainBroken.exit_code
+
+
+def _cmd_head(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        head = ledger.head()
+    if args.json:
+        _print_json(head)
+    else:
+        for key, value in head.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        result = ledger.rebuild()
+    print(f"rebuilt {result.users} balances, {result.points_outstanding} points outstanding")
+    if result.matched:
+        print("rebuilt balances equal the live balances")
+        return 0
+    for difference in result.differences:
+        print(f"  {difference.user_id}: live {difference.live}, rebuilt {difference.rebuilt}")
+    raise LedgerError(f"{len(result.differences)} live balances differed from the journal "
+                      "(now corrected)")
+
+
+def _cmd_expire(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        entries = ledger.expire(args.as_of, args.months)
+    points = -sum(entry.points for entry in entries)
+    users = len({entry.user_id for entry in entries})
+    print(f"expired {points} points in {len(entries)} lots of {users} users "
+          f"(as of {args.as_of}, {args.months} months)")
+    return 0
+
+
+def _cmd_settlement(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        result = ledger.settlement(args.shop, args.month)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(Settlement.CSV_HEADER)
+    writer.writerow(result.csv_row())
+    return 0
+
+
+def _sub(subparsers: argparse._SubParsersAction, name: str, help_: str,
+         func: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_)
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _key_args(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    parser.add_argument("--key", required=True, help="idempotency key (retry with the same)")
+    parser.add_argument("--ts-ms", type=int, default=None, help="time (default: now)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = _sub(subparsers, "balance", "a user's points balance", _cmd_balance)
+    p.add_argument("user")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subparsers, "history", "a user's ledger entries, newest first", _cmd_history)
+    p.add_argument("user")
+    p.add_argument("--limit", type=int, default=50, help=f"at most {HISTORY_LIMIT_MAX}")
+    p.add_argument("--cursor", type=int, default=None, help="next_cursor of the previous page")
+    p.add_argument("--json", action="store_true")
+
+    p = _sub(subparsers, "redeem", "spend a user's points at a shop", _cmd_redeem)
+    p.add_argument("user")
+    p.add_argument("points", type=int)
+    p.add_argument("--shop", required=True)
+    p.add_argument("--terminal", required=True)
+    _key_args(p)
+
+    p = _sub(subparsers, "refund", "give back (part of) a redemption", _cmd_refund)
+    p.add_argument("entry_id", help="entry id of the redemption")
+    p.add_argument("points", type=int)
+    p.add_argument("--shop", default=None, help="the refunding shop (must be the redeeming one)")
+    _key_args(p)
+
+    p = _sub(subparsers, "adjust", "a staff correction of a balance", _cmd_adjust)
+    p.add_argument("user")
+    p.add_argument("points", type=int, help="signed")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--staff", required=True)
+    _key_args(p)
+
+    p = _sub(subparsers, "settlement", "a shop's monthly redemptions as CSV", _cmd_settlement)
+    p.add_argument("--shop", required=True)
+    p.add_argument("--month", required=True, help="YYYY-MM (Tokyo time)")
+
+    ledger = subparsers.add_parser("ledger", help="verify, inspect and repair the ledger")
+    commands = ledger.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND",
+                                     required=True)
+    p = _sub(commands, "verify", "recompute the hash chain and every balance", _cmd_verify)
+    p.add_argument("--json", action="store_true")
+    p = _sub(commands, "head", "entry count, points outstanding, chain head, digest", _cmd_head)
+    p.add_argument("--json", action="store_true")
+    _sub(commands, "rebuild", "recompute balances from the journal", _cmd_rebuild)
+    p = _sub(commands, "expire", "expire points older than N months", _cmd_expire)
+    p.add_argument("--as-of", required=True, help="YYYY-MM-DD")
+    p.add_argument("--months", type=int, required=True)

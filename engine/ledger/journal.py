@@ -1,0 +1,210 @@
+"""Pure hot loops of the journal: validate drafts, sequence and hash them, check a chain.
+
+These run over a million entries per call, so they work on plain tuples and
+keep per-entry work to a few dict lookups, one orjson.dumps and one SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from engine.entries import EntryDraft
+from engine.ledger.canonical import GENESIS_HASH, HASH_HEX_CHARS
+from engine.ledger.commands import ref_fields
+from engine.ledger.errors import InvalidEntry
+from engine.schemas import ID_CHARS_MAX, POINTS_PER_ENTRY_MAX
+
+ENTRY_ID_CHARS_MAX = 128
+TEXT_CHARS_MAX = 4096
+TS_MS_MAX = 2**53 - 1  # exact in every JSON reader
+CONTENT_FIELDS: tuple[str, ...] = (
+    "entry_id", "user_id", "kind", "points", "day", "ts_ms", "rule", "ref", "rules_version",
+)
+# Sign each kind's points must have: +1 positive, -1 negative, 0 either (never zero).
+KIND_SIGN: dict[str, int] = {"award": 1, "redeem": -1, "refund": 1, "expire": -1, "adjust": 0}
+_KIND_NAME: dict[str, str] = {kind: kind for kind in KIND_SIGN}
+_USER_ID = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+# (entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version)
+Content = tuple[str, str, str, int, str | None, int, str | None, str | None, str | None]
+
+
+def _int_of(name: str, value: object, entry_id: object) -> int:
+    """Exact ints only; numpy integers are accepted and converted."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidEntry(f"entry {entry_id}: {name} must be an integer, got {value!r}")
+    return int(value)  # type: ignore[call-overload]
+
+
+class _Checker:
+    """Validates drafts; remembers values already seen valid (users, days, rules repeat)."""
+
+    def __init__(self) -> None:
+        self.users: set[str] = set()
+        self.days: set[str | None] = {None}
+        self.texts: set[str | None] = {None}
+
+    def user(self, value: object, entry_id: str) -> None:
+        if not isinstance(value, str) or not 0 < len(value) <= ID_CHARS_MAX \
+                or not _USER_ID.match(value):
+            raise InvalidEntry(f"entry {entry_id}: user_id {value!r} is not an id")
+        self.users.add(value)
+
+    def day(self, value: object, entry_id: str) -> None:
+        if not isinstance(value, str) or not _DAY.match(value):
+            raise InvalidEntry(f"entry {entry_id}: day {value!r} is not YYYY-MM-DD or null")
+        self.days.add(value)
+
+    def text(self, name: str, value: object, entry_id: str) -> None:
+        if not isinstance(value, str) or len(value) > TEXT_CHARS_MAX:
+            raise InvalidEntry(f"entry {entry_id}: {name} must be null or text of at most "
+                               f"{TEXT_CHARS_MAX} characters, got {value!r:.80}")
+        if len(self.texts) < 10_000:
+            self.texts.add(value)
+
+
+def normalise(drafts: Sequence[EntryDraft]) -> list[Content]:
+    """Validate drafts and turn them into plain content tuples (raises InvalidEntry)."""
+    check = _Checker()
+    users, days, texts = check.users, check.days, check.texts
+    out: list[Content] = []
+    append = out.append
+    for draft in drafts:
+        entry_id = draft.entry_id
+        if type(entry_id) is not str or not 0 < len(entry_id) <= ENTRY_ID_CHARS_MAX:
+            raise InvalidEntry(f"entry_id must be 1-{ENTRY_ID_CHARS_MAX} characters, "
+                               f"got {entry_id!r:.80}")
+        kind = _KIND_NAME.get(draft.kind)  # type: ignore[call-overload]
+        if kind is None:
+            raise InvalidEntry(f"entry {entry_id}: kind {draft.kind!r} is not one of "
+                               f"{', '.join(KIND_SIGN)}")
+        points = draft.points
+        if type(points) is not int:
+            points = _int_of("points", points, entry_id)
+        sign = KIND_SIGN[kind]
+        if not (0 < points * sign if sign else points) or abs(points) > POINTS_PER_ENTRY_MAX:
+            raise InvalidEntry(f"entry {entry_id}: points {points} not allowed for {kind} "
+                               f"(sign {'+' if sign > 0 else '-' if sign < 0 else '±'}, "
+                               f"not 0, at most {POINTS_PER_ENTRY_MAX})")
+        ts_ms = draft.ts_ms
+        if type(ts_ms) is not int:
+            ts_ms = _int_of("ts_ms", ts_ms, entry_id)
+        if not 0 <= ts_ms <= TS_MS_MAX:
+            raise InvalidEntry(f"entry {entry_id}: ts_ms {ts_ms} out of range")
+        user_id, day, rule, ref, rules_version = (
+            draft.user_id, draft.day, draft.rule, draft.ref, draft.rules_version)
+        if user_id not in users:
+            check.user(user_id, entry_id)
+        if day not in days:
+            check.day(day, entry_id)
+        if rule not in texts:
+            check.text("rule", rule, entry_id)
+        if ref is not None and (type(ref) is not str or len(ref) > TEXT_CHARS_MAX):
+            check.text("ref", ref, entry_id)
+        if kind == "redeem" or kind == "refund":
+            _check_ref(kind, ref, entry_id)
+        if rules_version not in texts:
+            check.text("rules_version", rules_version, entry_id)
+        append((entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version))
+    return out
+
+
+def _check_ref(kind: str, ref: object, entry_id: str) -> None:
+    """Redemptions and refunds are settled per shop: their ref must name it."""
+    fields = ref_fields(ref) if isinstance(ref, str) else {}
+    if not isinstance(fields.get("shop"), str):
+        raise InvalidEntry(f"entry {entry_id}: a {kind} needs ref JSON naming its shop")
+    if kind == "refund" and not isinstance(fields.get("refund_of"), str):
+        raise InvalidEntry(f"entry {entry_id}: a refund needs ref JSON naming refund_of")
+
+
+def chain(contents: Iterable[Content], seq_head: int, hash_head: str) -> list[tuple]:
+    """Stored rows (see model.ENTRY_COLUMNS) for new entries after (seq_head, hash_head).
+
+    Inlines canonical.canonical_bytes and canonical.chain_hash; a test holds
+    them equal.
+    """
+    assert len(hash_head) == HASH_HEX_CHARS
+    dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
+    rows: list[tuple] = []
+    append = rows.append
+    seq, prev, prev_bytes = seq_head, hash_head, hash_head.encode("ascii")
+    entry_id = ""
+    try:
+        for entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version in contents:
+            seq += 1
+            canonical = dumps(
+                {"day": day, "entry_id": entry_id, "kind": kind, "points": points, "ref": ref,
+                 "rule": rule, "rules_version": rules_version, "seq": seq, "ts_ms": ts_ms,
+                 "user_id": user_id},
+                option=sort,
+            )
+            digest = sha256(prev_bytes + canonical).hexdigest()
+            append((seq, entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version,
+                    prev, digest))
+            prev, prev_bytes = digest, digest.encode("ascii")
+    except orjson.JSONEncodeError as error:
+        raise InvalidEntry(f"entry {entry_id}: not encodable as UTF-8 JSON: {error}") from error
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class ChainProblem:
+    seq: int
+    problem: str
+
+
+class ChainChecker:
+    """Walks stored rows in seq order, recomputing hashes and running balances."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.prev = GENESIS_HASH
+        self.balances: dict[str, int] = {}
+        self.counts: dict[str, int] = {}
+
+    def feed(self, rows: Iterable[Sequence]) -> ChainProblem | None:
+        dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
+        balances, counts = self.balances, self.counts
+        for row in rows:
+            (seq, entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version,
+             prev_hash, stored_hash) = row
+            if seq != self.seq + 1:
+                return ChainProblem(self.seq + 1, f"seq {self.seq + 1} missing (next is {seq})")
+            if prev_hash != self.prev:
+                return ChainProblem(seq, f"prev_hash {prev_hash!r:.20} does not match the hash "
+                                         f"of seq {self.seq} ({self.prev:.16}…)")
+            canonical = dumps(
+                {"day": day, "entry_id": entry_id, "kind": kind, "points": points, "ref": ref,
+                 "rule": rule, "rules_version": rules_version, "seq": seq, "ts_ms": ts_ms,
+                 "user_id": user_id},
+                option=sort,
+            )
+            digest = sha256(prev_hash.encode("ascii") + canonical).hexdigest()
+            if digest != stored_hash:
+                return ChainProblem(seq, f"hash mismatch (stored {stored_hash:.16}…, recomputed "
+                                         f"{digest:.16}…): the entry's content was altered")
+            problem = _entry_problem(kind, points, balances.get(user_id, 0), user_id)
+            if problem:
+                return ChainProblem(seq, problem)
+            balances[user_id] = balances.get(user_id, 0) + points
+            counts[user_id] = counts.get(user_id, 0) + 1
+            self.seq, self.prev = seq, stored_hash
+        return None
+
+
+def _entry_problem(kind: str, points: int, balance: int, user_id: str) -> str | None:
+    sign = KIND_SIGN.get(kind)
+    if sign is None:
+        return f"unknown kind {kind!r}"
+    if not (0 < points * sign if sign else points):
+        return f"points {points} have the wrong sign for {kind}"
+    if balance + points < 0:
+        return f"balance of user {user_id} would go negative ({balance} {points:+d})"
+    return None

@@ -1,0 +1,144 @@
+"""Value types the ledger returns: stored entries and the results of its commands."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from engine.schemas import EntryKind, LedgerEntry
+
+# Column order of a stored row; Entry.from_row and the SQL agree on it.
+ENTRY_COLUMNS: tuple[str, ...] = (
+    "seq", "entry_id", "user_id", "kind", "points", "day", "ts_ms", "rule", "ref",
+    "rules_version", "prev_hash", "hash",
+)
+EntryRow = tuple[int, str, str, str, int, str | None, int, str | None, str | None, str | None,
+                 str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A sequenced, hashed journal entry (the wire shape is schemas.LedgerEntry)."""
+
+    seq: int
+    entry_id: str
+    user_id: str
+    kind: EntryKind
+    points: int
+    day: str | None
+    ts_ms: int
+    rule: str | None
+    ref: str | None
+    rules_version: str | None
+    prev_hash: str
+    hash: str
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Entry:
+        assert len(row) == len(ENTRY_COLUMNS)
+        return cls(row[0], row[1], row[2], EntryKind(row[3]), row[4], row[5], row[6], row[7],
+                   row[8], row[9], row[10], row[11])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq, "entry_id": self.entry_id, "user_id": self.user_id,
+            "kind": self.kind.value, "points": self.points, "day": self.day,
+            "ts_ms": self.ts_ms, "rule": self.rule, "ref": self.ref,
+            "rules_version": self.rules_version, "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+    def to_wire(self) -> LedgerEntry:
+        return LedgerEntry(**self.to_dict())
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What one append transaction did.
+
+    appended new entries hold seq_first..seq_last (None when nothing was new);
+    `existing` counts drafts whose id was already stored with identical content
+    (including duplicates within the batch), `existing_entries` are those stored
+    entries. `entries` builds Entry objects for the new rows on demand, so a
+    million-draft append does not pay for objects nobody reads.
+    """
+
+    appended: int
+    existing: int
+    seq_first: int | None
+    seq_last: int | None
+    chain_head: str
+    flags_appended: int = 0
+    flags_existing: int = 0
+    existing_entries: tuple[Entry, ...] = ()
+    rows: Sequence[EntryRow] = field(default=(), repr=False)
+
+    @cached_property
+    def entries(self) -> list[Entry]:
+        return [Entry.from_row(row) for row in self.rows]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of recomputing the chain and every balance from the journal."""
+
+    ok: bool
+    entries_checked: int
+    users_checked: int
+    chain_head: str
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    balance_problems: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "entries_checked": self.entries_checked,
+            "users_checked": self.users_checked, "chain_head": self.chain_head,
+            "first_bad_seq": self.first_bad_seq, "problem": self.problem,
+            "balance_problems": list(self.balance_problems),
+        }
+
+
+@dataclass(frozen=True)
+class BalanceDifference:
+    user_id: str
+    live: int | None
+    rebuilt: int | None
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    """Balances recomputed from the journal; `matched` says whether live agreed."""
+
+    users: int
+    points_outstanding: int
+    differences: tuple[BalanceDifference, ...]
+
+    @property
+    def matched(self) -> bool:
+        return not self.differences
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """One shop's redemptions and refunds in one Tokyo calendar month."""
+
+    shop_id: str
+    month: str
+    redeemed_points: int
+    refunded_points: int
+    redemptions: int
+    refunds: int
+
+    @property
+    def net_points(self) -> int:
+        return self.redeemed_points - self.refunded_points
+
+    CSV_HEADER = ("shop_id", "month", "redeemed_points", "refunded_points", "net_points",
+                  "redemptions")
+
+    def csv_row(self) -> tuple[str, str, int, int, int, int]:
+        return (self.shop_id, self.month, self.redeemed_points, self.refunded_points,
+                self.net_points, self.redemptions)
