@@ -41,13 +41,13 @@ def risk_list(data_dir: Path, day: str | None = None) -> list[dict[str, object]]
     from engine.pipeline import RULES_DEFAULT_PATH
     from engine.rules.config import load_rules
 
-    weights = load_rules(RULES_DEFAULT_PATH).flag_severity()
+    flag_rules = load_rules(RULES_DEFAULT_PATH).flags
     by_user: dict[str, dict[str, object]] = {}
     with Ledger.open(data_dir) as ledger:
         flags = ledger.current_flags(day)
     for flag in flags:
         row = by_user.setdefault(flag.user_id, {"user_id": flag.user_id, "severity": 0, "flags": []})
-        row["severity"] = int(row["severity"]) + weights.get(str(flag.flag), 1)  # type: ignore[call-overload]
+        row["severity"] = int(row["severity"]) + flag_rules.severity_of(flag.flag)  # type: ignore[call-overload]
         row["flags"].append({"flag": str(flag.flag), "since": flag.day,  # type: ignore[union-attr]
                              "evidence": dict(flag.evidence)})
     return sorted(by_user.values(), key=lambda r: (-int(r["severity"]), str(r["user_id"])))  # type: ignore[call-overload]
