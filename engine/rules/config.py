@@ -320,7 +320,7 @@ class RestingHrRise(_Flag):
 
 
 class FlagRules(_Strict):
-    settle_days: int = Field(default=2, ge=0, le=60)
+    settle_days: int = Field(default=2, ge=1, le=60)
     step_decline: StepDecline
     low_activity: LowActivity
     slow_gait: SlowGait
