@@ -70,7 +70,7 @@ def _redeem_at_shops(data_dir: Path, sim_dir: Path, console: Console) -> list[tu
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    console = Console(stderr=False, quiet=args.json)
+    console = Console(stderr=False, quiet=args.json, width=None if sys.stdout.isatty() else 120)
     started = time.perf_counter()
     data_dir, temporary = _fresh_data_dir(args.data_dir)
     sim_dir = data_dir / "simulated"

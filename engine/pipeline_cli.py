@@ -12,17 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import add_data_dir_arg, data_dir_of
+from engine.pipeline import LOG_RECORDS_PER_CHUNK, RULES_DEFAULT_PATH, run_pipeline
 from engine.progress import progress_bar
 
 RISK_LIST_ROWS_DEFAULT = 50
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from engine.pipeline import run_pipeline
-
     show = not args.json and sys.stderr.isatty()
     with progress_bar("rules", enabled=show) as advance:
-        summary = run_pipeline(data_dir_of(args), args.rules,
+        summary = run_pipeline(data_dir_of(args), args.rules, chunk_records=args.chunk_records,
                                on_chunk=lambda n, s: advance(n, f"{s:,} samples"))
     if args.json:
         sys.stdout.write(orjson.dumps(summary.as_dict()).decode() + "\n")
@@ -38,7 +37,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def risk_list(data_dir: Path, day: str | None = None) -> list[dict[str, object]]:
     """Users with raised flags, most severe first: [{user_id, severity, flags: [...]}]."""
     from engine.ledger import Ledger
-    from engine.pipeline import RULES_DEFAULT_PATH
     from engine.rules.config import load_rules
 
     flag_rules = load_rules(RULES_DEFAULT_PATH).flags
@@ -83,7 +81,8 @@ def _cmd_flags(args: argparse.Namespace) -> int:
                 writer.writerow([row["user_id"], row["severity"], flag["flag"], flag["since"],
                                  _evidence_text(flag["evidence"])])
     else:
-        print_risk_list(data_dir, Console(), args.limit, args.day)
+        print_risk_list(data_dir, Console(width=None if sys.stdout.isatty() else 120), args.limit,
+                        args.day)
     return 0
 
 
@@ -91,6 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="process everything pending through the rules into the ledger")
     parser.add_argument("--rules", type=Path, default=None, help="rules TOML (default rules/default.toml)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--chunk-records", type=int, default=LOG_RECORDS_PER_CHUNK,
+                        help="log records per ledger transaction")
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_run)
 

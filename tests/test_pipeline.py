@@ -1,0 +1,116 @@
+"""The embedded pipeline: log → rules → ledger, idempotent and crash safe."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from engine.errors import RulesError
+from engine.ingest.cli import ingest_paths
+from engine.ingest.log import EmbeddedLog
+from engine.ledger import Ledger
+from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
+from engine.sim import SimConfig, simulate
+from tests.conftest import genki_cmd
+
+NOW_MS = 1_798_761_600_000  # 2027-01-01, after the simulated period
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding a small simulated fleet's log, not yet run."""
+    fleet = tmp_path_factory.mktemp("fleet")
+    simulate(SimConfig(participants=12, app_users=40, days=35, bad_fraction=0.01,
+                       duplicate_fraction=0.02), fleet)
+    data_dir = tmp_path_factory.mktemp("ingested")
+    with EmbeddedLog.open(data_dir) as log:
+        ingest_paths(log, [str(fleet)], now_ms=NOW_MS)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def reference(ingested: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Head and balances of one uninterrupted run."""
+    data_dir = _copy(ingested, tmp_path_factory.mktemp("reference"))
+    run_pipeline(data_dir)
+    return _state(data_dir)
+
+
+def _copy(source: Path, target: Path) -> Path:
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    return target
+
+
+def _state(data_dir: Path) -> dict:
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        users = sorted(orjson.loads(body)["user_id"] for body in log.profiles())
+    with Ledger.open(data_dir) as ledger:
+        head = ledger.head()
+        assert ledger.verify().ok
+        return {"digest": head["content_digest"], "entries": head["entries"],
+                "balances": {u: ledger.balance(u) for u in users},
+                "flags": sorted(f.flag_id for u in users for f in ledger.flag_history(u))}
+
+
+def test_uninterrupted_run_awards_points_and_raises_flags(reference: dict) -> None:
+    assert reference["entries"] > 100
+    assert sum(reference["balances"].values()) > 0
+    assert reference["flags"], "the declining minority should raise flags"
+
+
+def test_second_run_adds_nothing(ingested: Path, reference: dict, tmp_path: Path) -> None:
+    data_dir = _copy(ingested, tmp_path / "d")
+    run_pipeline(data_dir)
+    again = run_pipeline(data_dir)
+    assert again.awards_appended == 0 and again.samples == 0
+    assert _state(data_dir) == reference
+
+
+@pytest.mark.parametrize("chunk_records", [1, 37, 1000])
+def test_chunk_size_does_not_change_the_ledger(ingested: Path, reference: dict, tmp_path: Path,
+                                               chunk_records: int) -> None:
+    data_dir = _copy(ingested, tmp_path / "d")
+    run_pipeline(data_dir, chunk_records=chunk_records)
+    assert _state(data_dir) == reference
+
+
+def test_rules_changed_under_a_live_ledger_are_refused(ingested: Path, tmp_path: Path) -> None:
+    data_dir = _copy(ingested, tmp_path / "d")
+    run_pipeline(data_dir)
+    other = tmp_path / "other.toml"
+    text = RULES_DEFAULT_PATH.read_text(encoding="utf-8")
+    other.write_text("# reformatted copy\n" + text.replace(" = ", "  =  "), encoding="utf-8")
+    changed = tmp_path / "changed.toml"
+    assert "points_per_day_max = 3" in text
+    changed.write_text(text.replace("points_per_day_max = 3", "points_per_day_max = 2", 1), encoding="utf-8")
+    run_pipeline(data_dir, other)  # same rules, other formatting: same version, accepted
+    with pytest.raises(RulesError, match="built with rules version"):
+        run_pipeline(data_dir, changed)
+
+
+def test_kill_9_at_random_moments_gives_the_uninterrupted_ledger(
+        ingested: Path, reference: dict, tmp_path: Path) -> None:
+    data_dir = _copy(ingested, tmp_path / "d")
+    rng = random.Random(20261123)
+    command = genki_cmd("run", "--data-dir", str(data_dir), "--chunk-records", "40", "--json")
+    kills = 0
+    for _ in range(8):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 2.5))  # fault injection at a random moment, not a sync
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    finished = subprocess.run(command, capture_output=True, check=True)
+    assert orjson.loads(finished.stdout)["position_after"] > 0
+    assert kills >= 1
+    assert _state(data_dir) == reference
