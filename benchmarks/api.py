@@ -50,12 +50,15 @@ HOST = "127.0.0.1"  # loopback only, by design
 USERS_DEFAULT = 3_000
 POINTS_PER_USER = 1_000
 CONCURRENCY = 32
+CONNECTIONS_MAX = 256
 READS_MAX = 20_000
+WARMUP_REQUESTS = 2_000
 REDEMPTIONS_MAX = 2_000
 PHASE_S_MAX = 20.0
 SERVER_START_S_MAX = 60.0
 IN_PROCESS_CALLS = 5_000
 TS_MS = 1_767_225_600_000
+FLOOR_BODY = b'{"user_id":"U000001","balance":1000}'
 
 
 def build_data(data_dir: Path, users: int) -> dict[str, str]:
@@ -70,11 +73,36 @@ def build_data(data_dir: Path, users: int) -> dict[str, str]:
                 for role in (Role.app, Role.shop)}
 
 
-def start_server(data_dir: Path, loop: str, http: str) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--host", HOST, "--port", "0",
-         "--data-dir", str(data_dir), "--loop", loop, "--http", http],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+async def floor_app(scope: dict, receive: Callable, send: Callable) -> None:
+    """The least an ASGI app can do per request: the floor uvicorn itself sets."""
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(FLOOR_BODY)).encode())]})
+    await send({"type": "http.response.body", "body": FLOOR_BODY})
+
+
+_FLOOR_SERVER = f"""
+import socket, sys, uvicorn
+sys.path.insert(0, {str(REPO_ROOT)!r})
+from benchmarks.api import floor_app
+sock = socket.socket()
+sock.bind(({HOST!r}, 0))
+sock.listen(2048)
+print(f"floor on http://{HOST}:{{sock.getsockname()[1]}}", flush=True)
+uvicorn.Server(uvicorn.Config(floor_app, log_level="warning", lifespan="off",
+                              loop=sys.argv[1], http=sys.argv[2])).run(sockets=[sock])
+"""
+
+
+def start_server(data_dir: Path | None, loop: str, http: str) -> tuple[subprocess.Popen, str]:
+    """`genki serve` on a free loopback port (or the floor app when data_dir is None)."""
+    command = [sys.executable, "-m", "engine.cli", "serve", "--host", HOST, "--port", "0",
+               "--data-dir", str(data_dir), "--loop", loop, "--http", http]
+    if data_dir is None:
+        command = [sys.executable, "-c", _FLOOR_SERVER, loop, http]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], SERVER_START_S_MAX)
     line = process.stdout.readline().decode() if ready else ""
@@ -85,6 +113,11 @@ def start_server(data_dir: Path, loop: str, http: str) -> tuple[subprocess.Popen
     assert url.startswith(f"http://{HOST}:")
     httpx.get(url + "/healthz", timeout=SERVER_START_S_MAX).raise_for_status()
     return process, url
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=60)
 
 
 def cpu_s(pid: int) -> float:
@@ -99,6 +132,8 @@ Request = tuple[str, str, bytes, dict[str, str]]  # method, path, body, extra he
 
 class Phase:
     """Bounded work: requests are taken by index until the count or the deadline runs out."""
+
+    concurrency = CONCURRENCY
 
     def __init__(self, make: Callable[[int], Request], count_max: int) -> None:
         self.make = make
@@ -154,7 +189,7 @@ async def httpx_worker(url: str, auth: str, phase: Phase) -> None:
 async def run_phase(url: str, auth: str, phase: Phase, client: str) -> float:
     worker = raw_worker if client == "raw" else httpx_worker
     started = time.perf_counter()
-    await asyncio.gather(*(worker(url, auth, phase) for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker(url, auth, phase) for _ in range(phase.concurrency)))
     return time.perf_counter() - started
 
 
@@ -170,20 +205,21 @@ def summary(phase: Phase, elapsed_s: float, server_cpu_s: float,
             "client_cpu_us_per_req": round(client_cpu_s / max(done, 1) * 1e6, 1)}
 
 
-def measure(url: str, pid: int, keys: dict[str, str], users: int,
-            client: str) -> dict[str, Any]:
-    app_auth, shop_auth = f"Bearer {keys['app']}", f"Bearer {keys['shop']}"
-
+def read_phase(url: str, pid: int, auth: str, users: int, client: str) -> dict[str, Any]:
     def read(i: int) -> Request:
         return "GET", f"/v1/users/U{i * 7919 % users:06d}/balance", b"", {}
 
-    warm = Phase(read, 2_000)
-    asyncio.run(run_phase(url, app_auth, warm, client))
+    asyncio.run(run_phase(url, auth, Phase(read, WARMUP_REQUESTS), client))
     reads = Phase(read, READS_MAX)
     cpu_before, client_before = cpu_s(pid), time.process_time()
-    elapsed = asyncio.run(run_phase(url, app_auth, reads, client))
-    result = {"balance_reads": summary(reads, elapsed, cpu_s(pid) - cpu_before,
-                                       time.process_time() - client_before)}
+    elapsed = asyncio.run(run_phase(url, auth, reads, client))
+    return summary(reads, elapsed, cpu_s(pid) - cpu_before, time.process_time() - client_before)
+
+
+def measure(url: str, pid: int, keys: dict[str, str], users: int,
+            client: str) -> dict[str, Any]:
+    app_auth, shop_auth = f"Bearer {keys['app']}", f"Bearer {keys['shop']}"
+    result = {"balance_reads": read_phase(url, pid, app_auth, users, client)}
 
     with httpx.Client(base_url=url, headers={"Authorization": app_auth}) as app:
         tokens = [app.post(f"/v1/users/U{i % users:06d}/redeem-tokens").json()["token"]
@@ -253,30 +289,41 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     parser.add_argument("--client", default="raw", choices=["raw", "httpx"])
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                        help=f"connections in flight (default {CONCURRENCY})")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    Phase.concurrency = max(1, min(args.concurrency, CONNECTIONS_MAX))
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         keys = build_data(data_dir, args.users)
+        process, url = start_server(None, args.loop, args.http)
+        try:
+            floor = read_phase(url, process.pid, "Bearer -", args.users, args.client)
+        finally:
+            stop_server(process)
         process, url = start_server(data_dir, args.loop, args.http)
         try:
             result = measure(url, process.pid, keys, args.users, args.client)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop_server(process)
+        result["uvicorn_floor_reads"] = floor
+        result["balance_reads_vs_floor"] = round(
+            result["balance_reads"]["req_per_s"] / floor["req_per_s"], 3)
         result["in_process"] = breakdown(data_dir, keys)
-    result.update({"users": args.users, "concurrency": CONCURRENCY, "client": args.client,
+    result.update({"users": args.users, "concurrency": Phase.concurrency, "client": args.client,
                    "server_loop": args.loop, "server_http": args.http,
                    "python": platform.python_version(), "cpus": os.cpu_count()})
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
-    for name in ("balance_reads", "redemptions"):
+    for name in ("uvicorn_floor_reads", "balance_reads", "redemptions"):
         row = result[name]
-        print(f"{name:14} {row['req_per_s']:>9,.0f} req/s  p50 {row['p50_ms']:.2f} ms  "
+        print(f"{name:19} {row['req_per_s']:>9,.0f} req/s  p50 {row['p50_ms']:.2f} ms  "
               f"p99 {row['p99_ms']:.2f} ms  CPU µs/req server {row['server_cpu_us_per_req']:.0f} "
               f"client {row['client_cpu_us_per_req']:.0f}"
               f"  ({row['requests']:,} requests, statuses {row['statuses']})")
+    print(f"balance reads / uvicorn floor: {result['balance_reads_vs_floor']:.2f}")
     print("in process (µs per balance read):", result["in_process"])
 
 

@@ -9,6 +9,7 @@ the thread pool.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable
@@ -65,6 +66,7 @@ INGEST_PATH = "/v1/ingest"
 JSON = "application/json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
 _T = TypeVar("_T")
+_log = logging.getLogger("genki.api")
 
 _ID = r"[A-Za-z0-9_.:\-]{1,64}"
 _BALANCE_PATH = re.compile(rf"/v1/users/({_ID})/balance")
@@ -92,11 +94,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
                fast_reads: bool = True) -> FastAPI:
     """An app serving one data directory; settings default to the GENKI_API_* environment.
 
-    `fast_reads` answers GET balance (the hot path of app backends) in a thin
-    ASGI layer with the same auth and service code, skipping FastAPI's
-    per-request dependency solving, which costs several times the lookup
-    itself (see benchmarks/api.py); the FastAPI route stays for /docs and
-    anything the fast path does not recognise.
+    `fast_reads` answers GET balance ahead of FastAPI (see GenkiAPI).
     """
     if token_ttl_s is None:
         token_ttl_s = int(os.environ.get(TOKEN_TTL_ENV) or TOKEN_TTL_S_DEFAULT)
@@ -104,20 +102,20 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
         clock_offset_ms = int(os.environ.get(CLOCK_OFFSET_ENV) or 0)
     service = ApiService(Path(data_dir), token_ttl_s=token_ttl_s,
                          clock=system_clock(clock_offset_ms), hold_ingest_log=hold_ingest_log)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
 
-    app = FastAPI(title="genki", version=engine.__version__, responses=_PROBLEMS,
-                  lifespan=lifespan,
-                  description="Health points, redemptions and frailty-risk flags. Every "
-                              "endpoint but /healthz needs `Authorization: Bearer <API key>`.")
+    app = GenkiAPI(title="genki", version=engine.__version__, responses=_PROBLEMS,
+                   lifespan=lifespan,
+                   description="Health points, redemptions and frailty-risk flags. Every "
+                               "endpoint but /healthz needs `Authorization: Bearer <API key>`.")
     app.state.service = service
     _add_error_handlers(app)
     app.add_middleware(BodyLimit)
-    if fast_reads:
-        app.add_middleware(FastReads, service=service)
+    app.fast_reads = service if fast_reads else None
     _add_read_routes(app, service)
     _add_write_routes(app, service)
     return app
@@ -348,32 +346,48 @@ async def _send_too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class FastReads:
-    """GET /v1/users/{id}/balance without FastAPI's machinery; same answers, errors included."""
+class GenkiAPI(FastAPI):
+    """FastAPI with a fast path in front of Starlette's middleware stack.
 
-    def __init__(self, app: ASGIApp, service: ApiService) -> None:
-        self.app = app
-        self.service = service
+    GET /v1/users/{id}/balance, the hot path of app backends, is answered here
+    with the same auth and service code as the FastAPI route (a test holds the
+    answers equal). FastAPI's per-request dependency solving and middleware
+    layers cost several times the lookup itself (benchmarks/api.py measures
+    both); everything else, and anything this path does not recognise, goes
+    through FastAPI.
+    """
+
+    fast_reads: ApiService | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
-        if scope["type"] == "http" and scope["method"] == "GET":
+        if self.fast_reads is not None and scope["type"] == "http" \
+                and scope["method"] == "GET":
             match = _BALANCE_PATH.fullmatch(scope["path"])
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
-        try:
-            require_role(self.service.authenticate(authorization), Role.app, Role.staff)
-            body = orjson.dumps(self.service.balance(match.group(1)))
-        except GenkiError as error:
-            await error_response(error)(scope, receive, send)
-            return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+            if match is not None:
+                await _fast_balance(self.fast_reads, match.group(1), scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+async def _fast_balance(service: ApiService, user_id: str, scope: Scope, receive: Receive,
+                        send: Send) -> None:
+    authorization = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value.decode("latin-1")
+            break
+    try:
+        require_role(service.authenticate(authorization), Role.app, Role.staff)
+        body = orjson.dumps(service.balance(user_id))
+    except GenkiError as error:
+        await error_response(error)(scope, receive, send)
+        return
+    except Exception:  # noqa: BLE001 - logged, answered as FastAPI would
+        _log.exception("balance read failed")
+        await problem_response(500, "internal", "internal error; see the server log")(
+            scope, receive, send)
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
