@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -84,8 +85,17 @@ def reply_response(reply: Reply) -> Response:
 
 
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": models.Problem, "content": {"application/problem+json": {}}}
-    for status in (400, 401, 403, 404, 409, 413, 422, 503)
+    status: {"model": models.Problem, "content": {"application/problem+json": {}},
+             "description": description}
+    for status, description in (
+        (400, "invalid request (code invalid_request, idempotency_key_required, ...)"),
+        (401, "missing, unknown or revoked key; expired or forged redeem token"),
+        (403, "wrong role, or another shop's resource"),
+        (404, "not found"),
+        (409, "insufficient points, token already used, refund exceeds redemption"),
+        (413, "body or batch over its limit"),
+        (422, "Idempotency-Key reused with a different body"),
+        (503, "ingest log held by another process, or the ledger busy; retry"))
 }
 
 
@@ -274,7 +284,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         problems = [{"loc": [str(part) for part in item["loc"]], "msg": item["msg"],
                      "type": item["type"]} for item in error.errors()]
         detail = "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in problems)
-        return problem_response(422, "invalid_request", detail, errors=problems)
+        return problem_response(400, "invalid_request", detail, errors=problems)
 
     async def http_error(_: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)
@@ -283,6 +293,10 @@ def _add_error_handlers(app: FastAPI) -> None:
                                 str(error.detail), dict(error.headers or {}))
 
     async def internal_error(_: Request, error: Exception) -> Response:
+        if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+            return problem_response(503, "store_busy", "the ledger is busy with a long write "
+                                    "(e.g. `genki run`); retry with the same Idempotency-Key",
+                                    {"Retry-After": "5"})
         return problem_response(500, "internal", "internal error; see the server log")
 
     app.add_exception_handler(GenkiError, genki_error)

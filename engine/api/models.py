@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.api.limits import TOKEN_CHARS_MAX
 from engine.ledger.commands import REASON_CHARS_MAX
@@ -38,6 +38,13 @@ class AdjustmentIn(Body):
                         description="signed, not 0")
     reason: Annotated[str, Field(min_length=1, max_length=REASON_CHARS_MAX,
                                  pattern=r"\S")]
+
+    @field_validator("points")
+    @classmethod
+    def _not_zero(cls, points: int) -> int:
+        if points == 0:
+            raise ValueError("an adjustment of 0 points changes nothing")
+        return points
 
 
 class BalanceOut(BaseModel):
