@@ -94,15 +94,29 @@ def tansu_broker(log_path: Path) -> Iterator[str]:
                 process.wait()
 
 
-@pytest.fixture
-def kafka(tmp_path: Path) -> Iterator[KafkaTarget]:
+@contextmanager
+def kafka_target(log_dir: Path) -> Iterator[KafkaTarget]:
     name = uuid.uuid4().hex[:12]
     external = os.environ.get(BOOTSTRAP_ENV)
     if external:
         yield KafkaTarget(external, f"test-{name}.", f"genki-test-{name}", True)
         return
-    with tansu_broker(tmp_path / "tansu.log") as bootstrap:
+    with tansu_broker(log_dir / "tansu.log") as bootstrap:
         yield KafkaTarget(bootstrap, "", f"genki-test-{name}", False)
+
+
+@pytest.fixture
+def kafka(tmp_path: Path) -> Iterator[KafkaTarget]:
+    """A private broker (or a private prefix on GENKI_TEST_BOOTSTRAP) for one test."""
+    with kafka_target(tmp_path) as target:
+        yield target
+
+
+@pytest.fixture(scope="module")
+def kafka_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaTarget]:
+    """One broker for a module whose tests share a scenario."""
+    with kafka_target(tmp_path_factory.mktemp("broker")) as target:
+        yield target
 
 
 def genki(*args: str, env: dict[str, str] | None = None,

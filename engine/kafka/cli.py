@@ -76,7 +76,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         bootstrap=_bootstrap(args), data_dir=data_dir_of(args), group=args.group,
         prefix=args.topic_prefix, until_idle=args.until_idle, rules_path=args.rules,
         late_window_days=args.late_window_days, fetch_records_max=args.fetch_records,
-        compression=args.compression, client_id=args.client_id)
+        compression=args.compression, client_id=args.client_id,
+        session_timeout_ms=args.session_timeout_ms)
     show = not args.json and sys.stderr.isatty()
     logging.basicConfig(level=logging.WARNING if show else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -137,6 +138,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
                         help="compression of the output topics")
     worker.add_argument("--client-id", default="worker")
+    worker.add_argument("--session-timeout-ms", type=int, default=10_000,
+                        help="how long before a silent worker's partitions move (default 10000)")
     worker.add_argument("--json", action="store_true", help="print the summary as JSON at exit")
     worker.set_defaults(func=_cmd_worker)
 

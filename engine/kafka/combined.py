@@ -45,20 +45,25 @@ def partition_numbers(data_dir: Path) -> list[int]:
 
 
 def combined_ledger(data_dir: Path) -> CombinedLedger:
+    """The partition ledgers of a worker's data directory as one ledger."""
     numbers = partition_numbers(data_dir)
+    return combine([data_dir / f"{PARTITION_DIR_PREFIX}{n}" for n in numbers], numbers)
+
+
+def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> CombinedLedger:
+    """Ledgers holding disjoint users as one (an embedded data dir alone: that ledger)."""
     rows: list[tuple] = []
-    owner: dict[str, int] = {}
-    for number in numbers:
-        path = data_dir / f"{PARTITION_DIR_PREFIX}{number}" / LEDGER_FILE_NAME
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    owner: dict[str, Path] = {}
+    for directory in ledger_dirs:
+        db = sqlite3.connect(f"file:{directory / LEDGER_FILE_NAME}?mode=ro", uri=True)
         try:
             part = db.execute(_CONTENT_SQL).fetchall()
         finally:
             db.close()
         for row in part:
-            previous = owner.setdefault(row[1], number)
-            assert previous == number, f"user {row[1]} has entries in partitions {previous} " \
-                                       f"and {number}: topics are not co-partitioned"
+            previous = owner.setdefault(row[1], directory)
+            assert previous == directory, f"user {row[1]} has entries in {previous} and " \
+                                          f"{directory}: topics are not co-partitioned"
         rows.extend(part)
     rows.sort(key=lambda row: row[0].encode())
     assert all(a[0] != b[0] for a, b in itertools.pairwise(rows)), "duplicate entry_id"
@@ -66,5 +71,5 @@ def combined_ledger(data_dir: Path) -> CombinedLedger:
     for row in rows:
         balances[row[1]] = balances.get(row[1], 0) + row[3]
     digest = content_digest(content_bytes(*row) for row in rows)
-    return CombinedLedger(numbers, len(rows), digest, dict(sorted(balances.items())),
+    return CombinedLedger(numbers or [], len(rows), digest, dict(sorted(balances.items())),
                           sum(balances.values()))

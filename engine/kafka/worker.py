@@ -68,8 +68,9 @@ from engine.schemas import LedgerEntry
 FETCH_RECORDS_MAX_DEFAULT = 20_000
 FETCH_RECORDS_LIMIT = 200_000
 POLL_MS = 500
-SESSION_TIMEOUT_MS = 10_000
-HEARTBEAT_INTERVAL_MS = 1_000
+SESSION_TIMEOUT_MS_DEFAULT = 10_000
+SESSION_TIMEOUT_MS_MIN = 1_000
+HEARTBEATS_PER_SESSION_TIMEOUT = 6
 MAX_POLL_INTERVAL_MS = 600_000
 PARTITION_BUSY_WAIT_S_MAX = 120.0
 PARTITION_BUSY_RETRY_S = 0.2
@@ -91,9 +92,13 @@ class WorkerSettings:
     fetch_records_max: int = FETCH_RECORDS_MAX_DEFAULT
     compression: str = "none"
     client_id: str = "worker"
+    # A dead worker's partitions move after this long. tansu also waits half of it
+    # before answering a JoinGroup, so tests use a short one.
+    session_timeout_ms: int = SESSION_TIMEOUT_MS_DEFAULT
 
     def __post_init__(self) -> None:
         assert 0 < self.fetch_records_max <= FETCH_RECORDS_LIMIT
+        assert self.session_timeout_ms >= SESSION_TIMEOUT_MS_MIN
 
 
 @dataclass
@@ -147,6 +152,7 @@ class Worker:
         self._lock = asyncio.Lock()
         self._assignor = CoPartitionedAssignor()
         self._assigned_once = asyncio.Event()
+        self._generation = 0  # bumped by every assignment
         self._stop = asyncio.Event()
         self._dlq_partitions = 1
         self._progress = on_progress or (lambda n, note: None)
@@ -170,7 +176,8 @@ class Worker:
         consumer = self.consumer = AIOKafkaConsumer(
             **consumer_settings(s.bootstrap, s.client_id), group_id=s.group,
             partition_assignment_strategy=(self._assignor,),
-            session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.session_timeout_ms // HEARTBEATS_PER_SESSION_TIMEOUT,
             max_poll_interval_ms=MAX_POLL_INTERVAL_MS)
         producer = self.producer = AIOKafkaProducer(
             **producer_settings(s.bootstrap, s.client_id, s.compression))
@@ -202,8 +209,12 @@ class Worker:
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         s = self.settings
         while not self._stop.is_set():
+            generation = self._generation
             got = await consumer.getmany(timeout_ms=POLL_MS, max_records=s.fetch_records_max)
             async with self._lock:
+                if generation != self._generation:
+                    got = {}  # fetched before a rebalance re-positioned the partitions
+                got = self._drop_paused(consumer, got)
                 if got:
                     await self._process(got)
                 await self._advance_phases()
@@ -215,6 +226,16 @@ class Worker:
                     return
 
     # -- processing --------------------------------------------------------------------
+
+    @staticmethod
+    def _drop_paused(consumer: AIOKafkaConsumer,
+                     got: dict[TopicPartition, list[ConsumerRecord]],
+                     ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Records of partitions paused after they were fetched go back to be re-read."""
+        paused = consumer.paused()
+        for tp in [tp for tp, records in got.items() if tp in paused and records]:
+            consumer.seek(tp, got.pop(tp)[0].offset)
+        return got
 
     async def _process(self, got: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         by_number: dict[int, dict[str, list[ConsumerRecord]]] = {}
@@ -334,6 +355,7 @@ class Worker:
                 await self._in_store(self._parts.pop(number).store.close)
             for number in numbers:
                 await self._assign_one(number)
+            self._generation += 1
             self.summary.rebalances += 1
             self.summary.partitions.extend(numbers)
             log.info("assigned partitions %s", numbers)
