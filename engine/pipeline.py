@@ -27,7 +27,7 @@ from engine.rules.config import Rules, load_rules
 from engine.rules.engine import RulesEngine
 
 RULES_DEFAULT_PATH = Path(__file__).resolve().parent.parent / "rules" / "default.toml"
-LOG_RECORDS_PER_CHUNK = 5_000
+LOG_RECORDS_PER_CHUNK = 20_000
 META_LOG_POSITION = "log_position"
 META_RULES_VERSION = "rules_version"
 
