@@ -6,9 +6,11 @@ starts the server in a subprocess on a free loopback port, then measures:
 * balance reads: CONCURRENCY keep-alive connections, at most READS_MAX requests
   or PHASE_S_MAX seconds, whichever comes first: req/s, p50/p99 latency;
 * redemptions (token + Idempotency-Key, 1 point each, spread over users);
-* where the time goes: server CPU per request (from /proc), and in-process
-  costs per read: the SQLite lookup, the service (auth + lookup), the whole
-  FastAPI app called as ASGI without HTTP.
+* the floor: the same reads against a do-nothing ASGI app on the same uvicorn
+  settings, in the same run, so the ratio survives a busy shared machine;
+* where the time goes: server and client CPU per request (from /proc and
+  process_time), and in-process costs per read: the SQLite lookup, the key
+  lookup, the service (auth + lookup), the whole app called as ASGI.
 
 The default load generator is a minimal HTTP/1.1 keep-alive client on asyncio
 streams, so that the client (sharing the 2 cores) costs little; `--client
@@ -88,6 +90,7 @@ sys.path.insert(0, {str(REPO_ROOT)!r})
 from benchmarks.api import floor_app
 sock = socket.socket()
 sock.bind(({HOST!r}, 0))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 sock.listen(2048)
 print(f"floor on http://{HOST}:{{sock.getsockname()[1]}}", flush=True)
 uvicorn.Server(uvicorn.Config(floor_app, log_level="warning", lifespan="off",
@@ -313,7 +316,8 @@ def main() -> None:
         result["in_process"] = breakdown(data_dir, keys)
     result.update({"users": args.users, "concurrency": Phase.concurrency, "client": args.client,
                    "server_loop": args.loop, "server_http": args.http,
-                   "python": platform.python_version(), "cpus": os.cpu_count()})
+                   "python": platform.python_version(), "cpus": os.cpu_count(),
+                   "load_average_1m_after": round(os.getloadavg()[0], 2)})
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return
