@@ -16,13 +16,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from engine.kafka.combined import CombinedLedger, combine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP_ENV = "GENKI_TEST_BOOTSTRAP"
@@ -117,6 +119,46 @@ def kafka_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaTarg
     """One broker for a module whose tests share a scenario."""
     with kafka_target(tmp_path_factory.mktemp("broker")) as target:
         yield target
+
+
+FLEET_ARGS: tuple[str, ...] = ("--participants", "10", "--app-users", "20", "--days", "10",
+                               "--seed", "11", "--bad-fraction", "0.02")
+WAIT_POLL_S = 0.1
+
+
+@dataclass
+class Fleet:
+    path: Path
+    records: int
+    embedded: CombinedLedger
+    embedded_rejected: int
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    """A small simulated fleet with bad records, and the embedded runtime's ledger of it."""
+    path = tmp_path_factory.mktemp("fleet")
+    genki("simulate", *FLEET_ARGS, "--out", str(path))
+    records = sum(1 for f in sorted(path.glob("*.ndjson"))
+                  for line in f.read_bytes().splitlines() if line.strip())
+    data_dir = tmp_path_factory.mktemp("embedded")
+    from engine.ingest.cli import ingest_paths
+    from engine.ingest.log import EmbeddedLog
+    from engine.pipeline import run_pipeline
+
+    with EmbeddedLog.open(data_dir) as log:
+        counts = ingest_paths(log, [str(path)])
+    run_pipeline(data_dir)
+    return Fleet(path, records, combine([data_dir]), counts.rejected)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll a condition (a broker or a process is the other side; nothing to join)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(WAIT_POLL_S)
 
 
 def genki(*args: str, env: dict[str, str] | None = None,

@@ -17,45 +17,19 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.ingest.cli import ingest_paths
-from engine.ingest.log import EmbeddedLog
-from engine.kafka.combined import CombinedLedger, combine, combined_ledger
+from engine.kafka.combined import CombinedLedger, combined_ledger
 from engine.kafka.worker import WorkerSettings, WorkerSummary, run_worker
 from engine.ledger import Ledger
 from engine.ledger.commands import redeem_id
-from engine.pipeline import run_pipeline
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
-from tests.kafka_fixtures import KafkaTarget, create_topics, genki, read_topic
+from tests.kafka_fixtures import Fleet, KafkaTarget, create_topics, genki, read_topic
 
 pytest_plugins = ["tests.kafka_fixtures"]
 
 PARTITIONS = 4
 SESSION_TIMEOUT_MS = 2_000
 SHOP = "S001"
-
-
-@dataclass
-class Fleet:
-    path: Path
-    records: int
-    embedded: CombinedLedger
-    embedded_rejected: int
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
-    """A small simulated fleet with bad records, and the embedded runtime's ledger of it."""
-    path = tmp_path_factory.mktemp("fleet")
-    genki("simulate", "--participants", "10", "--app-users", "20", "--days", "10",
-          "--seed", "11", "--bad-fraction", "0.02", "--out", str(path))
-    records = sum(1 for f in sorted(path.glob("*.ndjson"))
-                  for line in f.read_bytes().splitlines() if line.strip())
-    data_dir = tmp_path_factory.mktemp("embedded")
-    with EmbeddedLog.open(data_dir) as log:
-        counts = ingest_paths(log, [str(path)])
-    run_pipeline(data_dir)
-    return Fleet(path, records, combine([data_dir]), counts.rejected)
 
 
 def work(target: KafkaTarget, data_dir: Path, **kw: Any) -> WorkerSummary:

@@ -1,0 +1,104 @@
+"""Workers as real processes: a group of two splits the partitions; a SIGKILL at
+any step of a cycle, then another worker, still gives the embedded ledger."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+
+from engine.kafka.combined import combined_ledger
+
+pytest.register_assert_rewrite("tests.kafka_fixtures")
+from tests.kafka_fixtures import (
+    Fleet,
+    KafkaTarget,
+    committed_offsets,
+    create_topics,
+    genki,
+    read_topic,
+    start_genki,
+    wait_for,
+)
+
+pytest_plugins = ["tests.kafka_fixtures"]
+
+PARTITIONS = 4
+EXIT_WAIT_S_MAX = 120
+_ASSIGNED = re.compile(r"assigned partitions \[([0-9, ]*)\]")
+
+
+def worker_args(kafka: KafkaTarget, data_dir: Path, *extra: str) -> list[str]:
+    return ["worker", *kafka.args(), "--data-dir", str(data_dir), "--group", kafka.group,
+            "--session-timeout-ms", "2000", "--json", *extra]
+
+
+def last_assignment(stderr_path: Path) -> list[int] | None:
+    found = _ASSIGNED.findall(stderr_path.read_text()) if stderr_path.exists() else []
+    return [int(n) for n in found[-1].split(",") if n.strip()] if found else None
+
+
+def publish(kafka: KafkaTarget, path: Path) -> dict[str, dict[str, int]]:
+    summary = orjson.loads(genki("publish", str(path), *kafka.args(), "--json").stdout)
+    return summary["end_offsets"]
+
+
+def all_committed(kafka: KafkaTarget, ends: dict[str, dict[str, int]]) -> bool:
+    committed = committed_offsets(kafka, ends)
+    return all(committed[tp] == ends[tp.topic][str(tp.partition)] for tp in committed)
+
+
+def stop(process: subprocess.Popen[str]) -> dict[str, object]:
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=EXIT_WAIT_S_MAX)
+    assert process.returncode == 0
+    return orjson.loads(out)
+
+
+def test_two_workers_split_the_partitions_and_give_the_embedded_ledger(
+        kafka: KafkaTarget, fleet: Fleet, tmp_path: Path) -> None:
+    create_topics(kafka, PARTITIONS)
+    data_dir = tmp_path / "data"
+    logs = [tmp_path / "a.err", tmp_path / "b.err"]
+    a = start_genki(*worker_args(kafka, data_dir, "--client-id", "a"), stderr_path=logs[0])
+    wait_for(lambda: last_assignment(logs[0]) == list(range(PARTITIONS)), "worker a to join")
+    b = start_genki(*worker_args(kafka, data_dir, "--client-id", "b"), stderr_path=logs[1])
+    wait_for(lambda: bool(last_assignment(logs[1])) and
+             sorted(last_assignment(logs[0]) + last_assignment(logs[1])) ==  # type: ignore[operator]
+             list(range(PARTITIONS)), "the group to split the partitions")
+    ends = publish(kafka, fleet.path)
+    wait_for(lambda: all_committed(kafka, ends), "both workers to commit every input")
+    summaries = [stop(a), stop(b)]
+    assert all(summary["accepted"] for summary in summaries)  # both did part of the work
+    assert sum(s["accepted"] + s["rejected"] for s in summaries) == fleet.records  # type: ignore[operator]
+    assert combined_ledger(data_dir).content_digest == fleet.embedded.content_digest
+
+
+@pytest.mark.parametrize(("crash_at", "restart_where"), [
+    ("after_ingest:3", "same host"),
+    ("after_pipeline:3", "new host"),
+    ("after_publish:4", "same host"),
+])
+def test_sigkill_mid_stream_then_another_worker_gives_the_embedded_ledger(
+        kafka: KafkaTarget, fleet: Fleet, tmp_path: Path, crash_at: str,
+        restart_where: str) -> None:
+    create_topics(kafka, PARTITIONS)
+    ends = publish(kafka, fleet.path)
+    first_dir = tmp_path / "first"
+    crashing = start_genki(*worker_args(kafka, first_dir, "--until-idle", "--fetch-records",
+                                        "150"),
+                           env={"GENKI_KAFKA_CRASH_AT": crash_at},
+                           stderr_path=tmp_path / "crash.err")
+    crashing.communicate(timeout=EXIT_WAIT_S_MAX)
+    assert crashing.returncode == -signal.SIGKILL
+    assert not all_committed(kafka, ends)  # killed mid-stream
+    second_dir = first_dir if restart_where == "same host" else tmp_path / "second"
+    genki(*worker_args(kafka, second_dir, "--until-idle"))
+    assert all_committed(kafka, ends)
+    assert combined_ledger(second_dir).content_digest == fleet.embedded.content_digest
+    published = {orjson.loads(v)["entry_id"] for *_, v in read_topic(kafka, "genki.ledger")}
+    assert len(published) == fleet.embedded.entries
