@@ -11,11 +11,12 @@ import orjson
 import pytest
 
 from engine.entries import EntryDraft
-from engine.errors import ExistsWithDifferent, InsufficientPoints, NotFound
+from engine.errors import ExistsWithDifferent, InsufficientPoints, NotFound, RefundExceeds
 from engine.ids import derive_id
 from engine.ledger import GENESIS_HASH, Ledger, canonical_bytes, chain_hash, content_bytes
 from engine.ledger.canonical import content_digest
 from engine.ledger.errors import EntryExistsWithDifferent, InvalidEntry, InvalidRequest, Overdraft
+from engine.ledger.journal import ChainChecker, chain, normalise
 from engine.ledger.store import HISTORY_LIMIT_MAX, LEDGER_FILE_NAME
 from engine.schemas import EntryKind, FlagEvent
 
@@ -199,7 +200,7 @@ def test_verify_catches_a_lost_tail(ledger: Ledger) -> None:
     raw.close()
     result = ledger.verify()
     assert (result.ok, result.first_bad_seq) == (False, 5)
-    assert "entries lost" in result.problem
+    assert "removed or added outside the ledger" in result.problem
 
 
 def test_verify_catches_an_edited_balance_and_rebuild_repairs_it(ledger: Ledger) -> None:
@@ -299,3 +300,32 @@ def test_flags_are_idempotent_and_current_flags_shows_latest_raised(ledger: Ledg
     assert [f.flag_id for f in ledger.flag_history("P1")] == ["f1", "f3"]
     with pytest.raises(ExistsWithDifferent, match="flag f1 already exists with different evidence"):
         ledger.append([], flags=[flag("f1", "P1", "raised", "2024-05-01", steps=1300)])
+
+
+def refund_draft_of(redemption: EntryDraft, points: int, tag: object,
+                    shop: str = "S1") -> EntryDraft:
+    ref = orjson.dumps({"key": str(tag), "refund_of": redemption.entry_id, "shop": shop}).decode()
+    return EntryDraft(derive_id("refund", shop, tag), redemption.user_id, EntryKind.refund,
+                      points, "2024-05-02", TS_MS, "shop_refund", ref, None)
+
+
+def test_appended_refund_drafts_are_bounded_by_their_redemption(ledger: Ledger) -> None:
+    redemption = debit("P1", 10, "k1")
+    ledger.append([award("P1", 50, 1), redemption, refund_draft_of(redemption, 4, "r1")])
+    with pytest.raises(RefundExceeds, match="exceeds the 6 left to refund"):
+        ledger.append([refund_draft_of(redemption, 7, "r2")])
+    with pytest.raises(InvalidEntry, match="at shop S2"):
+        ledger.append([refund_draft_of(redemption, 1, "r3", shop="S2")])
+    with pytest.raises(InvalidEntry, match="names no earlier redemption"):
+        ledger.append([refund_draft_of(debit("P1", 5, "never"), 1, "r4")])
+    ledger.append([refund_draft_of(redemption, 6, "r2")])
+    assert ledger.balance("P1") == 50
+
+
+def test_chain_checker_refuses_an_over_refund_that_bypassed_append() -> None:
+    redemption = debit("P1", 10, "k1")
+    contents = normalise([award("P1", 50, 1), redemption, refund_draft_of(redemption, 11, "r")])
+    checker = ChainChecker()
+    problem = checker.feed(chain(contents, 0, GENESIS_HASH))
+    assert problem is not None and problem.seq == 3
+    assert "exceeds the 10 left" in problem.problem

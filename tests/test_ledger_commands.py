@@ -14,7 +14,7 @@ from engine.errors import (
     RefundExceeds,
     UsageError,
 )
-from engine.ledger import Ledger
+from engine.ledger import Ledger, store
 from engine.ledger.commands import ref_fields
 from engine.ledger.errors import NotARedemption, RefundWrongShop
 from engine.ledger.lots import add_months
@@ -171,17 +171,19 @@ def test_late_award_for_an_old_day_is_spent_and_expired_first(data_dir: Path) ->
         assert [(e.points, ref_fields(e.ref)["lot_day"]) for e in expired] == [(-2, "2024-01-05")]
 
 
-def test_expiry_ids_derive_from_user_and_lot_so_reruns_add_nothing(data_dir: Path) -> None:
+def test_expiry_ids_derive_from_user_and_lot_so_reruns_add_nothing(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "EXPIRY_USERS_PER_TRANSACTION", 2)
     with Ledger.open(data_dir) as ledger:
-        ledger.append([award(f"P{n}", 5, n, day="2024-01-01") for n in range(3)])
+        ledger.append([award(f"P{n}", 5, n, day="2024-01-01") for n in range(5)])
         first = ledger.expire("2025-01-01", 3)
-        assert len(first) == 3
+        assert sorted(e.user_id for e in first) == ["P0", "P1", "P2", "P3", "P4"]
         assert ledger.expire("2025-06-01", 3) == []
         assert ledger.expire("2025-06-01", 1) == []
         redo = ledger.append([EntryDraft(e.entry_id, e.user_id, e.kind, e.points, e.day,
                                          e.ts_ms, e.rule, e.ref, e.rules_version)
                               for e in first])
-        assert (redo.appended, redo.existing) == (0, 3)
+        assert (redo.appended, redo.existing) == (0, 5)
         assert ledger.head()["points_outstanding"] == 0
 
 

@@ -32,10 +32,12 @@ seq starts at 1 and has no gaps.
 
 Content digest (order independent): the canonical *content* bytes of an entry
 are the same JSON without ``seq`` (nine keys; ``prev_hash`` and ``hash`` are
-never part of it). ``content_digest = SHA-256(c_1 ‖ "\\n" ‖ c_2 ‖ "\\n" ‖ … ‖ c_n ‖ "\\n")``
-over all entries sorted by ``entry_id`` (bytewise UTF-8). Two runtimes that
-append the same entries in different orders get the same digest, though their
-chain heads differ.
+never part of it). Over all entries sorted by ``entry_id`` (bytewise UTF-8)::
+
+    content_digest = SHA-256(c_1 ‖ "\\n" ‖ c_2 ‖ "\\n" ‖ … ‖ c_n ‖ "\\n")
+
+Two runtimes that append the same entries in different orders get the same
+digest, though their chain heads differ.
 """
 
 from __future__ import annotations

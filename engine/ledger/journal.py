@@ -160,14 +160,47 @@ class ChainProblem:
     problem: str
 
 
+class RefundTracker:
+    """What each redemption can still give back; refunds must name one of the same user."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, list] = {}  # redemption id -> [user_id, shop, refundable]
+
+    def redeemed(self, entry_id: str, user_id: str, ref: str | None, points: int) -> None:
+        assert points < 0
+        self._open[entry_id] = [user_id, ref_fields(ref).get("shop"), -points]
+
+    def refunded_before(self, redemption_id: str, points: int) -> None:
+        self._open[redemption_id][2] -= points
+
+    def refund(self, entry_id: str, user_id: str, ref: str | None,
+               points: int) -> tuple[str, str] | None:
+        """None when allowed (and recorded); else ("exceeds" | "invalid", message)."""
+        fields = ref_fields(ref)
+        refund_of = fields.get("refund_of")
+        target = self._open.get(refund_of) if isinstance(refund_of, str) else None
+        if target is None:
+            return "invalid", f"refund {entry_id} names no earlier redemption ({refund_of})"
+        if (target[0], target[1]) != (user_id, fields.get("shop")):
+            return "invalid", (f"refund {entry_id} is for user {user_id} at shop "
+                               f"{fields.get('shop')}, redemption {refund_of} was user "
+                               f"{target[0]} at shop {target[1]}")
+        if points > target[2]:
+            return "exceeds", (f"refund {entry_id} of {points} points exceeds the {target[2]} "
+                               f"left to refund of redemption {refund_of}")
+        target[2] -= points
+        return None
+
+
 class ChainChecker:
-    """Walks stored rows in seq order, recomputing hashes and running balances."""
+    """Walks stored rows in seq order, recomputing hashes, balances and refund bounds."""
 
     def __init__(self) -> None:
         self.seq = 0
         self.prev = GENESIS_HASH
         self.balances: dict[str, int] = {}
         self.counts: dict[str, int] = {}
+        self.refunds = RefundTracker()
 
     def feed(self, rows: Iterable[Sequence]) -> ChainProblem | None:
         dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
@@ -193,6 +226,12 @@ class ChainChecker:
             problem = _entry_problem(kind, points, balances.get(user_id, 0), user_id)
             if problem:
                 return ChainProblem(seq, problem)
+            if kind == "redeem":
+                self.refunds.redeemed(entry_id, user_id, ref, points)
+            elif kind == "refund":
+                refused = self.refunds.refund(entry_id, user_id, ref, points)
+                if refused:
+                    return ChainProblem(seq, refused[1])
             balances[user_id] = balances.get(user_id, 0) + points
             counts[user_id] = counts.get(user_id, 0) + 1
             self.seq, self.prev = seq, stored_hash

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import calendar
 import datetime as dt
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ class JournalItem:
     ref: str | None
 
 
+@functools.lru_cache(maxsize=65_536)
 def add_months(iso_day: str, months: int) -> str:
     assert 0 <= months <= EXPIRY_MONTHS_MAX
     date = dt.date.fromisoformat(iso_day)
@@ -80,10 +82,10 @@ def open_lots(items: Iterable[JournalItem]) -> list[Lot]:
             by_id[lot.entry_id] = lot
         elif item.kind == EntryKind.expire:
             lot_id = ref_fields(item.ref).get("lot")
-            lot = by_id.get(lot_id) if isinstance(lot_id, str) else None
-            assert lot is not None and lot.remaining == -item.points, \
+            ended = by_id.get(lot_id) if isinstance(lot_id, str) else None
+            assert ended is not None and ended.remaining == -item.points, \
                 f"expire entry {item.entry_id} does not end an open lot"
-            _close(lot, ordered, by_key, by_id)
+            _close(ended, ordered, by_key, by_id)
         else:
             _consume_oldest(-item.points, ordered, by_key, by_id, item.entry_id)
     return [by_key[key] for key in ordered]

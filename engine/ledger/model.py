@@ -14,6 +14,7 @@ ENTRY_COLUMNS: tuple[str, ...] = (
     "seq", "entry_id", "user_id", "kind", "points", "day", "ts_ms", "rule", "ref",
     "rules_version", "prev_hash", "hash",
 )
+_KIND_BY_NAME: dict[str, EntryKind] = {kind.value: kind for kind in EntryKind}
 EntryRow = tuple[int, str, str, str, int, str | None, int, str | None, str | None, str | None,
                  str, str]
 
@@ -38,7 +39,7 @@ class Entry:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Entry:
         assert len(row) == len(ENTRY_COLUMNS)
-        return cls(row[0], row[1], row[2], EntryKind(row[3]), row[4], row[5], row[6], row[7],
+        return cls(row[0], row[1], row[2], _KIND_BY_NAME[row[3]], row[4], row[5], row[6], row[7],
                    row[8], row[9], row[10], row[11])
 
     def to_dict(self) -> dict[str, Any]:

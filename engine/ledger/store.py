@@ -15,13 +15,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import orjson
 
 from engine.clock import TOKYO, iso_to_day
 from engine.entries import EntryDraft
-from engine.errors import LedgerError, NotFound
+from engine.errors import LedgerError, NotFound, RefundExceeds
 from engine.ledger import commands
 from engine.ledger.canonical import GENESIS_HASH, content_digest
 from engine.ledger.errors import (
@@ -33,7 +33,14 @@ from engine.ledger.errors import (
     RefundTooLarge,
     RefundWrongShop,
 )
-from engine.ledger.journal import CONTENT_FIELDS, ChainChecker, Content, chain, normalise
+from engine.ledger.journal import (
+    CONTENT_FIELDS,
+    ChainChecker,
+    Content,
+    RefundTracker,
+    chain,
+    normalise,
+)
 from engine.ledger.lots import EXPIRY_MONTHS_MAX, JournalItem, expiry_drafts, open_lots
 from engine.ledger.model import (
     ENTRY_COLUMNS,
@@ -56,6 +63,8 @@ META_VALUE_CHARS_MAX = 10_000
 HISTORY_LIMIT_MAX = 1_000
 LOCK_WAIT_S_MAX = 30.0
 ID_LOOKUP_CHUNK_IDS = 50_000
+EXPIRY_USERS_PER_TRANSACTION = 500
+WAL_BYTES_MAX = 64 * 1024 * 1024
 VERIFY_FETCH_ROWS = 10_000
 CACHE_KIB = 65_536
 _COLUMNS_SQL = ", ".join(ENTRY_COLUMNS)
@@ -87,6 +96,7 @@ class Ledger:
             connection.execute("PRAGMA synchronous = FULL")
             connection.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             connection.execute("PRAGMA temp_store = MEMORY")
+            connection.execute(f"PRAGMA journal_size_limit = {WAL_BYTES_MAX}")
             ledger = cls(connection, path)
             ledger._create_schema()
         except BaseException:
@@ -108,7 +118,7 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -180,6 +190,7 @@ class Ledger:
             return AppendResult(0, len(existing) + duplicates, None, None, hash_head,
                                 existing_entries=tuple(existing))
         self._check_debits(db, new)
+        _check_refunds(db, new)
         rows = chain(new, seq_head, hash_head)
         db.executemany(_INSERT_SQL, rows)
         _apply_balances(db, rows)
@@ -308,9 +319,7 @@ class Ledger:
                 sent = {"refund_of": redemption_entry_id, "points": points}
                 _raise_if_request_differs("idempotency key", idempotency_key, known, sent)
                 return stored
-            refunded = db.execute(
-                "SELECT COALESCE(SUM(points), 0) FROM entries WHERE kind = 'refund' "
-                "AND json_extract(ref, '$.refund_of') = ?", (redemption_entry_id,)).fetchone()[0]
+            refunded = _refunded(db, redemption_entry_id)
             if refunded + points > -redemption.points:
                 raise RefundTooLarge(redemption_entry_id, points, -redemption.points, refunded)
             return self._append_locked(db, normalise([draft])).entries[0]
@@ -332,8 +341,11 @@ class Ledger:
     def expire(self, as_of_day: str, months: int) -> list[Entry]:
         """End every lot older than `months` months as of `as_of_day` (FIFO, idempotent).
 
-        Runs under the write lock so no redemption can spend a lot between
-        reading it and expiring it. Returns the entries newly appended.
+        Works through the users with points in chunks, each chunk read and
+        expired in one write transaction (so no redemption can spend a lot
+        between reading and expiring it, and no terminal waits long for the
+        lock). Each chunk is idempotent, so an interrupted run is finished by
+        running it again. Returns the entries newly appended.
         """
         try:
             iso_to_day(as_of_day)
@@ -342,13 +354,19 @@ class Ledger:
         if isinstance(months, bool) or not isinstance(months, int) \
                 or not 1 <= months <= EXPIRY_MONTHS_MAX:
             raise InvalidRequest(f"months: must be 1..{EXPIRY_MONTHS_MAX}, got {months!r}")
-        with self._write() as db:
-            drafts: list[EntryDraft] = []
-            for user_id, items in _journal_by_user(db):
-                drafts.extend(expiry_drafts(user_id, open_lots(items), as_of_day, months))
-            if not drafts:
-                return []
-            return self._append_locked(db, normalise(drafts)).entries
+        with self._lock:
+            users = [row[0] for row in self._db.execute(
+                "SELECT user_id FROM balances WHERE points > 0 ORDER BY user_id")]
+        expired: list[Entry] = []
+        for start in range(0, len(users), EXPIRY_USERS_PER_TRANSACTION):
+            chunk = users[start:start + EXPIRY_USERS_PER_TRANSACTION]
+            with self._write() as db:
+                drafts: list[EntryDraft] = []
+                for user_id, items in _journals_of(db, chunk):
+                    drafts.extend(expiry_drafts(user_id, open_lots(items), as_of_day, months))
+                if drafts:
+                    expired.extend(self._append_locked(db, normalise(drafts)).entries)
+        return expired
 
     # -- queries -------------------------------------------------------------------
 
@@ -443,11 +461,13 @@ class Ledger:
             live = {user: (points, count) for user, points, count in
                     db.execute("SELECT user_id, points, entries FROM balances")}
         result = VerifyResult(True, checker.seq, len(checker.balances), checker.prev)
-        if tail is not None and tuple(tail) != (checker.seq, checker.prev) \
-                or tail is None and checker.seq:
+        recorded = (0, GENESIS_HASH) if tail is None else (tail[0], tail[1])
+        if recorded != (checker.seq, checker.prev):
             return VerifyResult(False, checker.seq, len(checker.balances), checker.prev,
-                                checker.seq + 1, f"journal ends at seq {checker.seq} but the "
-                                f"recorded chain head is {tail and tuple(tail)}: entries lost")
+                                min(checker.seq, recorded[0]) + 1,
+                                f"journal ends at seq {checker.seq} but the recorded chain head "
+                                f"is seq {recorded[0]}: entries were removed or added outside "
+                                "the ledger")
         problems = _balance_problems(live, checker.balances, checker.counts)
         if problems:
             return VerifyResult(False, result.entries_checked, result.users_checked,
@@ -501,6 +521,34 @@ def _unique(contents: list[Content]) -> tuple[list[Content], int]:
     if len(first) == len(contents):
         return contents, 0
     return list(first.values()), len(contents) - len(first)
+
+
+def _check_refunds(db: sqlite3.Connection, new: list[Content]) -> None:
+    """Refund drafts must name an earlier redemption of the same user and shop, within bounds."""
+    refunds = [content for content in new if content[2] == "refund"]
+    if not refunds:
+        return
+    targets = {commands.ref_fields(content[7]).get("refund_of") for content in refunds}
+    tracker = RefundTracker()
+    for entry_id, user_id, points, ref in db.execute(
+            "SELECT e.entry_id, e.user_id, e.points, e.ref FROM json_each(?) AS j "
+            "JOIN entries AS e ON e.entry_id = j.value WHERE e.kind = 'redeem'",
+            (orjson.dumps(sorted(t for t in targets if isinstance(t, str))).decode(),)):
+        tracker.redeemed(entry_id, user_id, ref, points)
+        tracker.refunded_before(entry_id, _refunded(db, entry_id))
+    for entry_id, user_id, kind, points, _, _, _, ref, _ in new:
+        if kind == "redeem":
+            tracker.redeemed(entry_id, user_id, ref, points)
+        elif kind == "refund":
+            refused = tracker.refund(entry_id, user_id, ref, points)
+            if refused:
+                raise (RefundExceeds if refused[0] == "exceeds" else InvalidEntry)(refused[1])
+
+
+def _refunded(db: sqlite3.Connection, redemption_id: str) -> int:
+    return int(db.execute(
+        "SELECT COALESCE(SUM(points), 0) FROM entries WHERE kind = 'refund' "
+        "AND json_extract(ref, '$.refund_of') = ?", (redemption_id,)).fetchone()[0])
 
 
 def _raise_if_different(what: str, stored: Sequence[object], sent: Sequence[object],
@@ -577,12 +625,13 @@ def _content_bytes(rows: Iterable[Sequence[Any]]) -> Iterator[bytes]:
                      "user_id": user_id}, option=sort)
 
 
-def _journal_by_user(db: sqlite3.Connection) -> Iterator[tuple[str, list[JournalItem]]]:
-    """Each user with points, and their entries in seq order."""
+def _journals_of(db: sqlite3.Connection,
+                 users: Sequence[str]) -> Iterator[tuple[str, list[JournalItem]]]:
+    """Each of the users (that has entries) with their entries in seq order."""
     cursor = db.execute(
         "SELECT e.user_id, e.seq, e.entry_id, e.kind, e.points, e.day, e.ts_ms, e.ref "
-        "FROM balances AS b JOIN entries AS e ON e.user_id = b.user_id "
-        "WHERE b.points > 0 ORDER BY e.user_id, e.seq")
+        "FROM json_each(?) AS j JOIN entries AS e ON e.user_id = j.value "
+        "ORDER BY e.user_id, e.seq", (orjson.dumps(list(users)).decode(),))
     user: str | None = None
     items: list[JournalItem] = []
     for user_id, *fields in cursor:
