@@ -11,11 +11,23 @@ import orjson
 import pytest
 
 from engine.entries import EntryDraft
-from engine.errors import ExistsWithDifferent, InsufficientPoints, NotFound, RefundExceeds
+from engine.errors import (
+    ExistsWithDifferent,
+    InsufficientPoints,
+    LedgerError,
+    NotFound,
+    RefundExceeds,
+)
 from engine.ids import derive_id
-from engine.ledger import GENESIS_HASH, Ledger, canonical_bytes, chain_hash, content_bytes
+from engine.ledger import GENESIS_HASH, Ledger, canonical_bytes, chain_hash, content_bytes, store
 from engine.ledger.canonical import content_digest
-from engine.ledger.errors import EntryExistsWithDifferent, InvalidEntry, InvalidRequest, Overdraft
+from engine.ledger.errors import (
+    EntryExistsWithDifferent,
+    InvalidEntry,
+    InvalidRequest,
+    LedgerBusy,
+    Overdraft,
+)
 from engine.ledger.journal import ChainChecker, chain, normalise
 from engine.ledger.store import HISTORY_LIMIT_MAX, LEDGER_FILE_NAME
 from engine.schemas import EntryKind, FlagEvent
@@ -80,7 +92,7 @@ def test_re_append_of_identical_entries_is_a_no_op_returning_the_stored(ledger: 
     first = ledger.append(drafts)
     again = ledger.append(drafts + [award("P1", 1, 3)])
     assert (again.appended, again.existing) == (1, 2)
-    assert again.existing_entries == tuple(first.entries)
+    assert again.existing_entries == first.entries
     assert again.seq_first == 3
     assert ledger.balance("P1") == 6
     assert entry_count(ledger) == 3
@@ -329,3 +341,22 @@ def test_chain_checker_refuses_an_over_refund_that_bypassed_append() -> None:
     problem = checker.feed(chain(contents, 0, GENESIS_HASH))
     assert problem is not None and problem.seq == 3
     assert "exceeds the 10 left" in problem.problem
+
+
+def test_a_file_that_is_not_a_ledger_is_refused_clearly(data_dir: Path) -> None:
+    (data_dir / LEDGER_FILE_NAME).write_bytes(b"not a database" * 100)
+    with pytest.raises(LedgerError, match="cannot open as a genki ledger"):
+        Ledger.open(data_dir)
+
+
+def test_a_writer_that_cannot_get_the_lock_gets_a_busy_error(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "LOCK_WAIT_S_MAX", 0.05)
+    with Ledger.open(data_dir) as ledger:
+        other = sqlite3.connect(ledger.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(LedgerBusy, match="write lock"):
+            ledger.append([award("P1", 1, 1)])
+        other.execute("ROLLBACK")
+        other.close()
+        assert ledger.append([award("P1", 1, 1)]).appended == 1

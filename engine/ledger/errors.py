@@ -66,6 +66,13 @@ class RefundWrongShop(LedgerError):
         )
 
 
+class LedgerBusy(LedgerError):
+    """Another writer held the ledger's write lock for too long."""
+
+    http_status = 503
+    code = "ledger_busy"
+
+
 class NotARedemption(LedgerError):
     http_status = 422
     code = "not_a_redemption"

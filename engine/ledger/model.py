@@ -62,8 +62,9 @@ class AppendResult:
     appended new entries hold seq_first..seq_last (None when nothing was new);
     `existing` counts drafts whose id was already stored with identical content
     (including duplicates within the batch), `existing_entries` are those stored
-    entries. `entries` builds Entry objects for the new rows on demand, so a
-    million-draft append does not pay for objects nobody reads.
+    entries (one per id). `entries` and `existing_entries` build Entry objects
+    from the rows on demand, so a million-draft append does not pay for
+    objects nobody reads.
     """
 
     appended: int
@@ -73,12 +74,16 @@ class AppendResult:
     chain_head: str
     flags_appended: int = 0
     flags_existing: int = 0
-    existing_entries: tuple[Entry, ...] = ()
     rows: Sequence[EntryRow] = field(default=(), repr=False)
+    existing_rows: Sequence[EntryRow] = field(default=(), repr=False)
 
     @cached_property
     def entries(self) -> list[Entry]:
         return [Entry.from_row(row) for row in self.rows]
+
+    @cached_property
+    def existing_entries(self) -> list[Entry]:
+        return [Entry.from_row(row) for row in self.existing_rows]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from engine.ledger.errors import (
     EntryExistsWithDifferent,
     InvalidEntry,
     InvalidRequest,
+    LedgerBusy,
     NotARedemption,
     Overdraft,
     RefundTooLarge,
@@ -99,6 +100,9 @@ class Ledger:
             connection.execute(f"PRAGMA journal_size_limit = {WAL_BYTES_MAX}")
             ledger = cls(connection, path)
             ledger._create_schema()
+        except sqlite3.DatabaseError as error:
+            connection.close()
+            raise LedgerError(f"{path}: cannot open as a genki ledger: {error}") from error
         except BaseException:
             connection.close()
             raise
@@ -130,7 +134,11 @@ class Ledger:
         """One write transaction holding SQLite's write lock from its first statement."""
         with self._lock:
             assert not self._db.in_transaction, "write transactions do not nest"
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                raise LedgerBusy(f"{self.path}: could not take the write lock within "
+                                 f"{LOCK_WAIT_S_MAX:g} s ({error}); retry") from error
             try:
                 yield self._db
                 self._db.execute("COMMIT")
@@ -177,18 +185,18 @@ class Ledger:
                                "DO UPDATE SET value = excluded.value", meta_items)
         return AppendResult(result.appended, result.existing, result.seq_first, result.seq_last,
                             result.chain_head, flags_appended, flags_existing,
-                            result.existing_entries, result.rows)
+                            result.rows, result.existing_rows)
 
     def _append_locked(self, db: sqlite3.Connection, contents: list[Content]) -> AppendResult:
         new, duplicates = _unique(contents)
-        existing: list[Entry] = []
+        existing: list[tuple] = []
         seq_head, hash_head = _head(db)
         if seq_head and new:
             new, stored = self._split_stored(db, new)
             existing.extend(stored)
         if not new:
             return AppendResult(0, len(existing) + duplicates, None, None, hash_head,
-                                existing_entries=tuple(existing))
+                                existing_rows=existing)
         self._check_debits(db, new)
         _check_refunds(db, new)
         rows = chain(new, seq_head, hash_head)
@@ -199,10 +207,10 @@ class Ledger:
                    "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
                    (seq_last, chain_head))
         return AppendResult(len(rows), len(existing) + duplicates, rows[0][0], seq_last,
-                            chain_head, existing_entries=tuple(existing), rows=rows)
+                            chain_head, rows=rows, existing_rows=existing)
 
     def _split_stored(self, db: sqlite3.Connection,
-                      new: list[Content]) -> tuple[list[Content], list[Entry]]:
+                      new: list[Content]) -> tuple[list[Content], list[tuple]]:
         """New contents whose ids are not stored yet, and the stored entries of the rest."""
         stored: dict[str, tuple] = {}
         for start in range(0, len(new), ID_LOOKUP_CHUNK_IDS):
@@ -215,14 +223,14 @@ class Ledger:
         if not stored:
             return new, []
         fresh: list[Content] = []
-        existing: list[Entry] = []
+        existing: list[tuple] = []
         for content in new:
             row = stored.get(content[0])
             if row is None:
                 fresh.append(content)
                 continue
             _raise_if_different("entry", row[1:10], content)
-            existing.append(Entry.from_row(row))
+            existing.append(row)
         return fresh, existing
 
     def _check_debits(self, db: sqlite3.Connection, new: list[Content]) -> None:
