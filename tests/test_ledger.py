@@ -9,6 +9,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.entries import EntryDraft
 from engine.errors import (
@@ -85,6 +87,22 @@ def test_canonical_bytes_are_sorted_compact_json_with_seq() -> None:
     assert canonical == as_python_json
     assert chain_hash(GENESIS_HASH, canonical) == hashlib.sha256(
         b"0" * 64 + canonical).hexdigest()
+
+
+text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text, text, st.none() | text, st.integers(-(2**53), 2**53))
+def test_canonical_bytes_equal_python_json_for_any_text(entry_id: str, user_id: str,
+                                                        ref: str | None, number: int) -> None:
+    canonical = canonical_bytes(number, entry_id, user_id, "award", number, None, number, ref,
+                                ref, None)
+    fields = {"day": None, "entry_id": entry_id, "kind": "award", "points": number, "ref": ref,
+              "rule": ref, "rules_version": None, "seq": number, "ts_ms": number,
+              "user_id": user_id}
+    assert canonical == json.dumps(fields, sort_keys=True, separators=(",", ":"),
+                                   ensure_ascii=False).encode()
 
 
 def test_re_append_of_identical_entries_is_a_no_op_returning_the_stored(ledger: Ledger) -> None:

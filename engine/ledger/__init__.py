@@ -11,7 +11,7 @@ rules_version, seq, ts_ms, user_id} (= orjson OPT_SORT_KEYS = Python json.dumps
 sort_keys, separators=(",", ":"), ensure_ascii=False); hash = SHA-256(prev_hash
 as 64 ASCII hex chars ‖ those bytes), genesis prev_hash = "0" * 64. The
 content digest is SHA-256 over the same JSON without seq, each followed by
-"\n", for all entries sorted by entry_id.
+a newline byte, for all entries sorted by entry_id.
 
 Modules: `canonical` (the canonical bytes and hash chain other runtimes must
 reproduce), `journal` (validation, sequencing, chain check),
