@@ -596,3 +596,25 @@ def test_concurrent_redemptions_from_two_servers_never_overdraw(
     assert balance(server, keys, user) == 100 - statuses.count(201) * points
     with Ledger.open(home) as ledger:
         assert ledger.verify().ok
+
+
+# -- problem details -----------------------------------------------------------------
+
+def test_every_error_is_a_problem_document(server: Server, keys: dict[str, str]) -> None:
+    with server.client(keys["shop_a"]) as shop:
+        answers = [
+            shop.get("/v1/nowhere"),
+            shop.get("/v1/shops/SHOP_A/settlement", params={"month": "2026-13"}),
+            shop.post("/v1/redemptions", headers={"Idempotency-Key": "has space"},
+                      json={"token": "t", "points": 1, "terminal_id": "T1"}),
+            shop.post("/v1/redemptions", headers={"Idempotency-Key": "k"}, content=b"{"),
+        ]
+    assert [(a.status_code, a.json()["code"]) for a in answers] == [
+        (404, "not_found"), (400, "invalid_request"), (400, "bad_request"),
+        (400, "invalid_request")]
+    for answer in answers:
+        assert answer.headers["content-type"] == "application/problem+json"
+        body = answer.json()
+        assert body["type"] == f"urn:genki:problem:{body['code']}"
+        assert (body["status"], bool(body["title"]), bool(body["detail"])) == (
+            answer.status_code, True, True)

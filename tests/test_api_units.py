@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from engine.api.app import _ingest_lines, create_app
 from engine.api.problems import BadRequest, TokenExpired, TokenInvalid
-from engine.api.store import ApiStore, Role
+from engine.api.store import ApiStore, Role, StoredResponse
 from engine.api.tokens import SECRET_FILE_NAME, TokenSigner, load_or_create_secret
 from engine.errors import GenkiError, UsageError
 from tests.conftest import REPO_ROOT
@@ -135,3 +135,19 @@ def test_module_level_app_serves_genki_home(tmp_path: Path) -> None:
                             cwd=REPO_ROOT, capture_output=True, check=True,
                             env={**os.environ, "GENKI_HOME": str(tmp_path)})
     assert result.stdout.decode().strip() == str(tmp_path)
+
+
+def test_prune_forgets_old_responses_and_claims_only(tmp_path: Path) -> None:
+    with ApiStore.open(tmp_path) as store:
+        for created_ms in (NOW_MS - 10, NOW_MS):
+            store.store_response("redemptions:S1", f"k{created_ms}",
+                                 StoredResponse("h", 201, b"{}"), created_ms)
+            store.claim_token(f"n{created_ms}", "U1", "S1", f"k{created_ms}", created_ms)
+        removed = store.prune(NOW_MS)
+        kept = (store.stored_response("redemptions:S1", f"k{NOW_MS}"),
+                store.token_claim(f"n{NOW_MS}"))
+        gone = (store.stored_response("redemptions:S1", f"k{NOW_MS - 10}"),
+                store.token_claim(f"n{NOW_MS - 10}"))
+    assert removed == 2
+    assert None not in kept
+    assert gone == (None, None)

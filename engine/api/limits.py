@@ -16,6 +16,9 @@ TOKEN_TTL_S_MAX = 3_600
 TOKEN_CHARS_MAX = 512
 
 IDEMPOTENCY_KEY_CHARS_MAX = 128
+# Stored responses and token claims: a retry after this long is a new request.
+RESPONSES_KEPT_DAYS = 30
+PRUNE_EVERY_WRITES = 1_000
 AUTHORIZATION_CHARS_MAX = 256
 KEY_LABEL_CHARS_MAX = 64
 

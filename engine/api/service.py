@@ -34,10 +34,16 @@ from typing import Any
 
 import orjson
 
-from engine.api.limits import TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX
+from engine.api.limits import (
+    PRUNE_EVERY_WRITES,
+    RESPONSES_KEPT_DAYS,
+    TOKEN_TTL_S_DEFAULT,
+    TOKEN_TTL_S_MAX,
+)
 from engine.api.problems import Forbidden, TokenUsed, Unauthenticated
 from engine.api.store import ApiStore, KeyRecord, Role, StoredResponse, TokenClaim, key_hash
 from engine.api.tokens import TokenClaims, TokenSigner, load_or_create_secret
+from engine.clock import DAY_MS
 from engine.errors import ExistsWithDifferent, GenkiError, NotFound, UsageError
 from engine.ingest.log import EmbeddedLog
 from engine.ledger.commands import describe, redeem_id, ref_fields
@@ -107,6 +113,7 @@ class ApiService:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="genki-writer")
         self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
         self._ingest_log: EmbeddedLog | None = None
+        self._writes = 0
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
@@ -184,9 +191,13 @@ class ApiService:
 
     def _keep(self, scope: str, idempotency_key: str, hashed: str, body: dict[str, Any],
               **claim_done: Any) -> Reply:
+        now_ms = self.clock()
         stored = self.write_store.store_response(
-            scope, idempotency_key, StoredResponse(hashed, 201, orjson.dumps(body)),
-            self.clock(), **claim_done)
+            scope, idempotency_key, StoredResponse(hashed, 201, orjson.dumps(body)), now_ms,
+            **claim_done)
+        if self._writes % PRUNE_EVERY_WRITES == 0:
+            self.write_store.prune(now_ms - RESPONSES_KEPT_DAYS * DAY_MS)
+        self._writes += 1
         return Reply(stored.status, stored.body)
 
     def redeem(self, principal: Principal, idempotency_key: str, token: str, points: int,

@@ -8,6 +8,8 @@
 * token_claims: which (shop, Idempotency-Key) a redeem token's nonce belongs
   to: `pending` while its redemption is being written, `done` after.
 
+Both are kept RESPONSES_KEPT_DAYS (limits.py), then pruned.
+
 WAL and synchronous=FULL like the ledger; every write is one BEGIN IMMEDIATE
 transaction, so several server processes may share the file.
 """
@@ -257,6 +259,19 @@ class ApiStore:
                                    "entry_id FROM token_claims WHERE nonce = ?",
                                    (nonce,)).fetchone()
         return None if row is None else TokenClaim(*row)
+
+    def prune(self, before_ms: int) -> int:
+        """Forget responses and claims older than `before_ms`; returns the rows removed.
+
+        Safe for money: a redemption is bound to its token's nonce in the
+        ledger itself, and a token is long expired by then.
+        """
+        with self._write() as db:
+            removed = db.execute("DELETE FROM responses WHERE created_ms < ?",
+                                 (before_ms,)).rowcount
+            removed += db.execute("DELETE FROM token_claims WHERE created_ms < ?",
+                                  (before_ms,)).rowcount
+        return int(removed)
 
     def release_claim(self, claim: TokenClaim) -> None:
         """Free a pending claim whose redemption wrote nothing, so the token can be used."""
