@@ -15,6 +15,7 @@ from engine.errors import ChainBroken, LedgerError
 from engine.ledger.commands import describe
 from engine.ledger.model import Entry, Settlement
 from engine.ledger.store import HISTORY_LIMIT_MAX, Ledger
+from engine.progress import progress_bar
 
 
 def _now_ms() -> int:
@@ -85,9 +86,15 @@ def _cmd_adjust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bar_enabled(args: argparse.Namespace) -> bool:
+    return sys.stdout.isatty() and not getattr(args, "json", False)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     with Ledger.open(data_dir_of(args)) as ledger:
-        result = ledger.verify()
+        total = ledger.head_seq()
+        with progress_bar("verifying", total, _bar_enabled(args)) as advance:
+            result = ledger.verify(progress=lambda n: advance(n, "entries"))
     if args.json:
         _print_json(result.to_dict())
     elif result.ok:
@@ -125,8 +132,10 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_expire(args: argparse.Namespace) -> int:
-    with Ledger.open(data_dir_of(args)) as ledger:
-        entries = ledger.expire(args.as_of, args.months)
+    with Ledger.open(data_dir_of(args)) as ledger, \
+            progress_bar("expiring", None, _bar_enabled(args)) as advance:
+        entries = ledger.expire(args.as_of, args.months,
+                                progress=lambda n: advance(n, "users"))
     points = -sum(entry.points for entry in entries)
     users = len({entry.user_id for entry in entries})
     print(f"expired {points} points in {len(entries)} lots of {users} users "
