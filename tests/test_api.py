@@ -274,6 +274,20 @@ def test_ingest_while_another_process_holds_the_log_is_503(tmp_path: Path) -> No
     assert "another genki process is writing" in response.json()["detail"]
 
 
+def test_ingest_per_request_releases_the_log_between_requests(tmp_path: Path) -> None:
+    key = make_key(tmp_path, Role.gateway)
+    running, record = Server(tmp_path, "--ingest-per-request"), activity("e1")
+    try:
+        with running.client(key) as gateway:
+            first = gateway.post("/v1/ingest", json=[record]).json()
+            with EmbeddedLog.open(tmp_path) as log:  # the lock is free again
+                stored = log.counters().accepted
+            second = gateway.post("/v1/ingest", json=[record]).json()
+    finally:
+        running.stop()
+    assert (first["accepted"], stored, second["duplicate_records"]) == (1, 1, 1)
+
+
 # -- authentication and roles ------------------------------------------------------
 
 def test_missing_key_is_401(server: Server) -> None:

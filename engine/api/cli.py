@@ -49,13 +49,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None,
           clock_offset_ms: int | None = None, log_level: str = "warning",
-          access_log: bool = False, loop: str = "auto", http: str = "auto") -> int:
+          access_log: bool = False, loop: str = "auto", http: str = "auto",
+          hold_ingest_log: bool = True) -> int:
     """Print the URL (first line of stdout), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
     from engine.api.app import create_app
 
-    app = create_app(data_dir, token_ttl_s=token_ttl_s, clock_offset_ms=clock_offset_ms)
+    app = create_app(data_dir, token_ttl_s=token_ttl_s, clock_offset_ms=clock_offset_ms,
+                     hold_ingest_log=hold_ingest_log)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"genki API serving {data_dir} on http://{shown}:{port} (docs: http://{shown}:{port}"
@@ -71,7 +73,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
     return serve(data_dir, sock, token_ttl_s=args.token_ttl_s,
                  clock_offset_ms=args.clock_offset_ms, log_level=args.log_level,
-                 access_log=args.access_log, loop=args.loop, http=args.http)
+                 access_log=args.access_log, loop=args.loop, http=args.http,
+                 hold_ingest_log=not args.ingest_per_request)
 
 
 def serve_demo(data_dir: Path, console: Any) -> int:
@@ -147,14 +150,19 @@ def _positive_ttl(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve the HTTP API (FastAPI + uvicorn)")
-    parser.add_argument("--host", default=HOST_DEFAULT)
-    parser.add_argument("--port", type=int, default=PORT_DEFAULT, help="0: any free port")
+    parser.add_argument("--host", default=HOST_DEFAULT, help=f"default {HOST_DEFAULT}")
+    parser.add_argument("--port", type=int, default=PORT_DEFAULT,
+                        help=f"default {PORT_DEFAULT}; 0: any free port")
     parser.add_argument("--token-ttl-s", type=_positive_ttl, default=None,
                         help=f"redeem token lifetime (default {TOKEN_TTL_S_DEFAULT})")
     parser.add_argument("--clock-offset-ms", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--ingest-per-request", action="store_true",
+                        help="open the embedded log for each POST /v1/ingest instead of holding "
+                             "its writer lock (lets `genki ingest` run alongside; each request "
+                             "then reloads the log's dedup state)")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     add_data_dir_arg(parser)
