@@ -60,6 +60,7 @@ from engine.api.service import (
 from engine.api.store import Role
 from engine.errors import GenkiError
 from engine.ingest.log import IngestCounts
+from engine.schemas import ID_CHARS_MAX
 
 TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
 CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
@@ -69,9 +70,10 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
 _T = TypeVar("_T")
 _log = logging.getLogger("genki.api")
 
-_ID = r"[A-Za-z0-9_.:\-]{1,64}"
-_BALANCE_PATH = re.compile(rf"/v1/users/({_ID})/balance")
-UserId = Annotated[str, PathParam(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+_ID_CHAR = r"[A-Za-z0-9_.:\-]"  # engine.schemas.IdText
+_BALANCE_PATH = re.compile(rf"/v1/users/({_ID_CHAR}{{1,{ID_CHARS_MAX}}})/balance")
+UserId = Annotated[str, PathParam(min_length=1, max_length=ID_CHARS_MAX,
+                                  pattern=rf"^{_ID_CHAR}+$")]
 ShopId = UserId
 
 
