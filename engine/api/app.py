@@ -247,10 +247,13 @@ def _add_write_routes(app: FastAPI, service: ApiService) -> None:
                   JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}}})
     async def ingest(request: Request, principal: Principal = gateway) -> Response:
         """A batch of wire records (NDJSON, or a JSON array); same checks as `genki ingest`."""
-        lines = _ingest_lines(await request.body(), request.headers.get("content-type", ""))
-        if not lines:
-            return json_response(IngestCounts().as_dict())
-        return json_response(await _on(service.ingester, service.ingest, principal, lines))
+        body, content_type = await request.body(), request.headers.get("content-type", "")
+
+        def parse_and_ingest() -> dict[str, Any]:  # off the event loop: batches are large
+            lines = _ingest_lines(body, content_type)
+            return service.ingest(principal, lines) if lines else IngestCounts().as_dict()
+
+        return json_response(await _on(service.ingester, parse_and_ingest))
 
 
 def _ingest_lines(body: bytes, content_type: str) -> list[bytes]:
