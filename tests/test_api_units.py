@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.api.app import _ingest_lines, create_app
 from engine.api.problems import BadRequest, TokenExpired, TokenInvalid
+from engine.api.service import ApiService, Principal
 from engine.api.store import ApiStore, Role, StoredResponse
 from engine.api.tokens import SECRET_FILE_NAME, TokenSigner, load_or_create_secret
-from engine.errors import GenkiError, UsageError
+from engine.entries import EntryDraft
+from engine.errors import ExistsWithDifferent, GenkiError, UsageError
+from engine.schemas import EntryKind
 from tests.conftest import REPO_ROOT
 
 NOW_MS = 1_767_225_600_000
@@ -151,3 +157,74 @@ def test_prune_forgets_old_responses_and_claims_only(tmp_path: Path) -> None:
     assert removed == 2
     assert None not in kept
     assert gone == (None, None)
+
+
+# -- the redemption flow with an injected clock (no HTTP) -------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_ms = NOW_MS
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+@pytest.fixture
+def flow(tmp_path: Path) -> Iterator[tuple[ApiService, Clock]]:
+    clock = Clock()
+    service = ApiService(tmp_path, token_ttl_s=120, clock=clock)
+    service.write_ledger.append([EntryDraft("award-1", "U1", EntryKind.award, 50, "2026-01-01",
+                                            NOW_MS, "steps_tier_1", None, "t")])
+    yield service, clock
+    service.close()
+
+
+SHOP = Principal("k1", Role.shop, "S1")
+
+
+def nonce_of(token: str) -> str:
+    return str(orjson.loads(base64.urlsafe_b64decode(token.split(".")[0] + "==="))["n"])
+
+
+def crash_after_ledger_write(service: ApiService, token: str, key: str, points: int) -> None:
+    """What a redemption leaves when the process dies before storing its response."""
+    nonce = nonce_of(token)
+    service.write_store.claim_token(nonce, "U1", "S1", key, NOW_MS)
+    service.write_ledger.redeem("U1", points, "S1", "T1", f"token:{nonce}", NOW_MS)
+
+
+def test_retry_after_crash_and_expiry_returns_the_written_redemption(flow: tuple[ApiService, Clock]) -> None:
+    service, clock = flow
+    token = service.issue_token("U1")["token"]
+    crash_after_ledger_write(service, token, "p1", 20)
+    clock.now_ms += 600_000
+    reply = service.redeem(SHOP, "p1", token, 20, "T1")
+    assert (reply.status, orjson.loads(reply.body)["balance"]) == (201, 30)
+    assert service.redeem(SHOP, "p1", token, 20, "T1").replayed
+
+
+def test_retry_after_crash_and_expiry_with_other_points_is_a_conflict(flow: tuple[ApiService, Clock]) -> None:
+    service, clock = flow
+    token = service.issue_token("U1")["token"]
+    crash_after_ledger_write(service, token, "p1", 20)
+    clock.now_ms += 600_000
+    with pytest.raises(ExistsWithDifferent, match="already redeemed 20 points"):
+        service.redeem(SHOP, "p1", token, 25, "T1")
+
+
+def test_expired_token_with_a_dangling_claim_frees_it_and_writes_nothing(flow: tuple[ApiService, Clock]) -> None:
+    service, clock = flow
+    token = service.issue_token("U1")["token"]
+    service.write_store.claim_token(nonce_of(token), "U1", "S1", "p1", NOW_MS)
+    clock.now_ms += 121_000
+    with pytest.raises(TokenExpired):
+        service.redeem(SHOP, "p1", token, 20, "T1")
+    assert service.write_store.token_claim(nonce_of(token)) is None
+    assert service.write_ledger.balance("U1") == 50
+
+
+def test_a_token_is_good_until_its_last_millisecond(flow: tuple[ApiService, Clock]) -> None:
+    service, clock = flow
+    token = service.issue_token("U1")["token"]
+    clock.now_ms += 119_999
+    assert service.redeem(SHOP, "p1", token, 5, "T1").status == 201

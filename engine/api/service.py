@@ -40,11 +40,11 @@ from engine.api.limits import (
     TOKEN_TTL_S_DEFAULT,
     TOKEN_TTL_S_MAX,
 )
-from engine.api.problems import Forbidden, TokenUsed, Unauthenticated
+from engine.api.problems import Forbidden, TokenExpired, TokenUsed, Unauthenticated
 from engine.api.store import ApiStore, KeyRecord, Role, StoredResponse, TokenClaim, key_hash
 from engine.api.tokens import TokenClaims, TokenSigner, load_or_create_secret
 from engine.clock import DAY_MS
-from engine.errors import ExistsWithDifferent, GenkiError, NotFound, UsageError
+from engine.errors import ExistsWithDifferent, NotFound, UsageError
 from engine.ingest.log import EmbeddedLog
 from engine.ledger.commands import describe, redeem_id, ref_fields
 from engine.ledger.model import Entry
@@ -217,10 +217,11 @@ class ApiService:
         now_ms = self.clock()
         try:
             self.signer.check_fresh(claims, now_ms)
-        except GenkiError:
+        except TokenExpired:
             if claim is not None:  # ours, from a run that died before it answered
                 entry = self._entry_or_none(redeem_id(shop_id, LEDGER_KEY_PREFIX + claims.nonce))
                 if entry is not None:
+                    _check_same_redemption(entry, idempotency_key, points, terminal_id)
                     return self._finish_redemption(scope, idempotency_key, hashed, claim, entry)
                 self.write_store.release_claim(claim)
             raise
@@ -308,6 +309,15 @@ class ApiService:
         if self._ingest_log is not None:
             self._ingest_log.close()
             self._ingest_log = None
+
+
+def _check_same_redemption(entry: Entry, idempotency_key: str, points: int,
+                           terminal_id: str) -> None:
+    """What the ledger checks on a retry, for the one retry that bypasses it."""
+    if (-entry.points, ref_fields(entry.ref).get("terminal")) != (points, terminal_id):
+        raise IdempotencyConflict(
+            f"Idempotency-Key {idempotency_key!r} already redeemed {-entry.points} points at "
+            f"terminal {ref_fields(entry.ref).get('terminal')}; this request differs")
 
 
 def _principal(record: KeyRecord) -> Principal:
