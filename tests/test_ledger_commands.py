@@ -47,7 +47,8 @@ def test_redeem_retry_with_same_key_returns_the_original(ledger: Ledger) -> None
 def test_redeem_same_key_different_request_is_refused_naming_the_field(ledger: Ledger) -> None:
     ledger.append([award("P2", 100, "seed")])
     ledger.redeem("P1", 30, "SHOP1", "T7", "key-1", TS_MS)
-    with pytest.raises(ExistsWithDifferent, match="key-1 already exists with different points"):
+    with pytest.raises(ExistsWithDifferent,
+                       match="key-1 already exists with different points: stored 30, sent 31"):
         ledger.redeem("P1", 31, "SHOP1", "T7", "key-1", TS_MS)
     with pytest.raises(ExistsWithDifferent, match="different user_id"):
         ledger.redeem("P2", 30, "SHOP1", "T7", "key-1", TS_MS)

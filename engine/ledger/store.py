@@ -297,8 +297,8 @@ class Ledger:
         with self._write() as db:
             stored = _entry_locked(db, draft.entry_id)
             if stored is not None:
-                sent = {"user_id": user_id, "points": -points, "terminal_id": terminal_id}
-                known = {"user_id": stored.user_id, "points": stored.points,
+                sent = {"user_id": user_id, "points": points, "terminal_id": terminal_id}
+                known = {"user_id": stored.user_id, "points": -stored.points,
                          "terminal_id": commands.ref_fields(stored.ref).get("terminal")}
                 _raise_if_request_differs("idempotency key", idempotency_key, known, sent)
                 return stored
