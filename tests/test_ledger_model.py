@@ -136,7 +136,7 @@ def redemption_id(ledger: Ledger, target: tuple[str, int]) -> str:
     return ledger.entry(redeem_id(target[0], f"k{target[1]}")).entry_id
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(operations)
 def test_ledger_matches_reference_model(ops: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as directory, Ledger.open(Path(directory)) as ledger:
