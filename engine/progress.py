@@ -13,11 +13,18 @@ def progress_bar(label: str, total: int | None = None,
                  enabled: bool = True) -> Iterator[Callable[[int, str], None]]:
     """Yields advance(n, note). With enabled=False (not a TTY, --json) it prints nothing."""
     if not enabled:
-        yield lambda n, note="": None
+        def ignore(n: int, note: str = "") -> None:
+            return None
+
+        yield ignore
         return
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.completed:,}"), TextColumn("{task.fields[note]}"),
                TimeElapsedColumn()]
     with Progress(*columns, transient=True) as progress:
         task = progress.add_task(label, total=total, note="")
-        yield lambda n, note="": progress.update(task, advance=n, note=note)
+
+        def advance(n: int, note: str = "") -> None:
+            progress.update(task, advance=n, note=note)
+
+        yield advance
