@@ -60,9 +60,9 @@ class Server:
             self.stop()
             raise AssertionError(f"server did not start: {line!r} {self.stderr()}")
         url = line.split(" on ", 1)[1].split()[0]
-        with httpx.Client() as client:  # the socket listens before uvicorn serves
-            while client.get(url + "/healthz").status_code != 200:
-                pass
+        # The socket listens before uvicorn serves: this request waits in the backlog.
+        response = httpx.get(url + "/healthz", timeout=SERVER_START_S_MAX)
+        assert response.status_code == 200, response.text
         return url
 
     def client(self, key: str | None = None) -> httpx.Client:
