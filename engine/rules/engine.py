@@ -27,10 +27,12 @@ from engine.rules.flags import (
     RAISED,
     FlagEvaluator,
     GaitStore,
-    evidence_at,
+    fixed,
+    evidence_of,
     transitions,
 )
 from engine.rules.grid import Column, Grid
+from engine.rules.runs import RUNS_SHARE_MAX, Runs
 from engine.rules.points import (
     FAMILY_ACTIVITY,
     FAMILY_CAMPAIGN_ACTIVITY,
@@ -46,14 +48,23 @@ from engine.rules.points import (
 )
 from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME, EntryKind, FlagEvent, FlagState
 
-# Sample channels of the aggregation box: steps, metrics some flag reads, the rest.
-CHANNEL_STEPS, CHANNEL_FLAGS, CHANNEL_OTHER = 0, 1, 2
-CHANNELS = 3
-_FLAG_METRICS = ("resting_heart_rate", "spo2", "gait_speed", "body_weight", "conversation")
-CHANNEL_OF_METRIC = np.full(128, CHANNEL_OTHER, np.int32)
-CHANNEL_OF_METRIC[METRIC_BY_NAME["steps"].code] = CHANNEL_STEPS
-for _name in _FLAG_METRICS:
-    CHANNEL_OF_METRIC[METRIC_BY_NAME[_name].code] = CHANNEL_FLAGS
+# Metrics some flag reads, their channel in the flag box and the columns they feed.
+_FLAG_METRICS = ("resting_heart_rate", "conversation", "spo2", "body_weight", "gait_speed")
+FLAG_METRIC_CODES = np.array([METRIC_BY_NAME[name].code for name in _FLAG_METRICS], np.int8)
+FLAG_CHANNEL_SPO2, FLAG_CHANNEL_WEIGHT, FLAG_CHANNEL_GAIT, FLAG_CHANNEL_GAIT_LOW = 2, 3, 4, 5
+FLAG_CHANNEL_IGNORED = 6
+FLAG_CHANNELS = 7
+FLAG_CHANNEL_OF_METRIC = np.full(128, FLAG_CHANNEL_IGNORED, np.int64)
+for _channel, _code in enumerate(FLAG_METRIC_CODES):
+    FLAG_CHANNEL_OF_METRIC[_code] = _channel
+# Which flag inputs a user has ever had (flags skip users without their input).
+SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT, SEEN_TALK, SEEN_SPO2, SEEN_RHR = (1 << i for i in range(6))
+FLAG_DATA_BITS = np.array([SEEN_STEPS, SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT, SEEN_TALK, SEEN_SPO2,
+                           SEEN_RHR], np.int16)
+FLAG_COLUMNS = (("rhr_n", "rhr_sum", SEEN_RHR), ("talk_n", "talk_sum", SEEN_TALK),
+                ("spo2_n", "spo2_sum", SEEN_SPO2), ("weight_n", "weight_sum", SEEN_WEIGHT),
+                ("gait_n", None, SEEN_GAIT), ("gait_low_n", None, 0))
+GAIT_PENDING_MAX = 1 << 20  # gait keys kept unsorted before a merge (and a prune)
 # A batch whose (users x channels x days) box is larger is aggregated sparsely.
 BOX_CELLS_MAX = 1 << 25
 # Activity keys: user << 39 | (day - KEY_DAY_BASE) << 23 | kind << 20 | venue code.
@@ -67,6 +78,7 @@ COLUMNS = (
     Column("fsteps_sum", np.int64, 0, "day"),  # steps samples that count for flags
     Column("fsteps_n", np.int32, 0, "day"),
     Column("gait_n", np.int32, 0, "day"),
+    Column("gait_low_n", np.int32, 0, "day"),  # gait samples below the slow_gait cut-off
     Column("weight_sum", np.int64, 0, "day"),  # millionths of a kg
     Column("weight_n", np.int32, 0, "day"),
     Column("weight_max", np.int64, -1, "day"),
@@ -78,6 +90,7 @@ COLUMNS = (
     Column("rhr_n", np.int32, 0, "day"),
     Column("social_n", np.int32, 0, "day"),  # activities of the isolation flag's kinds
     Column("streak", np.int8, 0, "week"),  # streak levels awarded
+    Column("seen", np.int16, 0, "user"),  # SEEN_* bits: which flag inputs the user has had
     Column("birth_year", np.int16, -1, "user"),
     Column("sex_percent", np.int64, 100, "user"),
     Column("samples_day_max", np.int32, NEVER_DAY, "user"),  # day of the samples watermark
@@ -128,11 +141,13 @@ class RulesEngine:
     """Incremental, vectorised rules: feed batches in log order with `process`."""
 
     def __init__(self, rules: Rules, profiles: Profiles | None = None, *,
-                 box_cells_max: int = BOX_CELLS_MAX) -> None:
+                 box_cells_max: int = BOX_CELLS_MAX,
+                 runs_share_max: float = RUNS_SHARE_MAX) -> None:
         self.rules = rules
         self.version = rules.version
         self.settle_days = rules.flags.settle_days
         self.box_cells_max = box_cells_max
+        self.runs_share_max = runs_share_max
         profiles = profiles or Profiles.empty()
         self._profiles = {user: (int(year), str(sex)) for user, year, sex in
                           zip(profiles.user_ids, profiles.birth_year, profiles.sex, strict=True)}
@@ -143,6 +158,8 @@ class RulesEngine:
         self.awarded_keys = np.zeros(0, np.int64)
         self.gait = GaitStore()
         self.evaluator = FlagEvaluator(rules, self.grid, self.gait)
+        self.evaluator.prepare_gait = self._prepare_gait
+        self.gait_low_fixed = fixed(rules.flags.slow_gait.gait_speed_median_m_s_min)
         self.flags_enabled = np.array(
             [getattr(rules.flags, name).enabled for name in FLAG_NAMES], bool)
         kinds = rules.flags.social_isolation.social_kinds
@@ -173,12 +190,15 @@ class RulesEngine:
         return index
 
     def _set_profiles(self, first: int, stop: int) -> None:
+        get = self._profiles.get
+        found = [get(user) for user in self.grid.user_ids[first:stop]]
+        known = [i for i, profile in enumerate(found) if profile is not None]
+        if not known:
+            return
+        rows = first + np.array(known, np.int64)
         sex_percent = self.points.sex_percent
-        for user in range(first, stop):
-            profile = self._profiles.get(self.grid.user_ids[user])
-            if profile is not None:
-                self.grid["birth_year"][user] = profile[0]
-                self.grid["sex_percent"][user] = sex_percent[profile[1]]
+        self.grid["birth_year"][rows] = [found[i][0] for i in known]
+        self.grid["sex_percent"][rows] = [sex_percent[found[i][1]] for i in known]
 
     def _ensure_days(self, *timestamps: np.ndarray) -> None:
         present = [ts for ts in timestamps if len(ts)]
@@ -198,100 +218,105 @@ class RulesEngine:
 
     # ------------------------------------------------------------------ samples
 
-    def _boxed_cells(self, batch: SampleBatch) -> tuple[np.ndarray, ...]:
-        """Per touched (batch user, channel, day offset): sample count and rounded sum."""
-        ts = batch.ts_ms
-        day_first = tokyo_day(int(ts.min()))
-        span = tokyo_day(int(ts.max())) - day_first + 1
-        offset = ts + (TOKYO_OFFSET_MS - day_first * DAY_MS)
-        offset //= DAY_MS
-        channel = CHANNEL_OF_METRIC[batch.metric]
-        users = len(batch.users)
-        if users * CHANNELS * span <= self.box_cells_max:
-            key = batch.user_idx * np.int32(CHANNELS * span)
-            key += channel * np.int32(span)
-            offset += key
-            size = users * CHANNELS * span
-            counts = np.bincount(offset, minlength=size)
-            cells = np.flatnonzero(counts)
-            sums = np.bincount(offset, weights=np.rint(batch.value), minlength=size)[cells]
-            counts = counts[cells]
-        else:
-            offset += (batch.user_idx.astype(np.int64) * CHANNELS + channel) * span
-            cells, inverse = np.unique(offset, return_inverse=True)
-            counts = np.bincount(inverse, minlength=len(cells))
-            sums = np.bincount(inverse, weights=np.rint(batch.value), minlength=len(cells))
-        user, rest = np.divmod(cells, CHANNELS * span)
-        channel_of_cell, day = np.divmod(rest, span)
-        return user, channel_of_cell, day + day_first, counts, sums
+    def _cells(self, flat: np.ndarray, size: int, counts: np.ndarray, sums: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Touched cells of a flat index with their summed counts and sums (exact ints).
+
+        A dense np.bincount over the whole box when it fits (measured fastest at
+        every batch size here), np.unique when the box would be mostly empty.
+        """
+        if size <= self.box_cells_max:
+            totals = np.bincount(flat, weights=counts, minlength=size)
+            cells = np.flatnonzero(totals)
+            return cells, totals[cells], np.bincount(flat, weights=sums, minlength=size)[cells]
+        cells, inverse = np.unique(flat, return_inverse=True)
+        return (cells, np.bincount(inverse, weights=counts, minlength=len(cells)),
+                np.bincount(inverse, weights=sums, minlength=len(cells)))
 
     def _samples(self, batch: SampleBatch, users: np.ndarray, out: AwardColumns) -> None:
+        """Steps into points and flag columns; other metrics into flag columns."""
         grid = self.grid
-        user, channel, day, counts, sums = self._boxed_cells(batch)
+        runs = Runs.of(batch, self.runs_share_max)
+        day_first = int(runs.day.min())
+        span = int(runs.day.max()) - day_first + 1
+        other = (runs.metric != METRIC_BY_NAME["steps"].code).astype(np.int64)
+        flat = (runs.user * 2 + other) * span + (runs.day - day_first)
+        cells, counts, sums = self._cells(flat, len(batch.users) * 2 * span,
+                                          runs.length.astype(np.float64), runs.steps)
+        user_and_channel, day = np.divmod(cells, span)
+        user, channel = np.divmod(user_and_channel, 2)
         global_user = users[user]
+        day += day_first
         np.maximum.at(grid["samples_day_max"], global_user, day.astype(np.int32))
         np.minimum.at(grid["first_day"], global_user, day.astype(np.int32))
-        steps = channel == CHANNEL_STEPS
+        steps = channel == 0
         user, day = global_user[steps], day[steps]
         column = day - grid.day0
         total = sums[steps].astype(np.int64)
-        assert np.array_equal(total, sums[steps]), "step sums must be exact"
+        assert len(total) == 0 or 0 <= total.min() and total.max() < 1 << 52, "inexact step sums"
         grid["steps"][user, column] += total
         grid["fsteps_sum"][user, column] += total
         grid["fsteps_n"][user, column] += counts[steps].astype(np.int32)
+        grid["seen"][user] |= SEEN_STEPS
         self._score_steps(user, day, column, out)
-        excluded = self._excluded(batch)
-        self._unflag_steps(batch, users, excluded)
-        if np.any(channel == CHANNEL_FLAGS):
-            self._flag_metrics(batch, users, excluded)
+        late = (runs.wm >= 0) & (runs.day <= day_of(runs.wm) - self.settle_days)
+        self._unflag_steps(runs, users, late & (other == 0))
+        flagged = np.isin(runs.metric, FLAG_METRIC_CODES) & ~late
+        if flagged.any():
+            self._flag_metrics(batch, users, runs.sample_indices(flagged), day_first, span)
 
-    def _excluded(self, batch: SampleBatch) -> np.ndarray:
-        """Samples that arrived after their day was settled (never count for flags)."""
-        settle = self.settle_days
-        candidates = np.flatnonzero((batch.wm_before_ms - batch.ts_ms) > (settle - 1) * DAY_MS)
-        wm = batch.wm_before_ms[candidates]
-        late = (wm >= 0) & (day_of(batch.ts_ms[candidates]) <= day_of(wm) - settle)
-        return candidates[late]
-
-    def _unflag_steps(self, batch: SampleBatch, users: np.ndarray, excluded: np.ndarray) -> None:
-        excluded = excluded[batch.metric[excluded] == METRIC_BY_NAME["steps"].code]
-        if len(excluded) == 0:
+    def _unflag_steps(self, runs: Runs, users: np.ndarray, late: np.ndarray) -> None:
+        """Take steps that arrived after their day settled back out of the flag columns."""
+        if not late.any():
             return
-        where = (users[batch.user_idx[excluded]],
-                 day_of(batch.ts_ms[excluded]) - self.grid.day0)
-        np.add.at(self.grid["fsteps_sum"], where, -np.rint(batch.value[excluded]).astype(np.int64))
-        np.add.at(self.grid["fsteps_n"], where, np.int32(-1))
+        where = (users[runs.user[late]], runs.day[late] - self.grid.day0)
+        np.add.at(self.grid["fsteps_sum"], where, -runs.steps[late].astype(np.int64))
+        np.add.at(self.grid["fsteps_n"], where, -runs.length[late].astype(np.int32))
 
-    def _flag_metrics(self, batch: SampleBatch, users: np.ndarray, excluded: np.ndarray) -> None:
-        grid = self.grid
-        chosen = np.flatnonzero(CHANNEL_OF_METRIC[batch.metric] == CHANNEL_FLAGS)
-        chosen = chosen[~np.isin(chosen, excluded, assume_unique=True)]
-        metric = batch.metric[chosen]
+    def _flag_metrics(self, batch: SampleBatch, users: np.ndarray, chosen: np.ndarray,
+                      day_first: int, span: int) -> None:
+        """Included samples of the metrics flags read, into fixed-point day columns."""
+        metric = batch.metric
+        metric = metric[chosen]
         ts = batch.ts_ms[chosen]
-        user = users[batch.user_idx[chosen]]
-        day = day_of(ts)
-        column = day - grid.day0
-        value = np.rint(batch.value[chosen] * FIXED_SCALE).astype(np.int64)
-
-        def add(name: str, pick: np.ndarray, sum_name: str | None = None) -> None:
+        local_user = batch.user_idx[chosen].astype(np.int64)
+        offset = (ts - (day_first * DAY_MS - TOKYO_OFFSET_MS)) // DAY_MS
+        channel = FLAG_CHANNEL_OF_METRIC[metric]
+        spo2 = np.flatnonzero(channel == FLAG_CHANNEL_SPO2)
+        minute = (ts[spo2] + TOKYO_OFFSET_MS) % DAY_MS // 60_000
+        channel[spo2[minute >= self.night_minutes_end]] = FLAG_CHANNEL_IGNORED
+        fixed = np.rint(batch.value[chosen] * FIXED_SCALE)
+        flat = (local_user * FLAG_CHANNELS + channel) * span + offset
+        slow = np.flatnonzero((channel == FLAG_CHANNEL_GAIT) & (fixed < self.gait_low_fixed))
+        flat_all = np.concatenate([flat, flat[slow] + (FLAG_CHANNEL_GAIT_LOW
+                                                       - FLAG_CHANNEL_GAIT) * span])
+        cells, counts, sums = self._cells(
+            flat_all, len(batch.users) * FLAG_CHANNELS * span, np.ones(len(flat_all)),
+            np.concatenate([fixed, np.zeros(len(slow))]))
+        assert len(counts) == 0 or counts.max() < 1 << 22, "too many samples in a day cell"
+        user_and_channel, day = np.divmod(cells, span)
+        user, cell_channel = np.divmod(user_and_channel, FLAG_CHANNELS)
+        user = users[user]
+        column = day + day_first - self.grid.day0
+        grid = self.grid
+        for index, (count_name, sum_name, seen) in enumerate(FLAG_COLUMNS):
+            pick = cell_channel == index
             where = (user[pick], column[pick])
-            np.add.at(grid[name], where, np.int32(1))
+            grid[count_name][where] += counts[pick].astype(np.int32)
             if sum_name:
-                np.add.at(grid[sum_name], where, value[pick])
-
-        code = METRIC_BY_NAME
-        add("rhr_n", metric == code["resting_heart_rate"].code, "rhr_sum")
-        add("talk_n", metric == code["conversation"].code, "talk_sum")
-        minute = (ts + TOKYO_OFFSET_MS) % DAY_MS // 60_000
-        add("spo2_n", (metric == code["spo2"].code) & (minute < self.night_minutes_end),
-            "spo2_sum")
-        weight = metric == code["body_weight"].code
-        add("weight_n", weight, "weight_sum")
-        np.maximum.at(grid["weight_max"], (user[weight], column[weight]), value[weight])
-        gait = metric == code["gait_speed"].code
-        add("gait_n", gait)
-        if self.flags_enabled[FLAG_NAMES.index("slow_gait")]:
-            self.gait.add(user[gait], day[gait], value[gait])
+                grid[sum_name][where] += sums[pick].astype(np.int64)
+            grid["seen"][user[pick]] |= seen
+        global_user = users[local_user]
+        weight = channel == FLAG_CHANNEL_WEIGHT
+        np.maximum.at(grid["weight_max"], (global_user[weight], (offset + day_first
+                                                                  - grid.day0)[weight]),
+                      fixed[weight].astype(np.int64))
+        gait = channel == FLAG_CHANNEL_GAIT
+        if self.flags_enabled[FLAG_NAMES.index("slow_gait")] and gait.any():
+            self.gait.add(global_user[gait], (offset + day_first)[gait],
+                          fixed[gait].astype(np.int64))
+            if self.gait.pending > max(GAIT_PENDING_MAX, len(self.gait.keys)):
+                self._prepare_gait()
 
     def _score_steps(self, user: np.ndarray, day: np.ndarray, column: np.ndarray,
                      out: AwardColumns) -> None:
@@ -333,10 +358,11 @@ class RulesEngine:
         social = np.flatnonzero(included & self.social_kind[batch.kind])
         np.add.at(grid["social_n"], (user[social], day[social] - grid.day0), np.int32(1))
         kind = batch.kind.astype(np.int64)
-        venue_names, venue_index = np.unique(np.array(batch.venue_id, dtype=object),
-                                             return_inverse=True)
-        codes = np.array([self._venue_code(str(v)) for v in venue_names], np.int64)
-        venue = np.where(self.points.activity_per_venue[kind], codes[venue_index], 0)
+        get = self._venue_codes.get
+        codes = np.array([get(v, -1) for v in batch.venue_id], np.int64)
+        for position in np.flatnonzero(codes < 0).tolist():
+            codes[position] = self._venue_code(batch.venue_id[position])
+        venue = np.where(self.points.activity_per_venue[kind], codes, 0)
         assert np.all((day >= KEY_DAY_BASE) & (day < KEY_DAY_BASE + (1 << 16)))
         keys = np.unique((user << 39) | ((day - KEY_DAY_BASE) << 23) | (kind << 20) | venue)
         position = np.searchsorted(self.awarded_keys, keys)
@@ -353,6 +379,7 @@ class RulesEngine:
     # -------------------------------------------------------------------- flags
 
     def _evaluate_flags(self, users: np.ndarray) -> list[FlagEvent]:
+        """Evaluate every flag on the days that became settled for these users."""
         grid = self.grid
         settle = self.settle_days
         samples_max = grid["samples_day_max"][users].astype(np.int64)
@@ -364,16 +391,21 @@ class RulesEngine:
         last = grid["flag_last"][users].astype(np.int64)
         start = np.where(last == NEVER_DAY, grid["first_day"][users][:, None], last + 1)
         need = self.flags_enabled[None, :] & (horizon != NEVER_DAY) & (start <= horizon)
-        rows = np.flatnonzero(need.any(axis=1))
-        if len(rows) == 0:
-            return []
-        if need[:, FLAG_NAMES.index("slow_gait")].any():
-            self._prepare_gait()
-        rows = rows[np.argsort(np.where(need, start, _NO_DAY)[rows].min(axis=1), kind="stable")]
+        seen = grid["seen"][users]
         events: list[FlagEvent] = []
-        for chunk in range(0, len(rows), FLAG_ROWS_PER_CHUNK):
-            part = rows[chunk:chunk + FLAG_ROWS_PER_CHUNK]
-            events += self._evaluate_rows(users[part], need[part], start[part], horizon[part])
+        for index, name in enumerate(FLAG_NAMES):
+            rows = np.flatnonzero(need[:, index])
+            if len(rows) == 0:
+                continue
+            # Without any data of the flag's metric every settled day reads "unknown".
+            rows = rows[(seen[rows] & FLAG_DATA_BITS[index]) != 0]
+            rows = rows[np.argsort(start[rows, index], kind="stable")]
+            for chunk in range(0, len(rows), FLAG_ROWS_PER_CHUNK):
+                part = rows[chunk:chunk + FLAG_ROWS_PER_CHUNK]
+                events += self._evaluate_rows(index, users[part], start[part, index],
+                                              horizon[part, index])
+            done = need[:, index]
+            grid["flag_last"][users[done], index] = horizon[done, index]
         events.sort(key=lambda e: (e.user_id, e.day, FLAG_NAMES.index(e.flag.value)))
         return events
 
@@ -383,28 +415,20 @@ class RulesEngine:
         keep_from = np.where(last == NEVER_DAY, np.iinfo(np.int64).min, last + 2 - width)
         self.gait.consolidate(keep_from)
 
-    def _evaluate_rows(self, users: np.ndarray, need: np.ndarray, start: np.ndarray,
+    def _evaluate_rows(self, index: int, users: np.ndarray, start: np.ndarray,
                        horizon: np.ndarray) -> list[FlagEvent]:
-        grid = self.grid
-        first = int(np.where(need, start, _NO_DAY).min())
-        last = int(np.where(need, horizon, NEVER_DAY).max())
+        """One flag over users x days [min start, max horizon]; each row its own range."""
+        grid, name = self.grid, FLAG_NAMES[index]
+        first, last = int(start.min()), int(horizon.max())
         days = np.arange(first, last + 1)
-        events: list[FlagEvent] = []
-        for index, name in enumerate(FLAG_NAMES):
-            if not need[:, index].any():
-                continue
-            valid = (need[:, index, None] & (days >= start[:, index, None])
-                     & (days <= horizon[:, index, None]))
-            result = self.evaluator.functions[name](users, first, last, valid)
-            state = grid["flag_state"][users, index]
-            row, column, value, state_after = transitions(result, valid, state)
-            grid["flag_state"][users, index] = state_after
-            grid["flag_last"][users, index] = np.where(need[:, index], horizon[:, index],
-                                                       grid["flag_last"][users, index])
-            for r, c, v in zip(row.tolist(), column.tolist(), value.tolist(), strict=True):
-                events.append(self._flag_event(int(users[r]), name, first + c, v,
-                                               evidence_at(result, r, c)))
-        return events
+        valid = (days >= start[:, None]) & (days <= horizon[:, None])
+        result = self.evaluator.functions[name](users, first, last, valid)
+        row, column, value, state_after = transitions(result, valid,
+                                                      grid["flag_state"][users, index])
+        grid["flag_state"][users, index] = state_after
+        evidence = evidence_of(result, row, column)
+        return [self._flag_event(int(users[r]), name, first + c, v, e) for r, c, v, e in
+                zip(row.tolist(), column.tolist(), value.tolist(), evidence, strict=True)]
 
     def _flag_event(self, user: int, flag: str, day: int, state: int,
                     evidence: dict[str, float | int]) -> FlagEvent:

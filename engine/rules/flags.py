@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -29,7 +30,8 @@ GAIT_DAY_BASE = 18_262  # 2020-01-01, engine.schemas.TS_MS_MIN
 _GAIT_VALUE_BITS = 24
 _GAIT_DAY_BITS = 16
 _GAIT_USER_SHIFT = _GAIT_VALUE_BITS + _GAIT_DAY_BITS
-FLAG_ROWS_PER_CHUNK = 4096
+FLAG_ROWS_PER_CHUNK = 16_384
+GAIT_KEYS_PRUNE_MIN = 1 << 16
 
 
 def fixed(value: float) -> int:
@@ -37,15 +39,50 @@ def fixed(value: float) -> int:
     return round(value * FIXED_SCALE)
 
 
-def window_sums(x: np.ndarray, lookback: int, end_offset: int, width: int,
+BAND_DAYS_MAX = 8  # evaluate up to this many days with a band matmul, more with cumsum
+
+
+class Windows:
+    """Sums of one (rows x days) array over windows of days, computed the cheaper way:
+    a matmul with a 0/1 band matrix when few days are evaluated (the steady state: one
+    new settled day per batch), cumulative sums along days otherwise. Exact (int64)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x if x.dtype == np.int64 else x.astype(np.int64)
+        self._prefix: np.ndarray | None = None
+
+    def prefix(self) -> np.ndarray:
+        if self._prefix is None:
+            self._prefix = np.zeros((self.x.shape[0], self.x.shape[1] + 1), np.int64)
+            np.cumsum(self.x, axis=1, out=self._prefix[:, 1:])
+        return self._prefix
+
+
+def prefix_sums(x: np.ndarray) -> Windows:
+    return Windows(x)
+
+
+@lru_cache(maxsize=256)
+def _band(width: int, count: int) -> np.ndarray:
+    """band[i, j] = 1 when column i lies in the window of evaluated day j."""
+    column = np.arange(width + count - 1)[:, None]
+    day = np.arange(count)[None, :]
+    band = ((column >= day) & (column < day + width)).astype(np.int64)
+    band.flags.writeable = False
+    return band
+
+
+def window_sums(windows: Windows, lookback: int, end_offset: int, width: int,
                 count: int) -> np.ndarray:
-    """Sums of x over days [d - end_offset - width + 1, d - end_offset] for each of the
-    `count` evaluated days d, where x covers days [first - lookback, first + count - 1]."""
+    """Sums over days [d - end_offset - width + 1, d - end_offset] for each of the `count`
+    evaluated days d, from data covering days [first - lookback, last]."""
     assert lookback >= end_offset + width - 1
-    sums = np.zeros((x.shape[0], x.shape[1] + 1), np.int64)
-    np.cumsum(x, axis=1, out=sums[:, 1:])
-    end = lookback - end_offset + 1
-    return sums[:, end:end + count] - sums[:, end - width:end - width + count]
+    start = lookback - end_offset - width + 1
+    if count <= BAND_DAYS_MAX:
+        return windows.x[:, start:start + width + count - 1] @ _band(width, count)
+    prefix = windows.prefix()
+    end = start + width
+    return prefix[:, end:end + count] - prefix[:, start:start + count]
 
 
 def rolling_max(x: np.ndarray, width: int) -> np.ndarray:
@@ -79,6 +116,11 @@ class GaitStore:
     def __init__(self) -> None:
         self.keys = np.zeros(0, np.int64)
         self._pending: list[np.ndarray] = []
+        self._pruned_size = GAIT_KEYS_PRUNE_MIN
+
+    @property
+    def pending(self) -> int:
+        return sum(len(keys) for keys in self._pending)
 
     def add(self, user: np.ndarray, day: np.ndarray, value_fixed: np.ndarray) -> None:
         offset = day - GAIT_DAY_BASE
@@ -88,15 +130,18 @@ class GaitStore:
                              | (offset.astype(np.int64) << _GAIT_VALUE_BITS) | value_fixed)
 
     def consolidate(self, keep_from_day: np.ndarray) -> None:
-        """Merge pending keys; drop days before keep_from_day[user] (no window needs them)."""
+        """Merge pending keys in; when the store has doubled since the last prune, drop
+        days before keep_from_day[user] (no window of an unevaluated day reads them)."""
         if self._pending:
-            self.keys = np.sort(np.concatenate([self.keys, *self._pending]))
+            fresh = np.sort(np.concatenate(self._pending))
             self._pending = []
+            self.keys = np.insert(self.keys, np.searchsorted(self.keys, fresh), fresh)
+        if len(self.keys) <= 2 * self._pruned_size:
+            return
         user = self.keys >> _GAIT_USER_SHIFT
         day = ((self.keys >> _GAIT_VALUE_BITS) & ((1 << _GAIT_DAY_BITS) - 1)) + GAIT_DAY_BASE
-        keep = day >= keep_from_day[user]
-        if not keep.all():
-            self.keys = self.keys[keep]
+        self.keys = self.keys[day >= keep_from_day[user]]
+        self._pruned_size = max(len(self.keys), GAIT_KEYS_PRUNE_MIN)
 
     def medians(self, user: np.ndarray, day: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
         """Median (µm/s, float) and count of samples in days [day - width + 1, day]."""
@@ -119,10 +164,26 @@ class GaitStore:
         return medians, counts
 
 
+Cells = tuple[np.ndarray, np.ndarray]  # (row, column) arrays
+
+
 @dataclass
 class FlagResult:
     raw: np.ndarray  # int8 rows x days: RAISED / CLEAR / UNKNOWN
-    evidence: dict[str, np.ndarray]  # name -> float (rounded to 3 places) or int arrays
+    evidence: dict[str, np.ndarray]  # name -> int (counts) or float arrays, rows x days
+    # Evidence too costly for every cell (exact medians): computed for given cells only.
+    lazy: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None
+    order: tuple[str, ...] = ()  # evidence key order (default: lazy keys, then evidence)
+
+
+def median_below(below: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Is the median of n values below a threshold, given how many are below it?
+
+    Decided by counts except when n is even and exactly half are below (then the
+    middle two straddle the threshold and their mean decides): those are returned
+    as `undecided` for an exact median.
+    """
+    return below >= n // 2 + 1, (n % 2 == 0) & (below == n // 2)
 
 
 class FlagEvaluator:
@@ -132,6 +193,7 @@ class FlagEvaluator:
         self.rules = rules.flags
         self.grid = grid
         self.gait = gait
+        self.prepare_gait: Callable[[], None] = lambda: None  # set by the engine
         self.functions: dict[str, Callable[[np.ndarray, int, int, np.ndarray], FlagResult]] = {
             "step_decline": self.step_decline,
             "low_activity": self.low_activity,
@@ -164,7 +226,7 @@ class FlagEvaluator:
         f = self.rules.step_decline
         count, lookback = last - first + 1, self.lookback_days("step_decline")
         steps, samples = self._slabs(rows, first, last, lookback, "fsteps_sum", "fsteps_n")
-        has = samples > 0
+        steps, has = prefix_sums(steps), prefix_sums(samples > 0)
         recent_sum = window_sums(steps, lookback, 0, f.recent_days, count)
         recent_days = window_sums(has, lookback, 0, f.recent_days, count)
         base_sum = window_sums(steps, lookback, f.recent_days, f.baseline_days, count)
@@ -187,39 +249,46 @@ class FlagEvaluator:
         count, width = last - first + 1, f.window_days
         steps, samples = self._slabs(rows, first, last, width - 1, "fsteps_sum", "fsteps_n")
         has = samples > 0
-        days = window_sums(has, width - 1, 0, width, count)
+        days = window_sums(prefix_sums(has), width - 1, 0, width, count)
+        below = window_sums(prefix_sums(has & (steps < f.median_steps_per_day_min)),
+                            width - 1, 0, width, count)
         known = valid & (days >= f.days_with_data_min)
-        median = np.full(known.shape, np.nan)
-        row, column = np.nonzero(known)
-        if len(row):
+        raised, undecided = median_below(below, days)
+
+        def medians(row: np.ndarray, column: np.ndarray) -> np.ndarray:
             span = column[:, None] + np.arange(width)
             windows = np.where(has[row[:, None], span], steps[row[:, None], span],
                                np.iinfo(np.int64).max)
             windows.sort(axis=1)
-            n = days[row, column]
-            median[row, column] = medians_of_sorted(windows.ravel(), np.arange(len(row)) * width,
-                                                    n)
-        with np.errstate(invalid="ignore"):
-            raised = median < f.median_steps_per_day_min
-        return FlagResult(_raw(known, raised), {"median_steps_per_day": median,
-                                                "days_with_data": days})
+            return medians_of_sorted(windows.ravel(), np.arange(len(row)) * width,
+                                     days[row, column])
+
+        row, column = np.nonzero(known & undecided)
+        if len(row):
+            raised[row, column] = medians(row, column) < f.median_steps_per_day_min
+        return FlagResult(_raw(known, raised), {"days_with_data": days},
+                          lambda r, c: {"median_steps_per_day": medians(r, c)})
 
     def slow_gait(self, rows: np.ndarray, first: int, last: int, valid: np.ndarray) -> FlagResult:
         f = self.rules.slow_gait
         count, width = last - first + 1, f.window_days
-        (samples,) = self._slabs(rows, first, last, width - 1, "gait_n")
-        n = window_sums(samples, width - 1, 0, width, count)
+        samples, low = self._slabs(rows, first, last, width - 1, "gait_n", "gait_low_n")
+        n = window_sums(prefix_sums(samples), width - 1, 0, width, count)
+        below = window_sums(prefix_sums(low), width - 1, 0, width, count)
         known = valid & (n >= f.samples_min)
-        median = np.full(known.shape, np.nan)
-        row, column = np.nonzero(known)
-        if len(row):
+        raised, undecided = median_below(below, n)
+
+        def medians(row: np.ndarray, column: np.ndarray) -> np.ndarray:
+            self.prepare_gait()
             values, counts = self.gait.medians(rows[row], first + column, width)
             assert np.array_equal(counts, n[row, column]), "gait store out of step"
-            median[row, column] = values
-        with np.errstate(invalid="ignore"):
-            raised = median < fixed(f.gait_speed_median_m_s_min)
-        return FlagResult(_raw(known, raised), {"median_gait_speed_m_s": median / FIXED_SCALE,
-                                                "samples": n})
+            return values
+
+        row, column = np.nonzero(known & undecided)
+        if len(row):
+            raised[row, column] = medians(row, column) < fixed(f.gait_speed_median_m_s_min)
+        return FlagResult(_raw(known, raised), {"samples": n},
+                          lambda r, c: {"median_gait_speed_m_s": medians(r, c) / FIXED_SCALE})
 
     def weight_loss(self, rows: np.ndarray, first: int, last: int,
                     valid: np.ndarray) -> FlagResult:
@@ -227,9 +296,10 @@ class FlagEvaluator:
         count, lookback = last - first + 1, self.lookback_days("weight_loss")
         total, samples, heaviest = self._slabs(rows, first, last, lookback,
                                                "weight_sum", "weight_n", "weight_max")
+        total, samples_prefix = prefix_sums(total), prefix_sums(samples)
         recent_sum = window_sums(total, lookback, 0, f.recent_days, count)
-        recent_n = window_sums(samples, lookback, 0, f.recent_days, count)
-        back_n = window_sums(samples, lookback, f.recent_days, f.lookback_days, count)
+        recent_n = window_sums(samples_prefix, lookback, 0, f.recent_days, count)
+        back_n = window_sums(samples_prefix, lookback, f.recent_days, f.lookback_days, count)
         back_max = rolling_max(heaviest[:, :f.lookback_days - 1 + count], f.lookback_days)
         known = (recent_n >= f.recent_samples_min) & (back_n >= f.lookback_samples_min)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -246,9 +316,9 @@ class FlagEvaluator:
         count, width = last - first + 1, f.window_days
         talk, talk_n, social = self._slabs(rows, first, last, width - 1,
                                            "talk_sum", "talk_n", "social_n")
-        talk_days = window_sums(talk_n > 0, width - 1, 0, width, count)
-        talk_sum = window_sums(talk, width - 1, 0, width, count)
-        activities = window_sums(social, width - 1, 0, width, count)
+        talk_days = window_sums(prefix_sums(talk_n > 0), width - 1, 0, width, count)
+        talk_sum = window_sums(prefix_sums(talk), width - 1, 0, width, count)
+        activities = window_sums(prefix_sums(social), width - 1, 0, width, count)
         known = talk_days >= f.conversation_days_min
         with np.errstate(divide="ignore", invalid="ignore"):
             per_day = talk_sum / talk_days
@@ -263,8 +333,8 @@ class FlagEvaluator:
         count, width = last - first + 1, f.window_nights
         total, samples = self._slabs(rows, first, last, width - 1, "spo2_sum", "spo2_n")
         low = (samples > 0) & (total < fixed(f.spo2_night_mean_pct_min) * samples)
-        nights = window_sums(samples > 0, width - 1, 0, width, count)
-        low_nights = window_sums(low, width - 1, 0, width, count)
+        nights = window_sums(prefix_sums(samples > 0), width - 1, 0, width, count)
+        low_nights = window_sums(prefix_sums(low), width - 1, 0, width, count)
         known = nights >= f.nights_with_data_min
         return FlagResult(_raw(known, low_nights >= f.low_nights_min), {
             "low_nights": low_nights, "nights_with_data": nights})
@@ -274,7 +344,8 @@ class FlagEvaluator:
         f = self.rules.resting_hr_rise
         count, lookback = last - first + 1, self.lookback_days("resting_hr_rise")
         total, samples = self._slabs(rows, first, last, lookback, "rhr_sum", "rhr_n")
-        has = samples > 0
+        has, total, samples = (prefix_sums(samples > 0), prefix_sums(total),
+                               prefix_sums(samples))
         recent_sum = window_sums(total, lookback, 0, f.recent_days, count)
         recent_n = window_sums(samples, lookback, 0, f.recent_days, count)
         recent_days = window_sums(has, lookback, 0, f.recent_days, count)
@@ -326,13 +397,17 @@ def transitions(result: FlagResult, valid: np.ndarray, state_before: np.ndarray,
     return row[change], column[change], values[change], state_after
 
 
-def evidence_at(result: FlagResult, row: int, column: int) -> dict[str, float | int]:
-    """Evidence numbers of one cell: counts as int, everything else rounded to 3 places."""
-    out: dict[str, float | int] = {}
-    for name, array in result.evidence.items():
-        value = array[row, column]
-        if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
-            out[name] = int(value)
-        else:
-            out[name] = round(float(value), 3)
-    return out
+def evidence_of(result: FlagResult, row: np.ndarray, column: np.ndarray,
+                ) -> list[dict[str, float | int]]:
+    """Evidence of the given cells: counts as int, everything else rounded to 3 places."""
+    if len(row) == 0:
+        return []
+    arrays = {name: array[row, column] for name, array in result.evidence.items()}
+    if result.lazy is not None:
+        arrays = {**result.lazy(row, column), **arrays}
+    if result.order:
+        arrays = {name: arrays[name] for name in result.order}
+    columns = [(name, values.tolist(), values.dtype.kind in "iub")
+               for name, values in arrays.items()]
+    return [{name: int(values[i]) if integer else round(float(values[i]), 3)
+             for name, values, integer in columns} for i in range(len(row))]

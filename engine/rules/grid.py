@@ -80,18 +80,21 @@ class Grid:
 
     def user_indices(self, user_ids: Sequence[str]) -> np.ndarray:
         """Global dense index per user id, registering new users (int64)."""
-        index = self.index
-        out = np.empty(len(user_ids), np.int64)
-        for position, user_id in enumerate(user_ids):
-            found = index.get(user_id)
-            if found is None:
-                found = len(self.user_ids)
-                index[user_id] = found
-                self.user_ids.append(user_id)
-            out[position] = found
-        assert len(self.user_ids) <= USERS_MAX, "too many users for the rules state"
-        if len(self.user_ids) > self.users_capacity:
-            self._allocate(max(2 * self.users_capacity, len(self.user_ids)), self.day0, self.days)
+        get = self.index.get
+        out = np.array([get(user_id, -1) for user_id in user_ids], np.int64)
+        new = np.flatnonzero(out < 0)
+        if len(new):
+            for position in new.tolist():
+                user_id = user_ids[position]
+                found = self.index.get(user_id)  # a batch lists each user once; be safe
+                if found is None:
+                    found = self.index[user_id] = len(self.user_ids)
+                    self.user_ids.append(user_id)
+                out[position] = found
+            assert len(self.user_ids) <= USERS_MAX, "too many users for the rules state"
+            if len(self.user_ids) > self.users_capacity:
+                self._allocate(max(2 * self.users_capacity, len(self.user_ids)), self.day0,
+                               self.days)
         return out
 
     def ensure_days(self, day_min: int, day_max: int) -> None:
@@ -109,18 +112,28 @@ class Grid:
         self._allocate(self.users_capacity, day0, days)
 
     def slab(self, name: str, rows: np.ndarray, day_first: int, day_last: int) -> np.ndarray:
-        """array[rows, day_first..day_last] as a new array; days off the axis read as fill."""
+        """array[rows, day_first..day_last]; days off the axis read as the column's fill.
+
+        A read-only view when rows are a contiguous ascending run inside the axis (the
+        common case: every user evaluated), else a copy.
+        """
         column = self.columns[name]
         assert column.axis == "day"
+        array = self.arrays[name]
+        low, high = day_first - self.day0, day_last - self.day0 + 1
+        if (self.days and 0 <= low and high <= self.days and len(rows)
+                and rows[-1] - rows[0] + 1 == len(rows) and (len(rows) < 2 or np.all(
+                    rows[1:] > rows[:-1]))):
+            view = array[rows[0]:rows[-1] + 1, low:high]
+            view.flags.writeable = False
+            return view
         width = day_last - day_first + 1
         out = np.full((len(rows), width), column.fill, column.dtype)
-        low = max(day_first, self.day0)
-        high = min(day_last, self.day0 + self.days - 1)
-        if self.days and low <= high:
-            out[:, low - day_first:high - day_first + 1] = (
-                self.arrays[name][rows, low - self.day0:high - self.day0 + 1])
+        low, high = max(low, 0), min(high, self.days)
+        if low < high:
+            out[:, low - (day_first - self.day0):high - (day_first - self.day0)] = (
+                array[rows, low:high])
         return out
-
 
 def monday_of(day: int) -> int:
     """The Monday on or before a day number (weeks run Monday to Sunday)."""

@@ -63,9 +63,14 @@ class AwardColumns:
         return sum(len(part) for part in self.user)
 
 
+_YEAR_FIRST, _YEAR_LAST = 1900, 2200
+_JANUARY_FIRST_DAYS = (np.arange(f"{_YEAR_FIRST}-01-01", f"{_YEAR_LAST + 1}-01-01",
+                                 dtype="datetime64[Y]").astype("datetime64[D]").astype(np.int64))
+
+
 def years_of_days(days: np.ndarray) -> np.ndarray:
     """Calendar year of each day number (days since 1970-01-01)."""
-    return days.astype("datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
+    return _YEAR_FIRST - 1 + np.searchsorted(_JANUARY_FIRST_DAYS, days, side="right")
 
 
 @dataclass(frozen=True)
