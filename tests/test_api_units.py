@@ -18,12 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.api.app import _ingest_lines, create_app
-from engine.api.problems import BadRequest, TokenExpired, TokenInvalid
+from engine.api.problems import BadRequest, TokenExpired, TokenInvalid, error_response
 from engine.api.service import ApiService, Principal
 from engine.api.store import ApiStore, Role, StoredResponse
 from engine.api.tokens import SECRET_FILE_NAME, TokenSigner, load_or_create_secret
 from engine.entries import EntryDraft
 from engine.errors import ExistsWithDifferent, GenkiError, UsageError
+from engine.ledger.errors import LedgerBusy, Overdraft
 from engine.schemas import EntryKind
 from tests.conftest import REPO_ROOT
 
@@ -228,3 +229,13 @@ def test_a_token_is_good_until_its_last_millisecond(flow: tuple[ApiService, Cloc
     token = service.issue_token("U1")["token"]
     clock.now_ms += 119_999
     assert service.redeem(SHOP, "p1", token, 5, "T1").status == 201
+
+
+def test_genki_errors_map_to_problems_by_their_status_and_code() -> None:
+    busy = error_response(LedgerBusy("ledger.sqlite: could not take the write lock"))
+    over = error_response(Overdraft("U1", 30, 31))
+    assert (busy.status_code, busy.headers["retry-after"]) == (503, "5")
+    assert orjson.loads(busy.body)["code"] == "ledger_busy"
+    assert (over.status_code, orjson.loads(over.body)["code"]) == (409, "insufficient_points")
+    assert orjson.loads(over.body)["detail"].startswith("insufficient points: balance 30, "
+                                                        "requested 31")

@@ -41,6 +41,7 @@ from engine.api.limits import (
     TOKEN_TTL_S_DEFAULT,
 )
 from engine.api.problems import (
+    RETRY_AFTER,
     BadRequest,
     BodyTooLarge,
     IdempotencyKeyRequired,
@@ -299,9 +300,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def internal_error(_: Request, error: Exception) -> Response:
         if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
-            return problem_response(503, "store_busy", "the ledger is busy with a long write "
-                                    "(e.g. `genki run`); retry with the same Idempotency-Key",
-                                    {"Retry-After": "5"})
+            return problem_response(503, "store_busy", "the API store is busy; retry with the "
+                                    "same Idempotency-Key",
+                                    RETRY_AFTER)
         return problem_response(500, "internal", "internal error; see the server log")
 
     app.add_exception_handler(GenkiError, genki_error)

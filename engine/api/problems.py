@@ -19,6 +19,8 @@ from engine.ingest.log import LogLocked
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:genki:problem:"
+RETRY_AFTER_S = 5
+RETRY_AFTER: dict[str, str] = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class ApiError(GenkiError):
@@ -80,7 +82,7 @@ class BadRequest(ApiError):
 class IngestBusy(ApiError):
     http_status = 503
     code = "ingest_log_busy"
-    headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
+    headers: ClassVar[dict[str, str]] = RETRY_AFTER
 
 
 def problem_body(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
@@ -106,4 +108,6 @@ def error_response(error: GenkiError) -> Response:
         error = IngestBusy(f"{error}; the ingest log is held by another genki process "
                            "(e.g. `genki ingest`), retry later")
     headers = error.headers if isinstance(error, ApiError) else None
+    if error.http_status == 503 and not headers:
+        headers = RETRY_AFTER  # e.g. LedgerBusy: a long `genki run` holds the write lock
     return problem_response(error.http_status, error.code, str(error), headers)
