@@ -34,7 +34,40 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_whatif(args: argparse.Namespace) -> int:
+    from replay.whatif import whatif
+
+    key = args.pseudonym_key_file.read_bytes().strip() if args.pseudonym_key_file else None
+    result = whatif(data_dir_of(args), args.rules, since=args.since, until=args.until,
+                    out=args.out, pseudonym_key=key)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result.as_dict()).decode() + "\n")
+        return 0
+    delta = result.whatif_points - result.live_points
+    print(f"rules {result.rules_version}: {result.whatif_points:,} points "
+          f"(live ledger {result.live_points:,}, {delta:+,}); "
+          f"{result.users_affected:,} of {result.users_total:,} people affected; "
+          f"flags raised {result.flags_raised_whatif:,} (live {result.flags_raised_live:,}), "
+          f"cleared {result.flags_cleared_whatif:,} (live {result.flags_cleared_live:,}); "
+          f"{result.samples:,} samples in {result.seconds} s")
+    if args.out:
+        print(f"per-person difference: {args.out}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("whatif", help="re-evaluate the history under other rules")
+    parser.add_argument("--rules", type=Path, required=True, help="the other rules TOML")
+    parser.add_argument("--since", default=None, help="first Tokyo day compared (YYYY-MM-DD)")
+    parser.add_argument("--until", default=None, help="last Tokyo day compared (YYYY-MM-DD)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Parquet file for the per-person difference")
+    parser.add_argument("--pseudonym-key-file", type=Path, default=None,
+                        help="pseudonymise people in --out with this key")
+    parser.add_argument("--json", action="store_true")
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_whatif)
+
     parser = subparsers.add_parser("replay", help="export pseudonymised Parquet for research")
     parser.add_argument("--to", type=Path, required=True, help="output directory")
     parser.add_argument("--source", choices=["embedded", "kafka"], default="embedded")

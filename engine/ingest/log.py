@@ -116,7 +116,7 @@ class ActivityColumns:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, timeout=60.0)
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     return db

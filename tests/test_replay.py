@@ -1,0 +1,168 @@
+"""Researchers' replay: pseudonymised Parquet, consent, what-if."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from engine.clock import tokyo_days
+from engine.ingest.cli import ingest_paths
+from engine.ingest.log import EmbeddedLog
+from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
+from engine.rules.config import load_rules
+from engine.schemas import METRIC_BY_NAME
+from engine.sim import SimConfig, simulate
+from replay.export import export_embedded
+from replay.whatif import whatif
+from tests.conftest import genki_cmd
+
+NOW_MS = 1_798_761_600_000
+KEY_A = b"research-key-A-0123456789"
+KEY_B = b"research-key-B-9876543210"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    fleet = tmp_path_factory.mktemp("fleet")
+    simulate(SimConfig(participants=15, app_users=45, days=21, bad_fraction=0.0), fleet)
+    data_dir = tmp_path_factory.mktemp("live")
+    with EmbeddedLog.open(data_dir) as log:
+        ingest_paths(log, [str(fleet)], now_ms=NOW_MS)
+    run_pipeline(data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def exported(live: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("exports") / "a"
+    export_embedded(live, target, KEY_A)
+    return target
+
+
+def _users_and_consent(data_dir: Path) -> dict[str, bool]:
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        return {p["user_id"]: p["research_consent"] for p in map(orjson.loads, log.profiles())}
+
+
+def test_row_counts_equal_the_consenting_part_of_the_source(live: Path, exported: Path) -> None:
+    consent = _users_and_consent(live)
+    with EmbeddedLog.open(live, writer=False) as log:
+        samples = log.read_samples(0, log.position())
+        activities = log.read_activities(0, log.position())
+    allowed = np.array([consent.get(u, False) for u in samples.users])
+    expected_samples = int(allowed[samples.user_idx].sum())
+    expected_activities = sum(consent.get(activities.users[i], False) for i in activities.user_idx)
+    manifest = orjson.loads((exported / "manifest.json").read_bytes())
+    assert ds.dataset(exported / "samples", partitioning="hive").count_rows() == expected_samples
+    assert manifest["rows"]["samples"] == expected_samples
+    assert ds.dataset(exported / "activities").count_rows() == expected_activities
+    assert manifest["users_left_out_no_consent"] == sum(1 for c in consent.values() if not c)
+    assert manifest["users_left_out_no_consent"] > 0
+    assert manifest["rows"]["ledger"] > 0
+
+
+def test_no_original_id_appears_in_any_output_file(live: Path, exported: Path) -> None:
+    users = list(_users_and_consent(live))
+    for path in exported.rglob("*"):
+        if not path.is_file():
+            continue
+        raw = path.read_bytes()
+        assert not any(u.encode() in raw for u in users), path
+        text = str(path.relative_to(exported))
+        if path.suffix == ".parquet":
+            for column in pq.read_table(path).to_pydict().values():
+                values = {str(v) for v in column}
+                assert not values & set(users), path
+        assert not any(u in text for u in users)
+
+
+def test_same_key_same_pseudonyms_other_key_disjoint(live: Path, exported: Path,
+                                                     tmp_path: Path) -> None:
+    export_embedded(live, tmp_path / "again", KEY_A)
+    export_embedded(live, tmp_path / "other", KEY_B)
+
+    def users(root: Path) -> set[str]:
+        return set(ds.dataset(root / "activities").to_table(columns=["user"])["user"].to_pylist())
+
+    assert users(tmp_path / "again") == users(exported)
+    assert not users(tmp_path / "other") & users(exported)
+
+
+def test_rerun_into_the_same_directory_replaces_it(live: Path, tmp_path: Path) -> None:
+    target = tmp_path / "export"
+    export_embedded(live, target, KEY_A)
+    (target / "stray.txt").write_text("left from an older export")
+    export_embedded(live, target, KEY_A)
+    assert not (target / "stray.txt").exists()
+    assert (target / "manifest.json").exists()
+
+
+def test_replay_refuses_without_a_key_naming_the_flag(live: Path, tmp_path: Path) -> None:
+    result = subprocess.run(genki_cmd("replay", "--to", str(tmp_path / "x"), "--data-dir", str(live)),
+                            capture_output=True, check=False)
+    assert result.returncode == 2
+    assert b"--pseudonym-key-file" in result.stderr
+
+
+def test_whatif_with_the_live_rules_reproduces_the_ledger(live: Path) -> None:
+    result = whatif(live, RULES_DEFAULT_PATH)
+    assert result.whatif_points == result.live_points > 0
+    assert result.users_affected == 0
+    assert result.flags_raised_whatif == result.flags_raised_live
+
+
+def _daily_steps(data_dir: Path) -> dict[str, dict[int, float]]:
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        cols = log.read_samples(0, log.position())
+    steps = cols.metric == METRIC_BY_NAME["steps"].code
+    totals: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    days = tokyo_days(cols.ts_ms)
+    for u, d, v in zip(cols.user_idx[steps].tolist(), days[steps].tolist(),
+                       cols.value[steps].tolist(), strict=True):
+        totals[cols.users[u]][d] += v
+    return totals
+
+
+def _percent_by_user(data_dir: Path) -> dict[str, int]:
+    """Personal step-threshold percent from the rules' age bands (the fleet's year is 2026)."""
+    target = load_rules(RULES_DEFAULT_PATH).points.steps.target
+    assert all(v == 100 for v in target.sex_percent.model_dump().values())
+    percents = {}
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        for profile in map(orjson.loads, log.profiles()):
+            age, percent = 2026 - profile["birth_year"], target.percent_default
+            for band in target.bands:
+                if age >= band.age_min:
+                    percent = band.percent
+            percents[profile["user_id"]] = percent
+    return percents
+
+
+def test_whatif_with_a_lower_top_tier_changes_exactly_the_people_who_reach_it(
+        live: Path, tmp_path: Path) -> None:
+    text = RULES_DEFAULT_PATH.read_text(encoding="utf-8")
+    assert "{ steps_min = 8000, points = 3 }" in text
+    other = tmp_path / "lower.toml"
+    other.write_text(text.replace("{ steps_min = 8000, points = 3 }",
+                                  "{ steps_min = 7000, points = 3 }"), encoding="utf-8")
+    out = tmp_path / "diff.parquet"
+    before = (live / "ledger.sqlite").read_bytes()
+    result = whatif(live, other, out=out)
+    assert (live / "ledger.sqlite").read_bytes() == before
+    percent = _percent_by_user(live)
+    expected = {user for user, days in _daily_steps(live).items()
+                if any(math.ceil(70 * percent[user]) <= round(total) < math.ceil(80 * percent[user])
+                       for total in days.values())}
+    diff = pq.read_table(out).to_pydict()
+    changed = {u for u, d in zip(diff["user"], diff["delta_points"], strict=True) if d}
+    assert changed == expected and expected
+    assert all(d >= 0 for d in diff["delta_points"])
+    assert result.users_affected == len(expected)
