@@ -373,17 +373,23 @@ def generate(seed: int, users: int = 3, days: int = 60, late_share: float = 0.15
             profiles[user] = (rng.choice(BIRTH_YEARS), rng.choice("FMX"))
         turn = first + rng.randrange(days)  # regime change: activity drops, vitals worsen
         level = rng.choice((1999, 2000, 4000, 5200, 9000))
+        carried: dict[int, list[tuple[int, float]]] = {}  # held back into the next day's sync
         for day in range(first, first + days):
             worse = day >= turn and rng.random() < 0.9
             for metric, values in _day_samples(rng, day, level, worse).items():
-                ts_values = []
+                ts_values = carried.pop(metric, [])
                 for value in values:
                     ts = _timestamp(rng, day)
                     if (user, metric, ts) in taken:
                         continue
                     taken.add((user, metric, ts))
                     ts_values.append((ts, value))
+                if rng.random() < 0.2 and day + 1 < first + days:
+                    carried[metric] = ts_values  # one segment across Tokyo midnight
+                    continue
                 _split_records(rng, timed, user, metric, ts_values, late_share)
+        for metric, ts_values in carried.items():
+            _split_records(rng, timed, user, metric, ts_values, late_share)
             for kind, venue in _day_activities(rng, worse):
                 event_number += 1
                 ts = _timestamp(rng, day)
@@ -401,8 +407,11 @@ def _arrival(rng: random.Random, ts: int, late_share: float) -> int:
 
 def _split_records(rng: random.Random, timed: list, user: str, metric: int,
                    ts_values: list[tuple[int, float]], late_share: float) -> None:
-    """One day's samples of a metric, sent as one or a few segments (watch syncs)."""
-    rng.shuffle(ts_values)
+    """Samples of a metric sent as one or a few segments (watch syncs), often in order."""
+    if rng.random() < 0.5:
+        rng.shuffle(ts_values)
+    else:
+        ts_values.sort()
     while ts_values:
         take = rng.randint(1, len(ts_values))
         part, ts_values = ts_values[:take], ts_values[take:]

@@ -19,6 +19,7 @@ from engine.rules.batch import (
 )
 from engine.rules.config import Rules, default_rules, parse_rules_data
 from engine.rules.engine import RulesEngine
+from engine.rules.runs import Runs
 from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME, EntryKind
 from tests.rules_reference import default_data
 
@@ -537,3 +538,32 @@ def test_severity_weights_are_configuration() -> None:
     rules = default_rules()
     assert rules.flags.severity_of("low_spo2") == 5
     assert rules.flags.severity_of("low_activity") == 2
+
+
+def test_runs_collapse_records_and_split_those_crossing_midnight() -> None:
+    midnight = day_start_ms(D0 + 1)
+    batch = WatermarkLog().sample_batch([
+        SampleRecord("A", STEPS, [at(D0, 9), at(D0, 8), at(D0, 10)], [10.0, 20.5, 30.0]),
+        SampleRecord("A", STEPS, [midnight - 1, midnight], [1.0, 2.0]),
+        SampleRecord("B", GAIT, [at(D0, 12)], [1.2]),
+    ])
+    runs = Runs.of(batch, share_max=1.0)
+    assert sorted(zip(runs.user.tolist(), runs.day.tolist(), runs.steps.tolist(),
+                      runs.length.tolist(), strict=True)) == [
+        (0, D0, 1.0, 1), (0, D0, 60.0, 3), (0, D0 + 1, 2.0, 1), (1, D0, 1.0, 1)]
+    per_sample = Runs.of(batch, share_max=0.0)
+    assert len(per_sample.start) == len(batch) == 6
+    assert sorted(per_sample.sample_indices(per_sample.metric == GAIT).tolist()) == [5]
+
+
+def test_run_and_per_sample_aggregation_leave_the_same_state() -> None:
+    records = [sample("A", STEPS, D0 + i % 3, 700.0 + i, 300.0) for i in range(9)] + [
+        sample("A", GAIT, D0 + 1, 0.9, 1.1), sample("B", SPO2, D0, 88.0, 91.0, hour=1)]
+    grids = []
+    for share in (1.0, 0.0):
+        engine = RulesEngine(default_rules(), runs_share_max=share)
+        engine.process(WatermarkLog().sample_batch(records), ActivityBatch.empty())
+        grids.append(engine.grid.arrays)
+    assert grids[0].keys() == grids[1].keys()
+    for name in grids[0]:
+        assert np.array_equal(grids[0][name], grids[1][name]), name

@@ -38,12 +38,18 @@ def rules_for(variant: int, settle_days: int) -> Rules:
     return _RULES[key]
 
 
+# Aggregation paths of the engine: (dense box or sparse cells) x (runs or samples).
+PATHS = {"box+runs": {"runs_share_max": 1.0}, "box+samples": {"runs_share_max": 0.0},
+         "sparse+runs": {"box_cells_max": 60, "runs_share_max": 1.0},
+         "sparse+samples": {"box_cells_max": 60, "runs_share_max": 0.0}, "default": {}}
+
+
 def check(rules: Rules, seed: int, users: int, days: int, late_share: float, split_seed: int,
-          batches_max: int, box_cells_max: int) -> None:
+          batches_max: int, path: str) -> None:
     stream = generate(seed, users=users, days=days, late_share=late_share)
     reference = run_reference(rules, stream)
     batches = split(stream.events, split_seed, batches_max)
-    awards, flags, _ = run_engine(rules, stream, batches, box_cells_max=box_cells_max)
+    awards, flags, _ = run_engine(rules, stream, batches, **PATHS[path])
     assert len({a.entry_id for a in awards}) == len(awards), "an award was written twice"
     assert len({f.flag_id for f in flags}) == len(flags), "a flag event was written twice"
     assert award_set(awards) == award_set(reference.awards.values())
@@ -54,20 +60,21 @@ def check(rules: Rules, seed: int, users: int, days: int, late_share: float, spl
 @given(seed=st.integers(0, 2**32 - 1), users=st.integers(1, 4), days=st.integers(20, 60),
        late_share=st.sampled_from([0.0, 0.1, 0.3]), variant=st.sampled_from([1, 1, 2, 0]),
        settle_days=st.integers(1, 3), split_seed=st.integers(0, 2**32 - 1),
-       batches_max=st.integers(0, 40), sparse=st.booleans())
+       batches_max=st.integers(0, 40), path=st.sampled_from(sorted(PATHS)))
 def test_any_split_gives_the_reference_awards_and_flags(
         seed: int, users: int, days: int, late_share: float, variant: int, settle_days: int,
-        split_seed: int, batches_max: int, sparse: bool) -> None:
+        split_seed: int, batches_max: int, path: str) -> None:
     check(rules_for(variant, settle_days), seed, users, days, late_share, split_seed,
-          batches_max, 60 if sparse else 1 << 25)
+          batches_max, path)
 
 
 @SMALL
 @given(seed=st.integers(0, 2**32 - 1), days=st.integers(8, 24), settle_days=st.integers(1, 3),
-       split_seed=st.integers(0, 2**32 - 1), batches_max=st.integers(0, 12))
+       split_seed=st.integers(0, 2**32 - 1), batches_max=st.integers(0, 12),
+       path=st.sampled_from(["box+runs", "box+samples"]))
 def test_small_streams_with_many_batches(seed: int, days: int, settle_days: int,
-                                         split_seed: int, batches_max: int) -> None:
-    check(rules_for(1, settle_days), seed, 2, days, 0.2, split_seed, batches_max, 1 << 25)
+                                         split_seed: int, batches_max: int, path: str) -> None:
+    check(rules_for(1, settle_days), seed, 2, days, 0.2, split_seed, batches_max, path)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -75,7 +82,7 @@ def test_one_event_per_batch_equals_one_batch(seed: int) -> None:
     rules = rules_for(1, 1 + seed % 3)
     stream = generate(seed, users=2, days=18)
     reference = run_reference(rules, stream)
-    one = run_engine(rules, stream, [stream.events])
+    one = run_engine(rules, stream, [stream.events], runs_share_max=1.0)
     each = run_engine(rules, stream, [[event] for event in stream.events])
     for awards, flags, _ in (one, each):
         assert award_set(awards) == award_set(reference.awards.values())
