@@ -522,7 +522,7 @@ def short_window_rules(settle_days: int, cap: int = 3, campaigns: bool = True) -
             {"name": "v1-visits", "start": "2025-01-01", "end": "2026-01-31", "kind": "bonus",
              "applies_to": ["checkin", "class"], "points": 3, "venues": ["V1"]},
             {"name": "all-checkins", "start": "2024-02-01", "end": "2024-03-31",
-             "kind": "multiplier", "applies_to": ["checkin", "volunteer"], "factor": 1.25},
+             "kind": "multiplier", "applies_to": ["checkin", "volunteer"], "factor": 1.5},
         ]
     return parse_rules_data(data, "short-window rules")
 
