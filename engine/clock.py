@@ -14,8 +14,8 @@ import numpy as np
 TOKYO_OFFSET_MS = 9 * 3600 * 1000
 DAY_MS = 86_400_000
 WEEK_DAYS = 7
-# 1970-01-01 was a Thursday; Monday-based weeks start 3 days later.
-_MONDAY_OFFSET_DAYS = 3
+# 1970-01-01 (day 0) was a Thursday; the first Monday was 1970-01-05 (day 4).
+MONDAY_DAY = 4
 EPOCH_DATE = dt.date(1970, 1, 1)
 TOKYO = dt.timezone(dt.timedelta(hours=9), "Asia/Tokyo")
 
@@ -58,11 +58,11 @@ def iso_to_day(text: str) -> int:
 
 def week_of_day(day: int | np.ndarray) -> int | np.ndarray:
     """Monday-based week number; week w covers days [week_start(w), week_start(w)+6]."""
-    return (day - _MONDAY_OFFSET_DAYS) // WEEK_DAYS
+    return (day - MONDAY_DAY) // WEEK_DAYS
 
 
 def week_start_day(week: int) -> int:
-    return week * WEEK_DAYS + _MONDAY_OFFSET_DAYS
+    return week * WEEK_DAYS + MONDAY_DAY
 
 
 def ms_to_iso(ts_ms: int) -> str:

@@ -55,7 +55,21 @@ def _cmd_whatif(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from replay.report import write_report
+
+    html_path, csv_path = write_report(data_dir_of(args), args.out, args.month)
+    print(f"wrote {html_path} and {csv_path}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("report", help="HTML programme report and high-risk list CSV")
+    parser.add_argument("--month", default=None, help="only this month (YYYY-MM)")
+    parser.add_argument("--out", type=Path, default=Path("report.html"))
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_report)
+
     parser = subparsers.add_parser("whatif", help="re-evaluate the history under other rules")
     parser.add_argument("--rules", type=Path, required=True, help="the other rules TOML")
     parser.add_argument("--since", default=None, help="first Tokyo day compared (YYYY-MM-DD)")

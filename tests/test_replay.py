@@ -166,3 +166,36 @@ def test_whatif_with_a_lower_top_tier_changes_exactly_the_people_who_reach_it(
     assert changed == expected and expected
     assert all(d >= 0 for d in diff["delta_points"])
     assert result.users_affected == len(expected)
+
+
+def test_report_renders_with_plots_and_a_risk_list(live: Path, tmp_path: Path) -> None:
+    from html.parser import HTMLParser
+
+    from replay.report import write_report
+
+    html_path, csv_path = write_report(live, tmp_path / "report.html")
+
+    class Collector(HTMLParser):
+        images: list[str] = []
+        tables = 0
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if tag == "img":
+                self.images.append(dict(attrs)["src"] or "")
+            self.tables += tag == "table"
+
+    parser = Collector()
+    parser.feed(html_path.read_text(encoding="utf-8"))
+    assert len(parser.images) == 4
+    assert all(src.startswith("data:image/png;base64,") and len(src) > 1000 for src in parser.images)
+    assert parser.tables >= 4
+    rows = csv_path.read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "user_id,severity,flag,since,evidence" and len(rows) > 1
+
+
+def test_report_for_one_month_counts_only_that_month(live: Path, tmp_path: Path) -> None:
+    from replay.report import collect
+
+    whole, october = collect(live, None), collect(live, "2026-10")
+    assert sum(whole.points_by_rule_week.values()) > 0
+    assert not october.points_by_rule_week and not october.active_users
