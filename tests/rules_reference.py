@@ -388,13 +388,13 @@ def generate(seed: int, users: int = 3, days: int = 60, late_share: float = 0.15
                     carried[metric] = ts_values  # one segment across Tokyo midnight
                     continue
                 _split_records(rng, timed, user, metric, ts_values, late_share)
-        for metric, ts_values in carried.items():
-            _split_records(rng, timed, user, metric, ts_values, late_share)
             for kind, venue in _day_activities(rng, worse):
                 event_number += 1
                 ts = _timestamp(rng, day)
                 record = ActivityRecord(user, f"e{event_number}", kind, ts, venue)
                 timed.append((_arrival(rng, ts, late_share), rng.random(), record))
+        for metric, ts_values in carried.items():
+            _split_records(rng, timed, user, metric, ts_values, late_share)
     timed.sort(key=lambda item: (item[0], item[1]))
     return Stream([record for _, _, record in timed], profiles)
 
