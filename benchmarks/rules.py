@@ -31,11 +31,11 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_start_ms, iso_to_day  # noqa: E402
-from engine.rules.batch import ActivityBatch, Profiles, SampleBatch  # noqa: E402
-from engine.rules.config import default_rules  # noqa: E402
-from engine.rules.engine import RulesEngine  # noqa: E402
-from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME  # noqa: E402
+from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_start_ms, iso_to_day
+from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
+from engine.rules.config import default_rules
+from engine.rules.engine import RulesEngine
+from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME
 
 FIRST_DAY = iso_to_day("2026-09-07")  # a Monday
 MINUTE_MS = 60_000

@@ -7,12 +7,22 @@ and flag events for any batch split of the same stream.
 
 from __future__ import annotations
 
+import itertools
 import random
 import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
 
-from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_end_ms, day_start_ms, day_to_iso, iso_to_day
+from engine.clock import (
+    DAY_MS,
+    TOKYO_OFFSET_MS,
+    day_end_ms,
+    day_start_ms,
+    day_to_iso,
+    iso_to_day,
+    week_of_day,
+    week_start_day,
+)
 from engine.entries import EntryDraft
 from engine.ids import derive_id
 from engine.rules.batch import ActivityRecord, Profiles, SampleRecord, WatermarkLog
@@ -35,8 +45,7 @@ def year_of(day: int) -> int:
 
 
 def monday_of(day: int) -> int:
-    # 1970-01-05 (day 4) was a Monday.
-    return day - (day - 4) % 7
+    return week_start_day(week_of_day(day))
 
 
 def fixed(value: float) -> int:
@@ -97,9 +106,9 @@ class Reference:
         day = day_of(ts_ms)
         self.first_day[user] = min(self.first_day.get(user, day), day)
         kind_name = ACTIVITY_KINDS[kind]
-        if before < 0 or day > day_of(before) - settle:
-            if kind_name in self.rules.flags.social_isolation.social_kinds:
-                self.social[(user, day)] += 1
+        included = before < 0 or day > day_of(before) - settle
+        if included and kind_name in self.rules.flags.social_isolation.social_kinds:
+            self.social[(user, day)] += 1
         self.activities_wm[user] = max(before, ts_ms)
         self._award_activity(user, day, kind_name, venue)
         self._evaluate(user)
@@ -426,7 +435,7 @@ def _day_samples(rng: random.Random, day: int, level: int, worse: bool) -> dict[
         parts = rng.randint(1, 4)
         cuts = sorted(rng.randrange(total + 1) for _ in range(parts - 1))
         bounds = [0, *cuts, total]
-        out[METRIC["steps"]] = [float(b - a) for a, b in zip(bounds, bounds[1:], strict=False)]
+        out[METRIC["steps"]] = [float(b - a) for a, b in itertools.pairwise(bounds)]
         if rng.random() < 0.1:
             out[METRIC["steps"]].append(0.5)  # a fractional count rounds to even (0)
     if rng.random() < 0.6:
@@ -465,7 +474,7 @@ def split(events: list, seed: int, batches_max: int) -> list[list]:
     rng = random.Random(seed)
     cuts = sorted(rng.randrange(len(events) + 1) for _ in range(rng.randint(0, batches_max)))
     bounds = [0, *cuts, len(events)]
-    return [events[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [events[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def run_engine(rules: Rules, stream: Stream, batches: list[list], **options: int) -> tuple:

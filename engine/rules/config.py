@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from functools import cached_property
 from datetime import date
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +33,7 @@ POINTS_MAX = 10_000
 STEPS_MIN_MAX = 1_000_000
 PERCENT_MAX = 1_000
 
+ActivityKindName = Literal["checkin", "meal", "brain_training", "volunteer", "class"]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,47}$")]
 Severity = Annotated[int, Field(ge=1, le=100)]
 WindowDays = Annotated[int, Field(ge=1, le=WINDOW_DAYS_MAX)]
@@ -272,8 +273,9 @@ class WeightLoss(_Flag):
 
 class SocialIsolation(_Flag):
     window_days: WindowDays = 28
-    social_kinds: list[Literal["checkin", "meal", "brain_training", "volunteer", "class"]] = (
-        Field(default_factory=lambda: ["checkin", "class", "volunteer"], min_length=1))
+    social_kinds: list[ActivityKindName] = Field(
+        default_factory=lambda: list[ActivityKindName](["checkin", "class", "volunteer"]),
+        min_length=1)
     conversation_minutes_per_day_min: float = Field(default=30.0, gt=0.0, le=1440.0)
     conversation_days_fraction_min: float = Field(default=0.5, gt=0.0, le=1.0)
 

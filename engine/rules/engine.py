@@ -8,14 +8,15 @@ touched are re-scored. Flags are re-evaluated for the days that became settled.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_end_ms, day_to_iso, tokyo_day
+from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
 from engine.entries import EntryDraft
-from engine.ids import derive_id
+from engine.ids import ID_HEX_CHARS, derive_id
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
 from engine.rules.config import Rules
 from engine.rules.flags import (
@@ -27,12 +28,11 @@ from engine.rules.flags import (
     RAISED,
     FlagEvaluator,
     GaitStore,
-    fixed,
     evidence_of,
+    fixed,
     transitions,
 )
 from engine.rules.grid import Column, Grid
-from engine.rules.runs import RUNS_SHARE_MAX, Runs
 from engine.rules.points import (
     FAMILY_ACTIVITY,
     FAMILY_CAMPAIGN_ACTIVITY,
@@ -46,7 +46,15 @@ from engine.rules.points import (
     step_awards,
     streak_awards,
 )
-from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME, EntryKind, FlagEvent, FlagState
+from engine.rules.runs import RUNS_SHARE_MAX, Runs
+from engine.schemas import (
+    ACTIVITY_KINDS,
+    METRIC_BY_NAME,
+    EntryKind,
+    FlagEvent,
+    FlagName,
+    FlagState,
+)
 
 # Metrics some flag reads, their channel in the flag box and the columns they feed.
 _FLAG_METRICS = ("resting_heart_rate", "conversation", "spo2", "body_weight", "gait_speed")
@@ -71,6 +79,7 @@ BOX_CELLS_MAX = 1 << 25
 KEY_DAY_BASE = 18_262  # 2020-01-01
 VENUES_MAX = 1 << 20
 _NO_DAY = np.iinfo(np.int32).max
+ID_SEPARATOR = "\x1f"  # engine.ids joins id parts with it
 
 COLUMNS = (
     Column("steps", np.int64, 0, "day"),  # every steps sample: points
@@ -191,14 +200,14 @@ class RulesEngine:
 
     def _set_profiles(self, first: int, stop: int) -> None:
         get = self._profiles.get
-        found = [get(user) for user in self.grid.user_ids[first:stop]]
-        known = [i for i, profile in enumerate(found) if profile is not None]
-        if not known:
+        found = [(row, profile) for row, user in enumerate(self.grid.user_ids[first:stop], first)
+                 if (profile := get(user)) is not None]
+        if not found:
             return
-        rows = first + np.array(known, np.int64)
+        rows = np.array([row for row, _ in found], np.int64)
         sex_percent = self.points.sex_percent
-        self.grid["birth_year"][rows] = [found[i][0] for i in known]
-        self.grid["sex_percent"][rows] = [sex_percent[found[i][1]] for i in known]
+        self.grid["birth_year"][rows] = [profile[0] for _, profile in found]
+        self.grid["sex_percent"][rows] = [sex_percent[profile[1]] for _, profile in found]
 
     def _ensure_days(self, *timestamps: np.ndarray) -> None:
         present = [ts for ts in timestamps if len(ts)]
@@ -210,6 +219,7 @@ class RulesEngine:
     def _venue_code(self, venue: str) -> int:
         code = self._venue_codes.get(venue)
         if code is None:
+            assert ID_SEPARATOR not in venue, f"venue id {venue!r} holds a unit separator"
             code = len(self.venues)
             assert code < VENUES_MAX, "too many venues for activity keys"
             self._venue_codes[venue] = code
@@ -365,14 +375,14 @@ class RulesEngine:
         venue = np.where(self.points.activity_per_venue[kind], codes, 0)
         assert np.all((day >= KEY_DAY_BASE) & (day < KEY_DAY_BASE + (1 << 16)))
         keys = np.unique((user << 39) | ((day - KEY_DAY_BASE) << 23) | (kind << 20) | venue)
-        position = np.searchsorted(self.awarded_keys, keys)
+        slot = np.searchsorted(self.awarded_keys, keys)
         known = np.zeros(len(keys), bool)
-        inside = position < len(self.awarded_keys)
-        known[inside] = self.awarded_keys[position[inside]] == keys[inside]
+        inside = slot < len(self.awarded_keys)
+        known[inside] = self.awarded_keys[slot[inside]] == keys[inside]
         fresh = keys[~known]
         if len(fresh) == 0:
             return
-        self.awarded_keys = np.insert(self.awarded_keys, position[~known], fresh)
+        self.awarded_keys = np.insert(self.awarded_keys, slot[~known], fresh)
         activity_awards(self.points, out, fresh >> 39, ((fresh >> 23) & 0xFFFF) + KEY_DAY_BASE,
                         (fresh >> 20) & 0x7, fresh & (VENUES_MAX - 1))
 
@@ -431,12 +441,12 @@ class RulesEngine:
                 zip(row.tolist(), column.tolist(), value.tolist(), evidence, strict=True)]
 
     def _flag_event(self, user: int, flag: str, day: int, state: int,
-                    evidence: dict[str, float | int]) -> FlagEvent:
+                    evidence: dict[str, float | int | str]) -> FlagEvent:
         user_id = self.grid.user_ids[user]
         state_name = FlagState.raised if state == RAISED else FlagState.cleared
         day_iso = day_to_iso(day)
         return FlagEvent(v=1, flag_id=derive_id("flag", user_id, flag, day_iso, state_name.value),
-                         user_id=user_id, flag=flag, state=state_name, day=day_iso,
+                         user_id=user_id, flag=FlagName(flag), state=state_name, day=day_iso,
                          evidence=evidence, rules_version=self.version)
 
     # ------------------------------------------------------------------- output
@@ -454,15 +464,18 @@ class RulesEngine:
         return text
 
     def drafts(self, columns: tuple[np.ndarray, ...]) -> list[EntryDraft]:
-        """Ledger entry drafts for award rows (entry ids derived from their causes)."""
+        """Ledger entry drafts for award rows.
+
+        entry_id = derive_id("award", user, day, rule, key), computed inline (the same
+        SHA-256 over the unit-separated parts; user and venue ids are checked for the
+        separator when first seen) because this loop runs once per award.
+        """
         table = self.points.rule_table
         user_ids, venues, iso, version = self.grid.user_ids, self.venues, self._iso, self.version
-        award = EntryKind.award
+        award, sha256 = EntryKind.award, hashlib.sha256
         out = []
         for user, day, rule, detail, points in zip(*(c.tolist() for c in columns), strict=True):
             spec = table[rule]
-            user_id = user_ids[user]
-            day_iso = iso(day)
             family = spec.family
             if family == FAMILY_TIER:
                 key, ref = detail, None
@@ -478,8 +491,11 @@ class RulesEngine:
             else:
                 assert family == FAMILY_CAMPAIGN_ACTIVITY
                 key = ref = f"{spec.cause}@{venues[detail]}"
-            out.append(EntryDraft(derive_id("award", user_id, day_iso, spec.name, key), user_id,
-                                  award, points, day_iso, day_end_ms(day), spec.name, ref,
+            user_id, day_iso = user_ids[user], iso(day)
+            entry_id = sha256(f"award\x1f{user_id}\x1f{day_iso}\x1f{spec.name}\x1f{key}".encode()
+                              ).hexdigest()[:ID_HEX_CHARS]
+            out.append(EntryDraft(entry_id, user_id, award, points, day_iso,
+                                  (day + 1) * DAY_MS - TOKYO_OFFSET_MS - 1, spec.name, ref,
                                   version))
         return out
 

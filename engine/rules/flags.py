@@ -43,46 +43,39 @@ BAND_DAYS_MAX = 8  # evaluate up to this many days with a band matmul, more with
 
 
 class Windows:
-    """Sums of one (rows x days) array over windows of days, computed the cheaper way:
-    a matmul with a 0/1 band matrix when few days are evaluated (the steady state: one
-    new settled day per batch), cumulative sums along days otherwise. Exact (int64)."""
+    """Sums of one (rows x days) slab over windows of days, for `count` evaluated days.
 
-    def __init__(self, x: np.ndarray) -> None:
+    The slab covers days [first - lookback, first + count - 1]. Sums use a matmul
+    with a 0/1 band matrix when few days are evaluated (the steady state: one new
+    settled day per batch), cumulative sums along days otherwise. Exact (int64).
+    """
+
+    def __init__(self, x: np.ndarray, lookback: int, count: int) -> None:
         self.x = x if x.dtype == np.int64 else x.astype(np.int64)
+        self.lookback, self.count = lookback, count
         self._prefix: np.ndarray | None = None
 
-    def prefix(self) -> np.ndarray:
+    def sums(self, end_offset: int, width: int) -> np.ndarray:
+        """Sums over days [d - end_offset - width + 1, d - end_offset] per evaluated d."""
+        assert self.lookback >= end_offset + width - 1
+        start, count = self.lookback - end_offset - width + 1, self.count
+        if count <= BAND_DAYS_MAX:
+            return self.x[:, start:start + width + count - 1] @ _band(width, count)
         if self._prefix is None:
             self._prefix = np.zeros((self.x.shape[0], self.x.shape[1] + 1), np.int64)
             np.cumsum(self.x, axis=1, out=self._prefix[:, 1:])
-        return self._prefix
-
-
-def prefix_sums(x: np.ndarray) -> Windows:
-    return Windows(x)
+        end = start + width
+        return self._prefix[:, end:end + count] - self._prefix[:, start:start + count]
 
 
 @lru_cache(maxsize=256)
 def _band(width: int, count: int) -> np.ndarray:
-    """band[i, j] = 1 when column i lies in the window of evaluated day j."""
+    """band[i, j] = 1 when slab column i lies in the window of evaluated day j."""
     column = np.arange(width + count - 1)[:, None]
     day = np.arange(count)[None, :]
     band = ((column >= day) & (column < day + width)).astype(np.int64)
     band.flags.writeable = False
     return band
-
-
-def window_sums(windows: Windows, lookback: int, end_offset: int, width: int,
-                count: int) -> np.ndarray:
-    """Sums over days [d - end_offset - width + 1, d - end_offset] for each of the `count`
-    evaluated days d, from data covering days [first - lookback, last]."""
-    assert lookback >= end_offset + width - 1
-    start = lookback - end_offset - width + 1
-    if count <= BAND_DAYS_MAX:
-        return windows.x[:, start:start + width + count - 1] @ _band(width, count)
-    prefix = windows.prefix()
-    end = start + width
-    return prefix[:, end:end + count] - prefix[:, start:start + count]
 
 
 def rolling_max(x: np.ndarray, width: int) -> np.ndarray:
@@ -226,11 +219,12 @@ class FlagEvaluator:
         f = self.rules.step_decline
         count, lookback = last - first + 1, self.lookback_days("step_decline")
         steps, samples = self._slabs(rows, first, last, lookback, "fsteps_sum", "fsteps_n")
-        steps, has = prefix_sums(steps), prefix_sums(samples > 0)
-        recent_sum = window_sums(steps, lookback, 0, f.recent_days, count)
-        recent_days = window_sums(has, lookback, 0, f.recent_days, count)
-        base_sum = window_sums(steps, lookback, f.recent_days, f.baseline_days, count)
-        base_days = window_sums(has, lookback, f.recent_days, f.baseline_days, count)
+        steps_in = Windows(steps, lookback, count)
+        has = Windows(samples > 0, lookback, count)
+        recent_sum = steps_in.sums(0, f.recent_days)
+        recent_days = has.sums(0, f.recent_days)
+        base_sum = steps_in.sums(f.recent_days, f.baseline_days)
+        base_days = has.sums(f.recent_days, f.baseline_days)
         known = ((recent_days >= f.days_with_data_min) & (base_days >= f.days_with_data_min)
                  & (base_sum > 0))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -249,9 +243,9 @@ class FlagEvaluator:
         count, width = last - first + 1, f.window_days
         steps, samples = self._slabs(rows, first, last, width - 1, "fsteps_sum", "fsteps_n")
         has = samples > 0
-        days = window_sums(prefix_sums(has), width - 1, 0, width, count)
-        below = window_sums(prefix_sums(has & (steps < f.median_steps_per_day_min)),
-                            width - 1, 0, width, count)
+        days = Windows(has, width - 1, count).sums(0, width)
+        low = has & (steps < f.median_steps_per_day_min)
+        below = Windows(low, width - 1, count).sums(0, width)
         known = valid & (days >= f.days_with_data_min)
         raised, undecided = median_below(below, days)
 
@@ -273,8 +267,8 @@ class FlagEvaluator:
         f = self.rules.slow_gait
         count, width = last - first + 1, f.window_days
         samples, low = self._slabs(rows, first, last, width - 1, "gait_n", "gait_low_n")
-        n = window_sums(prefix_sums(samples), width - 1, 0, width, count)
-        below = window_sums(prefix_sums(low), width - 1, 0, width, count)
+        n = Windows(samples, width - 1, count).sums(0, width)
+        below = Windows(low, width - 1, count).sums(0, width)
         known = valid & (n >= f.samples_min)
         raised, undecided = median_below(below, n)
 
@@ -296,10 +290,10 @@ class FlagEvaluator:
         count, lookback = last - first + 1, self.lookback_days("weight_loss")
         total, samples, heaviest = self._slabs(rows, first, last, lookback,
                                                "weight_sum", "weight_n", "weight_max")
-        total, samples_prefix = prefix_sums(total), prefix_sums(samples)
-        recent_sum = window_sums(total, lookback, 0, f.recent_days, count)
-        recent_n = window_sums(samples_prefix, lookback, 0, f.recent_days, count)
-        back_n = window_sums(samples_prefix, lookback, f.recent_days, f.lookback_days, count)
+        counts = Windows(samples, lookback, count)
+        recent_sum = Windows(total, lookback, count).sums(0, f.recent_days)
+        recent_n = counts.sums(0, f.recent_days)
+        back_n = counts.sums(f.recent_days, f.lookback_days)
         back_max = rolling_max(heaviest[:, :f.lookback_days - 1 + count], f.lookback_days)
         known = (recent_n >= f.recent_samples_min) & (back_n >= f.lookback_samples_min)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -316,9 +310,9 @@ class FlagEvaluator:
         count, width = last - first + 1, f.window_days
         talk, talk_n, social = self._slabs(rows, first, last, width - 1,
                                            "talk_sum", "talk_n", "social_n")
-        talk_days = window_sums(prefix_sums(talk_n > 0), width - 1, 0, width, count)
-        talk_sum = window_sums(prefix_sums(talk), width - 1, 0, width, count)
-        activities = window_sums(prefix_sums(social), width - 1, 0, width, count)
+        talk_days = Windows(talk_n > 0, width - 1, count).sums(0, width)
+        talk_sum = Windows(talk, width - 1, count).sums(0, width)
+        activities = Windows(social, width - 1, count).sums(0, width)
         known = talk_days >= f.conversation_days_min
         with np.errstate(divide="ignore", invalid="ignore"):
             per_day = talk_sum / talk_days
@@ -333,8 +327,8 @@ class FlagEvaluator:
         count, width = last - first + 1, f.window_nights
         total, samples = self._slabs(rows, first, last, width - 1, "spo2_sum", "spo2_n")
         low = (samples > 0) & (total < fixed(f.spo2_night_mean_pct_min) * samples)
-        nights = window_sums(prefix_sums(samples > 0), width - 1, 0, width, count)
-        low_nights = window_sums(prefix_sums(low), width - 1, 0, width, count)
+        nights = Windows(samples > 0, width - 1, count).sums(0, width)
+        low_nights = Windows(low, width - 1, count).sums(0, width)
         known = nights >= f.nights_with_data_min
         return FlagResult(_raw(known, low_nights >= f.low_nights_min), {
             "low_nights": low_nights, "nights_with_data": nights})
@@ -344,14 +338,14 @@ class FlagEvaluator:
         f = self.rules.resting_hr_rise
         count, lookback = last - first + 1, self.lookback_days("resting_hr_rise")
         total, samples = self._slabs(rows, first, last, lookback, "rhr_sum", "rhr_n")
-        has, total, samples = (prefix_sums(samples > 0), prefix_sums(total),
-                               prefix_sums(samples))
-        recent_sum = window_sums(total, lookback, 0, f.recent_days, count)
-        recent_n = window_sums(samples, lookback, 0, f.recent_days, count)
-        recent_days = window_sums(has, lookback, 0, f.recent_days, count)
-        base_sum = window_sums(total, lookback, f.recent_days, f.baseline_days, count)
-        base_n = window_sums(samples, lookback, f.recent_days, f.baseline_days, count)
-        base_days = window_sums(has, lookback, f.recent_days, f.baseline_days, count)
+        has = Windows(samples > 0, lookback, count)
+        sums, counts = Windows(total, lookback, count), Windows(samples, lookback, count)
+        recent_sum, base_sum = sums.sums(0, f.recent_days), sums.sums(f.recent_days,
+                                                                        f.baseline_days)
+        recent_n, base_n = counts.sums(0, f.recent_days), counts.sums(f.recent_days,
+                                                                       f.baseline_days)
+        recent_days = has.sums(0, f.recent_days)
+        base_days = has.sums(f.recent_days, f.baseline_days)
         known = ((recent_days >= f.recent_days_with_data_min)
                  & (base_days >= f.baseline_days_with_data_min))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -398,7 +392,7 @@ def transitions(result: FlagResult, valid: np.ndarray, state_before: np.ndarray,
 
 
 def evidence_of(result: FlagResult, row: np.ndarray, column: np.ndarray,
-                ) -> list[dict[str, float | int]]:
+                ) -> list[dict[str, float | int | str]]:
     """Evidence of the given cells: counts as int, everything else rounded to 3 places."""
     if len(row) == 0:
         return []

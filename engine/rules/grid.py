@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# 1970-01-05 (day 4) was a Monday. (engine.clock.week_start_day is off by one: it
-# starts weeks on Sundays; the rules keep their own Monday arithmetic.)
-MONDAY_DAY = 4
+from engine.clock import week_of_day, week_start_day
+
 USERS_MAX = 1 << 23
 DAY_AXIS_DAYS_MAX = 1 << 15
 _USERS_CAPACITY_MIN = 64
@@ -63,7 +62,8 @@ class Grid:
         assert shift % 7 == 0 and shift >= 0 and days % 7 == 0
         fresh = {}
         for name, column in self.columns.items():
-            array = np.full(self._shape(column, users, days), column.fill, column.dtype)
+            array: np.ndarray = np.full(self._shape(column, users, days), column.fill,
+                                        column.dtype)
             old = self.arrays.get(name)
             if old is not None and old.size:
                 rows = old.shape[0]
@@ -88,6 +88,7 @@ class Grid:
                 user_id = user_ids[position]
                 found = self.index.get(user_id)  # a batch lists each user once; be safe
                 if found is None:
+                    assert "\x1f" not in user_id, f"user id {user_id!r} holds a unit separator"
                     found = self.index[user_id] = len(self.user_ids)
                     self.user_ids.append(user_id)
                 out[position] = found
@@ -128,7 +129,7 @@ class Grid:
             view.flags.writeable = False
             return view
         width = day_last - day_first + 1
-        out = np.full((len(rows), width), column.fill, column.dtype)
+        out: np.ndarray = np.full((len(rows), width), column.fill, column.dtype)
         low, high = max(low, 0), min(high, self.days)
         if low < high:
             out[:, low - (day_first - self.day0):high - (day_first - self.day0)] = (
@@ -137,4 +138,4 @@ class Grid:
 
 def monday_of(day: int) -> int:
     """The Monday on or before a day number (weeks run Monday to Sunday)."""
-    return day - (day - MONDAY_DAY) % 7
+    return int(week_start_day(int(week_of_day(day))))
