@@ -89,6 +89,8 @@ def test_duplicates_within_one_record_count_once(log: EmbeddedLog) -> None:
         (segment("u", [1_500_000_000_000], [1.0]), "too_old_timestamp", "ts_ms[0]"),
         (segment("u", [T0, T0 + 8 * 86_400_000], [1.0, 1.0]), "segment_too_long", "ts_ms"),
         (segment("u", [T0], ["many"]), "bad_field", "values"),
+        (segment("u", [T0], [[1.0]]), "bad_field", "values"),
+        (segment("u", [T0], [True]), "bad_field", "values"),
         (segment("u", [T0 + 0.5], [1.0]), "bad_field", "ts_ms"),
         ({"v": 1, "hello": "world"}, "unknown_type", "record"),
         ({"v": 1, "event_id": "e", "user_id": "A1", "kind": "dance", "ts_ms": T0, "source": "app"},
@@ -219,3 +221,16 @@ def _wait_for_growth(path: Path, deadline_s: float = 60.0) -> None:
             return
         time.sleep(0.01)
     raise AssertionError("ingest made no progress")
+
+
+def test_badly_typed_arrays_are_named_even_among_good_records(log: EmbeddedLog) -> None:
+    good = segment("u1", [T0, T0 + MINUTE_MS], [1.0, 2.0])
+    counts = ingest(log, good, segment("u2", [T0 + 2 * MINUTE_MS], [[1.0]]),
+                    segment("u3", [T0 + 3 * MINUTE_MS], [None]),
+                    {**segment("u4", [T0], [1.0]), "user_id": ["W1"]},
+                    orjson.dumps(segment("u5", [T0], [1.0])).replace(
+                        str(T0).encode(), b"1" + b"0" * 30))
+    assert counts["accepted_samples"] == 2
+    reasons = [letter["reason"].split(": ")[:2] for letter in log.dead_letters()]
+    assert reasons == [["bad_field", "values"], ["bad_field", "values"], ["bad_field", "user_id"],
+                       ["bad_field", "ts_ms"]]

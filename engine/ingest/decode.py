@@ -9,6 +9,7 @@ and profiles are small records validated by their pydantic models.
 from __future__ import annotations
 
 import re
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,16 @@ def _kind_of(body: dict[str, Any]) -> str | None:
     return None
 
 
+_valid_ids: set[object] = set()
+VALID_IDS_REMEMBERED_MAX = 200_000
+
+
+def _remember_valid_id(text: str) -> None:
+    if len(_valid_ids) >= VALID_IDS_REMEMBERED_MAX:
+        _valid_ids.clear()
+    _valid_ids.add(text)
+
+
 def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | None:
     """First problem with a segment's scalar fields, or None."""
     for name in (*_SAMPLE_ID_FIELDS, "metric", "unit", "ts_ms", "values"):
@@ -92,8 +103,11 @@ def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | Non
             return Reason.missing_field, name, "required"
     for name in _SAMPLE_ID_FIELDS:
         text = body[name]
+        if isinstance(text, str) and text in _valid_ids:
+            continue
         if not isinstance(text, str) or not _ID_PATTERN.match(text):
             return Reason.bad_field, name, f"must be 1-64 characters of A-Z a-z 0-9 _ . : - (got {text!r:.80})"
+        _remember_valid_id(text)
     metric = body["metric"]
     spec = METRIC_BY_NAME.get(metric) if isinstance(metric, str) else None
     if spec is None:
@@ -121,9 +135,9 @@ def _segment_arrays(body: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | tup
         values = np.asarray(body["values"])
     except (ValueError, TypeError, OverflowError):
         return Reason.bad_field, "values", "must hold numbers only"
-    if ts.dtype.kind not in "iu":
+    if ts.dtype.kind not in "iu" or ts.ndim != 1:
         return Reason.bad_field, "ts_ms", "must hold integers (epoch milliseconds)"
-    if values.dtype.kind not in "iuf":
+    if values.dtype.kind not in "iuf" or values.ndim != 1:
         return Reason.bad_field, "values", "must hold numbers only"
     return ts.astype(np.int64, copy=False), values.astype(np.float64, copy=False)
 
@@ -214,6 +228,7 @@ def decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
         problem = _decode_one(index, raw, segments, activities, profiles)
         if problem is not None:
             rejected.append(problem)
+    rejected.extend(_convert_arrays(segments, lines))
     rejected.extend(_check_segment_arrays(segments, lines, now_ms))
     for index, event, _ in activities:
         if event.ts_ms > now_ms + TS_SKEW_MS_MAX:
@@ -262,10 +277,6 @@ def _decode_one(
 
 def _decode_segment(index: int, raw: bytes, body: dict[str, Any], segments: SegmentColumns) -> Rejected | None:
     problem = _check_segment_fields(body)
-    if problem is None:
-        arrays = _segment_arrays(body)
-        if isinstance(arrays[0], Reason):
-            problem = arrays  # type: ignore[assignment]
     if problem is not None:
         return _reject(index, raw, *problem)
     extra = set(body) - {"v", "metric", "unit", "ts_ms", "values", *_SAMPLE_ID_FIELDS}
@@ -276,9 +287,44 @@ def _decode_segment(index: int, raw: bytes, body: dict[str, Any], segments: Segm
     segments.user_id.append(body["user_id"])
     segments.device_id.append(body["device_id"])
     segments.metric.append(METRIC_BY_NAME[body["metric"]].code)
-    segments.ts_parts.append(arrays[0])  # type: ignore[arg-type]
-    segments.value_parts.append(arrays[1])  # type: ignore[arg-type]
+    segments.ts_parts.append(body["ts_ms"])  # lists until _convert_arrays
+    segments.value_parts.append(body["values"])
     return None
+
+
+def _flat_array(lists: list[list[Any]], kinds: str) -> np.ndarray | None:
+    """All lists as one array in one conversion, or None if any element is not of `kinds`."""
+    try:
+        flat = np.array(list(chain.from_iterable(lists)))
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return flat if flat.dtype.kind in kinds and flat.ndim == 1 else None
+
+
+def _convert_arrays(segments: SegmentColumns, raws: list[bytes]) -> list[Rejected]:
+    """Turn the segments' JSON lists into numpy arrays: one conversion per batch when all
+    are well typed, record by record (to name the bad ones) otherwise."""
+    if not len(segments):
+        return []
+    ts = _flat_array(segments.ts_parts, "iu")
+    values = _flat_array(segments.value_parts, "iuf")
+    if ts is not None and values is not None:
+        bounds = np.cumsum([len(part) for part in segments.ts_parts])[:-1]
+        segments.ts_parts = np.split(ts.astype(np.int64, copy=False), bounds)
+        segments.value_parts = np.split(values.astype(np.float64, copy=False), bounds)
+        return []
+    rejected, keep = [], np.ones(len(segments), dtype=bool)
+    for row, (ts_list, value_list) in enumerate(zip(segments.ts_parts, segments.value_parts,
+                                                    strict=True)):
+        arrays = _segment_arrays({"ts_ms": ts_list, "values": value_list})
+        if isinstance(arrays[0], Reason):
+            index = segments.index[row]
+            rejected.append(_reject(index, raws[index], *arrays))  # type: ignore[arg-type]
+            keep[row] = False
+        else:
+            segments.ts_parts[row], segments.value_parts[row] = arrays  # type: ignore[assignment]
+    _keep_rows(segments, keep)
+    return rejected
 
 
 def activity_kind_code(kind: str) -> int:

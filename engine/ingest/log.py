@@ -312,6 +312,7 @@ class EmbeddedLog:
         existing = self._existing_events([event.event_id for _, event, _ in decoded.activities])
         watermarks: dict[tuple[str, str], int] = {}
         seen_in_batch: dict[str, bytes] = {}
+        rows: list[tuple] = []
         for index, event, raw in decoded.activities:
             body = _canonical_event(event)
             stored = existing.get(event.event_id) or seen_in_batch.get(event.event_id)
@@ -330,13 +331,13 @@ class EmbeddedLog:
                     Reason.too_late, "ts_ms", f"event on {_iso(event.ts_ms)} is more than "
                     f"{self.late_window_days} days older than this user's events so far"), raw))
                 continue
-            self._db.execute(
-                "INSERT INTO activity_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (next_seq, event.event_id, event.user_id, activity_kind_code(event.kind.value),
-                 event.ts_ms, event.venue_id or "", event.source, wm, body))
+            rows.append((next_seq, event.event_id, event.user_id,
+                         activity_kind_code(event.kind.value), event.ts_ms, event.venue_id or "",
+                         event.source, wm, body))
             seen_in_batch[event.event_id] = body
             watermarks[key] = max(wm, event.ts_ms)
             next_seq += 1
+        self._db.executemany("INSERT INTO activity_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return watermarks, next_seq
 
     def _existing_events(self, event_ids: list[str]) -> dict[str, bytes]:
