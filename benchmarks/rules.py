@@ -11,7 +11,9 @@ watermarks the log would assign.
 Reports samples/s of `RulesEngine.process` (awards as columns + flag events),
 the dense limit (np.bincount over a user x day flat index of the same batches),
 their ratio, the cost of turning awards into EntryDraft objects, a growth table at
-1x/10x/100x users, and a micro-benchmark of the aggregation primitives.
+1x/10x/100x users (1x = a tenth of the fleet, same per-user data, fewer days, so
+100x = 10x the fleet fits in memory; linear cost = constant samples/s), and a
+micro-benchmark of the aggregation primitives.
 
     .venv/bin/python benchmarks/rules.py [--days 28] [--watch 1500] [--app 12000] [--json]
 """
@@ -207,32 +209,53 @@ def measure(fleet: Fleet, days: int, repeats: int, drafts: bool) -> dict[str, fl
             "batches": len(batches), "limit_s": limit_s, **best}
 
 
-def aggregators(samples: int = 5_000_000, users: int = 13_500, days: int = 2) -> dict[str, float]:
-    """samples/s of candidate (user, day) aggregation primitives at a daily-batch size."""
+def aggregators(samples: int = 2_000_000, users: int = 13_500, days: int = 2
+                ) -> dict[str, dict[str, int]]:
+    """samples/s of (user, day) sum+count primitives at a daily-batch size, for samples in
+    log order (records contiguous, ~150 per run) and in random order."""
     import polars as pl
 
     rng = np.random.default_rng(1)
-    flat = np.sort(rng.integers(0, users * days, samples))  # per-user contiguous, like the log
-    value = rng.integers(0, 30, samples).astype(np.float64)
-    out = {}
+    runs = np.sort(rng.integers(0, users * days, samples // 150))
+    log_order = np.repeat(runs, 150)
+    value = rng.integers(0, 30, len(log_order)).astype(np.float64)
+    out: dict[str, dict[str, int]] = {}
 
-    def best(function) -> float:  # type: ignore[no-untyped-def]
+    def best(function) -> int:  # type: ignore[no-untyped-def]
         times = []
         for _ in range(3):
             start = time.perf_counter()
             function()
             times.append(time.perf_counter() - start)
-        return samples / min(times)
+        return round(len(value) / min(times))
 
-    out["np.bincount"] = best(lambda: np.bincount(flat, weights=value, minlength=users * days))
+    for order, flat in (("log_order", log_order), ("random_order", rng.permutation(log_order))):
+        size = users * days
 
-    def add_at() -> None:
-        np.add.at(np.zeros(users * days), flat, value)
+        def bincount(flat=flat, size=size) -> None:  # type: ignore[no-untyped-def]
+            np.bincount(flat, minlength=size)
+            np.bincount(flat, weights=value, minlength=size)
 
-    out["np.add.at"] = best(add_at)
-    frame = pl.DataFrame({"k": flat, "v": value})
-    out["polars.group_by"] = best(lambda: frame.group_by("k").agg(pl.col("v").sum()))
-    return {name: round(rate) for name, rate in out.items()}
+        def add_at(flat=flat, size=size) -> None:  # type: ignore[no-untyped-def]
+            np.add.at(np.zeros(size), flat, value)
+            np.add.at(np.zeros(size, np.int64), flat, 1)
+
+        def reduceat_runs(flat=flat, size=size) -> None:  # type: ignore[no-untyped-def]
+            start = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
+            sums = np.add.reduceat(value, start)
+            counts = np.diff(start, append=len(flat))
+            np.bincount(flat[start], weights=sums, minlength=size)
+            np.bincount(flat[start], weights=counts, minlength=size)
+
+        frame = pl.DataFrame({"k": flat, "v": value})
+        out[order] = {
+            "np.bincount": best(bincount),
+            "np.add.at": best(add_at),
+            "runs+np.add.reduceat": best(reduceat_runs),
+            "polars.group_by": best(lambda frame=frame: frame.group_by("k").agg(
+                pl.col("v").sum(), pl.len())),
+        }
+    return out
 
 
 def main() -> int:
@@ -242,6 +265,8 @@ def main() -> int:
     parser.add_argument("--app", type=int, default=12000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--growth-days", type=int, default=3)
+    parser.add_argument("--growth-base", type=int, default=10,
+                        help="growth 1x = the fleet divided by this (default 10: 1,350 users)")
     parser.add_argument("--no-growth", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -266,7 +291,8 @@ def main() -> int:
     if not args.no_growth:
         growth = []
         for scale in (1, 10, 100):
-            fleet = Fleet(args.watch * scale, args.app * scale, thin=scale)
+            fleet = Fleet(args.watch * scale // args.growth_base,
+                          args.app * scale // args.growth_base)
             run = measure(fleet, args.growth_days, 1, drafts=False)
             growth.append({"scale": scale, "users": fleet.users, "samples": run["samples"],
                            "samples_per_s": round(run["samples"] / run["core_s"]),

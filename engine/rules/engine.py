@@ -9,8 +9,8 @@ touched are re-scored. Flags are re-evaluated for the days that became settled.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from functools import cached_property
+from itertools import repeat
 
 import numpy as np
 
@@ -110,16 +110,6 @@ COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class AwardTable:
-    """Award rows of one batch as columns, sorted by (day, user, rule, detail)."""
-
-    user_id: list[str]
-    day: np.ndarray
-    rule: list[str]
-    points: np.ndarray
-
-
 class RulesOutput:
     """Awards and flag events of one batch.
 
@@ -158,12 +148,18 @@ class RulesEngine:
         self.box_cells_max = box_cells_max
         self.runs_share_max = runs_share_max
         profiles = profiles or Profiles.empty()
-        self._profiles = {user: (int(year), str(sex)) for user, year, sex in
-                          zip(profiles.user_ids, profiles.birth_year, profiles.sex, strict=True)}
+        self._profile_row = dict(zip(profiles.user_ids, range(len(profiles.user_ids)),
+                                     strict=True))
+        self._profile_birth_year = np.asarray(profiles.birth_year, np.int16)
         self.grid = Grid(COLUMNS)
         self.venues: list[str] = [""]
         self._venue_codes: dict[str, int] = {"": 0}
         self.points = CompiledPoints(rules, self._venue_code)
+        sex = np.asarray(profiles.sex).astype(str)
+        assert np.isin(sex, ["F", "M", "X"]).all(), "profile sex must be F, M or X"
+        self._profile_sex_percent = np.select(
+            [sex == code for code in ("F", "M", "X")],
+            [self.points.sex_percent[code] for code in ("F", "M", "X")], 100).astype(np.int64)
         self.awarded_keys = np.zeros(0, np.int64)
         self.gait = GaitStore()
         self.evaluator = FlagEvaluator(rules, self.grid, self.gait)
@@ -187,7 +183,7 @@ class RulesEngine:
             self._samples(samples, sample_users, awards)
         if len(activities):
             self._activities(activities, activity_users, awards)
-        touched = np.union1d(sample_users, activity_users)
+        touched = distinct(np.concatenate([sample_users, activity_users]))
         flags = self._evaluate_flags(touched) if len(touched) else []
         return RulesOutput(self._sorted(awards), self, flags)
 
@@ -199,15 +195,12 @@ class RulesEngine:
         return index
 
     def _set_profiles(self, first: int, stop: int) -> None:
-        get = self._profiles.get
-        found = [(row, profile) for row, user in enumerate(self.grid.user_ids[first:stop], first)
-                 if (profile := get(user)) is not None]
-        if not found:
-            return
-        rows = np.array([row for row, _ in found], np.int64)
-        sex_percent = self.points.sex_percent
-        self.grid["birth_year"][rows] = [profile[0] for _, profile in found]
-        self.grid["sex_percent"][rows] = [sex_percent[profile[1]] for _, profile in found]
+        get = self._profile_row.get
+        row = np.fromiter(map(get, self.grid.user_ids[first:stop], repeat(-1)), np.int64,
+                          count=stop - first)
+        known = np.flatnonzero(row >= 0)
+        self.grid["birth_year"][first + known] = self._profile_birth_year[row[known]]
+        self.grid["sex_percent"][first + known] = self._profile_sex_percent[row[known]]
 
     def _ensure_days(self, *timestamps: np.ndarray) -> None:
         present = [ts for ts in timestamps if len(ts)]
@@ -233,13 +226,13 @@ class RulesEngine:
         """Touched cells of a flat index with their summed counts and sums (exact ints).
 
         A dense np.bincount over the whole box when it fits (measured fastest at
-        every batch size here), np.unique when the box would be mostly empty.
+        every batch size here), a sort when the box would be mostly empty.
         """
         if size <= self.box_cells_max:
             totals = np.bincount(flat, weights=counts, minlength=size)
             cells = np.flatnonzero(totals)
             return cells, totals[cells], np.bincount(flat, weights=sums, minlength=size)[cells]
-        cells, inverse = np.unique(flat, return_inverse=True)
+        cells, inverse = distinct_inverse(flat)
         return (cells, np.bincount(inverse, weights=counts, minlength=len(cells)),
                 np.bincount(inverse, weights=sums, minlength=len(cells)))
 
@@ -347,7 +340,7 @@ class RulesEngine:
         crossed = (tier_old < target) & (tier_new >= target)
         if not crossed.any() or len(compiled.streak_days_min) == 0:
             return
-        week = np.unique(user[crossed] * (grid.days // 7) + column[crossed] // 7)
+        week = distinct(user[crossed] * (grid.days // 7) + column[crossed] // 7)
         user, week = np.divmod(week, grid.days // 7)
         days_met = (grid["tier"][user[:, None], week[:, None] * 7 + np.arange(7)]
                     >= target).sum(axis=1)
@@ -368,13 +361,13 @@ class RulesEngine:
         social = np.flatnonzero(included & self.social_kind[batch.kind])
         np.add.at(grid["social_n"], (user[social], day[social] - grid.day0), np.int32(1))
         kind = batch.kind.astype(np.int64)
-        get = self._venue_codes.get
-        codes = np.array([get(v, -1) for v in batch.venue_id], np.int64)
+        codes = np.fromiter(map(self._venue_codes.get, batch.venue_id, repeat(-1)), np.int64,
+                            count=len(batch.venue_id))
         for position in np.flatnonzero(codes < 0).tolist():
             codes[position] = self._venue_code(batch.venue_id[position])
         venue = np.where(self.points.activity_per_venue[kind], codes, 0)
         assert np.all((day >= KEY_DAY_BASE) & (day < KEY_DAY_BASE + (1 << 16)))
-        keys = np.unique((user << 39) | ((day - KEY_DAY_BASE) << 23) | (kind << 20) | venue)
+        keys = distinct((user << 39) | ((day - KEY_DAY_BASE) << 23) | (kind << 20) | venue)
         slot = np.searchsorted(self.awarded_keys, keys)
         known = np.zeros(len(keys), bool)
         inside = slot < len(self.awarded_keys)
@@ -504,6 +497,26 @@ class RulesEngine:
         return {"users": self.grid.users, "days": self.grid.days, "day0": self.grid.day0,
                 "activity_keys": len(self.awarded_keys), "gait_samples": len(self.gait.keys),
                 "venues": len(self.venues) - 1}
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (np.unique takes a hash path in numpy 2.4 that is ~30x slower
+    than sorting for million-element int arrays)."""
+    ordered = np.sort(values)
+    keep = np.ones(len(ordered), bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
+def distinct_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values and, per input, the index of its value among them."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    new = np.ones(len(ordered), bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    inverse = np.empty(len(values), np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[new], inverse
 
 
 def day_of(ts_ms: np.ndarray) -> np.ndarray:

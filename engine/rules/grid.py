@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -80,18 +81,17 @@ class Grid:
 
     def user_indices(self, user_ids: Sequence[str]) -> np.ndarray:
         """Global dense index per user id, registering new users (int64)."""
-        get = self.index.get
-        out = np.array([get(user_id, -1) for user_id in user_ids], np.int64)
+        out = np.fromiter(map(self.index.get, user_ids, repeat(-1)), np.int64,
+                          count=len(user_ids))
         new = np.flatnonzero(out < 0)
         if len(new):
-            for position in new.tolist():
-                user_id = user_ids[position]
-                found = self.index.get(user_id)  # a batch lists each user once; be safe
-                if found is None:
-                    assert "\x1f" not in user_id, f"user id {user_id!r} holds a unit separator"
-                    found = self.index[user_id] = len(self.user_ids)
-                    self.user_ids.append(user_id)
-                out[position] = found
+            fresh = [user_ids[position] for position in new.tolist()]
+            assert len(set(fresh)) == len(fresh), "a batch lists each user once"
+            assert "\x1f" not in "".join(fresh), "a user id holds a unit separator"
+            first = len(self.user_ids)
+            self.index.update(zip(fresh, range(first, first + len(fresh)), strict=True))
+            self.user_ids.extend(fresh)
+            out[new] = np.arange(first, first + len(fresh))
             assert len(self.user_ids) <= USERS_MAX, "too many users for the rules state"
             if len(self.user_ids) > self.users_capacity:
                 self._allocate(max(2 * self.users_capacity, len(self.user_ids)), self.day0,
