@@ -22,8 +22,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.ingest.log import EmbeddedLog  # noqa: E402
-from engine.ingest.reader import BATCH_LINES_MAX  # noqa: E402
+from engine.ingest.log import EmbeddedLog
+from engine.ingest.reader import BATCH_LINES_MAX
 
 T0_MS = 1_788_188_400_000  # 2026-09-01T00:00+09:00
 MINUTE_MS = 60_000

@@ -9,7 +9,6 @@ measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import tempfile
@@ -17,17 +16,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine.clock import tokyo_days  # noqa: E402
-from engine.ingest.cli import ingest_paths  # noqa: E402
-from engine.ingest.log import EmbeddedLog  # noqa: E402
-from engine.pipeline import run_pipeline  # noqa: E402
-from engine.sim import SimConfig, simulate  # noqa: E402
+from fleet import fleet_arguments, ingest_fleet, print_result, simulate_fleet
 
-NOW_MS = 1_830_297_600_000  # 2028-01-01: after any simulated period
+from engine.clock import tokyo_days
+from engine.ingest.log import EmbeddedLog
+from engine.pipeline import run_pipeline
 
 
 def dense_limit_s(data_dir: Path) -> tuple[float, int]:
@@ -45,19 +41,11 @@ def dense_limit_s(data_dir: Path) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--participants", type=int, default=300)
-    parser.add_argument("--app-users", type=int, default=2400)
-    parser.add_argument("--days", type=int, default=28)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = fleet_arguments(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
-        fleet, data_dir = Path(tmp) / "fleet", Path(tmp) / "data"
-        simulate(SimConfig(participants=args.participants, app_users=args.app_users,
-                           days=args.days), fleet)
+        fleet, data_dir = simulate_fleet(args, Path(tmp)), Path(tmp) / "data"
         start = time.perf_counter()
-        with EmbeddedLog.open(data_dir) as log:
-            counts = ingest_paths(log, [str(fleet)], now_ms=NOW_MS)
+        counts = ingest_fleet(fleet, data_dir)
         ingest_s = time.perf_counter() - start
         summary = run_pipeline(data_dir)
         run_s = summary.seconds
@@ -72,9 +60,7 @@ def main() -> None:
         "ingest_s": round(ingest_s, 2), "run_s": round(run_s, 2),
         "machine": f"{platform.machine()} Python {platform.python_version()}",
     }
-    print(orjson.dumps(result).decode() if args.json else
-          "\n".join(f"{k:>28}: {v:,}" if isinstance(v, int) else f"{k:>28}: {v}"
-                    for k, v in result.items()))
+    print_result(result, args.json)
 
 
 if __name__ == "__main__":

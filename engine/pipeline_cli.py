@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
@@ -34,21 +35,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def risk_list(data_dir: Path, day: str | None = None) -> list[dict[str, object]]:
-    """Users with raised flags, most severe first: [{user_id, severity, flags: [...]}]."""
+@dataclass
+class RiskFlag:
+    flag: str
+    since: str
+    evidence: dict[str, object]
+
+
+@dataclass
+class RiskRow:
+    """One person on the care-prevention risk list."""
+
+    user_id: str
+    severity: int = 0
+    flags: list[RiskFlag] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def risk_list(data_dir: Path, day: str | None = None) -> list[RiskRow]:
+    """People with raised flags, most severe first (severity = sum of the flags' weights)."""
     from engine.ledger import Ledger
     from engine.rules.config import load_rules
 
     flag_rules = load_rules(RULES_DEFAULT_PATH).flags
-    by_user: dict[str, dict[str, object]] = {}
+    by_user: dict[str, RiskRow] = {}
     with Ledger.open(data_dir) as ledger:
         flags = ledger.current_flags(day)
     for flag in flags:
-        row = by_user.setdefault(flag.user_id, {"user_id": flag.user_id, "severity": 0, "flags": []})
-        row["severity"] = int(row["severity"]) + flag_rules.severity_of(flag.flag)  # type: ignore[call-overload]
-        row["flags"].append({"flag": str(flag.flag), "since": flag.day,  # type: ignore[union-attr]
-                             "evidence": dict(flag.evidence)})
-    return sorted(by_user.values(), key=lambda r: (-int(r["severity"]), str(r["user_id"])))  # type: ignore[call-overload]
+        row = by_user.setdefault(flag.user_id, RiskRow(flag.user_id))
+        row.severity += flag_rules.severity_of(flag.flag)
+        row.flags.append(RiskFlag(str(flag.flag), flag.day, dict(flag.evidence)))
+    return sorted(by_user.values(), key=lambda r: (-r.severity, r.user_id))
 
 
 def _evidence_text(evidence: dict[str, object]) -> str:
@@ -62,9 +81,9 @@ def print_risk_list(data_dir: Path, console: Console, limit: int, day: str | Non
     for column in ("user", "severity", "flag", "since", "evidence"):
         table.add_column(column)
     for row in rows[:limit]:
-        for i, flag in enumerate(row["flags"]):  # type: ignore[arg-type]
-            table.add_row(str(row["user_id"]) if i == 0 else "", str(row["severity"]) if i == 0 else "",
-                          flag["flag"], flag["since"], _evidence_text(flag["evidence"]))
+        for i, flag in enumerate(row.flags):
+            table.add_row(row.user_id if i == 0 else "", str(row.severity) if i == 0 else "",
+                          flag.flag, flag.since, _evidence_text(flag.evidence))
     console.print(table)
 
 
@@ -72,14 +91,14 @@ def _cmd_flags(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(args)
     if args.json:
         for row in risk_list(data_dir, args.day):
-            sys.stdout.write(orjson.dumps(row).decode() + "\n")
+            sys.stdout.write(orjson.dumps(row.as_dict()).decode() + "\n")
     elif args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["user_id", "severity", "flag", "since", "evidence"])
         for row in risk_list(data_dir, args.day):
-            for flag in row["flags"]:  # type: ignore[attr-defined]
-                writer.writerow([row["user_id"], row["severity"], flag["flag"], flag["since"],
-                                 _evidence_text(flag["evidence"])])
+            for flag in row.flags:
+                writer.writerow([row.user_id, row.severity, flag.flag, flag.since,
+                                 _evidence_text(flag.evidence)])
     else:
         print_risk_list(data_dir, Console(width=None if sys.stdout.isatty() else 120), args.limit,
                         args.day)

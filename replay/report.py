@@ -21,14 +21,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import orjson  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import orjson
 
-from engine.clock import day_to_iso, iso_to_day, tokyo_days, week_of_day, week_start_day  # noqa: E402
-from engine.errors import UsageError  # noqa: E402
-from engine.ingest.log import EmbeddedLog  # noqa: E402
-from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME  # noqa: E402
+from engine.clock import day_to_iso, iso_to_day, tokyo_days, week_of_day, week_start_day
+from engine.errors import UsageError
+from engine.ingest.log import EmbeddedLog
+from engine.pipeline_cli import RiskRow, risk_list
+from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME
 
 LOG_RECORDS_PER_CHUNK = 20_000
 VENUES_SHOWN_MAX = 25
@@ -223,8 +224,6 @@ def collect(data_dir: Path, month: str | None) -> ReportData:
 
 def write_report(data_dir: Path, out: Path, month: str | None = None) -> tuple[Path, Path]:
     """Writes the HTML report and the high-risk list CSV beside it; returns both paths."""
-    from engine.pipeline_cli import risk_list
-
     data = collect(data_dir, month)
     risks = risk_list(data_dir) if (data_dir / "ledger.sqlite").exists() else []
     csv_path = out.with_name(out.stem + "-risk-list.csv")
@@ -232,9 +231,9 @@ def write_report(data_dir: Path, out: Path, month: str | None = None) -> tuple[P
         writer = csv.writer(stream)
         writer.writerow(["user_id", "severity", "flag", "since", "evidence"])
         for row in risks:
-            for flag in row["flags"]:  # type: ignore[attr-defined]
-                writer.writerow([row["user_id"], row["severity"], flag["flag"], flag["since"],
-                                 orjson.dumps(flag["evidence"]).decode()])
+            for flag in row.flags:
+                writer.writerow([row.user_id, row.severity, flag.flag, flag.since,
+                                 orjson.dumps(flag.evidence).decode()])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(_html(data, risks, month, csv_path.name), encoding="utf-8")
     return out, csv_path
@@ -247,12 +246,12 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(data: ReportData, risks: list[dict], month: str | None, csv_name: str) -> str:
+def _html(data: ReportData, risks: list[RiskRow], month: str | None, csv_name: str) -> str:
     cohorts = Counter(data.cohort.get(u, "unknown") for u in data.active_users)
-    points_by_rule = Counter()
+    points_by_rule: Counter[str] = Counter()
     for (_, family), points in data.points_by_rule_week.items():
         points_by_rule[family] += points
-    flags = Counter()
+    flags: Counter[str] = Counter()
     for (_, state), count in data.flags_by_week.items():
         flags[state] += count
     shops = sorted(data.redemptions_by_shop.items(), key=lambda kv: -kv[1][0])
@@ -262,7 +261,7 @@ def _html(data: ReportData, risks: list[dict], month: str | None, csv_name: str)
                _plot_venues(data)]
     images = "".join(f'<figure><img alt="plot" src="{src}"></figure>' for src in figures if src)
     period = f"month {month}" if month else "the whole programme period"
-    risk_rows = [[r["user_id"], r["severity"], ", ".join(f["flag"] for f in r["flags"])]
+    risk_rows = [[r.user_id, r.severity, ", ".join(f.flag for f in r.flags)]
                  for r in risks[:RISK_ROWS_SHOWN_MAX]]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>genki programme report</title>

@@ -102,9 +102,9 @@ def test_each_fault_is_rejected_with_a_reason_naming_the_field(
     counts = ingest(log, body)
     assert counts["rejected"] == 1 and counts["accepted"] == 0
     (letter,) = log.dead_letters()
-    assert reason_code(letter["reason"]) == code
-    assert letter["reason"].split(": ")[1] == field
-    assert letter["raw"] == lines_of(body)[0]
+    assert reason_code(letter.reason) == code
+    assert letter.reason.split(": ")[1] == field
+    assert letter.raw == lines_of(body)[0]
 
 
 def test_oversized_record_is_rejected_before_parsing(log: EmbeddedLog) -> None:
@@ -231,6 +231,6 @@ def test_badly_typed_arrays_are_named_even_among_good_records(log: EmbeddedLog) 
                     orjson.dumps(segment("u5", [T0], [1.0])).replace(
                         str(T0).encode(), b"1" + b"0" * 30))
     assert counts["accepted_samples"] == 2
-    reasons = [letter["reason"].split(": ")[:2] for letter in log.dead_letters()]
+    reasons = [letter.reason.split(": ")[:2] for letter in log.dead_letters()]
     assert reasons == [["bad_field", "values"], ["bad_field", "values"], ["bad_field", "user_id"],
                        ["bad_field", "ts_ms"]]

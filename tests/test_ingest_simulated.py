@@ -38,7 +38,7 @@ def test_every_injected_fault_lands_in_the_dead_letters_with_its_reason(
                 for name, faults in orjson.loads((fleet / "faults.json").read_bytes()).items()
                 for fault in faults}
     with EmbeddedLog.open(data_dir, writer=False) as log:
-        actual = {(letter["source"], letter["offset"]): reason_code(str(letter["reason"]))
+        actual = {(letter.source, letter.offset): reason_code(letter.reason)
                   for letter in log.dead_letters()}
     assert actual == expected
     manifest = orjson.loads((fleet / "manifest.json").read_bytes())

@@ -38,7 +38,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"received {counts.received:,} records: accepted {counts.accepted:,}, "
               f"rejected {counts.rejected:,}; samples stored {counts.accepted_samples:,}, "
               f"duplicate samples {counts.duplicate_samples:,}")
-        for reason, count in summary["rejected_by_reason"].items():  # type: ignore[union-attr]
+        for reason, count in sorted(counts.rejected_by_reason.items()):
             print(f"  rejected {reason}: {count:,}")
     return 0
 
@@ -48,15 +48,14 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         letters = log.dead_letters(limit=args.limit)
     if args.json:
         for letter in letters:
-            raw = letter.pop("raw")
-            letter["v"] = 1
-            letter["raw_b64"] = base64.b64encode(raw).decode()  # type: ignore[arg-type]
-            sys.stdout.write(orjson.dumps(letter).decode() + "\n")
+            wire = {"v": 1, "id": letter.id, "source": letter.source, "partition": letter.partition,
+                    "offset": letter.offset, "reason": letter.reason,
+                    "raw_b64": base64.b64encode(letter.raw).decode()}
+            sys.stdout.write(orjson.dumps(wire).decode() + "\n")
         return 0
     for letter in letters:
-        raw = bytes(letter["raw"])  # type: ignore[arg-type]
-        preview = raw[:60].decode("utf-8", "replace")
-        print(f"{letter['source']}:{letter['offset']}  {letter['reason']}  | {preview}")
+        preview = letter.raw[:60].decode("utf-8", "replace")
+        print(f"{letter.source}:{letter.offset}  {letter.reason}  | {preview}")
     print(f"{len(letters)} dead letters", file=sys.stderr)
     return 0
 

@@ -9,8 +9,9 @@ and profiles are small records validated by their pydantic models.
 from __future__ import annotations
 
 import re
-from itertools import chain
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -260,7 +261,9 @@ def _decode_one(
     kind = _kind_of(body)
     if kind == "sample":
         return _decode_segment(index, raw, body, segments)
-    model = {"activity": ActivityEvent, "profile": Profile}.get(kind or "")
+    models: dict[str, type[ActivityEvent] | type[Profile]] = {
+        "activity": ActivityEvent, "profile": Profile}
+    model = models.get(kind or "")
     if model is None:
         return _reject(index, raw, Reason.unknown_type, "record",
                        "not a sample segment, activity event or profile")
@@ -281,7 +284,7 @@ def _decode_segment(index: int, raw: bytes, body: dict[str, Any], segments: Segm
         return _reject(index, raw, *problem)
     extra = set(body) - {"v", "metric", "unit", "ts_ms", "values", *_SAMPLE_ID_FIELDS}
     if extra:
-        return _reject(index, raw, Reason.bad_field, sorted(extra)[0], "unknown field")
+        return _reject(index, raw, Reason.bad_field, min(extra), "unknown field")
     segments.index.append(index)
     segments.upload_id.append(body["upload_id"])
     segments.user_id.append(body["user_id"])
@@ -292,7 +295,7 @@ def _decode_segment(index: int, raw: bytes, body: dict[str, Any], segments: Segm
     return None
 
 
-def _flat_array(lists: list[list[Any]], kinds: str) -> np.ndarray | None:
+def _flat_array(lists: Sequence[Any], kinds: str) -> np.ndarray | None:
     """All lists as one array in one conversion, or None if any element is not of `kinds`."""
     try:
         flat = np.array(list(chain.from_iterable(lists)))

@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import orjson
@@ -92,6 +93,16 @@ class IngestCounts:
         return result
 
 
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    id: int
+    source: str
+    partition: int | None
+    offset: int | None
+    reason: str
+    raw: bytes
+
+
 @dataclass
 class SampleColumns:
     """Stored samples between two log positions, one row per sample, arrival order."""
@@ -158,7 +169,7 @@ class EmbeddedLog:
         if self._lock_file is not None:
             self._lock_file.close()  # type: ignore[attr-defined]
 
-    def __enter__(self) -> EmbeddedLog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -192,7 +203,9 @@ class EmbeddedLog:
 
     def counters(self) -> IngestCounts:
         values = dict(self._db.execute("SELECT key, value FROM stats").fetchall())
-        counts = IngestCounts(**{name: int(values.get(name, 0)) for name in COUNTERS})
+        counts = IngestCounts()
+        for name in COUNTERS:
+            setattr(counts, name, int(values.get(name, 0)))
         for reason, count in self._db.execute(
                 "SELECT substr(reason, 1, instr(reason, ':') - 1), count(*) FROM dlq GROUP BY 1"):
             counts.rejected_by_reason[reason] = count
@@ -383,12 +396,11 @@ class EmbeddedLog:
 
     # -- reading -------------------------------------------------------------
 
-    def dead_letters(self, limit: int | None = None) -> list[dict[str, object]]:
+    def dead_letters(self, limit: int | None = None) -> list[StoredDeadLetter]:
         query = "SELECT id, source, partition, offset, reason, raw FROM dlq ORDER BY id"
         if limit is not None:
             query += f" LIMIT {int(limit)}"
-        return [{"id": i, "source": s, "partition": p, "offset": o, "reason": r, "raw": raw}
-                for i, s, p, o, r, raw in self._db.execute(query)]
+        return [StoredDeadLetter(*row) for row in self._db.execute(query)]
 
     def profiles(self) -> list[bytes]:
         return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]
