@@ -120,7 +120,31 @@ def _run_stages(args: argparse.Namespace, data_dir: Path, sim_dir: Path, console
         table.add_row(shop, user, str(points), result if result == "ok" else detail)
     console.print(table)
     print_risk_list(data_dir, console, limit=DEMO_RISK_ROWS)
+    if not args.no_research:
+        _research(data_dir, console, report)
     _verify(data_dir, console, report)
+
+
+def _research(data_dir: Path, console: Console, report: dict[str, object]) -> None:
+    """The researchers' Parquet export and the programme report, as a city would hand them round."""
+    import secrets
+
+    from replay.export import export_embedded
+    from replay.report import write_report
+
+    key_file = data_dir / "demo-pseudonym.key"
+    key_file.write_text(secrets.token_hex(32))
+    key_file.chmod(0o600)
+    with console.status("writing pseudonymised Parquet for researchers"):
+        manifest = export_embedded(data_dir, data_dir / "research", key_file.read_bytes())
+    report["replay"] = manifest.__dict__
+    rows = ", ".join(f"{name} {count:,}" for name, count in manifest.rows.items())
+    console.print(f"[bold]replay[/] {data_dir / 'research'}: {rows} rows; "
+                  f"{manifest.users_left_out_no_consent:,} people left out (no research consent)")
+    with console.status("writing the programme report"):
+        html_path, csv_path = write_report(data_dir, data_dir / "report.html")
+    report["report"] = str(html_path)
+    console.print(f"[bold]report[/] {html_path} (risk list {csv_path.name})")
 
 
 def _verify(data_dir: Path, console: Console, report: dict[str, object]) -> None:
@@ -154,5 +178,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     parser.add_argument("--serve", action="store_true",
                         help="then serve the HTTP API with a ready app key and shop key")
+    parser.add_argument("--no-research", action="store_true",
+                        help="skip the Parquet export and the HTML report")
     parser.add_argument("--json", action="store_true", help="print a JSON report instead")
     parser.set_defaults(func=_cmd_demo)
