@@ -105,3 +105,10 @@ def test_generated_streams_exercise_every_rule_and_flag() -> None:
             break
     assert wanted_rules <= rules_seen
     assert len(flags_seen) == 14, sorted(flags_seen)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_flag_rows_evaluated_in_small_chunks_give_the_same_events(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("engine.rules.engine.FLAG_ROWS_PER_CHUNK", 1 + seed % 2)
+    check(rules_for(1, 1 + seed % 3), seed, 4, 40, 0.1, seed, 6, "default")
