@@ -120,7 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "publish", help="publish NDJSON wire records to the genki topics (reference gateway)")
     publish.add_argument("paths", nargs="+", help="files, directories (their *.ndjson) or -")
     _add_bootstrap(publish)
-    publish.add_argument("--compression", choices=COMPRESSIONS, default="gzip")
+    publish.add_argument("--compression", choices=COMPRESSIONS, default="auto",
+                         help="auto: lz4 or zstd when installed, else none (default)")
     publish.add_argument("--json", action="store_true", help="print the summary as JSON")
     publish.set_defaults(func=_cmd_publish)
 
@@ -135,7 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--late-window-days", type=int, default=LATE_WINDOW_DAYS_DEFAULT)
     worker.add_argument("--fetch-records", type=int, default=20_000,
                         help="records per fetch (getmany max_records)")
-    worker.add_argument("--compression", choices=COMPRESSIONS, default="gzip",
+    worker.add_argument("--compression", choices=COMPRESSIONS, default="auto",
                         help="compression of the output topics")
     worker.add_argument("--client-id", default="worker")
     worker.add_argument("--session-timeout-ms", type=int, default=10_000,

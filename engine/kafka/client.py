@@ -19,12 +19,24 @@ PRODUCE_LINGER_MS = 20
 PRODUCE_REQUEST_TIMEOUT_MS = 60_000
 FETCH_PARTITION_BYTES_MAX = 8 * 1_048_576
 FETCH_BYTES_MAX = 64 * 1_048_576
-COMPRESSIONS: tuple[str, ...] = ("none", "gzip", "snappy", "lz4", "zstd")
+COMPRESSIONS: tuple[str, ...] = ("auto", "none", "gzip", "snappy", "lz4", "zstd")
 
 
-def producer_settings(bootstrap: str, client_id: str, compression: str = "none",
+def resolve_compression(name: str) -> str:
+    """"auto": lz4, else zstd when their codec (aiokafka uses cramjam) is installed,
+    else none. gzip always works but costs ~5x the publish time of none here
+    (about 11 MB/s on one core)."""
+    assert name in COMPRESSIONS, name
+    if name != "auto":
+        return name
+    from aiokafka.codec import has_lz4, has_zstd
+
+    return "lz4" if has_lz4() else "zstd" if has_zstd() else "none"
+
+
+def producer_settings(bootstrap: str, client_id: str, compression: str = "auto",
                       linger_ms: int = PRODUCE_LINGER_MS) -> dict[str, Any]:
-    assert compression in COMPRESSIONS, compression
+    compression = resolve_compression(compression)
     return {
         "bootstrap_servers": bootstrap,
         "client_id": f"{CLIENT_ID_PREFIX}-{client_id}",

@@ -127,7 +127,7 @@ class BatchSender:
 class Gateway:
     """Routes and keys wire records onto one producer. Use as an async context."""
 
-    def __init__(self, bootstrap: str, prefix: str = "", compression: str = "none",
+    def __init__(self, bootstrap: str, prefix: str = "", compression: str = "auto",
                  client_id: str = "gateway") -> None:
         self._producer = AIOKafkaProducer(**producer_settings(bootstrap, client_id, compression))
         self._sender = BatchSender(self._producer)
@@ -181,7 +181,7 @@ class Gateway:
 
 
 async def publish_paths(bootstrap: str, paths: list[str], prefix: str = "",
-                        compression: str = "none",
+                        compression: str = "auto",
                         advance: Callable[[int, str], None] | None = None) -> PublishSummary:
     """Publish NDJSON files (in name order; each file flushed before the next, so
     profiles written first reach the broker before the samples that need them)."""

@@ -90,7 +90,7 @@ class WorkerSettings:
     rules_path: Path | None = None
     late_window_days: int = LATE_WINDOW_DAYS_DEFAULT
     fetch_records_max: int = FETCH_RECORDS_MAX_DEFAULT
-    compression: str = "none"
+    compression: str = "auto"
     client_id: str = "worker"
     # A dead worker's partitions move after this long. tansu also waits half of it
     # before answering a JoinGroup, so tests use a short one.
