@@ -132,6 +132,7 @@ class Fleet:
     records: int
     embedded: CombinedLedger
     embedded_rejected: int
+    embedded_dir: Path
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     with EmbeddedLog.open(data_dir) as log:
         counts = ingest_paths(log, [str(path)])
     run_pipeline(data_dir)
-    return Fleet(path, records, combine([data_dir]), counts.rejected)
+    return Fleet(path, records, combine([data_dir]), counts.rejected, data_dir)
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:

@@ -21,6 +21,7 @@ from engine.kafka.combined import CombinedLedger, combined_ledger
 from engine.kafka.worker import WorkerSettings, WorkerSummary, run_worker
 from engine.ledger import Ledger
 from engine.ledger.commands import redeem_id
+from engine.schemas import FlagEvent
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
 from tests.kafka_fixtures import Fleet, KafkaTarget, create_topics, genki, read_topic
@@ -65,6 +66,12 @@ def test_kafka_ledger_has_the_embedded_content_digest(first_run: FirstRun, fleet
 
 def test_kafka_balances_equal_the_embedded_balances(first_run: FirstRun, fleet: Fleet) -> None:
     assert first_run.ledger.balances == fleet.embedded.balances
+
+
+def test_worker_reads_every_offset_of_every_partition(first_run: FirstRun) -> None:
+    assert first_run.summary.offset_gaps == 0
+    by_topic = first_run.summary.records_by_topic
+    assert by_topic == first_run.published["by_topic"]
 
 
 def test_worker_owns_every_partition_in_its_own_directory(first_run: FirstRun) -> None:
@@ -112,6 +119,21 @@ def test_a_second_run_after_a_replayed_publish_changes_nothing(
     assert summary.accepted + summary.rejected == fleet.records
     assert summary.awards == 0 and summary.published_entries == 0
     assert combined_ledger(first_run.data_dir).content_digest == fleet.embedded.content_digest
+
+
+def test_flag_changes_are_published_as_flag_events_once(kafka_module: KafkaTarget,
+                                                       first_run: FirstRun, fleet: Fleet) -> None:
+    with Ledger.open(fleet.embedded_dir) as ledger:
+        embedded = {flag.flag_id: flag for user in fleet.embedded.balances
+                    for flag in ledger.flag_history(user)}
+    records = read_topic(kafka_module, "genki.flags")
+    published = {}
+    for _, _, key, value in records:
+        flag = FlagEvent.model_validate_json(value)
+        assert key == flag.user_id.encode()
+        published[flag.flag_id] = flag
+    assert len(records) == len(published) == first_run.summary.published_flags > 0
+    assert published == embedded
 
 
 # -- redemptions -------------------------------------------------------------------------

@@ -117,6 +117,9 @@ class WorkerSummary:
     caught_up_partitions: list[int] = field(default_factory=list)
     restored_entries: int = 0
     rebalances: int = 0
+    # Records skipped on a topic that keeps everything: a bug or an operator's
+    # retention change; the partition's ledger may lack what they carried.
+    offset_gaps: int = 0
     seconds: float = 0.0
     # From the first record fetched to the end of the last cycle that had records
     # (published and committed): the worker's busy time, without group joins.
@@ -141,6 +144,7 @@ class PartitionState:
     redemptions_from: int = 0
     targets: dict[TopicPartition, int] = field(default_factory=dict)
     committed: dict[TopicPartition, int] = field(default_factory=dict)
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
 
 class Worker:
@@ -216,9 +220,8 @@ class Worker:
             generation = self._generation
             got = await consumer.getmany(timeout_ms=POLL_MS, max_records=s.fetch_records_max)
             async with self._lock:
-                if generation != self._generation:
-                    got = {}  # fetched before a rebalance re-positioned the partitions
-                got = self._drop_paused(consumer, got)
+                stale = generation != self._generation  # a rebalance came in between
+                got = await self._put_back(consumer, got, every=stale)
                 if got:
                     first_s = first_s or time.perf_counter()
                     await self._process(got)
@@ -235,14 +238,19 @@ class Worker:
     # -- processing --------------------------------------------------------------------
 
     @staticmethod
-    def _drop_paused(consumer: AIOKafkaConsumer,
-                     got: dict[TopicPartition, list[ConsumerRecord]],
-                     ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """Records of partitions paused after they were fetched go back to be re-read."""
+    async def _put_back(consumer: AIOKafkaConsumer,
+                        got: dict[TopicPartition, list[ConsumerRecord]], every: bool,
+                        ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """Hand back records fetched before their partition was paused (or, with every,
+        before a rebalance): they are read again from their first offset, unless a
+        seek after the fetch has already chosen where the partition continues."""
         paused = consumer.paused()
-        for tp in [tp for tp, records in got.items() if tp in paused and records]:
-            consumer.seek(tp, got.pop(tp)[0].offset)
-        return got
+        for tp in [tp for tp, records in got.items() if records and (every or tp in paused)]:
+            records = got.pop(tp)
+            if tp in consumer.assignment() and \
+                    await consumer.position(tp) == records[-1].offset + 1:
+                consumer.seek(tp, records[0].offset)
+        return {tp: records for tp, records in got.items() if records}
 
     async def _process(self, got: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         by_number: dict[int, dict[str, list[ConsumerRecord]]] = {}
@@ -251,12 +259,25 @@ class Worker:
                 by_number.setdefault(tp.partition, {})[self._logical[tp.topic]] = records
         for number in sorted(by_number):
             batch = by_number[number]
+            part = self._parts[number]
             for logical, records in batch.items():
                 counts = self.summary.records_by_topic
                 counts[logical] = counts.get(logical, 0) + len(records)
+                self._check_contiguous(part, logical, records)
             await self._in_store(self._process_partition, self._parts[number].store, batch)
             self._progress(sum(len(r) for r in batch.values()),
                            f"{self.summary.accepted_samples:,} samples")
+
+    def _check_contiguous(self, part: PartitionState, logical: str,
+                          records: list[ConsumerRecord]) -> None:
+        tp = part.tps[logical]
+        expected = part.next_offsets.get(tp, 0)
+        part.next_offsets[tp] = max(expected, records[-1].offset + 1)
+        if logical != PROFILES and records[0].offset > expected:  # profiles are compacted
+            self.summary.offset_gaps += 1
+            log.error("%s: records %d..%d were skipped (next stored offset %d, fetched from "
+                      "%d); were they deleted by retention?", tp, expected,
+                      records[0].offset - 1, expected, records[0].offset)
 
     def _process_partition(self, store: PartitionStore,
                            batch: dict[str, list[ConsumerRecord]]) -> None:
@@ -386,6 +407,8 @@ class Worker:
             (committed[t] or 0) > (stored[t] or 0) for t in LOG_TOPICS)
         part.redemptions_from = max(local_red, group_red)
         part.targets = {}
+        part.next_offsets = {part.tps[t]: stored[t] or 0 for t in LOG_TOPICS}
+        part.next_offsets[part.tps[REDEMPTIONS]] = part.redemptions_from
         for t in LOG_TOPICS:
             consumer.seek(part.tps[t], stored[t] or 0)
         consumer.seek(part.tps[REDEMPTIONS], part.redemptions_from)
