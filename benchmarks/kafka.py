@@ -37,12 +37,12 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.kafka.client import consumer_settings  # noqa: E402
-from engine.kafka.combined import combined_ledger  # noqa: E402
-from engine.kafka.publish import Gateway  # noqa: E402
-from engine.kafka.topics import create_topics  # noqa: E402
-from engine.kafka.worker import WorkerSettings, run_worker  # noqa: E402
-from tests.kafka_fixtures import tansu_broker  # noqa: E402
+from engine.kafka.client import consumer_settings
+from engine.kafka.combined import combined_ledger
+from engine.kafka.publish import Gateway
+from engine.kafka.topics import create_topics
+from engine.kafka.worker import WorkerSettings, run_worker
+from tests.kafka_fixtures import tansu_broker
 
 PARTITIONS = 4
 SESSION_TIMEOUT_MS = 2_000

@@ -31,7 +31,7 @@ def test_service_command_is_a_genki_subcommand(services: dict[str, dict], servic
     command = services[service]["command"]
     assert command[0] == subcommand
     parser = build_parser()
-    if subcommand not in parser._subparsers._group_actions[0].choices:  # noqa: SLF001
+    if subcommand not in parser._subparsers._group_actions[0].choices:
         pytest.skip(f"`genki {subcommand}` is not built yet")
     args = parser.parse_args(command)
     assert callable(args.func)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
@@ -32,7 +33,7 @@ def _bootstrap(args: argparse.Namespace) -> str:
     return str(args.bootstrap)
 
 
-def _emit(args: argparse.Namespace, summary: dict[str, object], text: str) -> None:
+def _emit(args: argparse.Namespace, summary: Mapping[str, object], text: str) -> None:
     if args.json:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     else:
