@@ -82,6 +82,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     show = not args.json and sys.stderr.isatty()
     logging.basicConfig(level=logging.WARNING if show else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
     with progress_bar("worker", enabled=show) as advance:
         summary = asyncio.run(run_worker(settings, advance))
     _emit(args, summary.as_dict(),

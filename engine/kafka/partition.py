@@ -43,8 +43,9 @@ PARTITION_DIR_PREFIX = "p"
 STATE_FILE_NAME = "kafka.sqlite"
 OWNER_LOCK_FILE_NAME = "owner.lock"
 OUTPUT_ROWS_PER_READ_MAX = 50_000
-# Kinds a worker cannot re-derive from the inputs; restored from genki.ledger.
-RESTORED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust"})
+# Kinds a worker cannot re-derive from the inputs (commands, not rules): restored
+# from genki.ledger when a partition is rebuilt.
+RESTORED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust", "expire"})
 
 _STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -236,7 +237,8 @@ class PartitionStore:
     # -- takeover ----------------------------------------------------------------------
 
     def restore_entries(self, entries: list[LedgerEntry]) -> int:
-        """Append the non-derivable entries (redeem, refund, adjust) another owner made.
+        """Append the non-derivable entries (redeem, refund, adjust, expire) another
+        owner made.
 
         Called after the inputs are caught up to what that owner had processed, so
         the awards that paid for them are back; entry ids make repeats no-ops.
