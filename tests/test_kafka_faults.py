@@ -102,3 +102,23 @@ def test_sigkill_mid_stream_then_another_worker_gives_the_embedded_ledger(
     assert combined_ledger(second_dir).content_digest == fleet.embedded.content_digest
     published = {orjson.loads(v)["entry_id"] for *_, v in read_topic(kafka, "genki.ledger")}
     assert len(published) == fleet.embedded.entries
+
+
+def test_a_partition_directory_held_by_another_process_stops_the_worker_loudly(
+        kafka: KafkaTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from engine.kafka import worker
+    from engine.kafka.partition import PartitionBusy, PartitionStore
+
+    create_topics(kafka, 1)
+    monkeypatch.setattr(worker, "PARTITION_BUSY_WAIT_S_MAX", 0.2)
+    held = PartitionStore.open(tmp_path, 0, late_window_days=42)  # another owner on this host
+    try:
+        settings = worker.WorkerSettings(bootstrap=kafka.bootstrap, data_dir=tmp_path,
+                                         group=kafka.group, prefix=kafka.prefix,
+                                         until_idle=True, session_timeout_ms=2000)
+        with pytest.raises(PartitionBusy, match="partition 0"):
+            asyncio.run(worker.run_worker(settings))
+    finally:
+        held.close()

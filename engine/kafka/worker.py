@@ -165,6 +165,7 @@ class Worker:
         self._assigned_once = asyncio.Event()
         self._generation = 0  # bumped by every assignment
         self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
         self._dlq_partitions = 1
         self._progress = on_progress or (lambda n, note: None)
         self.summary = WorkerSummary()
@@ -172,6 +173,12 @@ class Worker:
         self.producer: AIOKafkaProducer | None = None
 
     def stop(self) -> None:
+        self._stop.set()
+
+    def fail(self, error: BaseException) -> None:
+        """A rebalance callback failed: aiokafka would only log it and go on fetching
+        for a partition without its store, so the worker stops and the error surfaces."""
+        self._failure = error
         self._stop.set()
 
     async def _in_store(self, number: int, fn: Callable[..., T], *args: Any) -> T:
@@ -202,6 +209,8 @@ class Worker:
         await consumer.start()
         try:
             await self._loop(consumer)
+            if self._failure is not None:
+                raise self._failure
         finally:
             async with self._lock:
                 for number in list(self._parts):
@@ -517,7 +526,11 @@ class _Listener(ConsumerRebalanceListener):
             pass
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._worker.on_assigned(set(assigned))
+        try:
+            await self._worker.on_assigned(set(assigned))
+        except Exception as error:  # noqa: BLE001 (handed to the main loop, which raises it)
+            log.error("taking over partitions failed: %s", error)
+            self._worker.fail(error)
 
 
 async def read_partition_entries(bootstrap: str, topic: str, number: int,
