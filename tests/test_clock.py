@@ -4,8 +4,16 @@ import datetime as dt
 
 import numpy as np
 
-from engine.clock import (day_end_ms, day_start_ms, day_to_iso, iso_to_day, tokyo_day, tokyo_days,
-                          week_of_day, week_start_day)
+from engine.clock import (
+    day_end_ms,
+    day_start_ms,
+    day_to_iso,
+    iso_to_day,
+    tokyo_day,
+    tokyo_days,
+    week_of_day,
+    week_start_day,
+)
 
 
 def test_tokyo_midnight_is_15_utc() -> None:

@@ -176,8 +176,10 @@ def test_report_renders_with_plots_and_a_risk_list(live: Path, tmp_path: Path) -
     html_path, csv_path = write_report(live, tmp_path / "report.html")
 
     class Collector(HTMLParser):
-        images: list[str] = []
-        tables = 0
+        def __init__(self) -> None:
+            super().__init__()
+            self.images: list[str] = []
+            self.tables = 0
 
         def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
             if tag == "img":

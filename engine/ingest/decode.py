@@ -261,7 +261,7 @@ def _decode_one(
     kind = _kind_of(body)
     if kind == "sample":
         return _decode_segment(index, raw, body, segments)
-    models: dict[str, type[ActivityEvent] | type[Profile]] = {
+    models: dict[str, type[ActivityEvent | Profile]] = {
         "activity": ActivityEvent, "profile": Profile}
     model = models.get(kind or "")
     if model is None:
