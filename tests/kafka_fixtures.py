@@ -32,6 +32,8 @@ BROKER_START_S_MAX = 30.0
 BROKER_STOP_S_MAX = 10.0
 CONNECT_RETRY_S = 0.02
 READ_POLL_MS = 500
+TANSU_SESSION_TIMEOUT_MS = 2_000
+KAFKA_SESSION_TIMEOUT_MS = 6_000
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,12 @@ class KafkaTarget:
     prefix: str  # topic prefix: "" on a private broker, unique on a shared one
     group: str  # a consumer group no other test uses
     external: bool
+
+    @property
+    def session_timeout_ms(self) -> int:
+        """Short on tansu (it answers a JoinGroup after half of it); Kafka's minimum
+        (group.min.session.timeout.ms) is 6 s."""
+        return KAFKA_SESSION_TIMEOUT_MS if self.external else TANSU_SESSION_TIMEOUT_MS
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}{name}"

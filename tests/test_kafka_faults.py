@@ -34,7 +34,7 @@ _ASSIGNED = re.compile(r"assigned partitions \[([0-9, ]*)\]")
 
 def worker_args(kafka: KafkaTarget, data_dir: Path, *extra: str) -> list[str]:
     return ["worker", *kafka.args(), "--data-dir", str(data_dir), "--group", kafka.group,
-            "--session-timeout-ms", "2000", "--json", *extra]
+            "--session-timeout-ms", str(kafka.session_timeout_ms), "--json", *extra]
 
 
 def last_assignment(stderr_path: Path) -> list[int] | None:
@@ -117,7 +117,8 @@ def test_a_partition_directory_held_by_another_process_stops_the_worker_loudly(
     try:
         settings = worker.WorkerSettings(bootstrap=kafka.bootstrap, data_dir=tmp_path,
                                          group=kafka.group, prefix=kafka.prefix,
-                                         until_idle=True, session_timeout_ms=2000)
+                                         until_idle=True,
+                                         session_timeout_ms=kafka.session_timeout_ms)
         with pytest.raises(PartitionBusy, match="partition 0"):
             asyncio.run(worker.run_worker(settings))
     finally:

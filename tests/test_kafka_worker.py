@@ -29,14 +29,13 @@ from tests.kafka_fixtures import Fleet, KafkaTarget, create_topics, genki, read_
 pytest_plugins = ["tests.kafka_fixtures"]
 
 PARTITIONS = 4
-SESSION_TIMEOUT_MS = 2_000
 SHOP = "S001"
 
 
 def work(target: KafkaTarget, data_dir: Path, **kw: Any) -> WorkerSummary:
     settings = WorkerSettings(bootstrap=target.bootstrap, data_dir=data_dir, group=target.group,
                               prefix=target.prefix, until_idle=True,
-                              session_timeout_ms=SESSION_TIMEOUT_MS, **kw)
+                              session_timeout_ms=target.session_timeout_ms, **kw)
     return asyncio.run(run_worker(settings))
 
 
