@@ -24,7 +24,7 @@ from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
 from engine.rules.config import Rules, load_rules
-from engine.rules.engine import RulesEngine
+from engine.rules.engine import RulesEngine, RulesOutput
 
 RULES_DEFAULT_PATH = Path(__file__).resolve().parent.parent / "rules" / "default.toml"
 LOG_RECORDS_PER_CHUNK = 20_000
@@ -75,30 +75,67 @@ def open_engine(log: EmbeddedLog, rules: Rules) -> RulesEngine:
     return RulesEngine(rules, profiles_of(log))
 
 
+class Pipeline:
+    """The rules engine over one log and ledger, kept open between runs.
+
+    The first run (and any run after `invalidate`) rebuilds the engine's state
+    by replaying the processed part of the log; later runs feed it only what is
+    new. A worker that runs once per fetched batch thus pays the replay once,
+    not once per batch. New profiles change the engine's inputs (step targets):
+    the caller invalidates, and the next run replays.
+    """
+
+    def __init__(self, rules: Rules, chunk_records: int = LOG_RECORDS_PER_CHUNK) -> None:
+        assert chunk_records > 0
+        self.rules = rules
+        self.chunk_records = chunk_records
+        self._engine: RulesEngine | None = None
+        self._position = -1  # log position the in-memory engine has seen
+
+    def invalidate(self) -> None:
+        self._engine, self._position = None, -1
+
+    def run(self, log: EmbeddedLog, ledger: Ledger,
+            on_chunk: Callable[[int, int], None] | None = None) -> RunSummary:
+        """Process the log past the ledger's position into the ledger."""
+        _check_rules_version(ledger, self.rules)
+        done = int(ledger.get_meta(META_LOG_POSITION) or 0)
+        end = log.position()
+        summary = RunSummary(position_before=done, position_after=max(done, end),
+                             rules_version=self.rules.version)
+        if end <= done:
+            return summary
+        engine = self._engine_at(log, done)
+        for lo, hi in chunks(done, end, self.chunk_records):
+            samples, activities = read_batches(log, lo, hi)
+            output = engine.process(samples, activities)
+            self._position = -1  # unknown until the append below commits
+            ledger.append(output.awards, flags=output.flags,
+                          meta={META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version})
+            self._position = hi
+            _count(summary, samples, activities, output)
+            if on_chunk is not None:
+                on_chunk(hi - lo, summary.samples)
+        return summary
+
+    def _engine_at(self, log: EmbeddedLog, done: int) -> RulesEngine:
+        if self._engine is None or self._position != done:
+            self._engine = open_engine(log, self.rules)
+            for lo, hi in chunks(0, done, self.chunk_records):
+                self._engine.process(*read_batches(log, lo, hi))
+            self._position = done
+        return self._engine
+
+
 def run_pipeline(
     data_dir: Path, rules_path: Path | None = None, *, chunk_records: int = LOG_RECORDS_PER_CHUNK,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> RunSummary:
     """Process everything pending in data_dir's log into its ledger."""
     started = time.perf_counter()
-    rules = load_rules(rules_path or RULES_DEFAULT_PATH)
-    summary = RunSummary(rules_version=rules.version)
+    pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH), chunk_records)
     with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
-        _check_rules_version(ledger, rules)
-        done = int(ledger.get_meta(META_LOG_POSITION) or 0)
-        end = log.position()
-        summary.position_before, summary.position_after = done, max(done, end)
-        engine = open_engine(log, rules)
-        for lo, hi in chunks(0, done, chunk_records):
-            engine.process(*read_batches(log, lo, hi))
-        for lo, hi in chunks(done, end, chunk_records):
-            samples, activities = read_batches(log, lo, hi)
-            output = engine.process(samples, activities)
-            ledger.append(output.awards, flags=output.flags,
-                          meta={META_LOG_POSITION: str(hi), META_RULES_VERSION: rules.version})
-            _count(summary, samples, activities, output)
-            if on_chunk is not None:
-                on_chunk(hi - lo, summary.samples)
+        summary = pipeline.run(log, ledger, on_chunk)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
 
@@ -113,15 +150,15 @@ def _check_rules_version(ledger: Ledger, rules: Rules) -> None:
 
 
 def _count(summary: RunSummary, samples: SampleBatch, activities: ActivityBatch,
-           output: object) -> None:
+           output: RulesOutput) -> None:
     summary.samples += len(samples.ts_ms)
     summary.activities += len(activities.ts_ms)
-    for draft in output.awards:  # type: ignore[attr-defined]
+    for draft in output.awards:
         summary.awards_appended += 1
         summary.points_awarded += draft.points
         family = (draft.rule or "").split(".")[0]
         summary.points_by_rule[family] = summary.points_by_rule.get(family, 0) + draft.points
-    for flag in output.flags:  # type: ignore[attr-defined]
+    for flag in output.flags:
         if flag.state == "raised":
             summary.flags_raised += 1
         else:

@@ -26,7 +26,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
@@ -38,6 +38,9 @@ from engine.ingest.reasons import Reason, reason_text
 from engine.ledger import LEDGER_FILE_NAME, Ledger
 from engine.ledger.model import ENTRY_COLUMNS
 from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
+
+if TYPE_CHECKING:
+    from engine.pipeline import RunSummary
 
 PARTITION_DIR_PREFIX = "p"
 STATE_FILE_NAME = "kafka.sqlite"
@@ -178,11 +181,12 @@ class PartitionStore:
         return self.log.ingest_lines(values, topic, offsets[0], now_ms, partition=self.number,
                                      offsets=offsets, meta=meta)
 
-    def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> dict[str, int]:
-        from engine.kafka.pipeline import PartitionPipeline
+    def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> RunSummary:
+        from engine.pipeline import RULES_DEFAULT_PATH, Pipeline
+        from engine.rules.config import load_rules
 
         if self._pipeline is None:
-            self._pipeline = PartitionPipeline(rules_path)
+            self._pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH))
         if profiles_changed:
             self._pipeline.invalidate()
         return self._pipeline.run(self.log, self.ledger)

@@ -322,7 +322,8 @@ class Worker:
             done["accepted_samples"] += counts.accepted_samples
             profiles_changed |= logical == PROFILES and counts.accepted > 0
         crash_point("after_ingest")
-        done["awards"] = store.run_pipeline(self.settings.rules_path, profiles_changed)["awards"]
+        done["awards"] = store.run_pipeline(self.settings.rules_path,
+                                            profiles_changed).awards_appended
         records = batch.get(REDEMPTIONS)
         if records:
             result = store.apply_redemptions(self.topics[REDEMPTIONS], [r.offset for r in records],
