@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import BinaryIO, Self
 
 import numpy as np
 import orjson
@@ -126,6 +126,20 @@ class ActivityColumns:
     wm_before_ms: np.ndarray
 
 
+def exclusive_lock(path: Path) -> BinaryIO | None:
+    """An open file holding an exclusive lock on `path`, or None if another process has it.
+
+    The lock dies with the process (kill -9 included); closing the file releases it.
+    """
+    lock_file = open(path, "a+b")  # noqa: SIM115
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        return None
+    return lock_file
+
+
 def connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
@@ -136,7 +150,7 @@ def connect(path: Path) -> sqlite3.Connection:
 class EmbeddedLog:
     """The single-machine input log. Use `EmbeddedLog.open(data_dir)`."""
 
-    def __init__(self, db: sqlite3.Connection, lock_file: object | None,
+    def __init__(self, db: sqlite3.Connection, lock_file: BinaryIO | None,
                  late_window_days: int) -> None:
         self._db = db
         self._lock_file = lock_file
@@ -153,13 +167,10 @@ class EmbeddedLog:
         data_dir.mkdir(parents=True, exist_ok=True)
         lock_file = None
         if writer:
-            lock_file = open(data_dir / LOCK_FILE_NAME, "a+b")  # noqa: SIM115
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock_file.close()
+            lock_file = exclusive_lock(data_dir / LOCK_FILE_NAME)
+            if lock_file is None:
                 raise LogLocked(f"another genki process is writing to {data_dir}; "
-                                "wait for it to finish") from None
+                                "wait for it to finish")
         db = connect(data_dir / LOG_FILE_NAME)
         db.executescript(_SCHEMA)
         return cls(db, lock_file, late_window_days)
@@ -167,7 +178,7 @@ class EmbeddedLog:
     def close(self) -> None:
         self._db.close()
         if self._lock_file is not None:
-            self._lock_file.close()  # type: ignore[attr-defined]
+            self._lock_file.close()
 
     def __enter__(self) -> Self:
         return self

@@ -20,7 +20,6 @@ Where each offset lives, and why replay is harmless:
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import sqlite3
 import time
@@ -33,7 +32,7 @@ from pydantic import ValidationError
 
 from engine.entries import EntryDraft
 from engine.errors import GenkiError
-from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, IngestCounts
+from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, IngestCounts, exclusive_lock
 from engine.ingest.reasons import Reason, reason_text
 from engine.ledger import LEDGER_FILE_NAME, Ledger
 from engine.ledger.model import ENTRY_COLUMNS
@@ -120,13 +119,10 @@ class PartitionStore:
         path = partition_dir(data_dir, number)
         existed = (path / STATE_FILE_NAME).exists()
         path.mkdir(parents=True, exist_ok=True)
-        lock_file = open(path / OWNER_LOCK_FILE_NAME, "a+b")  # noqa: SIM115
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
+        lock_file = exclusive_lock(path / OWNER_LOCK_FILE_NAME)
+        if lock_file is None:
             raise PartitionBusy(f"partition {number} in {path} is owned by another worker "
-                                "process on this host") from None
+                                "process on this host")
         try:
             log = EmbeddedLog.open(path, late_window_days=late_window_days)
             ledger = Ledger.open(path)
