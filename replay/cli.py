@@ -19,12 +19,19 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.pseudonym_key_file is None:
         raise UsageError("replay: --pseudonym-key-file is required (a secret of at least 16 bytes; "
                          "the same key gives the same pseudonyms)")
-    if args.source != "embedded":
-        raise UsageError("replay: --source kafka is not available yet; replay the embedded log")
     key = args.pseudonym_key_file.read_bytes().strip()
     with progress_bar("replay", enabled=sys.stderr.isatty() and not args.json) as advance:
-        manifest = export_embedded(data_dir_of(args), args.to, key, since=args.since,
-                                   until=args.until, tick=lambda n: advance(n, ""))
+        if args.source == "kafka":
+            from replay.kafka_source import export_kafka
+
+            if not args.bootstrap:
+                raise UsageError("replay: --source kafka needs --bootstrap HOST:PORT")
+            manifest = export_kafka(args.bootstrap, args.to, key, prefix=args.topic_prefix,
+                                    since=args.since, until=args.until,
+                                    tick=lambda n: advance(n, ""))
+        else:
+            manifest = export_embedded(data_dir_of(args), args.to, key, since=args.since,
+                                       until=args.until, tick=lambda n: advance(n, ""))
     if args.json:
         sys.stdout.write(orjson.dumps(manifest.__dict__).decode() + "\n")
     else:
@@ -85,6 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("replay", help="export pseudonymised Parquet for research")
     parser.add_argument("--to", type=Path, required=True, help="output directory")
     parser.add_argument("--source", choices=["embedded", "kafka"], default="embedded")
+    parser.add_argument("--bootstrap", default=None, help="Kafka bootstrap HOST:PORT (--source kafka)")
+    parser.add_argument("--topic-prefix", default="", help="prefix of the genki topics")
     parser.add_argument("--pseudonym-key-file", type=Path, default=None)
     parser.add_argument("--since", default=None, help="first Tokyo day (YYYY-MM-DD)")
     parser.add_argument("--until", default=None, help="last Tokyo day (YYYY-MM-DD)")

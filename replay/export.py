@@ -74,6 +74,7 @@ class ReplayManifest:
     users_included: int = 0
     users_left_out_no_consent: int = 0
     rows_left_out_no_consent: dict[str, int] = field(default_factory=dict)
+    source_offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" → next offset
 
 
 def _consenting_users(log: EmbeddedLog) -> tuple[set[str], int]:
@@ -197,6 +198,7 @@ def parse_window(since: str | None, until: str | None) -> tuple[int | None, int 
 
 def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | None = None,
                     until: str | None = None, tick: Callable[[int], None] = lambda n: None,
+                    source: str = "embedded", source_offsets: dict[str, int] | None = None,
                     ) -> ReplayManifest:
     from replay.ledger_export import write_flags, write_ledger
 
@@ -210,9 +212,10 @@ def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | No
         consent, refused = _consenting_users(log)
         end = log.position()
         manifest = ReplayManifest(
-            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), source="embedded",
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), source=source,
             log_position=end, rules_version=None, since=since, until=until,
-            users_included=len(consent), users_left_out_no_consent=refused)
+            users_included=len(consent), users_left_out_no_consent=refused,
+            source_offsets=dict(source_offsets or {}))
         manifest.rows["samples"] = _write(
             _sample_batches(log, end, pseudo, consent, window, manifest, tick), SAMPLE_SCHEMA,
             staging / "samples", ["metric", "day"])
