@@ -13,7 +13,7 @@ from replay.export import export_embedded
 from replay.kafka_source import export_kafka
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
-from tests.kafka_fixtures import Fleet, KafkaTarget, create_topics, genki  # noqa: E402
+from tests.kafka_fixtures import Fleet, KafkaTarget, create_topics, genki
 
 pytest_plugins = ["tests.kafka_fixtures"]
 
