@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union
 
 import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
@@ -63,12 +63,16 @@ from engine.errors import GenkiError
 from engine.ingest.log import IngestCounts
 from engine.schemas import ID_CHARS_MAX
 
+if TYPE_CHECKING:
+    from engine.api.kafka_service import KafkaApiService
+
 TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
 CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
 INGEST_PATH = "/v1/ingest"
 JSON = "application/json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
 _T = TypeVar("_T")
+Service = Union[ApiService, "KafkaApiService"]
 _log = logging.getLogger("genki.api")
 
 _ID_CHAR = r"[A-Za-z0-9_.:\-]"  # engine.schemas.IdText
@@ -104,22 +108,42 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 
 def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
                clock_offset_ms: int | None = None, hold_ingest_log: bool = True,
-               fast_reads: bool = True) -> FastAPI:
+               fast_reads: bool = True, bootstrap: str | None = None, topic_prefix: str = "",
+               partitions_dir: Path | None = None) -> FastAPI:
     """An app serving one data directory; settings default to the GENKI_API_* environment.
 
-    `fast_reads` answers GET balance ahead of FastAPI (see GenkiAPI).
+    `fast_reads` answers GET balance ahead of FastAPI (see GenkiAPI). With
+    `bootstrap` the app serves the Kafka runtime (engine.api.kafka_service):
+    redemptions go to the partition owners, reads to `partitions_dir`.
     """
     if token_ttl_s is None:
         token_ttl_s = int(os.environ.get(TOKEN_TTL_ENV) or TOKEN_TTL_S_DEFAULT)
     if clock_offset_ms is None:
         clock_offset_ms = int(os.environ.get(CLOCK_OFFSET_ENV) or 0)
-    service = ApiService(Path(data_dir), token_ttl_s=token_ttl_s,
-                         clock=system_clock(clock_offset_ms), hold_ingest_log=hold_ingest_log)
+    clock = system_clock(clock_offset_ms)
+    service: Service
+    bridge = None
+    if bootstrap is None:
+        service = ApiService(Path(data_dir), token_ttl_s=token_ttl_s, clock=clock,
+                             hold_ingest_log=hold_ingest_log)
+    else:
+        from engine.api.kafka_service import KafkaApiService
+        from engine.kafka.api_bridge import RedemptionBridge
+
+        bridge = RedemptionBridge(bootstrap, topic_prefix)
+        service = KafkaApiService(Path(data_dir), bridge, partitions_dir,
+                                  token_ttl_s=token_ttl_s, clock=clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        service.close()
+        if bridge is not None:
+            await bridge.start()
+        try:
+            yield
+        finally:
+            if bridge is not None:
+                await bridge.stop()
+            service.close()
 
     app = GenkiAPI(title="genki", version=engine.__version__, responses=_PROBLEMS,
                    lifespan=lifespan,
@@ -130,7 +154,10 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     app.add_middleware(BodyLimit)
     app.fast_reads = service if fast_reads else None
     _add_read_routes(app, service)
-    _add_write_routes(app, service)
+    if isinstance(service, ApiService):
+        _add_write_routes(app, service)
+    else:
+        _add_kafka_write_routes(app, service)
     return app
 
 
@@ -142,7 +169,7 @@ _bearer = HTTPBearer(auto_error=False, description="an API key from `genki keys 
 BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 
-def _needs(service: ApiService, *roles: Role) -> Any:
+def _needs(service: Service, *roles: Role) -> Any:
     async def principal(request: Request, _: BearerCredentials = None) -> Principal:
         return require_role(service.authenticate(request.headers.get("authorization")), *roles)
     return Depends(principal)
@@ -169,7 +196,7 @@ async def _on(executor: Any, fn: Callable[..., _T], *args: Any) -> _T:
 
 # -- routes ------------------------------------------------------------------------
 
-def _add_read_routes(app: FastAPI, service: ApiService) -> None:
+def _add_read_routes(app: FastAPI, service: Service) -> None:
     reader = _needs(service, Role.app, Role.staff)
     staff = _needs(service, Role.staff)
     shop_or_staff = _needs(service, Role.shop, Role.staff)
@@ -255,6 +282,55 @@ def _add_write_routes(app: FastAPI, service: ApiService) -> None:
             return service.ingest(principal, lines) if lines else IngestCounts().as_dict()
 
         return json_response(await _on(service.ingester, parse_and_ingest))
+
+
+def _add_kafka_write_routes(app: FastAPI, service: KafkaApiService) -> None:
+    """Kafka mode: checks on the writer thread, the wait for the owner on the event loop."""
+    from engine.api.kafka_service import NotInKafkaMode, Pending
+
+    app_role = _needs(service, Role.app)
+    shop = _needs(service, Role.shop)
+    staff = _needs(service, Role.staff)
+    gateway = _needs(service, Role.gateway)
+
+    async def settle(prepared: Reply | Pending) -> Response:
+        if isinstance(prepared, Reply):
+            return reply_response(prepared)
+        outcome = await _on(service.writer, service.known_outcome, prepared)
+        if outcome is None:
+            outcome = await service.bridge.submit(prepared.record)
+        return reply_response(await _on(service.writer, service.finish, prepared, outcome))
+
+    @app.post("/v1/users/{user_id}/redeem-tokens", tags=["users"], status_code=201,
+              response_model=models.RedeemTokenOut)
+    async def redeem_token(user_id: UserId, _: Principal = app_role) -> Response:
+        return json_response(service.issue_token(user_id), 201)
+
+    @app.post("/v1/redemptions", tags=["shops"], status_code=201,
+              response_model=models.RedemptionOut)
+    async def redeem(body: models.RedemptionIn, idempotency_key: IdempotencyHeader = None,
+                     principal: Principal = shop) -> Response:
+        key = _idempotency_key(idempotency_key)
+        return await settle(await _on(service.writer, service.prepare_redeem, principal, key,
+                                      body.token, body.points, body.terminal_id))
+
+    @app.post("/v1/refunds", tags=["shops"], status_code=201, response_model=models.RefundOut)
+    async def refund(body: models.RefundIn, idempotency_key: IdempotencyHeader = None,
+                     principal: Principal = shop) -> Response:
+        key = _idempotency_key(idempotency_key)
+        return await settle(await _on(service.writer, service.prepare_refund, principal, key,
+                                      body.redemption_entry_id, body.points))
+
+    @app.post("/v1/adjustments", tags=["staff"], status_code=201,
+              response_model=models.AdjustmentOut)
+    async def adjust(_: Principal = staff) -> Response:
+        raise NotInKafkaMode("adjustments are not available through the API in Kafka "
+                             "mode: genki.redemptions carries redemptions and refunds only")
+
+    @app.post(INGEST_PATH, tags=["ingest"], response_model=models.IngestOut)
+    async def ingest(_: Principal = gateway) -> Response:
+        raise NotInKafkaMode("in Kafka mode gateways publish to the input topics "
+                             "(`genki publish`), not to this API")
 
 
 def _ingest_lines(body: bytes, content_type: str) -> list[bytes]:
@@ -377,7 +453,7 @@ class GenkiAPI(FastAPI):
     through FastAPI.
     """
 
-    fast_reads: ApiService | None = None
+    fast_reads: Service | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fast_reads is not None and scope["type"] == "http" \
@@ -389,7 +465,7 @@ class GenkiAPI(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-async def _fast_balance(service: ApiService, user_id: str, scope: Scope, receive: Receive,
+async def _fast_balance(service: Service, user_id: str, scope: Scope, receive: Receive,
                         send: Send) -> None:
     authorization = None
     for name, value in scope["headers"]:

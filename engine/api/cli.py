@@ -50,17 +50,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None,
           clock_offset_ms: int | None = None, log_level: str = "warning",
           access_log: bool = False, loop: str = "auto", http: str = "auto",
-          hold_ingest_log: bool = True) -> int:
+          hold_ingest_log: bool = True, bootstrap: str | None = None, topic_prefix: str = "",
+          partitions_dir: Path | None = None) -> int:
     """Print the URL (first line of stdout), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
     from engine.api.app import create_app
 
     app = create_app(data_dir, token_ttl_s=token_ttl_s, clock_offset_ms=clock_offset_ms,
-                     hold_ingest_log=hold_ingest_log)
+                     hold_ingest_log=hold_ingest_log, bootstrap=bootstrap,
+                     topic_prefix=topic_prefix, partitions_dir=partitions_dir)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"genki API serving {data_dir} on http://{shown}:{port} (docs: http://{shown}:{port}"
+    what = str(data_dir) if bootstrap is None else f"Kafka {bootstrap} (keys in {data_dir})"
+    print(f"genki API serving {what} on http://{shown}:{port} (docs: http://{shown}:{port}"
           "/docs)", flush=True)
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, loop=loop,
                             http=http, lifespan="on")
@@ -70,11 +73,16 @@ def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(args)
+    if args.bootstrap is None and (args.partitions_dir is not None or args.topic_prefix):
+        raise UsageError("--partitions-dir and --topic-prefix need --bootstrap (Kafka mode)")
+    if args.partitions_dir is not None and not args.partitions_dir.is_dir():
+        raise UsageError(f"--partitions-dir {args.partitions_dir} is not a directory")
     sock = bind_socket(args.host, args.port)
     return serve(data_dir, sock, token_ttl_s=args.token_ttl_s,
                  clock_offset_ms=args.clock_offset_ms, log_level=args.log_level,
                  access_log=args.access_log, loop=args.loop, http=args.http,
-                 hold_ingest_log=not args.ingest_per_request)
+                 hold_ingest_log=not args.ingest_per_request, bootstrap=args.bootstrap,
+                 topic_prefix=args.topic_prefix, partitions_dir=args.partitions_dir)
 
 
 def serve_demo(data_dir: Path, console: Any) -> int:
@@ -163,6 +171,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="open the embedded log for each POST /v1/ingest instead of holding "
                              "its writer lock (lets `genki ingest` run alongside; each request "
                              "then reloads the log's dedup state)")
+    parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
+                        help="Kafka mode: redemptions and refunds go to the partition owners "
+                             "through genki.redemptions (the data dir then holds only keys, "
+                             "secret and stored responses)")
+    parser.add_argument("--topic-prefix", default="", help="Kafka mode: topic name prefix")
+    parser.add_argument("--partitions-dir", type=Path, default=None, metavar="DIR",
+                        help="Kafka mode: the workers' data directory (p<N>/ledger.sqlite), "
+                             "read only, to answer balance, history and flags; without it "
+                             "reads answer 503")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     add_data_dir_arg(parser)

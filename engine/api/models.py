@@ -108,7 +108,9 @@ class RedemptionOut(BaseModel):
     terminal_id: str
     points: int = Field(description="points taken (positive)")
     ts_ms: int
-    balance: int = Field(description="the user's balance read just after the redemption")
+    balance: int | None = Field(description="the user's balance read just after the "
+                                            "redemption (null in Kafka mode without "
+                                            "--partitions-dir)")
 
 
 class RefundOut(BaseModel):
@@ -119,7 +121,7 @@ class RefundOut(BaseModel):
     refund_of: str
     points: int
     ts_ms: int
-    balance: int
+    balance: int | None = Field(description="null in Kafka mode without --partitions-dir")
 
 
 class AdjustmentOut(BaseModel):

@@ -94,34 +94,27 @@ def entry_view(entry: Entry) -> dict[str, Any]:
             "shop_id": fields.get("shop"), "refund_of": fields.get("refund_of")}
 
 
-class ApiService:
+class ApiCore:
+    """What both runtimes' services share: keys, redeem tokens, stored responses."""
+
     def __init__(self, data_dir: Path, *, token_ttl_s: int = TOKEN_TTL_S_DEFAULT,
-                 clock: Clock | None = None, hold_ingest_log: bool = True) -> None:
+                 clock: Clock | None = None) -> None:
         if not 1 <= token_ttl_s <= TOKEN_TTL_S_MAX:
             raise UsageError(f"token TTL: 1..{TOKEN_TTL_S_MAX} s, got {token_ttl_s}")
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self.token_ttl_s = token_ttl_s
         self.clock = clock or system_clock()
-        self.hold_ingest_log = hold_ingest_log
         self.signer = TokenSigner(load_or_create_secret(data_dir))
-        self.read_ledger = Ledger.open(data_dir)
-        self.report_ledger = Ledger.open(data_dir)
-        self.write_ledger = Ledger.open(data_dir)
         self.read_store = ApiStore.open(data_dir)
         self.write_store = ApiStore.open(data_dir)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="genki-writer")
-        self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
-        self._ingest_log: EmbeddedLog | None = None
         self._writes = 0
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
-        self.ingester.submit(self._close_ingest_log).result()
-        self.ingester.shutdown(wait=True)
-        for resource in (self.read_ledger, self.report_ledger, self.write_ledger,
-                         self.read_store, self.write_store):
-            resource.close()
+        self.read_store.close()
+        self.write_store.close()
 
     # -- authentication ------------------------------------------------------------
 
@@ -139,6 +132,58 @@ class ApiService:
         if record.revoked_ms is not None:
             raise Unauthenticated(f"API key {record.key_id} was revoked")
         return _principal(record)
+
+    # -- redeem tokens ---------------------------------------------------------------
+
+    def issue_token(self, user_id: str) -> dict[str, Any]:
+        token, claims = self.signer.issue(user_id, self.clock(), self.token_ttl_s)
+        return {"token": token, "user_id": user_id, "expires_ms": claims.expires_ms,
+                "ttl_s": self.token_ttl_s}
+
+    # -- stored responses (writer thread) --------------------------------------------
+
+    def _replay(self, scope: str, idempotency_key: str, hashed: str) -> Reply | None:
+        stored = self.write_store.stored_response(scope, idempotency_key)
+        if stored is None:
+            return None
+        if stored.request_hash != hashed:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {idempotency_key!r} was used before with a different "
+                "request body; send a new key for a new request")
+        return Reply(stored.status, stored.body, replayed=True)
+
+    def _keep(self, scope: str, idempotency_key: str, hashed: str, body: dict[str, Any],
+              **claim_done: Any) -> Reply:
+        now_ms = self.clock()
+        stored = self.write_store.store_response(
+            scope, idempotency_key, StoredResponse(hashed, 201, orjson.dumps(body)), now_ms,
+            **claim_done)
+        if self._writes % PRUNE_EVERY_WRITES == 0:
+            self.write_store.prune(now_ms - RESPONSES_KEPT_DAYS * DAY_MS)
+        self._writes += 1
+        return Reply(stored.status, stored.body)
+
+
+class ApiService(ApiCore):
+    """The embedded runtime's service: reads and writes the data directory's ledger."""
+
+    def __init__(self, data_dir: Path, *, token_ttl_s: int = TOKEN_TTL_S_DEFAULT,
+                 clock: Clock | None = None, hold_ingest_log: bool = True) -> None:
+        super().__init__(data_dir, token_ttl_s=token_ttl_s, clock=clock)
+        self.hold_ingest_log = hold_ingest_log
+        self.read_ledger = Ledger.open(data_dir)
+        self.report_ledger = Ledger.open(data_dir)
+        self.write_ledger = Ledger.open(data_dir)
+        self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
+        self._ingest_log: EmbeddedLog | None = None
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.ingester.submit(self._close_ingest_log).result()
+        self.ingester.shutdown(wait=True)
+        for resource in (self.read_ledger, self.report_ledger, self.write_ledger):
+            resource.close()
+        super().close()
 
     # -- reads (event loop thread) ---------------------------------------------------
 
@@ -170,35 +215,7 @@ class ApiService:
                 "refunded_points": result.refunded_points, "net_points": result.net_points,
                 "redemptions": result.redemptions, "refunds": result.refunds}
 
-    # -- redeem tokens ---------------------------------------------------------------
-
-    def issue_token(self, user_id: str) -> dict[str, Any]:
-        token, claims = self.signer.issue(user_id, self.clock(), self.token_ttl_s)
-        return {"token": token, "user_id": user_id, "expires_ms": claims.expires_ms,
-                "ttl_s": self.token_ttl_s}
-
     # -- writes (writer thread) ------------------------------------------------------
-
-    def _replay(self, scope: str, idempotency_key: str, hashed: str) -> Reply | None:
-        stored = self.write_store.stored_response(scope, idempotency_key)
-        if stored is None:
-            return None
-        if stored.request_hash != hashed:
-            raise IdempotencyConflict(
-                f"Idempotency-Key {idempotency_key!r} was used before with a different "
-                "request body; send a new key for a new request")
-        return Reply(stored.status, stored.body, replayed=True)
-
-    def _keep(self, scope: str, idempotency_key: str, hashed: str, body: dict[str, Any],
-              **claim_done: Any) -> Reply:
-        now_ms = self.clock()
-        stored = self.write_store.store_response(
-            scope, idempotency_key, StoredResponse(hashed, 201, orjson.dumps(body)), now_ms,
-            **claim_done)
-        if self._writes % PRUNE_EVERY_WRITES == 0:
-            self.write_store.prune(now_ms - RESPONSES_KEPT_DAYS * DAY_MS)
-        self._writes += 1
-        return Reply(stored.status, stored.body)
 
     def redeem(self, principal: Principal, idempotency_key: str, token: str, points: int,
                terminal_id: str) -> Reply:

@@ -73,6 +73,7 @@ _DDL = (
         created_ms INTEGER NOT NULL
     ) STRICT
     """,
+    "CREATE INDEX IF NOT EXISTS token_claims_by_entry ON token_claims (entry_id)",
 )
 
 
@@ -259,6 +260,13 @@ class ApiStore:
                                    "entry_id FROM token_claims WHERE nonce = ?",
                                    (nonce,)).fetchone()
         return None if row is None else TokenClaim(*row)
+
+    def redemption_user(self, entry_id: str) -> str | None:
+        """The user of a redemption this API made (Kafka mode routes its refunds by it)."""
+        with self._lock:
+            row = self._db.execute("SELECT user_id FROM token_claims WHERE entry_id = ? "
+                                   "AND state = 'done'", (entry_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def prune(self, before_ms: int) -> int:
         """Forget responses and claims older than `before_ms`; returns the rows removed.
