@@ -1,0 +1,216 @@
+"""The HTTP API in Kafka mode, against a real broker, a real `genki worker` and a real
+`genki serve --bootstrap` (subprocesses).
+
+One scenario per module: a small simulated fleet is published and a worker
+(running in the background, as in production) builds the partition ledgers;
+the API then redeems through genki.redemptions and reads the workers' data
+directory. Each test uses its own users.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.api.store import Role
+from engine.kafka.combined import combined_ledger
+
+pytest.register_assert_rewrite("tests.kafka_fixtures")
+from tests.kafka_fixtures import (
+    Fleet,
+    KafkaTarget,
+    create_topics,
+    genki,
+    start_genki,
+    wait_for,
+)
+from tests.test_api import Server, make_key
+
+pytest_plugins = ["tests.kafka_fixtures"]
+
+PARTITIONS = 2
+SHOP = "SHOP_K"
+WORKER_STOP_S_MAX = 30.0
+
+
+@dataclass
+class Scenario:
+    target: KafkaTarget
+    server: Server
+    worker_dir: Path
+    keys: dict[str, str]
+    users: list[str]  # users with at least 10 points, most points first
+
+
+def _ledger_ready(worker_dir: Path, expected: dict[str, int]) -> bool:
+    try:
+        return combined_ledger(worker_dir).balances == expected
+    except Exception:  # noqa: BLE001 - the worker is still creating its files
+        return False
+
+
+@pytest.fixture(scope="module")
+def worker_dir(kafka_module: KafkaTarget, fleet: Fleet,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    create_topics(kafka_module, PARTITIONS)
+    genki("publish", str(fleet.path), *kafka_module.args())
+    data_dir = tmp_path_factory.mktemp("worker")
+    worker = start_genki("worker", *kafka_module.args(), "--data-dir", str(data_dir),
+                         "--group", kafka_module.group, "--session-timeout-ms",
+                         str(kafka_module.session_timeout_ms),
+                         stderr_path=data_dir.parent / "worker.log")
+    try:
+        wait_for(lambda: _ledger_ready(data_dir, fleet.embedded.balances),
+                 "the worker to build the partition ledgers")
+        yield data_dir
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=WORKER_STOP_S_MAX)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        if worker.stdout is not None:
+            worker.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def scenario(kafka_module: KafkaTarget, worker_dir: Path, fleet: Fleet,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    home = tmp_path_factory.mktemp("api-home")
+    keys = {"app": make_key(home, Role.app), "shop": make_key(home, Role.shop, SHOP),
+            "other_shop": make_key(home, Role.shop, "SHOP_OTHER")}
+    server = Server(home, *kafka_module.args(), "--partitions-dir", str(worker_dir))
+    users = [user for user, points in sorted(fleet.embedded.balances.items(),
+                                             key=lambda item: (-item[1], item[0]))
+             if points >= 10]
+    assert len(users) >= 4
+    try:
+        yield Scenario(kafka_module, server, worker_dir, keys, users)
+    finally:
+        server.stop()
+
+
+def token_for(s: Scenario, user_id: str) -> str:
+    with s.server.client(s.keys["app"]) as app:
+        response = app.post(f"/v1/users/{user_id}/redeem-tokens")
+    assert response.status_code == 201, response.text
+    return str(response.json()["token"])
+
+
+def balance(s: Scenario, user_id: str) -> int:
+    with s.server.client(s.keys["app"]) as app:
+        response = app.get(f"/v1/users/{user_id}/balance")
+    assert response.status_code == 200, response.text
+    return int(response.json()["balance"])
+
+
+def redeem(s: Scenario, token: str, points: int, key: str) -> httpx.Response:
+    with s.server.client(s.keys["shop"]) as shop:
+        return shop.post("/v1/redemptions", headers={"Idempotency-Key": key},
+                         json={"token": token, "points": points, "terminal_id": "T1"})
+
+
+def test_reads_come_from_the_partition_ledgers(scenario: Scenario, fleet: Fleet) -> None:
+    user = scenario.users[-1]
+    assert balance(scenario, user) == fleet.embedded.balances[user]
+
+
+def test_a_redemption_takes_exactly_the_points_through_the_owner(scenario: Scenario) -> None:
+    user = scenario.users[0]
+    before = balance(scenario, user)
+    response = redeem(scenario, token_for(scenario, user), 7, "sale-exact")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["user_id"], body["shop_id"], body["points"]) == (user, SHOP, 7)
+    assert body["balance"] == before - 7
+    assert balance(scenario, user) == before - 7
+    assert combined_ledger(scenario.worker_dir).balances[user] == before - 7
+
+
+def test_a_redemption_above_the_balance_is_409_insufficient_points(scenario: Scenario) -> None:
+    user = scenario.users[1]
+    before = balance(scenario, user)
+    response = redeem(scenario, token_for(scenario, user), before + 1, "sale-too-much")
+    assert response.status_code == 409, response.text
+    problem = response.json()
+    assert problem["code"] == "insufficient_points"
+    assert f"insufficient points: balance {before}, requested {before + 1}" in problem["detail"]
+    assert balance(scenario, user) == before
+
+
+def test_the_token_of_a_refused_redemption_stays_usable(scenario: Scenario) -> None:
+    user = scenario.users[1]
+    token = token_for(scenario, user)
+    before = balance(scenario, user)
+    assert redeem(scenario, token, before + 1, "sale-refused-first").status_code == 409
+    response = redeem(scenario, token, 1, "sale-refused-first-then-less")
+    assert response.status_code == 201, response.text
+    assert balance(scenario, user) == before - 1
+
+
+def test_a_retry_with_the_same_key_returns_the_stored_response_and_charges_once(
+        scenario: Scenario) -> None:
+    user = scenario.users[2]
+    before = balance(scenario, user)
+    token = token_for(scenario, user)
+    first = redeem(scenario, token, 4, "sale-retried")
+    second = redeem(scenario, token, 4, "sale-retried")
+    assert first.status_code == second.status_code == 201, second.text
+    assert second.content == first.content
+    assert second.headers.get("Idempotent-Replayed") == "true"
+    assert balance(scenario, user) == before - 4
+
+
+def test_a_refund_gives_points_back_through_the_owner(scenario: Scenario) -> None:
+    user = scenario.users[3]
+    before = balance(scenario, user)
+    redeemed = redeem(scenario, token_for(scenario, user), 5, "sale-refunded")
+    assert redeemed.status_code == 201, redeemed.text
+    with scenario.server.client(scenario.keys["shop"]) as shop:
+        response = shop.post("/v1/refunds", headers={"Idempotency-Key": "refund-1"},
+                             json={"redemption_entry_id": redeemed.json()["entry_id"],
+                                   "points": 2})
+    assert response.status_code == 201, response.text
+    assert (response.json()["points"], response.json()["balance"]) == (2, before - 3)
+    assert balance(scenario, user) == before - 3
+
+
+def test_a_refund_above_the_redemption_is_409(scenario: Scenario) -> None:
+    user = scenario.users[3]
+    redeemed = redeem(scenario, token_for(scenario, user), 2, "sale-over-refunded")
+    assert redeemed.status_code == 201, redeemed.text
+    before = balance(scenario, user)
+    with scenario.server.client(scenario.keys["shop"]) as shop:
+        response = shop.post("/v1/refunds", headers={"Idempotency-Key": "refund-too-much"},
+                             json={"redemption_entry_id": redeemed.json()["entry_id"],
+                                   "points": 3})
+    assert response.status_code == 409, response.text
+    assert response.json()["code"] == "refund_exceeds_redemption"
+    assert balance(scenario, user) == before
+
+
+def test_without_the_partitions_dir_reads_are_503_and_redemptions_work(
+        scenario: Scenario, tmp_path: Path) -> None:
+    keys = {"app": make_key(tmp_path, Role.app), "shop": make_key(tmp_path, Role.shop, SHOP)}
+    server = Server(tmp_path, *scenario.target.args())
+    try:
+        other = Scenario(scenario.target, server, scenario.worker_dir, keys, scenario.users)
+        with server.client(keys["app"]) as app:
+            read = app.get(f"/v1/users/{scenario.users[0]}/balance")
+        assert read.status_code == 503, read.text
+        assert read.json()["code"] == "reads_unavailable"
+        assert "--partitions-dir" in read.json()["detail"]
+        user = scenario.users[0]
+        before = combined_ledger(scenario.worker_dir).balances[user]
+        response = redeem(other, token_for(other, user), 1, "sale-no-reads")
+        assert response.status_code == 201, response.text
+        assert response.json()["balance"] is None
+        assert combined_ledger(scenario.worker_dir).balances[user] == before - 1
+    finally:
+        server.stop()
