@@ -100,6 +100,7 @@ class RedemptionBridge:
         self._watch_user: dict[str, bytes] = {}  # entry id → its user's record key
         self._users: dict[bytes, int] = {}  # user key → watched requests (filters genki.ledger)
         self._by_offset: dict[tuple[int, int], str] = {}  # redemptions (partition, offset) → id
+        self._offset_of: dict[str, tuple[int, int]] = {}
         self._waiting = 0
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -196,11 +197,12 @@ class RedemptionBridge:
                                     "retry with the same Idempotency-Key") from None
         if entry_id in self._watch:
             self._by_offset[(sent.partition, sent.offset)] = entry_id
+            self._offset_of[entry_id] = (sent.partition, sent.offset)
 
     def _add_watch(self, entry_id: str, user_id: str) -> asyncio.Future[Outcome]:
         while len(self._watch) >= WATCHED_REQUESTS_MAX:
-            oldest, future = next(iter(self._watch.items()))
-            self._drop_watch(oldest, future)
+            oldest, watched = next(iter(self._watch.items()))
+            self._drop_watch(oldest, watched)
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         key = user_id.encode()
         self._watch[entry_id] = future
@@ -218,7 +220,8 @@ class RedemptionBridge:
             self._users[key] = left
         else:
             del self._users[key]
-        for where in [w for w, watched in self._by_offset.items() if watched == entry_id]:
+        where = self._offset_of.pop(entry_id, None)
+        if where is not None:
             del self._by_offset[where]
 
     def _resolve(self, entry_id: str, outcome: Outcome) -> None:
@@ -254,11 +257,14 @@ class RedemptionBridge:
         letter = orjson.loads(value)
         if letter.get("source") != self.topics[REDEMPTIONS]:
             return
-        entry_id = self._by_offset.get((letter.get("partition"), letter.get("offset")))
-        if entry_id is None:
+        where = (letter.get("partition"), letter.get("offset"))
+        entry_id = self._by_offset.get(where)
+        if entry_id is None:  # refused before send_and_wait returned, or not ours
             try:
                 entry_id = entry_id_of(Redemption.model_validate_json(
                     base64.b64decode(letter.get("raw_b64", ""))))
             except (ValueError, binascii.Error):
                 return  # not one of ours (ours are valid records)
+            if self._offset_of.get(entry_id, where) != where:
+                return  # an earlier, refused try of the same request
         self._resolve(entry_id, Outcome(None, str(letter.get("reason", ""))))
