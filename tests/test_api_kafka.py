@@ -54,29 +54,52 @@ def _ledger_ready(worker_dir: Path, expected: dict[str, int]) -> bool:
         return False
 
 
+class Worker:
+    """`genki worker` in the background, as in production (no --until-idle)."""
+
+    def __init__(self, target: KafkaTarget, data_dir: Path) -> None:
+        self.args = ["worker", *target.args(), "--data-dir", str(data_dir), "--group",
+                     target.group, "--session-timeout-ms", str(target.session_timeout_ms)]
+        self.log_path = data_dir.parent / f"{data_dir.name}-worker.log"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        assert self.process is None
+        self.process = start_genki(*self.args, stderr_path=self.log_path)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=WORKER_STOP_S_MAX)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
 @pytest.fixture(scope="module")
-def worker_dir(kafka_module: KafkaTarget, fleet: Fleet,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def worker(kafka_module: KafkaTarget, fleet: Fleet,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     create_topics(kafka_module, PARTITIONS)
     genki("publish", str(fleet.path), *kafka_module.args())
     data_dir = tmp_path_factory.mktemp("worker")
-    worker = start_genki("worker", *kafka_module.args(), "--data-dir", str(data_dir),
-                         "--group", kafka_module.group, "--session-timeout-ms",
-                         str(kafka_module.session_timeout_ms),
-                         stderr_path=data_dir.parent / "worker.log")
+    running = Worker(kafka_module, data_dir)
+    running.start()
     try:
         wait_for(lambda: _ledger_ready(data_dir, fleet.embedded.balances),
                  "the worker to build the partition ledgers")
-        yield data_dir
+        yield running
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=WORKER_STOP_S_MAX)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        if worker.stdout is not None:
-            worker.stdout.close()
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def worker_dir(worker: Worker) -> Path:
+    return Path(worker.args[worker.args.index("--data-dir") + 1])
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +112,7 @@ def scenario(kafka_module: KafkaTarget, worker_dir: Path, fleet: Fleet,
     users = [user for user, points in sorted(fleet.embedded.balances.items(),
                                              key=lambda item: (-item[1], item[0]))
              if points >= 10]
-    assert len(users) >= 4
+    assert len(users) >= 5
     try:
         yield Scenario(kafka_module, server, worker_dir, keys, users)
     finally:
@@ -212,5 +235,42 @@ def test_without_the_partitions_dir_reads_are_503_and_redemptions_work(
         assert response.status_code == 201, response.text
         assert response.json()["balance"] is None
         assert combined_ledger(scenario.worker_dir).balances[user] == before - 1
+    finally:
+        server.stop()
+
+
+def test_a_timed_out_redemption_is_finished_by_a_retry_with_the_same_key(
+        scenario: Scenario, worker: Worker, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """Last in the module: it stops the worker. The request waits 1 s here (15 s in
+    production), times out while no worker runs, and the retry after the worker is back
+    gets the redemption, charged once."""
+    user = scenario.users[4]
+    before = balance(scenario, user)
+    monkeypatch.setenv("GENKI_API_OUTCOME_WAIT_S", "1")
+    keys = {"app": make_key(tmp_path, Role.app), "shop": make_key(tmp_path, Role.shop, SHOP)}
+    server = Server(tmp_path, *scenario.target.args(), "--partitions-dir",
+                    str(scenario.worker_dir))
+    try:
+        waiting = Scenario(scenario.target, server, scenario.worker_dir, keys, scenario.users)
+        worker.stop()
+        token = token_for(waiting, user)
+        timed_out = redeem(waiting, token, 3, "sale-late")
+        assert timed_out.status_code == 504, timed_out.text
+        assert timed_out.json()["code"] == "outcome_timeout"
+        assert "same Idempotency-Key" in timed_out.json()["detail"]
+        assert redeem(waiting, token, 3, "sale-late-other-key").status_code == 409
+        worker.start()
+        answers: list[httpx.Response] = []
+
+        def retried() -> bool:
+            answers.append(redeem(waiting, token, 3, "sale-late"))
+            return answers[-1].status_code != 504
+
+        wait_for(retried, "a retry to get the outcome")
+        assert answers[-1].status_code == 201, answers[-1].text
+        assert answers[-1].json()["balance"] == before - 3
+        assert balance(waiting, user) == before - 3
+        assert combined_ledger(scenario.worker_dir).balances[user] == before - 3
     finally:
         server.stop()

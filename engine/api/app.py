@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
 CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
+OUTCOME_WAIT_ENV = "GENKI_API_OUTCOME_WAIT_S"  # Kafka mode; at most OUTCOME_WAIT_S_MAX
 INGEST_PATH = "/v1/ingest"
 JSON = "application/json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
@@ -128,9 +129,11 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
                              hold_ingest_log=hold_ingest_log)
     else:
         from engine.api.kafka_service import KafkaApiService
-        from engine.kafka.api_bridge import RedemptionBridge
+        from engine.kafka.api_bridge import OUTCOME_WAIT_S_MAX, RedemptionBridge
 
-        bridge = RedemptionBridge(bootstrap, topic_prefix)
+        wait_s = float(os.environ.get(OUTCOME_WAIT_ENV) or OUTCOME_WAIT_S_MAX)
+        bridge = RedemptionBridge(bootstrap, topic_prefix,
+                                  outcome_wait_s=min(wait_s, OUTCOME_WAIT_S_MAX))
         service = KafkaApiService(Path(data_dir), bridge, partitions_dir,
                                   token_ttl_s=token_ttl_s, clock=clock)
 

@@ -91,8 +91,11 @@ def entry_id_of(record: Redemption) -> str:
 
 
 class RedemptionBridge:
-    def __init__(self, bootstrap: str, prefix: str = "", client_id: str = "api") -> None:
+    def __init__(self, bootstrap: str, prefix: str = "", client_id: str = "api",
+                 outcome_wait_s: float = OUTCOME_WAIT_S_MAX) -> None:
+        assert 0 < outcome_wait_s <= OUTCOME_WAIT_S_MAX
         self.bootstrap = bootstrap
+        self.outcome_wait_s = outcome_wait_s
         self.topics = {name: topic_name(prefix, name) for name in (REDEMPTIONS, LEDGER, DLQ)}
         self.client_id = client_id
         self.partitions = 0
@@ -171,11 +174,11 @@ class RedemptionBridge:
             if future is None:
                 future = self._add_watch(entry_id, record.user_id)
                 await self._publish(entry_id, record)
-            return await asyncio.wait_for(asyncio.shield(future), OUTCOME_WAIT_S_MAX)
+            return await asyncio.wait_for(asyncio.shield(future), self.outcome_wait_s)
         except TimeoutError:
             raise OutcomeTimeout(
                 f"no answer from the owner of partition {self.partition_of_user(record.user_id)}"
-                f" within {OUTCOME_WAIT_S_MAX:g} s (is a `genki worker` running?); the request"
+                f" within {self.outcome_wait_s:g} s (is a `genki worker` running?); the request"
                 " was published and may still be applied: retry with the same Idempotency-Key "
                 "to get its outcome") from None
         finally:
