@@ -103,7 +103,10 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
         (409, "insufficient points, token already used, refund exceeds redemption"),
         (413, "body or batch over its limit"),
         (422, "Idempotency-Key reused with a different body"),
-        (503, "ingest log held by another process, or the ledger busy; retry"))
+        (503, ("ingest log held by another process, or the ledger busy; retry. Kafka mode: "
+              "reads without --partitions-dir, too many waiting requests")),
+        (504, ("Kafka mode: the partition owner did not answer in time; retry with the same "
+              "Idempotency-Key")))
 }
 
 
