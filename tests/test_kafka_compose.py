@@ -43,12 +43,17 @@ def test_genki_services_use_the_genki_entrypoint_image(services: dict[str, dict]
     assert "ENTRYPOINT [\"genki\"]" in services["topics"]["build"]["dockerfile_inline"]
 
 
-def test_workers_share_a_group_and_keep_state_on_their_own_volumes(
+def test_workers_share_a_group_and_one_partitions_volume_the_api_reads(
         services: dict[str, dict]) -> None:
     workers = [services["worker-1"], services["worker-2"]]
     groups = {w["command"][w["command"].index("--group") + 1] for w in workers}
     volumes = {w["volumes"][0].split(":")[0] for w in workers}
-    assert groups == {"genki"} and len(volumes) == 2
+    assert groups == {"genki"} and volumes == {"partitions"}
+    api = services["api"]
+    assert "partitions:/partitions:ro" in api["volumes"]
+    command = api["command"]
+    assert command[command.index("--partitions-dir") + 1] == "/partitions"
+    assert command[command.index("--bootstrap") + 1] == "kafka:9092"
     assert all(w["depends_on"]["topics"]["condition"] == "service_completed_successfully"
                for w in workers)
 
