@@ -31,7 +31,6 @@ from engine.api.service import (
     IdempotencyConflict,
     Principal,
     Reply,
-    _token_used,
     entry_view,
     request_hash,
 )
@@ -207,29 +206,18 @@ class KafkaApiService(ApiCore):
 
     def prepare_redeem(self, principal: Principal, idempotency_key: str, token: str,
                        points: int, terminal_id: str) -> Reply | Pending:
-        assert principal.role == Role.shop and principal.shop_id is not None
-        shop_id = principal.shop_id
-        scope = f"redemptions:{shop_id}"
-        hashed = request_hash({"token": token, "points": points, "terminal_id": terminal_id})
-        replay = self._replay(scope, idempotency_key, hashed)
-        if replay is not None:
-            return replay
-        claims = self.signer.verify_signature(token)
-        mine = (shop_id, idempotency_key)
-        claim = self.write_store.token_claim(claims.nonce)
-        if claim is not None and (claim.shop_id, claim.idempotency_key) != mine:
-            raise _token_used(claim)
-        now_ms = self.clock()
-        if claim is None:  # ours from an earlier try was claimed while fresh: publish again
-            self.signer.check_fresh(claims, now_ms)
-            claim = self.write_store.claim_token(claims.nonce, claims.user_id, shop_id,
-                                                 idempotency_key, now_ms)
-            if (claim.shop_id, claim.idempotency_key) != mine:
-                raise _token_used(claim)
-        record = Redemption(v=1, idempotency_key=LEDGER_KEY_PREFIX + claims.nonce,
-                            shop_id=shop_id, terminal_id=terminal_id, user_id=claims.user_id,
-                            points=points, ts_ms=now_ms, kind=RedemptionKind.redeem)
-        return Pending(scope, idempotency_key, hashed, record, claim)
+        attempt = self._start_redeem(principal, idempotency_key, token, points, terminal_id)
+        if isinstance(attempt, Reply):
+            return attempt
+        claim = attempt.claim
+        if claim is None:  # a claim of ours from an earlier try was made while fresh: publish again
+            self.signer.check_fresh(attempt.claims, attempt.now_ms)
+            claim = self._claim(attempt)
+        record = Redemption(v=1, idempotency_key=LEDGER_KEY_PREFIX + attempt.claims.nonce,
+                            shop_id=attempt.shop_id, terminal_id=terminal_id,
+                            user_id=attempt.claims.user_id, points=points, ts_ms=attempt.now_ms,
+                            kind=RedemptionKind.redeem)
+        return Pending(attempt.scope, idempotency_key, attempt.hashed, record, claim)
 
     def known_outcome(self, pending: Pending) -> Outcome | None:
         """The entry already in the owner's ledger (a retry after a restart), if readable."""

@@ -94,6 +94,19 @@ def entry_view(entry: Entry) -> dict[str, Any]:
             "shop_id": fields.get("shop"), "refund_of": fields.get("refund_of")}
 
 
+@dataclass(frozen=True)
+class RedeemAttempt:
+    """A redemption request past its replay, signature and claim checks."""
+
+    shop_id: str
+    scope: str
+    hashed: str
+    idempotency_key: str
+    claims: TokenClaims
+    claim: TokenClaim | None  # this request's own claim from an earlier try, if any
+    now_ms: int
+
+
 class ApiCore:
     """What both runtimes' services share: keys, redeem tokens, stored responses."""
 
@@ -139,6 +152,35 @@ class ApiCore:
         token, claims = self.signer.issue(user_id, self.clock(), self.token_ttl_s)
         return {"token": token, "user_id": user_id, "expires_ms": claims.expires_ms,
                 "ttl_s": self.token_ttl_s}
+
+    # -- redemptions (writer thread) ---------------------------------------------------
+
+    def _start_redeem(self, principal: Principal, idempotency_key: str, token: str,
+                      points: int, terminal_id: str) -> Reply | RedeemAttempt:
+        """The stored reply for a retried request, or the checked start of a new one:
+        the token's signature holds and no other request has claimed it."""
+        assert principal.role == Role.shop and principal.shop_id is not None
+        shop_id = principal.shop_id
+        scope = f"redemptions:{shop_id}"
+        hashed = request_hash({"token": token, "points": points, "terminal_id": terminal_id})
+        replay = self._replay(scope, idempotency_key, hashed)
+        if replay is not None:
+            return replay
+        claims = self.signer.verify_signature(token)
+        claim = self.write_store.token_claim(claims.nonce)
+        if claim is not None and (claim.shop_id, claim.idempotency_key) != (shop_id,
+                                                                              idempotency_key):
+            raise _token_used(claim)
+        return RedeemAttempt(shop_id, scope, hashed, idempotency_key, claims, claim, self.clock())
+
+    def _claim(self, attempt: RedeemAttempt) -> TokenClaim:
+        """Claim the token for this request (single use); refused if another got there first."""
+        claim = self.write_store.claim_token(attempt.claims.nonce, attempt.claims.user_id,
+                                             attempt.shop_id, attempt.idempotency_key,
+                                             attempt.now_ms)
+        if (claim.shop_id, claim.idempotency_key) != (attempt.shop_id, attempt.idempotency_key):
+            raise _token_used(claim)
+        return claim
 
     # -- stored responses (writer thread) --------------------------------------------
 
@@ -219,34 +261,23 @@ class ApiService(ApiCore):
 
     def redeem(self, principal: Principal, idempotency_key: str, token: str, points: int,
                terminal_id: str) -> Reply:
-        assert principal.role == Role.shop and principal.shop_id is not None
-        shop_id = principal.shop_id
-        scope = f"redemptions:{shop_id}"
-        hashed = request_hash({"token": token, "points": points, "terminal_id": terminal_id})
-        replay = self._replay(scope, idempotency_key, hashed)
-        if replay is not None:
-            return replay
-        claims = self.signer.verify_signature(token)
-        mine = (shop_id, idempotency_key)
-        claim = self.write_store.token_claim(claims.nonce)
-        if claim is not None and (claim.shop_id, claim.idempotency_key) != mine:
-            raise _token_used(claim)
-        now_ms = self.clock()
+        attempt = self._start_redeem(principal, idempotency_key, token, points, terminal_id)
+        if isinstance(attempt, Reply):
+            return attempt
+        scope, hashed, claims, claim = attempt.scope, attempt.hashed, attempt.claims, attempt.claim
         try:
-            self.signer.check_fresh(claims, now_ms)
+            self.signer.check_fresh(claims, attempt.now_ms)
         except TokenExpired:
             if claim is not None:  # ours, from a run that died before it answered
-                entry = self._entry_or_none(redeem_id(shop_id, LEDGER_KEY_PREFIX + claims.nonce))
+                entry = self._entry_or_none(redeem_id(attempt.shop_id,
+                                                      LEDGER_KEY_PREFIX + claims.nonce))
                 if entry is not None:
                     _check_same_redemption(entry, idempotency_key, points, terminal_id)
                     return self._finish_redemption(scope, idempotency_key, hashed, claim, entry)
                 self.write_store.release_claim(claim)
             raise
-        claim = self.write_store.claim_token(claims.nonce, claims.user_id, shop_id,
-                                             idempotency_key, now_ms)
-        if (claim.shop_id, claim.idempotency_key) != mine:
-            raise _token_used(claim)
-        entry = self._redeem_in_ledger(claims, claim, points, terminal_id, now_ms)
+        claim = self._claim(attempt)
+        entry = self._redeem_in_ledger(claims, claim, points, terminal_id, attempt.now_ms)
         return self._finish_redemption(scope, idempotency_key, hashed, claim, entry)
 
     def _redeem_in_ledger(self, claims: TokenClaims, claim: TokenClaim, points: int,
