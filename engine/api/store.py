@@ -31,6 +31,7 @@ from typing import Any, Self
 from engine.api.limits import KEY_LABEL_CHARS_MAX, WRITE_WAIT_S_MAX
 from engine.errors import NotFound, UsageError
 from engine.schemas import ID_CHARS_MAX
+from engine.storage import open_sqlite
 
 API_DB_FILE_NAME = "api.sqlite"
 KEY_PREFIX = "gk"
@@ -139,11 +140,8 @@ class ApiStore:
     def open(cls, data_dir: Path) -> ApiStore:
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / API_DB_FILE_NAME
-        db = sqlite3.connect(path, timeout=WRITE_WAIT_S_MAX, isolation_level=None,
-                             check_same_thread=False)
+        db = open_sqlite(path, busy_wait_s_max=WRITE_WAIT_S_MAX)
         try:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = FULL")
             store = cls(db, path)
             with store._write() as tx:
                 for statement in _DDL:

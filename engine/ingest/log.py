@@ -30,10 +30,12 @@ from engine.ingest.decode import DecodedBatch, Rejected, activity_kind_code, dec
 from engine.ingest.dedup import SeenSamples, first_occurrences, pack_keys
 from engine.ingest.reasons import Reason, reason_text
 from engine.schemas import ActivityEvent
+from engine.storage import open_sqlite
 
 LOG_FILE_NAME = "log.sqlite"
 LOCK_FILE_NAME = "log.lock"
 LATE_WINDOW_DAYS_DEFAULT = 42
+LOCK_WAIT_S_MAX = 60.0
 SQL_VARIABLES_PER_QUERY_MAX = 500
 
 _SCHEMA = """
@@ -141,10 +143,7 @@ def exclusive_lock(path: Path) -> BinaryIO | None:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, timeout=60.0, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    return db
+    return open_sqlite(path, busy_wait_s_max=LOCK_WAIT_S_MAX)
 
 
 class EmbeddedLog:

@@ -54,6 +54,7 @@ from engine.ledger.model import (
 )
 from engine.ledger.schema import DDL, SCHEMA_VERSION, SHOP_KINDS_SQL
 from engine.schemas import FlagEvent
+from engine.storage import open_sqlite
 
 LEDGER_FILE_NAME = "ledger.sqlite"
 DRAFTS_PER_APPEND_MAX = 2_000_000
@@ -90,12 +91,11 @@ class Ledger:
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / LEDGER_FILE_NAME
-        connection = sqlite3.connect(path, timeout=LOCK_WAIT_S_MAX, isolation_level=None,
-                                     check_same_thread=False)
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
-            connection.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+            connection = open_sqlite(path, busy_wait_s_max=LOCK_WAIT_S_MAX, cache_kib=CACHE_KIB)
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(f"{path}: cannot open as a genki ledger: {error}") from error
+        try:
             connection.execute("PRAGMA temp_store = MEMORY")
             connection.execute(f"PRAGMA journal_size_limit = {WAL_BYTES_MAX}")
             ledger = cls(connection, path)
