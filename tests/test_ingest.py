@@ -234,3 +234,26 @@ def test_badly_typed_arrays_are_named_even_among_good_records(log: EmbeddedLog) 
     reasons = [letter.reason.split(": ")[:2] for letter in log.dead_letters()]
     assert reasons == [["bad_field", "values"], ["bad_field", "values"], ["bad_field", "user_id"],
                        ["bad_field", "ts_ms"]]
+
+
+def test_an_unknown_field_in_a_segment_is_named(log: EmbeddedLog) -> None:
+    ingest(log, {**segment("u1", [T0], [1.0]), "battery": 80})
+    (letter,) = log.dead_letters()
+    assert letter.reason == "bad_field: battery: unknown field"
+
+
+def test_a_failed_batch_leaves_nothing_behind(log: EmbeddedLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = segment("u1", [T0, T0 + MINUTE_MS], [1.0, 2.0])
+
+    def fail(*args: object) -> None:
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(log, "_store_activities", fail)
+        with pytest.raises(OSError, match="disk full"):
+            ingest(log, body)
+    assert log.position() == 0
+    counts = ingest(log, body)
+    assert counts["accepted_samples"] == 2
+    columns = log.read_samples(0, log.position())
+    assert columns.users == ["W00001"] and columns.value.tolist() == [1.0, 2.0]

@@ -37,6 +37,7 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _VALUE_MIN = np.array([m.value_min for m in METRICS], dtype=np.float64)
 _VALUE_MAX = np.array([m.value_max for m in METRICS], dtype=np.float64)
 _SAMPLE_ID_FIELDS = ("upload_id", "user_id", "device_id")
+_SEGMENT_KEYS = frozenset(("v", "metric", "unit", "ts_ms", "values", *_SAMPLE_ID_FIELDS))
 _ACTIVITY_KIND_CODE = {kind: code for code, kind in enumerate(ACTIVITY_KINDS)}
 
 
@@ -56,11 +57,19 @@ class SegmentColumns:
     user_id: list[str] = field(default_factory=list)
     device_id: list[str] = field(default_factory=list)
     metric: list[int] = field(default_factory=list)
-    ts_parts: list[np.ndarray] = field(default_factory=list)
-    value_parts: list[np.ndarray] = field(default_factory=list)
+    ts_lists: list[list[Any]] = field(default_factory=list)  # JSON arrays, until converted
+    value_lists: list[list[Any]] = field(default_factory=list)
+    # After conversion: every record's samples back to back, and each record's count.
+    ts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    values: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
+    lengths: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def starts(self) -> np.ndarray:
+        """Offset of each record's first sample in ts / values."""
+        return np.cumsum(self.lengths) - self.lengths
 
 
 @dataclass
@@ -98,10 +107,12 @@ def _remember_valid_id(text: str) -> None:
 
 
 def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | None:
-    """First problem with a segment's scalar fields, or None."""
-    for name in (*_SAMPLE_ID_FIELDS, "metric", "unit", "ts_ms", "values"):
-        if name not in body:
-            return Reason.missing_field, name, "required"
+    """First problem with a segment's fields, or None (arrays are checked per batch)."""
+    exact = body.keys() == _SEGMENT_KEYS  # the common case: no field missing, none extra
+    if not exact:
+        for name in (*_SAMPLE_ID_FIELDS, "metric", "unit", "ts_ms", "values"):
+            if name not in body:
+                return Reason.missing_field, name, "required"
     for name in _SAMPLE_ID_FIELDS:
         text = body[name]
         if isinstance(text, str) and text in _valid_ids:
@@ -124,6 +135,8 @@ def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | Non
         return Reason.length_mismatch, "values", f"length {len(values)} != ts_ms length {len(ts)}"
     if len(ts) > SAMPLES_PER_RECORD_MAX:
         return Reason.too_many_samples, "ts_ms", f"{len(ts)} samples, max {SAMPLES_PER_RECORD_MAX}"
+    if not exact:
+        return Reason.bad_field, min(set(body) - _SEGMENT_KEYS), "unknown field"
     return None
 
 
@@ -149,12 +162,10 @@ def _check_segment_arrays(
     """Vectorised range checks over all samples of the batch; drops bad records."""
     if not segments.index:
         return []
-    lengths = np.fromiter((len(p) for p in segments.ts_parts), dtype=np.int64, count=len(segments))
-    ts = np.concatenate(segments.ts_parts)
-    values = np.concatenate(segments.value_parts)
+    ts, values, lengths = segments.ts, segments.values, segments.lengths
     metric = np.repeat(np.asarray(segments.metric, dtype=np.int64), lengths)
     record_of = np.repeat(np.arange(len(segments)), lengths)
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    starts = segments.starts()
     bad_value = (values < _VALUE_MIN[metric]) | (values > _VALUE_MAX[metric])
     bad_future = ts > now_ms + TS_SKEW_MS_MAX
     bad_old = ts < TS_MS_MIN
@@ -203,10 +214,18 @@ def _explain_bad_segment(
                    f"segment spans {days:.1f} days, max {SEGMENT_SPAN_MS_MAX // 86_400_000}")
 
 
-def _keep_rows(segments: SegmentColumns, keep: np.ndarray) -> None:
-    for name in ("index", "upload_id", "user_id", "device_id", "metric", "ts_parts", "value_parts"):
+def _keep_record_columns(segments: SegmentColumns, keep: np.ndarray) -> None:
+    for name in ("index", "upload_id", "user_id", "device_id", "metric"):
         column = getattr(segments, name)
         setattr(segments, name, [item for item, k in zip(column, keep.tolist(), strict=True) if k])
+
+
+def _keep_rows(segments: SegmentColumns, keep: np.ndarray) -> None:
+    """Drop the records (and their samples) where keep is False."""
+    _keep_record_columns(segments, keep)
+    samples = np.repeat(keep, segments.lengths)
+    segments.ts, segments.values = segments.ts[samples], segments.values[samples]
+    segments.lengths = segments.lengths[keep]
 
 
 def _pydantic_reason(error: ValidationError) -> tuple[Reason, str, str]:
@@ -282,16 +301,13 @@ def _decode_segment(index: int, raw: bytes, body: dict[str, Any], segments: Segm
     problem = _check_segment_fields(body)
     if problem is not None:
         return _reject(index, raw, *problem)
-    extra = set(body) - {"v", "metric", "unit", "ts_ms", "values", *_SAMPLE_ID_FIELDS}
-    if extra:
-        return _reject(index, raw, Reason.bad_field, min(extra), "unknown field")
     segments.index.append(index)
     segments.upload_id.append(body["upload_id"])
     segments.user_id.append(body["user_id"])
     segments.device_id.append(body["device_id"])
     segments.metric.append(METRIC_BY_NAME[body["metric"]].code)
-    segments.ts_parts.append(body["ts_ms"])  # lists until _convert_arrays
-    segments.value_parts.append(body["values"])
+    segments.ts_lists.append(body["ts_ms"])
+    segments.value_lists.append(body["values"])
     return None
 
 
@@ -305,28 +321,33 @@ def _flat_array(lists: Sequence[Any], kinds: str) -> np.ndarray | None:
 
 
 def _convert_arrays(segments: SegmentColumns, raws: list[bytes]) -> list[Rejected]:
-    """Turn the segments' JSON lists into numpy arrays: one conversion per batch when all
-    are well typed, record by record (to name the bad ones) otherwise."""
+    """Turn the segments' JSON arrays into flat numpy arrays: one conversion per batch when
+    all are well typed, record by record (to name the bad ones) otherwise."""
+    ts_lists, value_lists = segments.ts_lists, segments.value_lists
+    segments.ts_lists, segments.value_lists = [], []
     if not len(segments):
         return []
-    ts = _flat_array(segments.ts_parts, "iu")
-    values = _flat_array(segments.value_parts, "iuf")
+    segments.lengths = np.fromiter(map(len, ts_lists), dtype=np.int64, count=len(ts_lists))
+    ts = _flat_array(ts_lists, "iu")
+    values = _flat_array(value_lists, "iuf")
     if ts is not None and values is not None:
-        bounds = np.cumsum([len(part) for part in segments.ts_parts])[:-1]
-        segments.ts_parts = np.split(ts.astype(np.int64, copy=False), bounds)
-        segments.value_parts = np.split(values.astype(np.float64, copy=False), bounds)
+        segments.ts = ts.astype(np.int64, copy=False)
+        segments.values = values.astype(np.float64, copy=False)
         return []
-    rejected, keep = [], np.ones(len(segments), dtype=bool)
-    for row, (ts_list, value_list) in enumerate(zip(segments.ts_parts, segments.value_parts,
-                                                    strict=True)):
+    rejected, keep, ts_parts, value_parts = [], np.ones(len(segments), dtype=bool), [], []
+    for row, (ts_list, value_list) in enumerate(zip(ts_lists, value_lists, strict=True)):
         arrays = _segment_arrays({"ts_ms": ts_list, "values": value_list})
         if isinstance(arrays[0], Reason):
             index = segments.index[row]
             rejected.append(_reject(index, raws[index], *arrays))  # type: ignore[arg-type]
             keep[row] = False
         else:
-            segments.ts_parts[row], segments.value_parts[row] = arrays  # type: ignore[assignment]
-    _keep_rows(segments, keep)
+            ts_parts.append(arrays[0])
+            value_parts.append(arrays[1])
+    segments.lengths = segments.lengths[keep]
+    _keep_record_columns(segments, keep)
+    segments.ts = np.concatenate(ts_parts) if ts_parts else np.empty(0, dtype=np.int64)
+    segments.values = np.concatenate(value_parts) if value_parts else np.empty(0, np.float64)
     return rejected
 
 

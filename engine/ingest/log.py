@@ -26,7 +26,13 @@ import orjson
 
 from engine.clock import DAY_MS, day_to_iso, tokyo_day
 from engine.errors import GenkiError
-from engine.ingest.decode import DecodedBatch, Rejected, activity_kind_code, decode_lines
+from engine.ingest.decode import (
+    DecodedBatch,
+    Rejected,
+    SegmentColumns,
+    activity_kind_code,
+    decode_lines,
+)
 from engine.ingest.dedup import SeenSamples, first_occurrences, pack_keys
 from engine.ingest.reasons import Reason, reason_text
 from engine.schemas import ActivityEvent
@@ -240,7 +246,9 @@ class EmbeddedLog:
         try:
             next_seq = self.position() + 1
             next_seq = self._store_profiles(decoded, next_seq)
-            pending_keys, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq)
+            new_streams: dict[tuple[str, str, int], int] = {}
+            pending_keys, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq,
+                                                                      new_streams)
             activity_wm, next_seq = self._store_activities(decoded, counts, next_seq)
             wm_updates.update(activity_wm)
             line_offsets = offsets or list(range(first_offset, first_offset + len(lines)))
@@ -253,30 +261,36 @@ class EmbeddedLog:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        self._streams.update(new_streams)  # only now: a rolled-back batch leaves no trace
         self._seen.add(pending_keys)
         self._watermarks.update(wm_updates)
         return counts
 
     def _store_profiles(self, decoded: DecodedBatch, next_seq: int) -> int:
-        for _, profile in decoded.profiles:
-            body = profile.model_dump_json().encode()
-            self._db.execute("INSERT INTO profile_records VALUES (?, ?, ?)",
-                             (next_seq, profile.user_id, body))
-            self._db.execute(
-                "INSERT INTO profiles VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE"
-                " SET seq = excluded.seq, body = excluded.body",
-                (profile.user_id, next_seq, body))
-            next_seq += 1
-        return next_seq
+        rows = [(next_seq + i, profile.user_id, profile.model_dump_json().encode())
+                for i, (_, profile) in enumerate(decoded.profiles)]
+        self._db.executemany("INSERT INTO profile_records VALUES (?, ?, ?)", rows)
+        self._db.executemany(
+            "INSERT INTO profiles VALUES (?, ?, ?) ON CONFLICT(user_id) DO UPDATE"
+            " SET seq = excluded.seq, body = excluded.body",
+            [(user, seq, body) for seq, user, body in rows])
+        return next_seq + len(rows)
 
-    def _stream_id(self, user: str, device: str, metric: int) -> int:
-        key = (user, device, metric)
-        stream_id = self._streams.get(key)
-        if stream_id is None:
-            stream_id = len(self._streams) + 1
-            self._db.execute("INSERT INTO streams VALUES (?, ?, ?, ?)", (stream_id, *key))
-            self._streams[key] = stream_id
-        return stream_id
+    def _stream_ids(self, segments: SegmentColumns, skip: list[bool],
+                    new_streams: dict[tuple[str, str, int], int]) -> np.ndarray:
+        """Stream id per segment (0 where skipped). Streams first seen are numbered into
+        new_streams and inserted; the caller adopts them only once the batch commits."""
+        ids = []
+        for user, device, metric, skipped in zip(segments.user_id, segments.device_id,
+                                                 segments.metric, skip, strict=True):
+            key = (user, device, metric)
+            stream_id = 0 if skipped else self._streams.get(key) or new_streams.get(key)
+            if stream_id is None:
+                stream_id = new_streams[key] = len(self._streams) + len(new_streams) + 1
+            ids.append(stream_id)
+        self._db.executemany("INSERT INTO streams VALUES (?, ?, ?, ?)",
+                             [(stream_id, *key) for key, stream_id in new_streams.items()])
+        return np.array(ids, dtype=np.int64)
 
     def _late_rejections(self, users: list[str], ts_min: list[int],
                          ts_max: list[int]) -> tuple[list[bool], list[int], dict]:
@@ -295,14 +309,13 @@ class EmbeddedLog:
                 watermarks[key] = high
         return too_late, wm_before, watermarks
 
-    def _store_segments(self, decoded: DecodedBatch, counts: IngestCounts,
-                        next_seq: int) -> tuple[np.ndarray, dict, int]:
+    def _store_segments(self, decoded: DecodedBatch, counts: IngestCounts, next_seq: int,
+                        new_streams: dict[tuple[str, str, int], int],
+                        ) -> tuple[np.ndarray, dict, int]:
         seg = decoded.segments
         if not len(seg):
             return np.empty(0, dtype=np.uint64), {}, next_seq
-        lengths = np.fromiter((len(p) for p in seg.ts_parts), dtype=np.int64, count=len(seg))
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        ts = np.concatenate(seg.ts_parts)
+        ts, lengths, starts = seg.ts, seg.lengths, seg.starts()
         ts_min = np.minimum.reduceat(ts, starts).tolist()
         too_late, wm_before, watermarks = self._late_rejections(
             seg.user_id, ts_min, np.maximum.reduceat(ts, starts).tolist())
@@ -312,15 +325,12 @@ class EmbeddedLog:
                 Reason.too_late, "ts_ms", f"data for {_iso(ts_min[i])} is more than "
                 f"{self.late_window_days} days older than this user's data so far"),
                 decoded.lines[index]))
-        stream_ids = np.array([0 if late else self._stream_id(user, device, metric)
-                               for user, device, metric, late in zip(
-                                   seg.user_id, seg.device_id, seg.metric, too_late, strict=True)],
-                              dtype=np.int64)
+        stream_ids = self._stream_ids(seg, too_late, new_streams)
         record_of = np.repeat(np.arange(len(seg)), lengths)
         keys = pack_keys(stream_ids[record_of], ts)
         new = first_occurrences(keys) & ~self._seen.contains(keys)
         new &= ~np.repeat(np.asarray(too_late, dtype=bool), lengths)
-        values = np.concatenate(seg.value_parts)
+        values = seg.values
         rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], values[new],
                                         stream_ids, seg.upload_id, wm_before, too_late)
         self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
