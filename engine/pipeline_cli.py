@@ -105,7 +105,49 @@ def _cmd_flags(args: argparse.Namespace) -> int:
     return 0
 
 
+def status(data_dir: Path) -> dict[str, object]:
+    """What an operator checks first: how far the log is, how far the ledger has got."""
+    from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog
+    from engine.ledger import LEDGER_FILE_NAME, Ledger
+    from engine.pipeline import META_LOG_POSITION, META_RULES_VERSION
+
+    result: dict[str, object] = {"data_dir": str(data_dir)}
+    if (data_dir / LOG_FILE_NAME).exists():
+        with EmbeddedLog.open(data_dir, writer=False) as log:
+            counts = log.counters()
+            result["log_position"] = log.position()
+            result["received"], result["accepted"] = counts.received, counts.accepted
+            result["rejected"], result["samples_stored"] = counts.rejected, counts.accepted_samples
+            result["rejected_by_reason"] = dict(sorted(counts.rejected_by_reason.items()))
+    if (data_dir / LEDGER_FILE_NAME).exists():
+        with Ledger.open(data_dir) as ledger:
+            result["processed_position"] = int(ledger.get_meta(META_LOG_POSITION) or 0)
+            result["rules_version"] = ledger.get_meta(META_RULES_VERSION)
+            result["ledger_entries"] = ledger.head_seq()
+    log_position = int(result.get("log_position", 0))  # type: ignore[call-overload]
+    processed = int(result.get("processed_position", 0))  # type: ignore[call-overload]
+    result["pending_records"] = max(0, log_position - processed)
+    return result
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    result = status(data_dir_of(args))
+    if args.json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return 0
+    for key, value in result.items():
+        print(f"{key:>20}: {value:,}" if isinstance(value, int) else f"{key:>20}: {value}")
+    if result["pending_records"]:
+        print("  run `genki run` to process the pending records")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("status", help="log and ledger positions, pending work, dead letters")
+    parser.add_argument("--json", action="store_true")
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_status)
+
     parser = subparsers.add_parser("run", help="process everything pending through the rules into the ledger")
     parser.add_argument("--rules", type=Path, default=None, help="rules TOML (default rules/default.toml)")
     parser.add_argument("--json", action="store_true")

@@ -114,3 +114,21 @@ def test_kill_9_at_random_moments_gives_the_uninterrupted_ledger(
     assert orjson.loads(finished.stdout)["position_after"] > 0
     assert kills >= 1
     assert _state(data_dir) == reference
+
+
+def test_status_shows_pending_work_until_run(ingested: Path, tmp_path: Path) -> None:
+    data_dir = _copy(ingested, tmp_path / "d")
+
+    def status() -> dict:
+        result = subprocess.run(genki_cmd("status", "--json", "--data-dir", str(data_dir)),
+                                capture_output=True, check=True)
+        return orjson.loads(result.stdout)
+
+    before = status()
+    assert before["pending_records"] == before["log_position"] > 0
+    assert before["received"] == before["accepted"] + before["rejected"]
+    run_pipeline(data_dir)
+    after = status()
+    assert after["pending_records"] == 0
+    assert after["processed_position"] == after["log_position"]
+    assert after["ledger_entries"] > 0
