@@ -25,6 +25,7 @@ from engine.progress import progress_bar
 
 DEMO_REDEMPTIONS = 12
 DEMO_RISK_ROWS = 10
+SIMULATED_BULK_FILES = ("10-samples.ndjson", "20-activities.ndjson")
 
 
 def _fresh_data_dir(given: Path | None) -> tuple[Path, bool]:
@@ -85,15 +86,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                   f"{counts.duplicate_samples:,} duplicate samples counted once")
     for reason, count in sorted(counts.rejected_by_reason.items()):
         console.print(f"    rejected {reason}: {count}")
+    if not args.keep_input:
+        for bulky in SIMULATED_BULK_FILES:  # in the log now; the same seed makes them again
+            (sim_dir / bulky).unlink(missing_ok=True)
     _run_stages(args, data_dir, sim_dir, console, report)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    console.print(f"\n[bold]done[/] in {report['seconds']} s; data directory {data_dir}")
+    console.print(f"\n[bold]done[/] in {report['seconds']} s")
     if args.json:
         sys.stdout.write(orjson.dumps(report, default=str).decode() + "\n")
-    if temporary and not args.keep and not args.serve:
-        shutil.rmtree(data_dir, ignore_errors=True)
-    elif args.serve:
+    if args.serve:
         return _serve(data_dir, console)
+    if temporary and args.discard:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    else:
+        console.print(f"data directory {data_dir} (report: {data_dir / 'report.html'}); look "
+                      f"around with `genki status --data-dir {data_dir}` or `genki flags "
+                      f"--data-dir {data_dir}`" + (f"; remove it with `rm -rf {data_dir}`"
+                                                   if temporary else ""))
     return 0 if report.get("verify_ok", True) else 1
 
 
@@ -175,7 +184,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--app-users", type=int, default=12000)
     parser.add_argument("--days", type=int, default=28)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+    parser.add_argument("--discard", action="store_true",
+                        help="remove the temporary data directory at the end")
+    parser.add_argument("--keep-input", action="store_true",
+                        help="keep the simulated NDJSON files after ingesting them")
     parser.add_argument("--serve", action="store_true",
                         help="then serve the HTTP API with a ready app key and shop key")
     parser.add_argument("--no-research", action="store_true",

@@ -27,6 +27,7 @@ def test_demo_runs_every_stage_and_ends_with_a_verified_ledger(tmp_path: Path) -
     assert report["replay"]["rows"]["samples"] > 0
     assert (data_dir / "report.html").exists() and (data_dir / "research" / "manifest.json").exists()
     assert report["verify_ok"] is True
+    assert not (data_dir / "simulated" / "10-samples.ndjson").exists()  # in the log now
     head = report["ledger_head"]
     assert head["points_outstanding"] == report["run"]["points_awarded"] - sum(
         r[2] for r in report["redemptions"] if r[3] == "ok")
