@@ -288,7 +288,6 @@ def main() -> int:
     parser.add_argument("--bootstrap", default=None, help="a Kafka to use instead of tansu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     with tempfile.TemporaryDirectory(prefix="genki-bench-kafka-") as name:
         tmp = Path(name)
         simulate(tmp / "fleet", args.participants, args.app_users, args.days)
