@@ -15,6 +15,7 @@ that is lossless, float64 otherwise.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import sqlite3
 from collections.abc import Iterator
@@ -172,6 +173,7 @@ class EmbeddedLog:
                  late_window_days: int) -> None:
         self._db = db
         self._lock_file = lock_file
+        self.data_dir: Path | None = None
         self.late_window_days = late_window_days
         self._streams: dict[tuple[str, str, int], int] = {}
         self._watermarks: dict[tuple[str, str], int] = {}
@@ -196,7 +198,9 @@ class EmbeddedLog:
                                 "wait for it to finish")
         db = connect(data_dir / LOG_FILE_NAME)
         db.executescript(_SCHEMA)
-        return cls(db, lock_file, late_window_days)
+        opened = cls(db, lock_file, late_window_days)
+        opened.data_dir = data_dir
+        return opened
 
     def close(self) -> None:
         self._db.close()
@@ -488,6 +492,17 @@ class EmbeddedLog:
         self._db.executemany(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             list(meta.items()))
+
+    def late_window_days_max(self) -> int:
+        """The widest late window this log has been written with (what state must keep)."""
+        return max(self.late_window_days, int(self.get_meta(META_SEEN_WINDOW_DAYS) or 0))
+
+    def profiles_digest(self) -> str:
+        """SHA-256 over the latest profile of every user (what step targets depend on)."""
+        digest = hashlib.sha256()
+        for user, body in self._db.execute("SELECT user_id, body FROM profiles ORDER BY user_id"):
+            digest.update(user.encode() + b"\x1f" + body + b"\x1e")
+        return digest.hexdigest()
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
+from engine.errors import CapacityError
 from engine.rules.config import Rules
 from engine.rules.grid import Grid
 
@@ -115,10 +117,24 @@ class GaitStore:
     def pending(self) -> int:
         return sum(len(keys) for keys in self._pending)
 
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return ({"keys": self.keys, "pending": np.concatenate([np.zeros(0, np.int64),
+                                                              *self._pending])},
+                {"pruned_size": self._pruned_size})
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.keys = arrays["keys"].astype(np.int64)
+        self._pending = [arrays["pending"].astype(np.int64)] if len(arrays["pending"]) else []
+        self._pruned_size = int(meta["pruned_size"])
+
     def add(self, user: np.ndarray, day: np.ndarray, value_fixed: np.ndarray) -> None:
         offset = day - GAIT_DAY_BASE
-        assert np.all((offset >= 0) & (offset < 1 << _GAIT_DAY_BITS))
-        assert np.all((value_fixed >= 0) & (value_fixed < 1 << _GAIT_VALUE_BITS))
+        if not np.all((offset >= 0) & (offset < 1 << _GAIT_DAY_BITS)):
+            raise CapacityError("gait-speed samples must lie within "
+                                f"{1 << _GAIT_DAY_BITS} days of 2020-01-01")
+        if not np.all((value_fixed >= 0) & (value_fixed < 1 << _GAIT_VALUE_BITS)):
+            raise CapacityError(f"gait speeds must lie in [0, {(1 << _GAIT_VALUE_BITS) - 1}] "
+                                "µm/s")
         self._pending.append((user.astype(np.int64) << _GAIT_USER_SHIFT)
                              | (offset.astype(np.int64) << _GAIT_VALUE_BITS) | value_fixed)
 
