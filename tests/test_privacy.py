@@ -242,7 +242,6 @@ needs_ledger_erasure = pytest.mark.skipif(not hasattr(Ledger, "erase_user"),
                                           reason="Ledger.erase_user has not landed yet")
 
 @pytest.fixture(scope="module")
-@needs_ledger_erasure
 def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """A copy of the world, its settlement and head before, then `genki erase` on it."""
     data_dir = tmp_path_factory.mktemp("erased") / "genki-data"

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 _ID_CHAR = r"[A-Za-z0-9_.:\-]"
 _USER_PATH = re.compile(rf"/v1/users/({_ID_CHAR}{{1,{ID_CHARS_MAX}}})/([a-z\-]+)")
 ERASE_ROUTE = "erase"
+UserId = Annotated[str, PathParam(min_length=1, max_length=ID_CHARS_MAX,
+                                  pattern=rf"^{_ID_CHAR}+$")]
 
 
 class EraseIn(BaseModel):
@@ -71,9 +73,6 @@ def add_privacy_routes(app: FastAPI, service: ApiService | KafkaApiService) -> N
     async def staff(request: Request) -> Principal:
         return require_role(service.authenticate(request.headers.get("authorization")),
                             Role.staff)
-
-    UserId = Annotated[str, PathParam(min_length=1, max_length=ID_CHARS_MAX,
-                                      pattern=rf"^{_ID_CHAR}+$")]
 
     @app.post(f"/v1/users/{{user_id}}/{ERASE_ROUTE}", tags=["staff"], response_model=EraseOut,
               summary="erase a person's data everywhere (audited)")
