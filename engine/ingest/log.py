@@ -17,7 +17,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Self
@@ -304,17 +304,20 @@ class EmbeddedLog:
 
     def ingest_lines(self, lines: list[bytes], source: str, first_offset: int, now_ms: int,
                      *, partition: int | None = None, offsets: list[int] | None = None,
-                     meta: dict[str, str] | None = None) -> IngestCounts:
+                     meta: dict[str, str] | None = None,
+                     rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> IngestCounts:
         """Decode, judge and durably store one batch of lines in one transaction.
 
         A dead letter names `source`, `partition` and the line's offset: `offsets[i]`
         when given (Kafka offsets), else `first_offset + i` (line numbers). `meta`
         key/values (e.g. consumed Kafka offsets) commit in the same transaction.
+        `rejected_before` are (offset, reason, raw) items an edge (an importer, the
+        gateway) refused before they became lines: received and dead-lettered here.
         """
         assert offsets is None or len(offsets) == len(lines)
         assert self._lock_file is not None, "log opened read-only"
         decoded = decode_lines(lines, now_ms)
-        counts = IngestCounts(received=decoded.received)
+        counts = IngestCounts(received=decoded.received + len(rejected_before))
         self._db.execute("BEGIN IMMEDIATE")
         try:
             next_seq = self.position() + 1
@@ -327,6 +330,7 @@ class EmbeddedLog:
             wm_updates.update(activity_wm)
             line_offsets = offsets or list(range(first_offset, first_offset + len(lines)))
             self._store_rejected(decoded.rejected, source, partition, line_offsets, counts)
+            self._store_rejected_before(rejected_before, source, partition, counts)
             self._store_meta(meta or {})
             counts.accepted = counts.received - counts.rejected
             self._store_watermarks(wm_updates)
@@ -519,6 +523,16 @@ class EmbeddedLog:
         counts.rejected = len(rows)
         self._db.executemany(
             "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)", rows)
+
+    def _store_rejected_before(self, rejected: Sequence[tuple[int, str, bytes]], source: str,
+                               partition: int | None, counts: IngestCounts) -> None:
+        for _, reason, _ in rejected:
+            code = reason.split(":", 1)[0]
+            counts.rejected_by_reason[code] = counts.rejected_by_reason.get(code, 0) + 1
+        counts.rejected += len(rejected)
+        self._db.executemany(
+            "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)",
+            [(source, partition, offset, reason, raw) for offset, reason, raw in rejected])
 
     def _store_meta(self, meta: dict[str, str]) -> None:
         self._db.executemany(
