@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.api.cli",
     "engine.kafka.cli",
     "replay.cli",
+    "engine.evaluation.cli",
     "engine.demo",
 )
 
