@@ -65,7 +65,7 @@ LINKED_SCHEMA = pa.schema([
 class LinkageError(GenkiError):
     """Linkage refused: wrong or missing key, malformed file, too few matches."""
 
-    exit_code = 7
+    exit_code = 10
     code = "linkage"
 
 

@@ -30,7 +30,7 @@ SMD_BALANCED_MAX = 0.1
 
 
 class EvaluationError(GenkiError):
-    exit_code = 8
+    exit_code = 11
     code = "evaluation"
 
 
