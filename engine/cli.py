@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.kafka.cli",
     "replay.cli",
     "engine.erasure_cli",
+    "engine.evaluation.cli",
     "engine.demo",
 )
 
