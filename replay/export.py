@@ -111,6 +111,17 @@ class Consent:
         return self.index.contains(users, user_idx, ts_ms)
 
 
+def consenting_users(log: EmbeddedLog) -> tuple[set[str], int]:
+    """(people with at least one consent period, people with a profile and none).
+
+    Whole people; `Consent.of(log).contains(...)` narrows rows to the periods."""
+    consent = Consent.of(log)
+    return set(consent.periods), consent.refused
+
+
+_consenting_users = consenting_users  # engine.evaluation.consent asks by this name
+
+
 def _day_strings(days: np.ndarray) -> np.ndarray:
     unique, inverse = np.unique(days, return_inverse=True)
     names = np.array([(EPOCH_DATE + dt.timedelta(days=int(d))).isoformat() for d in unique],
