@@ -20,12 +20,15 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.schemas_cli",
     "engine.sim.cli",
     "engine.ingest.cli",
+    "engine.importers.cli",
     "engine.rules.cli",
     "engine.ledger.cli",
     "engine.pipeline_cli",
     "engine.api.cli",
     "engine.kafka.cli",
     "replay.cli",
+    "engine.erasure_cli",
+    "engine.evaluation.cli",
     "engine.demo",
 )
 
