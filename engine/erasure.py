@@ -229,6 +229,8 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
                 removed.update(opened.erase_user(user_id))
         else:
             removed.update(log.erase_user(user_id))
+    from engine.snapshots import remove_snapshots  # rules state holds the person's rows
+    removed["engine_snapshots"] = remove_snapshots(directory)
     if ledger is not None or (directory / LEDGER_FILE_NAME).exists():
         if ledger is None:
             with Ledger.open(directory) as opened:

@@ -157,8 +157,7 @@ class Pipeline:
     def _engine_at(self, log: EmbeddedLog, done: int, summary: RunSummary) -> RulesEngine:
         if self._engine is not None and self._position == done:
             return self._engine
-        profiles = profiles_of(log)
-        engine, at = self._from_snapshot(log, done, profiles)
+        engine, at = self._from_snapshot(log, done)
         if at < done:
             summary.replayed_records = done - at
         if at == 0 and done > 0:
@@ -170,11 +169,10 @@ class Pipeline:
         self._engine, self._position = engine, done
         return engine
 
-    def _from_snapshot(self, log: EmbeddedLog, done: int,
-                       profiles: Profiles) -> tuple[RulesEngine, int]:
+    def _from_snapshot(self, log: EmbeddedLog, done: int) -> tuple[RulesEngine, int]:
         self.loaded = None
         if log.data_dir is None or done == 0:
-            return RulesEngine(self.rules, profiles), 0
+            return open_engine(log, self.rules), 0
         digest, window = log.profiles_digest(), log.late_window_days_max()
         for state, info in iter_valid(log.data_dir, done):
             why = _unusable(info, self.rules.version, digest, window)
@@ -182,7 +180,8 @@ class Pipeline:
                 log_line.warning("engine snapshot at position %d not used: %s", info.position, why)
                 continue
             try:
-                engine = RulesEngine.from_state(self.rules, profiles, state)
+                engine = open_engine(log, self.rules)
+                engine.load_state(state)
             except (ValueError, KeyError, IndexError) as error:
                 log_line.warning("engine snapshot at position %d not loadable (%s)",
                                  info.position, error)
@@ -190,7 +189,7 @@ class Pipeline:
             self.loaded = info
             self._snapshot_position = info.position
             return engine, info.position
-        return RulesEngine(self.rules, profiles), 0
+        return open_engine(log, self.rules), 0
 
 
 def _unusable(info: SnapshotInfo, rules_version: str, profiles_digest: str,

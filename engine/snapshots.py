@@ -187,6 +187,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def remove_snapshots(data_dir: Path) -> int:
+    """Delete every snapshot (e.g. after an erasure: they hold per-person state); the
+    next run rebuilds the rules state from the log. Returns how many were removed."""
+    files = snapshot_files(data_dir)
+    for _, path in files:
+        path.unlink()
+    return len(files)
+
+
 def read_snapshot(path: Path) -> tuple[EngineState, SnapshotInfo]:
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size

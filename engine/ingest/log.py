@@ -548,10 +548,13 @@ class EmbeddedLog:
         return max(self.late_window_days, int(self.get_meta(META_SEEN_WINDOW_DAYS) or 0))
 
     def profiles_digest(self) -> str:
-        """SHA-256 over the latest profile of every user (what step targets depend on)."""
+        """SHA-256 over every profile and consent record (what step targets and the periods
+        people are in the programme depend on): rules state built under other ones is stale."""
         digest = hashlib.sha256()
-        for user, body in self._db.execute("SELECT user_id, body FROM profiles ORDER BY user_id"):
-            digest.update(user.encode() + b"\x1f" + body + b"\x1e")
+        for table in ("profile_records", "consent_records"):
+            digest.update(table.encode())
+            for seq, body in self._db.execute(f"SELECT seq, body FROM {table} ORDER BY seq"):
+                digest.update(str(seq).encode() + b"\x1f" + bytes(body) + b"\x1e")
         return digest.hexdigest()
 
     def get_meta(self, key: str) -> str | None:
