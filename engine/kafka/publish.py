@@ -25,7 +25,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from engine.kafka.client import MESSAGE_BYTES_MAX, producer_settings, topic_name
-from engine.kafka.topics import ACTIVITIES, PROFILES, REDEMPTIONS, SAMPLES, TopicsError
+from engine.kafka.topics import (
+    ACTIVITIES,
+    CONSENT,
+    PROFILES,
+    REDEMPTIONS,
+    SAMPLES,
+    TopicsError,
+)
 
 BATCHES_IN_FLIGHT_MAX = 64
 KEY_CACHE_ENTRIES_MAX = 1_000_000
@@ -43,6 +50,8 @@ def route(raw: bytes) -> tuple[str, bytes | None]:
     key = user.encode() if isinstance(user, str) and user else None
     if "metric" in body or "values" in body:
         return SAMPLES, key
+    if "change" in body:
+        return CONSENT, key
     if "event_id" in body:
         return ACTIVITIES, key
     if "idempotency_key" in body:
@@ -140,7 +149,7 @@ class Gateway:
     async def __aenter__(self) -> Self:
         await self._producer.start()
         try:
-            for logical in (PROFILES, SAMPLES, ACTIVITIES, REDEMPTIONS):
+            for logical in (PROFILES, CONSENT, SAMPLES, ACTIVITIES, REDEMPTIONS):
                 name = topic_name(self._prefix, logical)
                 self._counts[logical] = len(await self._producer.partitions_for(name))
             if len(set(self._counts.values())) != 1:
