@@ -23,6 +23,7 @@ class Reason(StrEnum):
     segment_too_long = "segment_too_long"  # spans more than SEGMENT_SPAN_MS_MAX
     too_late = "too_late"                  # older than the late-data window
     conflict = "conflict"                  # same event id, different content
+    unauthenticated = "unauthenticated"    # a point-moving record without a valid authenticator
 
 
 def reason_text(code: Reason, field: str, detail: str) -> str:
