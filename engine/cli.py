@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.schemas_cli",
     "engine.sim.cli",
     "engine.ingest.cli",
+    "engine.importers.cli",
     "engine.rules.cli",
     "engine.ledger.cli",
     "engine.pipeline_cli",

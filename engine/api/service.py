@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,11 +341,16 @@ class ApiService(ApiCore):
 
     # -- ingest (ingest thread) -----------------------------------------------------
 
-    def ingest(self, principal: Principal, lines: list[bytes]) -> dict[str, Any]:
+    def ingest(self, principal: Principal, lines: list[bytes], *,
+               offsets: list[int] | None = None,
+               rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> dict[str, Any]:
+        """Wire records into the log; `offsets` and `rejected_before` as in
+        EmbeddedLog.ingest_lines (the gateway's importers and enrolment checks)."""
         now_ms = self.clock()
         log = self._ingest_log or EmbeddedLog.open(self.data_dir)  # LogLocked → 503
         try:
-            counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms)
+            counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms,
+                                      offsets=offsets, rejected_before=rejected_before)
         finally:
             if self.hold_ingest_log:
                 self._ingest_log = log
