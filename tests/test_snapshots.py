@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -233,11 +234,11 @@ SHORT_WINDOW_DAYS = 10
 def short_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rules whose longest lookback is weeks, not months, so 70 days get pruned."""
     text = RULES_DEFAULT_PATH.read_text(encoding="utf-8")
-    assert "lookback_days = 182" in text and "baseline_days = 28" in text
+    short = re.sub(r"^(lookback_days|baseline_days|window_days) = \d+", r"\1 = 14", text,
+                   flags=re.M)
+    assert short != text
     path = tmp_path_factory.mktemp("rules") / "short.toml"
-    path.write_text(text.replace("lookback_days = 182", "lookback_days = 14")
-                    .replace("window_days = 28", "window_days = 14")
-                    .replace("baseline_days = 28", "baseline_days = 14"), encoding="utf-8")
+    path.write_text(short, encoding="utf-8")
     return path
 
 
