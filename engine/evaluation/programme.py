@@ -65,13 +65,14 @@ class ProgrammeData:
         return (int(days.min()), int(days.max())) if len(days) else None
 
 
-def load_programme(data_dir: Path) -> ProgrammeData:
+def load_programme(data_dir: Path, *, with_steps: bool = True) -> ProgrammeData:
+    """Without steps, the log's samples are not read at all (indicators need none)."""
     with EmbeddedLog.open(data_dir, writer=False) as log:
         consenting, refused = research_consenting(log)
         profiles = sorted((p for p in map(orjson.loads, log.profiles())
                            if p["user_id"] in consenting), key=lambda p: p["user_id"])
         index = {p["user_id"]: i for i, p in enumerate(profiles)}
-        steps, acts = _read_log(log, index)
+        steps, acts = _read_log(log, index, with_steps)
     entries, flags = _read_ledger(data_dir, index)
     return ProgrammeData(
         user_ids=[p["user_id"] for p in profiles],
@@ -87,7 +88,7 @@ def load_programme(data_dir: Path) -> ProgrammeData:
         entry_points=entries[3], entry_day=entries[4])
 
 
-def _read_log(log: EmbeddedLog, index: dict[str, int]) -> tuple[tuple, tuple]:
+def _read_log(log: EmbeddedLog, index: dict[str, int], with_steps: bool) -> tuple[tuple, tuple]:
     steps_code = METRIC_BY_NAME["steps"].code
     kinds = np.array(ACTIVITY_KINDS, dtype=object)
     key_parts: list[np.ndarray] = []
@@ -96,8 +97,8 @@ def _read_log(log: EmbeddedLog, index: dict[str, int]) -> tuple[tuple, tuple]:
     end = log.position()
     for lo in range(0, end, LOG_RECORDS_PER_CHUNK):
         hi = min(lo + LOG_RECORDS_PER_CHUNK, end)
-        cols = log.read_samples(lo, hi)
-        if len(cols.ts_ms):
+        cols = log.read_samples(lo, hi) if with_steps else None
+        if cols is not None and len(cols.ts_ms):
             person = np.array([index.get(u, -1) for u in cols.users], dtype=np.int64)[cols.user_idx]
             keep = (cols.metric == steps_code) & (person >= 0)
             if keep.any():
