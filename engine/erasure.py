@@ -243,12 +243,10 @@ def _erase_ledger(ledger: Any, user_id: str, reason: str) -> dict[str, int]:
     if erase is None:
         raise ErasureError("this ledger cannot erase a person yet (Ledger.erase_user is "
                            "missing); the log part is done, run the erasure again once it is")
-    outcome = erase(user_id, reason)
-    if isinstance(outcome, dict):
-        return {f"ledger_{name}": int(value) for name, value in outcome.items()
-                if isinstance(value, int)}
-    return {f"ledger_{name}": int(getattr(outcome, name)) for name in ("entries", "flags")
-            if isinstance(getattr(outcome, name, None), int)}
+    receipt = erase(user_id, reason)
+    return {"ledger_entries_unlinked": receipt.entries_unlinked,
+            "ledger_flags_unlinked": receipt.flags_unlinked,
+            "ledger_points_forfeited": receipt.points_forfeited}
 
 
 def erase_person(data_dir: Path, user_id: str, reason: str, actor: str, *,
