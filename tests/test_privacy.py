@@ -390,3 +390,22 @@ def test_the_staff_endpoint_erases_and_the_api_answers_404(world: Path, tmp_path
         assert [row.actor.startswith("api:") for row in audit.rows()] == [True] * 4
     finally:
         audit.close()
+
+
+@needs_ledger_erasure
+def test_after_erasure_the_ledger_verifies_and_settlement_is_unchanged(
+        erased: dict[str, object]) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    for directory in (data_dir, data_dir / "p3"):
+        result = subprocess.run(genki_cmd("ledger", "verify", "--data-dir", str(directory)),
+                                capture_output=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+    with Ledger.open(data_dir) as ledger:
+        assert ledger.settlement(SHOP, "2026-12") == erased["settlement"]
+        assert ledger.settlement(SHOP, "2026-12").redemptions == 2
+        assert ledger.balance(ERASED) == 0
+        assert ledger.history(ERASED, None, 10)[0] == []
+        assert ledger.flag_history(ERASED) == []
+    removed = erased["result"]["removed"]["data_dir"]  # type: ignore[index]
+    assert removed["ledger_entries_unlinked"] > DAYS
