@@ -135,11 +135,13 @@ def test_a_device_bound_to_a_key_accepts_that_key_only(
         "not_enrolled": 1}
 
 
-def test_profiles_only_from_staff_or_enrolment_keys(
+def test_profiles_and_consent_only_from_staff_or_enrolment_keys(
         server: Server, keys: dict[str, tuple[str, str]]) -> None:
+    consent = {"v": 1, "user_id": "E1", "change": "research_consent_given",
+               "effective_ts_ms": TS_MS, "consent_seq": 1, "source": "app"}
+    assert reasons(post(server, keys["acme"][0], "/v1/ingest", ndjson(PROFILE, consent))[1]) \
+        == {"not_permitted": 2}
     body = ndjson(PROFILE)
-    assert reasons(post(server, keys["acme"][0], "/v1/ingest", body)[1]) == {
-        "not_permitted": 1}
     assert post(server, keys["enrol"][0], "/v1/ingest", body)[1]["accepted"] == 1
     assert post(server, keys["staff"][0], "/v1/ingest", body)[1]["accepted"] == 1
 

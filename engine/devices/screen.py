@@ -10,7 +10,8 @@ from engine.devices import KeyPolicy
 from engine.importers.core import ImportOptions, Resolver
 from engine.ingest.reasons import Reason, reason_text
 
-PROFILE_FIELDS = frozenset(("birth_year", "cohort", "research_consent", "consent"))
+PROFILE_FIELDS = frozenset(("birth_year", "cohort", "research_consent", "consent", "change",
+                            "consent_seq"))
 
 
 def _problem(body: dict[str, Any], policy: KeyPolicy) -> str | None:
