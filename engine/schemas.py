@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal, TypeGuard
+from typing import TYPE_CHECKING, Annotated, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.rules.flags import FLAG_NAMES
 
 WIRE_VERSION = 1
 RECORD_BYTES_MAX = 1_048_576
@@ -219,6 +221,13 @@ class RedemptionKind(StrEnum):
     refund = "refund"
 
 
+class RecordAuth(Wire):
+    """An authenticator from the API service (engine.kafka.authn): key id + HMAC-SHA256."""
+
+    kid: Annotated[str, Field(min_length=1, max_length=64)]
+    mac: Annotated[str, Field(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 class Redemption(Wire):
     """A shop terminal's redemption (or refund) request."""
 
@@ -231,6 +240,8 @@ class Redemption(Wire):
     ts_ms: int = Field(ge=TS_MS_MIN)
     kind: RedemptionKind
     refund_of: str | None = None
+    # Set by the API in Kafka mode; workers refuse records without a valid one.
+    auth: RecordAuth | None = None
 
     @model_validator(mode="after")
     def _refund_names_its_redemption(self) -> Redemption:
@@ -264,14 +275,11 @@ class LedgerEntry(Wire):
     hash: str
 
 
-class FlagName(StrEnum):
-    step_decline = "step_decline"
-    low_activity = "low_activity"
-    slow_gait = "slow_gait"
-    weight_loss = "weight_loss"
-    social_isolation = "social_isolation"
-    low_spo2 = "low_spo2"
-    resting_hr_rise = "resting_hr_rise"
+if TYPE_CHECKING:
+    class FlagName(StrEnum):
+        """Names of the frailty-risk flags (engine.rules.flags.FLAGS)."""
+else:
+    FlagName = StrEnum("FlagName", [(name, name) for name in FLAG_NAMES])
 
 
 class FlagState(StrEnum):
