@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from engine.consent import PeriodIndex, lifecycle
 from engine.errors import RulesError
 from engine.faults import crash_point
 from engine.ingest.log import EmbeddedLog
@@ -73,7 +74,8 @@ def chunks(after: int, upto: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def open_engine(log: EmbeddedLog, rules: Rules) -> RulesEngine:
-    return RulesEngine(rules, profiles_of(log))
+    away = lifecycle(log.lifecycle_events()).away_periods()
+    return RulesEngine(rules, profiles_of(log), away=PeriodIndex(away) if away else None)
 
 
 class Pipeline:
@@ -119,6 +121,7 @@ class Pipeline:
             _count(summary, samples, activities, output)
             if on_chunk is not None:
                 on_chunk(hi - lo, summary.samples)
+        _settle_leavers(log, ledger, self.rules)
         return summary
 
     def _engine_at(self, log: EmbeddedLog, done: int) -> RulesEngine:
@@ -141,6 +144,17 @@ def run_pipeline(
         summary = pipeline.run(log, ledger, on_chunk)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _settle_leavers(log: EmbeddedLog, ledger: Ledger, rules: Rules) -> None:
+    """Close the balances of people who left, when the rules say so (engine.leaving)."""
+    if rules.leaving is None or rules.leaving.balance != "settle":
+        return
+    from engine.leaving import settlement_drafts
+
+    drafts = settlement_drafts(ledger, lifecycle(log.lifecycle_events()).away_periods(), rules)
+    if drafts:
+        ledger.append(drafts)
 
 
 def _check_rules_version(ledger: Ledger, rules: Rules) -> None:

@@ -41,6 +41,7 @@ from engine.api.limits import (
     INGEST_BODY_BYTES_MAX,
     TOKEN_TTL_S_DEFAULT,
 )
+from engine.api.privacy import ErasedGate, add_privacy_routes
 from engine.api.problems import (
     RETRY_AFTER,
     BadRequest,
@@ -145,9 +146,12 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
             yield
         finally:
             await app.state.gateway_sink.close()
+            app.state.devices.close()
             if bridge is not None:
                 await bridge.stop()
             service.close()
+            if app.erased is not None:
+                app.erased.close()
 
     app = GenkiAPI(title="genki", version=engine.__version__, responses=_PROBLEMS,
                    lifespan=lifespan,
@@ -157,6 +161,8 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     _add_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.fast_reads = service if fast_reads else None
+    app.erased = ErasedGate(Path(data_dir))
+    add_privacy_routes(app, service)
     _add_read_routes(app, service)
     if isinstance(service, ApiService):
         _add_write_routes(app, service)
@@ -418,8 +424,13 @@ class GenkiAPI(FastAPI):
     """
 
     fast_reads: Service | None = None
+    erased: ErasedGate | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.erased is not None and scope["type"] == "http" \
+                and self.erased.blocks(scope["path"]):
+            await self.erased.answer(scope, receive, send)
+            return
         if self.fast_reads is not None and scope["type"] == "http" \
                 and scope["method"] == "GET":
             match = _BALANCE_PATH.fullmatch(scope["path"])

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from engine.clock import day_to_iso, tokyo_day
+from engine.consent import LifecycleEvent, events_of_profile
 from engine.errors import GenkiError, UsageError
 from engine.ingest.decode import (
     DecodedBatch,
@@ -44,12 +45,13 @@ from engine.ingest.dedup import (
 )
 from engine.ingest.reasons import Reason, reason_text
 from engine.ingest.seen import SEEN_MARGIN_DAYS, SEEN_SCHEMA, SeenIndex, StagedDay
-from engine.schemas import ActivityEvent
+from engine.schemas import ActivityEvent, ConsentChange
 from engine.storage import open_sqlite
 
 LOG_FILE_NAME = "log.sqlite"
 LOCK_FILE_NAME = "log.lock"
 LATE_WINDOW_DAYS_DEFAULT = 42
+OPERATOR_KEY_ID = "operator"  # records written by the CLI, which needs no API key
 LOCK_WAIT_S_MAX = 60.0
 SQL_VARIABLES_PER_QUERY_MAX = 500
 SAMPLE_RECORDS_PER_READ_MAX = 50_000
@@ -68,6 +70,10 @@ CREATE TABLE IF NOT EXISTS activity_records (
     wm_before_ms INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS profile_records (
     seq INTEGER PRIMARY KEY, user_id TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS consent_records (
+    seq INTEGER PRIMARY KEY, user_id TEXT NOT NULL, consent_seq INTEGER NOT NULL,
+    change TEXT NOT NULL, effective_ts_ms INTEGER NOT NULL, body BLOB NOT NULL,
+    UNIQUE (user_id, consent_seq));
 CREATE TABLE IF NOT EXISTS profiles (
     user_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS watermarks (
@@ -78,6 +84,12 @@ CREATE TABLE IF NOT EXISTS dlq (
     reason TEXT NOT NULL, raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS record_keys (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, key_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS record_keys_by_key ON record_keys (key_id);
+CREATE TABLE IF NOT EXISTS key_stats (
+    key_id TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (key_id, name));
 """ + SEEN_SCHEMA
 META_SEEN_WINDOW_DAYS = "seen_index.window_days"  # the window the index was pruned with
 
@@ -281,7 +293,8 @@ class EmbeddedLog:
         row = self._db.execute(
             "SELECT max(coalesce((SELECT max(seq) FROM sample_records), 0),"
             " coalesce((SELECT max(seq) FROM activity_records), 0),"
-            " coalesce((SELECT max(seq) FROM profile_records), 0))").fetchone()
+            " coalesce((SELECT max(seq) FROM profile_records), 0),"
+            " coalesce((SELECT max(seq) FROM consent_records), 0))").fetchone()
         return int(row[0])
 
     def counters(self) -> IngestCounts:
@@ -299,7 +312,8 @@ class EmbeddedLog:
     def ingest_lines(self, lines: list[bytes], source: str, first_offset: int, now_ms: int,
                      *, partition: int | None = None, offsets: list[int] | None = None,
                      meta: dict[str, str] | None = None,
-                     rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> IngestCounts:
+                     rejected_before: Sequence[tuple[int, str, bytes]] = (),
+                     key_id: str = OPERATOR_KEY_ID) -> IngestCounts:
         """Decode, judge and durably store one batch of lines in one transaction.
 
         A dead letter names `source`, `partition` and the line's offset: `offsets[i]`
@@ -307,6 +321,8 @@ class EmbeddedLog:
         key/values (e.g. consumed Kafka offsets) commit in the same transaction.
         `rejected_before` are (offset, reason, raw) items an edge (an importer, the
         gateway) refused before they became lines: received and dead-lettered here.
+        `key_id` is the API key that submitted the batch (provenance): every record
+        stored gets it (`positions_of_key`), and its counters are kept per key.
         """
         assert offsets is None or len(offsets) == len(lines)
         assert self._lock_file is not None, "log opened read-only"
@@ -314,8 +330,9 @@ class EmbeddedLog:
         counts = IngestCounts(received=decoded.received + len(rejected_before))
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            next_seq = self.position() + 1
+            first_seq = next_seq = self.position() + 1
             next_seq = self._store_profiles(decoded, next_seq)
+            next_seq = self._store_consents(decoded, counts, next_seq)
             new_streams: dict[tuple[str, str, int], int] = {}
             staged, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq,
                                                                 new_streams)
@@ -328,6 +345,7 @@ class EmbeddedLog:
             counts.accepted = counts.received - counts.rejected
             self._store_watermarks(wm_updates)
             self._bump_counters(counts)
+            self._store_provenance(key_id, first_seq, next_seq - 1, counts)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -350,6 +368,35 @@ class EmbeddedLog:
             " SET seq = excluded.seq, body = excluded.body",
             [(user, seq, body) for seq, user, body in rows])
         return next_seq + len(rows)
+
+    def _store_consents(self, decoded: DecodedBatch, counts: IngestCounts, next_seq: int) -> int:
+        """Consent events: a re-send is a duplicate, the same (user, consent_seq) with other
+        content a conflict. Never too late: a withdrawal may be retroactive."""
+        rows: list[tuple] = []
+        seen: dict[tuple[str, int], bytes] = {}
+        for index, event, raw in decoded.consents:
+            key = (event.user_id, event.consent_seq)
+            body = orjson.dumps(event.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+            stored = seen.get(key)
+            if stored is None:
+                row = self._db.execute(
+                    "SELECT body FROM consent_records WHERE user_id = ? AND consent_seq = ?",
+                    key).fetchone()
+                stored = None if row is None else bytes(row[0])
+            if stored is not None:
+                if stored == body:
+                    counts.duplicate_records += 1
+                else:
+                    decoded.rejected.append(Rejected(index, reason_text(
+                        Reason.conflict, "consent_seq", f"{event.user_id} consent_seq "
+                        f"{event.consent_seq} was stored before with different content"), raw))
+                continue
+            seen[key] = body
+            rows.append((next_seq, event.user_id, event.consent_seq, event.change.value,
+                         event.effective_ts_ms, body))
+            next_seq += 1
+        self._db.executemany("INSERT INTO consent_records VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return next_seq
 
     def _stream_ids(self, segments: SegmentColumns, accepted: np.ndarray,
                     new_streams: dict[tuple[str, str, int], int]) -> np.ndarray:
@@ -498,6 +545,33 @@ class EmbeddedLog:
             "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)",
             [(source, partition, offset, reason, raw) for offset, reason, raw in rejected])
 
+    def _store_provenance(self, key_id: str, first_seq: int, last_seq: int,
+                          counts: IngestCounts) -> None:
+        if last_seq >= first_seq:
+            self._db.execute("INSERT INTO record_keys VALUES (?, ?, ?)",
+                             (first_seq, last_seq, key_id))
+        self._db.executemany(
+            "INSERT INTO key_stats VALUES (?, ?, ?) ON CONFLICT(key_id, name)"
+            " DO UPDATE SET value = value + excluded.value",
+            [(key_id, name, value) for name, value in (
+                ("received", counts.received), ("accepted", counts.accepted),
+                ("rejected", counts.rejected), ("records", last_seq - first_seq + 1),
+                ("accepted_samples", counts.accepted_samples))])
+
+    def positions_of_key(self, key_id: str) -> list[tuple[int, int]]:
+        """Log positions (first, last, inclusive) of every record `key_id` submitted."""
+        return [(int(a), int(b)) for a, b in self._db.execute(
+            "SELECT first_seq, last_seq FROM record_keys WHERE key_id = ? ORDER BY first_seq",
+            (key_id,))]
+
+    def counts_by_key(self) -> dict[str, dict[str, int]]:
+        """Per submitting key: received, accepted, rejected, records stored, samples stored."""
+        result: dict[str, dict[str, int]] = {}
+        for key_id, name, value in self._db.execute(
+                "SELECT key_id, name, value FROM key_stats ORDER BY key_id, name"):
+            result.setdefault(key_id, {})[name] = int(value)
+        return result
+
     def _store_meta(self, meta: dict[str, str]) -> None:
         self._db.executemany(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -518,6 +592,52 @@ class EmbeddedLog:
             "INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
             [(name, getattr(counts, name)) for name in COUNTERS])
 
+    # -- erasure -------------------------------------------------------------
+
+    def erase_user(self, user_id: str) -> dict[str, int]:
+        """Delete one person's samples, activities, profiles, consent events, watermarks and
+        dead letters, in one transaction; returns rows removed per kind (all 0 the second time).
+
+        Their streams keep their numbers (stream ids are handed out by count) but lose the
+        user and device ids. Deleted content is overwritten (secure_delete) and the WAL
+        truncated, so the bytes do not linger in the files. Dead letters are matched by the
+        id as a JSON string anywhere in the raw record (a broken record may name them too).
+        """
+        assert self._lock_file is not None, "log opened read-only"
+        db = self._db
+        db.execute("PRAGMA secure_delete = ON")
+        removed: dict[str, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            streams = [row[0] for row in db.execute(
+                "SELECT stream_id FROM streams WHERE user_id = ?", (user_id,))]
+            removed["samples"] = sum(db.execute(
+                "DELETE FROM sample_records WHERE stream_id = ?", (stream,)).rowcount
+                for stream in streams)
+            db.execute("UPDATE streams SET user_id = '', device_id = 'erased:' || stream_id"
+                       " WHERE user_id = ?", (user_id,))
+            for kind, table in (("activities", "activity_records"),
+                                ("profile_records", "profile_records"), ("profiles", "profiles"),
+                                ("consent_records", "consent_records"),
+                                ("watermarks", "watermarks")):
+                removed[kind] = db.execute(f"DELETE FROM {table} WHERE user_id = ?",
+                                           (user_id,)).rowcount
+            removed["dead_letters"] = db.execute(
+                "DELETE FROM dlq WHERE instr(raw, ?) > 0",
+                (orjson.dumps(user_id),)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for key, stream_id in list(self._streams.items()):
+            if key[0] == user_id:
+                del self._streams[key]
+                self._streams[("", f"erased:{stream_id}", key[2])] = stream_id
+        for mark in [mark for mark in self._watermarks if mark[0] == user_id]:
+            del self._watermarks[mark]
+        return removed
+
     # -- reading -------------------------------------------------------------
 
     def dead_letters(self, limit: int | None = None) -> list[StoredDeadLetter]:
@@ -528,6 +648,16 @@ class EmbeddedLog:
 
     def profiles(self) -> list[bytes]:
         return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]
+
+    def lifecycle_events(self) -> list[LifecycleEvent]:
+        """Every consent and membership event: explicit ones and those profiles stand for."""
+        events = [event for (body,) in self._db.execute("SELECT body FROM profile_records")
+                  for event in events_of_profile(body)]
+        events += [LifecycleEvent(user, ConsentChange(change), effective_ts_ms, consent_seq)
+                   for user, change, effective_ts_ms, consent_seq in self._db.execute(
+                       "SELECT user_id, change, effective_ts_ms, consent_seq"
+                       " FROM consent_records")]
+        return events
 
     def read_samples(self, after_seq: int, upto_seq: int) -> SampleColumns:
         rows = self._db.execute(
