@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import GenkiError
+from engine.storage import private_umask
 
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.schemas_cli",
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        private_umask()  # every file and directory genki writes is private (engine.storage)
         return int(args.func(args) or 0)
     except GenkiError as error:
         print(f"genki: {error}", file=sys.stderr)
