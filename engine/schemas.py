@@ -7,9 +7,10 @@ path for sample segments validates whole batches with numpy in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,7 +23,18 @@ ID_CHARS_MAX = 64
 TS_MS_MIN = 1_577_836_800_000
 POINTS_PER_ENTRY_MAX = 1_000_000
 
-IdText = Annotated[str, Field(min_length=1, max_length=ID_CHARS_MAX, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+# The one definition of an id (user, device, upload, shop, venue, ...): 1-64 of these.
+ID_CHAR_CLASS = r"[A-Za-z0-9_.:\-]"
+ID_PATTERN = re.compile(rf"{ID_CHAR_CLASS}{{1,{ID_CHARS_MAX}}}")
+
+
+def is_id(value: object) -> TypeGuard[str]:
+    """True for a str that is a whole id (fullmatch: no trailing newline slips through)."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+IdText = Annotated[str, Field(min_length=1, max_length=ID_CHARS_MAX,
+                              pattern=rf"^{ID_CHAR_CLASS}+$")]
 IsoDate = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 
 

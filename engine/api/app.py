@@ -68,7 +68,7 @@ from engine.api.service import (
 from engine.api.store import Role
 from engine.errors import GenkiError, UsageError
 from engine.ingest.log import IngestCounts
-from engine.schemas import ID_CHARS_MAX
+from engine.schemas import ID_CHAR_CLASS, ID_CHARS_MAX
 from engine.storage import private_umask
 
 TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
@@ -81,10 +81,9 @@ _T = TypeVar("_T")
 Service = ApiService
 _log = logging.getLogger("genki.api")
 
-_ID_CHAR = r"[A-Za-z0-9_.:\-]"  # engine.schemas.IdText
-_BALANCE_PATH = re.compile(rf"/v1/users/({_ID_CHAR}{{1,{ID_CHARS_MAX}}})/balance")
+_BALANCE_PATH = re.compile(rf"/v1/users/({ID_CHAR_CLASS}{{1,{ID_CHARS_MAX}}})/balance")
 UserId = Annotated[str, PathParam(min_length=1, max_length=ID_CHARS_MAX,
-                                  pattern=rf"^{_ID_CHAR}+$")]
+                                  pattern=rf"^{ID_CHAR_CLASS}+$")]
 ShopId = UserId
 
 

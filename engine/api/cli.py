@@ -24,6 +24,7 @@ from engine.api.limits import (
 from engine.api.store import ApiStore, Role
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
+from engine.kafka.client import add_security_args
 
 HOST_DEFAULT = "127.0.0.1"
 PORT_DEFAULT = 8080
@@ -193,6 +194,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "through genki.redemptions (the data dir then holds only keys, "
                              "secret and stored responses)")
     parser.add_argument("--topic-prefix", default="", help="Kafka mode: topic name prefix")
+    add_security_args(parser)
     parser.add_argument("--partitions-dir", type=Path, default=None, metavar="DIR",
                         help="Kafka mode: the workers' data directory (p<N>/ledger.sqlite), "
                              "read only, to answer balance, history and flags; without it "

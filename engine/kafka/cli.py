@@ -14,6 +14,7 @@ import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
+from engine.kafka.client import add_security_args
 
 BOOTSTRAP_ENV = "GENKI_BOOTSTRAP"
 TOPIC_PREFIX_ENV = "GENKI_TOPIC_PREFIX"
@@ -25,6 +26,7 @@ def _add_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic-prefix", default=os.environ.get(TOPIC_PREFIX_ENV, ""),
                         help="prefix of every topic name, to share a cluster "
                              f"(default ${TOPIC_PREFIX_ENV} or none)")
+    add_security_args(parser)
 
 
 def _bootstrap(args: argparse.Namespace) -> str:

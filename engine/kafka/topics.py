@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from engine.errors import GenkiError
-from engine.kafka.client import CLIENT_ID_PREFIX, MESSAGE_BYTES_MAX, topic_name
+from engine.kafka.client import MESSAGE_BYTES_MAX, admin_settings, topic_name
 
 PARTITIONS_DEFAULT = 12
 PARTITIONS_MAX = 1_000
@@ -79,8 +79,7 @@ class TopicResult:
 
 
 def admin_client(bootstrap: str) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=f"{CLIENT_ID_PREFIX}-admin",
-                               request_timeout_ms=ADMIN_TIMEOUT_MS)
+    return AIOKafkaAdminClient(**admin_settings(bootstrap, "admin", ADMIN_TIMEOUT_MS))
 
 
 async def create_topics(bootstrap: str, partitions: int = PARTITIONS_DEFAULT,

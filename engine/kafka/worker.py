@@ -39,10 +39,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
+from engine.faults import crash_point
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
-from engine.kafka.faults import crash_point
 from engine.kafka.partition import (
     RESTORED_KINDS,
     Outputs,
