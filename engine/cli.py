@@ -28,6 +28,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.api.cli",
     "engine.kafka.cli",
     "replay.cli",
+    "engine.erasure_cli",
+    "engine.evaluation.cli",
     "engine.demo",
 )
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from engine.consent import PeriodIndex, lifecycle
 from engine.errors import RulesError
 from engine.faults import crash_point
 from engine.ingest.log import EmbeddedLog
@@ -73,7 +74,8 @@ def chunks(after: int, upto: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def open_engine(log: EmbeddedLog, rules: Rules) -> RulesEngine:
-    return RulesEngine(rules, profiles_of(log))
+    away = lifecycle(log.lifecycle_events()).away_periods()
+    return RulesEngine(rules, profiles_of(log), away=PeriodIndex(away) if away else None)
 
 
 class Pipeline:

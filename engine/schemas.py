@@ -161,8 +161,17 @@ class Cohort(StrEnum):
     app = "app"
 
 
+CONSENT_SEQ_MAX = 2**53 - 1
+
+
 class Profile(Wire):
-    """Latest profile per user (compacted topic)."""
+    """Latest profile per user (compacted topic).
+
+    `research_consent` is read as a consent event (engine.consent): effective
+    at `updated_ts_ms` with order `consent_seq` when both are given, otherwise
+    at the start of `enrolled_on` with order 0, so a profile re-sent later can
+    never re-grant consent that a newer event withdrew.
+    """
 
     v: Literal[1]
     user_id: IdText
@@ -171,6 +180,38 @@ class Profile(Wire):
     cohort: Cohort
     enrolled_on: IsoDate
     research_consent: bool
+    updated_ts_ms: int | None = Field(default=None, ge=TS_MS_MIN)
+    consent_seq: int | None = Field(default=None, ge=1, le=CONSENT_SEQ_MAX)
+
+    @model_validator(mode="after")
+    def _timed_together(self) -> Profile:
+        if (self.updated_ts_ms is None) != (self.consent_seq is None):
+            raise ValueError("consent_seq: updated_ts_ms and consent_seq come together")
+        return self
+
+
+class ConsentChange(StrEnum):
+    consent_given = "research_consent_given"
+    consent_withdrawn = "research_consent_withdrawn"
+    enrolled = "enrolled"
+    left = "left"
+
+
+class ConsentEvent(Wire):
+    """A change of research consent or programme membership, effective at a time.
+
+    `consent_seq` orders one person's changes (issued increasing by the system of
+    record, e.g. the citizen app backend); (user_id, consent_seq) identifies the
+    event, so a re-send is a duplicate. Of the events effective at or before a
+    moment, the newest decision (greatest consent_seq) decides (engine.consent).
+    """
+
+    v: Literal[1]
+    user_id: IdText
+    change: ConsentChange
+    effective_ts_ms: int = Field(ge=TS_MS_MIN)
+    consent_seq: int = Field(ge=1, le=CONSENT_SEQ_MAX)
+    source: Annotated[str, Field(min_length=1, max_length=ID_CHARS_MAX)]
 
 
 class RedemptionKind(StrEnum):
@@ -270,6 +311,7 @@ WIRE_MODELS: dict[str, type[Wire]] = {
     "sample_segment": SampleSegment,
     "activity_event": ActivityEvent,
     "profile": Profile,
+    "consent_event": ConsentEvent,
     "redemption": Redemption,
     "ledger_entry": LedgerEntry,
     "flag_event": FlagEvent,
@@ -280,6 +322,7 @@ TOPICS: dict[str, str] = {
     "genki.samples": "sample_segment",
     "genki.activities": "activity_event",
     "genki.profiles": "profile",
+    "genki.consent": "consent_event",
     "genki.redemptions": "redemption",
     "genki.ledger": "ledger_entry",
     "genki.flags": "flag_event",

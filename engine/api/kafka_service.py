@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.api.problems import ReadsUnavailable
-from engine.api.service import Command, settlement_view
+from engine.api.service import ApiService, Command, settlement_view
 from engine.errors import GenkiError, NotFound
 from engine.kafka.api_bridge import RedemptionBridge
 from engine.kafka.combined import partition_numbers
@@ -160,3 +160,13 @@ def record_of(command: Command) -> Redemption:
                       terminal_id=command.terminal_id, user_id=command.user_id,
                       points=command.points, ts_ms=command.ts_ms, kind=RedemptionKind.refund,
                       refund_of=command.refund_of)
+
+
+class KafkaApiService(ApiService):
+    """The API service of `genki serve --bootstrap`: partition reads, the Kafka redeemer."""
+
+    def __init__(self, data_dir: Path, bridge: RedemptionBridge, partitions_dir: Path | None,
+                 **options: Any) -> None:
+        super().__init__(data_dir, PartitionReads(partitions_dir, bridge),
+                         KafkaRedeemer(bridge), kafka=True, **options)
+        self.bridge = bridge

@@ -52,6 +52,8 @@ class Refusal(StrEnum):
     points_per_person_per_day_max_exceeded = "points_per_person_per_day_max_exceeded"
     body_too_large = "body_too_large"
     too_many_records = "too_many_records"
+    unsupported_content_encoding = "unsupported_content_encoding"
+    bad_content_encoding = "bad_content_encoding"
     idempotency_conflict = "idempotency_conflict"
     points_per_redemption_max_exceeded = "points_per_redemption_max_exceeded"
     refused = "refused"
@@ -68,7 +70,7 @@ class Refusal(StrEnum):
 
 REFUSAL_STATUS: dict[Refusal, int] = {
     Refusal.invalid_request: 400, Refusal.bad_request: 400,
-    Refusal.idempotency_key_required: 400,
+    Refusal.idempotency_key_required: 400, Refusal.bad_content_encoding: 400,
     Refusal.unauthenticated: 401, Refusal.token_invalid: 401, Refusal.token_expired: 401,
     Refusal.forbidden: 403,
     Refusal.not_found: 404, Refusal.redemption_not_found: 404,
@@ -76,6 +78,7 @@ REFUSAL_STATUS: dict[Refusal, int] = {
     Refusal.insufficient_points: 409, Refusal.token_used: 409, Refusal.in_progress: 409,
     Refusal.refund_exceeds_redemption: 409, Refusal.points_per_person_per_day_max_exceeded: 409,
     Refusal.body_too_large: 413, Refusal.too_many_records: 413,
+    Refusal.unsupported_content_encoding: 415,
     Refusal.idempotency_conflict: 422, Refusal.points_per_redemption_max_exceeded: 422,
     Refusal.refused: 422,
     Refusal.internal: 500,
@@ -136,8 +139,9 @@ class ApiError(GenkiError):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.code = cls.refusal.value
-        cls.http_status = REFUSAL_STATUS[cls.refusal]
+        if "refusal" in cls.__dict__:
+            cls.code = cls.refusal.value
+            cls.http_status = REFUSAL_STATUS[cls.refusal]
 
 
 class Refused(ApiError):

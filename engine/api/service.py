@@ -32,7 +32,7 @@ import asyncio
 import hashlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -283,6 +283,13 @@ class ApiService:
         self._in_flight: set[tuple[str, str]] = set()
         self._ingest_log: EmbeddedLog | None = None
         self._writes = 0
+
+    @property
+    def write_ledger(self) -> Ledger:
+        """The embedded runtime's ledger connection of the writer and ingest threads."""
+        if not isinstance(self.reads, LedgerReads):
+            raise NotInKafkaMode("this API serves the Kafka runtime: it holds no ledger")
+        return self.reads.writer_ledger
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
@@ -541,20 +548,36 @@ class ApiService:
 
     # -- ingest (ingest thread) -----------------------------------------------------
 
-    def ingest(self, principal: Principal, lines: list[bytes]) -> dict[str, Any]:
+    def ingest(self, principal: Principal, lines: list[bytes], *,
+               offsets: list[int] | None = None,
+               rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> dict[str, Any]:
+        """Wire records into the log; `offsets` and `rejected_before` as in
+        EmbeddedLog.ingest_lines (the gateway's importers and enrolment checks)."""
         if self.kafka:
             raise NotInKafkaMode("in Kafka mode gateways publish to the input topics "
                                  "(`genki publish`), not to this API")
         now_ms = self.clock()
         log = self._ingest_log or EmbeddedLog.open(self.data_dir)  # LogLocked → 503
         try:
-            counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms)
+            counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms,
+                                      offsets=offsets, rejected_before=rejected_before)
         finally:
             if self.hold_ingest_log:
                 self._ingest_log = log
             else:
                 log.close()
         return counts.as_dict()
+
+    def with_ingest_log(self, fn: Callable[[EmbeddedLog], _T]) -> _T:
+        """Run fn (ingest thread) with the log this service holds, or opens for the call."""
+        log = self._ingest_log or EmbeddedLog.open(self.data_dir)  # LogLocked → 503
+        try:
+            return fn(log)
+        finally:
+            if self.hold_ingest_log:
+                self._ingest_log = log
+            else:
+                log.close()
 
     def _close_ingest_log(self) -> None:
         if self._ingest_log is not None:

@@ -38,6 +38,7 @@ from engine.schemas import (
     TS_MS_MIN,
     WIRE_VERSION,
     ActivityEvent,
+    ConsentEvent,
     Profile,
     is_id,
 )
@@ -93,6 +94,7 @@ class DecodedBatch:
     rejected: list[Rejected]
     received: int
     lines: list[bytes]
+    consents: list[tuple[int, ConsentEvent, bytes]] = field(default_factory=list)
 
 
 def _reject(index: int, raw: bytes, code: Reason, field_name: str, detail: str) -> Rejected:
@@ -102,6 +104,8 @@ def _reject(index: int, raw: bytes, code: Reason, field_name: str, detail: str) 
 def _kind_of(body: dict[str, Any]) -> str | None:
     if "metric" in body or "values" in body:
         return "sample"
+    if "change" in body:
+        return "consent"
     if "event_id" in body:
         return "activity"
     if "birth_year" in body or "cohort" in body:
@@ -260,11 +264,12 @@ def gc_paused() -> Iterator[None]:
 def _decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
     activities: list[tuple[int, ActivityEvent, bytes]] = []
     profiles: list[tuple[int, Profile]] = []
+    consents: list[tuple[int, ConsentEvent, bytes]] = []
     rejected: list[Rejected] = []
     fast, others = _common_segments(lines)
     slow = SegmentColumns()
     for index in others:
-        problem = _decode_one(index, lines[index], slow, activities, profiles)
+        problem = _decode_one(index, lines[index], slow, activities, profiles, consents)
         if problem is not None:
             rejected.append(problem)
     segments = _merge_in_index_order(fast, slow) if len(slow) else fast
@@ -277,7 +282,7 @@ def _decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
     future = {r.index for r in rejected}
     activities = [a for a in activities if a[0] not in future]
     rejected.sort(key=lambda r: r.index)
-    return DecodedBatch(segments, activities, profiles, rejected, len(lines), lines)
+    return DecodedBatch(segments, activities, profiles, rejected, len(lines), lines, consents)
 
 
 def _loads_all(lines: list[bytes]) -> list[Any]:
@@ -357,6 +362,7 @@ def _merge_in_index_order(*parts: SegmentColumns) -> SegmentColumns:
 def _decode_one(
     index: int, raw: bytes, segments: SegmentColumns,
     activities: list[tuple[int, ActivityEvent, bytes]], profiles: list[tuple[int, Profile]],
+    consents: list[tuple[int, ConsentEvent, bytes]],
 ) -> Rejected | None:
     if len(raw) > RECORD_BYTES_MAX:
         return _reject(index, raw[:4096], Reason.oversized, "record",
@@ -374,18 +380,20 @@ def _decode_one(
     kind = _kind_of(body)
     if kind == "sample":
         return _decode_segment(index, raw, body, segments)
-    models: dict[str, type[ActivityEvent | Profile]] = {
-        "activity": ActivityEvent, "profile": Profile}
+    models: dict[str, type[ActivityEvent | Profile | ConsentEvent]] = {
+        "activity": ActivityEvent, "profile": Profile, "consent": ConsentEvent}
     model = models.get(kind or "")
     if model is None:
         return _reject(index, raw, Reason.unknown_type, "record",
-                       "not a sample segment, activity event or profile")
+                       "not a sample segment, activity event, profile or consent event")
     try:
         parsed = model.model_validate(body)
     except ValidationError as error:
         return _reject(index, raw, *_pydantic_reason(error))
     if isinstance(parsed, ActivityEvent):
         activities.append((index, parsed, raw))
+    elif isinstance(parsed, ConsentEvent):
+        consents.append((index, parsed, raw))
     else:
         profiles.append((index, parsed))  # type: ignore[arg-type]
     return None

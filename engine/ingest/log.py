@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from engine.clock import day_to_iso, tokyo_day
+from engine.consent import LifecycleEvent, events_of_profile
 from engine.errors import GenkiError, UsageError
 from engine.ingest.decode import (
     DecodedBatch,
@@ -44,7 +45,7 @@ from engine.ingest.dedup import (
 )
 from engine.ingest.reasons import Reason, reason_text
 from engine.ingest.seen import SEEN_MARGIN_DAYS, SEEN_SCHEMA, SeenIndex, StagedDay
-from engine.schemas import ActivityEvent
+from engine.schemas import ActivityEvent, ConsentChange
 from engine.storage import open_sqlite
 
 LOG_FILE_NAME = "log.sqlite"
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS activity_records (
     wm_before_ms INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS profile_records (
     seq INTEGER PRIMARY KEY, user_id TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS consent_records (
+    seq INTEGER PRIMARY KEY, user_id TEXT NOT NULL, consent_seq INTEGER NOT NULL,
+    change TEXT NOT NULL, effective_ts_ms INTEGER NOT NULL, body BLOB NOT NULL,
+    UNIQUE (user_id, consent_seq));
 CREATE TABLE IF NOT EXISTS profiles (
     user_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS watermarks (
@@ -281,7 +286,8 @@ class EmbeddedLog:
         row = self._db.execute(
             "SELECT max(coalesce((SELECT max(seq) FROM sample_records), 0),"
             " coalesce((SELECT max(seq) FROM activity_records), 0),"
-            " coalesce((SELECT max(seq) FROM profile_records), 0))").fetchone()
+            " coalesce((SELECT max(seq) FROM profile_records), 0),"
+            " coalesce((SELECT max(seq) FROM consent_records), 0))").fetchone()
         return int(row[0])
 
     def counters(self) -> IngestCounts:
@@ -316,6 +322,7 @@ class EmbeddedLog:
         try:
             next_seq = self.position() + 1
             next_seq = self._store_profiles(decoded, next_seq)
+            next_seq = self._store_consents(decoded, counts, next_seq)
             new_streams: dict[tuple[str, str, int], int] = {}
             staged, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq,
                                                                 new_streams)
@@ -350,6 +357,35 @@ class EmbeddedLog:
             " SET seq = excluded.seq, body = excluded.body",
             [(user, seq, body) for seq, user, body in rows])
         return next_seq + len(rows)
+
+    def _store_consents(self, decoded: DecodedBatch, counts: IngestCounts, next_seq: int) -> int:
+        """Consent events: a re-send is a duplicate, the same (user, consent_seq) with other
+        content a conflict. Never too late: a withdrawal may be retroactive."""
+        rows: list[tuple] = []
+        seen: dict[tuple[str, int], bytes] = {}
+        for index, event, raw in decoded.consents:
+            key = (event.user_id, event.consent_seq)
+            body = orjson.dumps(event.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+            stored = seen.get(key)
+            if stored is None:
+                row = self._db.execute(
+                    "SELECT body FROM consent_records WHERE user_id = ? AND consent_seq = ?",
+                    key).fetchone()
+                stored = None if row is None else bytes(row[0])
+            if stored is not None:
+                if stored == body:
+                    counts.duplicate_records += 1
+                else:
+                    decoded.rejected.append(Rejected(index, reason_text(
+                        Reason.conflict, "consent_seq", f"{event.user_id} consent_seq "
+                        f"{event.consent_seq} was stored before with different content"), raw))
+                continue
+            seen[key] = body
+            rows.append((next_seq, event.user_id, event.consent_seq, event.change.value,
+                         event.effective_ts_ms, body))
+            next_seq += 1
+        self._db.executemany("INSERT INTO consent_records VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return next_seq
 
     def _stream_ids(self, segments: SegmentColumns, accepted: np.ndarray,
                     new_streams: dict[tuple[str, str, int], int]) -> np.ndarray:
@@ -518,6 +554,52 @@ class EmbeddedLog:
             "INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
             [(name, getattr(counts, name)) for name in COUNTERS])
 
+    # -- erasure -------------------------------------------------------------
+
+    def erase_user(self, user_id: str) -> dict[str, int]:
+        """Delete one person's samples, activities, profiles, consent events, watermarks and
+        dead letters, in one transaction; returns rows removed per kind (all 0 the second time).
+
+        Their streams keep their numbers (stream ids are handed out by count) but lose the
+        user and device ids. Deleted content is overwritten (secure_delete) and the WAL
+        truncated, so the bytes do not linger in the files. Dead letters are matched by the
+        id as a JSON string anywhere in the raw record (a broken record may name them too).
+        """
+        assert self._lock_file is not None, "log opened read-only"
+        db = self._db
+        db.execute("PRAGMA secure_delete = ON")
+        removed: dict[str, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            streams = [row[0] for row in db.execute(
+                "SELECT stream_id FROM streams WHERE user_id = ?", (user_id,))]
+            removed["samples"] = sum(db.execute(
+                "DELETE FROM sample_records WHERE stream_id = ?", (stream,)).rowcount
+                for stream in streams)
+            db.execute("UPDATE streams SET user_id = '', device_id = 'erased:' || stream_id"
+                       " WHERE user_id = ?", (user_id,))
+            for kind, table in (("activities", "activity_records"),
+                                ("profile_records", "profile_records"), ("profiles", "profiles"),
+                                ("consent_records", "consent_records"),
+                                ("watermarks", "watermarks")):
+                removed[kind] = db.execute(f"DELETE FROM {table} WHERE user_id = ?",
+                                           (user_id,)).rowcount
+            removed["dead_letters"] = db.execute(
+                "DELETE FROM dlq WHERE instr(raw, ?) > 0",
+                (orjson.dumps(user_id),)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for key, stream_id in list(self._streams.items()):
+            if key[0] == user_id:
+                del self._streams[key]
+                self._streams[("", f"erased:{stream_id}", key[2])] = stream_id
+        for mark in [mark for mark in self._watermarks if mark[0] == user_id]:
+            del self._watermarks[mark]
+        return removed
+
     # -- reading -------------------------------------------------------------
 
     def dead_letters(self, limit: int | None = None) -> list[StoredDeadLetter]:
@@ -528,6 +610,16 @@ class EmbeddedLog:
 
     def profiles(self) -> list[bytes]:
         return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]
+
+    def lifecycle_events(self) -> list[LifecycleEvent]:
+        """Every consent and membership event: explicit ones and those profiles stand for."""
+        events = [event for (body,) in self._db.execute("SELECT body FROM profile_records")
+                  for event in events_of_profile(body)]
+        events += [LifecycleEvent(user, ConsentChange(change), effective_ts_ms, consent_seq)
+                   for user, change, effective_ts_ms, consent_seq in self._db.execute(
+                       "SELECT user_id, change, effective_ts_ms, consent_seq"
+                       " FROM consent_records")]
+        return events
 
     def read_samples(self, after_seq: int, upto_seq: int) -> SampleColumns:
         rows = self._db.execute(

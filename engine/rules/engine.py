@@ -15,6 +15,7 @@ from itertools import repeat
 import numpy as np
 
 from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
+from engine.consent import PeriodIndex
 from engine.entries import EntryDraft
 from engine.ids import ID_HEX_CHARS, derive_id
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
@@ -141,8 +142,10 @@ class RulesEngine:
 
     def __init__(self, rules: Rules, profiles: Profiles | None = None, *,
                  box_cells_max: int = BOX_CELLS_MAX,
-                 runs_share_max: float = RUNS_SHARE_MAX) -> None:
+                 runs_share_max: float = RUNS_SHARE_MAX,
+                 away: PeriodIndex | None = None) -> None:
         self.rules = rules
+        self.away = away
         self.version = rules.version
         self.settle_days = rules.flags.settle_days
         self.box_cells_max = box_cells_max
@@ -175,6 +178,8 @@ class RulesEngine:
     # ------------------------------------------------------------------ batches
 
     def process(self, samples: SampleBatch, activities: ActivityBatch) -> RulesOutput:
+        if self.away is not None:
+            samples, activities = mask_away(self.away, samples, activities)
         sample_users = self._users(samples.users)
         activity_users = self._users(activities.users)
         self._ensure_days(samples.ts_ms, activities.ts_ms)
@@ -497,6 +502,25 @@ class RulesEngine:
         return {"users": self.grid.users, "days": self.grid.days, "day0": self.grid.day0,
                 "activity_keys": len(self.awarded_keys), "gait_samples": len(self.gait.keys),
                 "venues": len(self.venues) - 1}
+
+
+def mask_away(away: PeriodIndex, samples: SampleBatch, activities: ActivityBatch,
+              ) -> tuple[SampleBatch, ActivityBatch]:
+    """Drop what people did while they were out of the programme (after leaving): no
+    awards and no flags come from it. One vectorised pass per batch."""
+    keep = ~away.contains(samples.users, samples.user_idx, samples.ts_ms)
+    if not keep.all():
+        samples = SampleBatch(samples.users, samples.user_idx[keep], samples.metric[keep],
+                              samples.ts_ms[keep], samples.value[keep],
+                              samples.wm_before_ms[keep])
+    keep = ~away.contains(activities.users, activities.user_idx, activities.ts_ms)
+    if not keep.all():
+        rows = np.flatnonzero(keep).tolist()
+        activities = ActivityBatch(
+            activities.users, activities.user_idx[keep], [activities.event_id[i] for i in rows],
+            activities.kind[keep], activities.ts_ms[keep],
+            [activities.venue_id[i] for i in rows], activities.wm_before_ms[keep])
+    return samples, activities
 
 
 def distinct(values: np.ndarray) -> np.ndarray:
