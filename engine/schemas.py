@@ -219,6 +219,13 @@ class RedemptionKind(StrEnum):
     refund = "refund"
 
 
+class RecordAuth(Wire):
+    """An authenticator from the API service (engine.kafka.authn): key id + HMAC-SHA256."""
+
+    kid: Annotated[str, Field(min_length=1, max_length=64)]
+    mac: Annotated[str, Field(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
 class Redemption(Wire):
     """A shop terminal's redemption (or refund) request."""
 
@@ -235,6 +242,8 @@ class Redemption(Wire):
     # refused by the ledger) and the programme's daily redemption limit per person.
     request: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     points_per_day_max: int | None = Field(default=None, gt=0)
+    # Set by the API in Kafka mode; workers refuse records without a valid one.
+    auth: RecordAuth | None = None
 
     @model_validator(mode="after")
     def _refund_names_its_redemption(self) -> Redemption:

@@ -86,6 +86,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--partitions-dir and --topic-prefix need --bootstrap (Kafka mode)")
     if args.partitions_dir is not None and not args.partitions_dir.is_dir():
         raise UsageError(f"--partitions-dir {args.partitions_dir} is not a directory")
+    if args.bootstrap is not None:
+        from engine.kafka.authn import require_record_keys
+
+        require_record_keys()  # the API signs every record that moves points
     sock = bind_socket(args.host, args.port)
     return serve(data_dir, sock, token_ttl_s=args.token_ttl_s,
                  clock_offset_ms=args.clock_offset_ms, log_level=args.log_level,

@@ -23,6 +23,7 @@ class Reason(StrEnum):
     segment_too_long = "segment_too_long"  # spans more than SEGMENT_SPAN_MS_MAX
     too_late = "too_late"                  # older than the late-data window
     conflict = "conflict"                  # same event id, different content
+    unauthenticated = "unauthenticated"    # a point-moving record without a valid authenticator
     capacity = "capacity"                  # a fixed capacity of the store is exhausted
     # Importers and the HTTP gateway (engine.importers, engine.api.gateway):
     invalid_source = "invalid_source"      # an import source that is not its format at all

@@ -59,9 +59,14 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from engine.kafka.publish import publish_paths
     from engine.progress import progress_bar
 
+    sign_with = None
+    if args.sign_redemptions:
+        from engine.kafka.authn import require_record_keys
+
+        sign_with = require_record_keys()
     with progress_bar("publish", enabled=not args.json and sys.stderr.isatty()) as advance:
         summary = asyncio.run(publish_paths(_bootstrap(args), args.paths, args.topic_prefix,
-                                            args.compression, advance))
+                                            args.compression, advance, sign_with))
     topics = ", ".join(f"{topic} {count:,}" for topic, count in sorted(summary.by_topic.items()))
     text = f"published {summary.records:,} records ({summary.bytes:,} bytes) in " \
            f"{summary.seconds:.1f} s: {topics}"
@@ -108,7 +113,10 @@ def _cmd_partitions(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
+    from engine.kafka import keys
     from engine.kafka.client import COMPRESSIONS
+
+    keys.register(subparsers)
 
     topics = subparsers.add_parser("topics", help="manage the genki Kafka topics")
     actions = topics.add_subparsers(dest="topics_command", metavar="ACTION")
@@ -126,6 +134,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_bootstrap(publish)
     publish.add_argument("--compression", choices=COMPRESSIONS, default="auto",
                          help="auto: lz4 or zstd when installed, else none (default)")
+    publish.add_argument("--sign-redemptions", action="store_true",
+                         help="authenticate redemption lines with the record keys (operators "
+                              "only: whoever holds them can move points; gateways never do)")
     publish.add_argument("--json", action="store_true", help="print the summary as JSON")
     publish.set_defaults(func=_cmd_publish)
 

@@ -240,7 +240,8 @@ def current_security() -> KafkaSecurity:
 
 
 def add_security_args(parser: argparse.ArgumentParser) -> None:
-    """The TLS/SASL flags every Kafka command takes (each defaults to its GENKI_KAFKA_* env)."""
+    """The TLS/SASL flags every Kafka command takes (each defaults to its GENKI_KAFKA_* env),
+    and the key files (--record-keys, --wrap-keys)."""
     group = parser.add_argument_group("Kafka TLS and SASL")
     group.add_argument("--security-protocol", type=str.upper, choices=SECURITY_PROTOCOLS,
                        default=None, help=f"default ${ENV_SECURITY_PROTOCOL} or PLAINTEXT")
@@ -262,13 +263,20 @@ def add_security_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ssl-no-check-hostname", action="store_true",
                        help="accept a broker certificate for another host name (still "
                             "verified against the CA)")
+    from engine.kafka.keys import add_key_args
+
+    add_key_args(parser)
     parser.set_defaults(_kafka_security_args=True)
 
 
 def apply_security_args(args: argparse.Namespace) -> None:
-    """Called once by `genki` after parsing: commands with the flags configure the process."""
+    """Called once by `genki` after parsing: commands with the flags configure the process
+    (TLS/SASL, and the record-key and wrap-key files)."""
     if getattr(args, "_kafka_security_args", False):
+        from engine.kafka.keys import configure_key_paths
+
         configure_security(security_from(args))
+        configure_key_paths(getattr(args, "record_keys", None), getattr(args, "wrap_keys", None))
 
 
 def admin_settings(bootstrap: str, client_id: str, request_timeout_ms: int) -> dict[str, Any]:
