@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.sim.cli",
     "engine.ingest.cli",
     "engine.importers.cli",
+    "engine.devices.cli",
     "engine.rules.cli",
     "engine.ledger.cli",
     "engine.pipeline_cli",

@@ -177,6 +177,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
             yield
         finally:
             await app.state.gateway_sink.close()
+            app.state.devices.close()
             if bridge is not None:
                 await bridge.stop()
             service.close()

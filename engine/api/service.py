@@ -550,9 +550,10 @@ class ApiService:
 
     def ingest(self, principal: Principal, lines: list[bytes], *,
                offsets: list[int] | None = None,
-               rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> dict[str, Any]:
-        """Wire records into the log; `offsets` and `rejected_before` as in
-        EmbeddedLog.ingest_lines (the gateway's importers and enrolment checks)."""
+               rejected_before: Sequence[tuple[int, str, bytes]] = (),
+               key_id: str | None = None) -> dict[str, Any]:
+        """Wire records into the log; `offsets`, `rejected_before` and `key_id` (the
+        submitting key, default the principal's) as in EmbeddedLog.ingest_lines."""
         if self.kafka:
             raise NotInKafkaMode("in Kafka mode gateways publish to the input topics "
                                  "(`genki publish`), not to this API")
@@ -560,7 +561,8 @@ class ApiService:
         log = self._ingest_log or EmbeddedLog.open(self.data_dir)  # LogLocked → 503
         try:
             counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms,
-                                      offsets=offsets, rejected_before=rejected_before)
+                                      offsets=offsets, rejected_before=rejected_before,
+                                      key_id=key_id or principal.key_id)
         finally:
             if self.hold_ingest_log:
                 self._ingest_log = log
