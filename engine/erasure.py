@@ -5,7 +5,8 @@ staff endpoint `POST /v1/users/{id}/erase`. In order, each step idempotent:
 
 1. the audit log records the request (state `started`);
 2. the embedded log drops the person's samples, activities, profiles, consent
-   events, watermarks and dead letters (EmbeddedLog.erase_user);
+   events, watermarks and dead letters (EmbeddedLog.erase_user), and the device
+   registry their enrolments (DeviceRegistry.erase_user);
 3. the ledger destroys the person's key and links: settlement amounts stay,
    unlinked, and `genki ledger verify` still passes (Ledger.erase_user);
 4. steps 2 and 3 again in every Kafka partition store on this host
@@ -224,6 +225,7 @@ StoreEraser = Callable[[Path, str, str], dict[str, int]]
 def erase_store(directory: Path, user_id: str, reason: str, *,
                 log: Any = None, ledger: Any = None) -> dict[str, int]:
     """Erase one person from one data directory's log and ledger (opened here unless given)."""
+    from engine.devices import DEVICES_FILE_NAME, DeviceRegistry
     from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog
     from engine.ledger import LEDGER_FILE_NAME, Ledger
 
@@ -234,6 +236,9 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
                 removed.update(opened.erase_user(user_id))
         else:
             removed.update(log.erase_user(user_id))
+    if (directory / DEVICES_FILE_NAME).exists():
+        with DeviceRegistry.open(directory) as registry:
+            removed["device_enrolments"] = registry.erase_user(user_id)
     if ledger is not None or (directory / LEDGER_FILE_NAME).exists():
         if ledger is None:
             with Ledger.open(directory) as opened:

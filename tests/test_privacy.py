@@ -15,6 +15,7 @@ import pytest
 
 from engine.clock import DAY_MS, day_start_ms, iso_to_day, tokyo_day
 from engine.consent import TS_OPEN_END_MS, LifecycleEvent, lifecycle
+from engine.devices import DeviceRegistry
 from engine.erasure import ErasureAudit, erase_person
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
@@ -249,6 +250,9 @@ def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     shutil.copytree(world, data_dir / "p3")  # a Kafka partition store on this host
     with Ledger.open(data_dir) as ledger:
         before = ledger.settlement(SHOP, "2026-12")
+    with DeviceRegistry.open(data_dir) as registry:
+        registry.enroll(ERASED, f"{ERASED}-watch", "garmin", NOW_MS, "test")
+        registry.enroll(PEOPLE[3], f"{PEOPLE[3]}-watch", "garmin", NOW_MS, "test")
     result = subprocess.run(genki_cmd("erase", ERASED, "--reason", "request 2026-12-30 ref 17",
                                       "--data-dir", str(data_dir), "--json"),
                             capture_output=True, check=False)
@@ -269,8 +273,13 @@ def test_erasure_removes_the_person_from_the_log_files(erased: dict[str, object]
         for name in ("log.sqlite", "log.sqlite-wal"):
             path = directory / name
             assert not path.exists() or ERASED.encode() not in path.read_bytes()
+    with DeviceRegistry.open(data_dir) as registry:
+        assert registry.enrolments(ERASED) == []
+        assert [e["user_id"] for e in registry.events()] == [PEOPLE[3]]
+    assert ERASED.encode() not in (data_dir / "devices.sqlite").read_bytes()
     removed = erased["result"]["removed"]  # type: ignore[index]
     assert removed["data_dir"]["samples"] == DAYS
+    assert removed["data_dir"]["device_enrolments"] == 2
     assert removed["data_dir"]["dead_letters"] == 1
     assert removed["genki-data/p3"]["samples"] == DAYS
 
