@@ -140,6 +140,7 @@ class Pipeline:
             if hi - self._snapshot_position >= self.snapshot_records or (
                     hi == end and self.snapshot_at_end):
                 self.snapshot(log)
+        _settle_leavers(log, ledger, self.rules)
         return summary
 
     def snapshot(self, log: EmbeddedLog, extra: dict[str, Any] | None = None) -> Path | None:
@@ -214,6 +215,17 @@ def run_pipeline(
         summary = pipeline.run(log, ledger, on_chunk)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _settle_leavers(log: EmbeddedLog, ledger: Ledger, rules: Rules) -> None:
+    """Close the balances of people who left, when the rules say so (engine.leaving)."""
+    if rules.leaving is None or rules.leaving.balance != "settle":
+        return
+    from engine.leaving import settlement_drafts
+
+    drafts = settlement_drafts(ledger, lifecycle(log.lifecycle_events()).away_periods(), rules)
+    if drafts:
+        ledger.append(drafts)
 
 
 def _check_rules_version(ledger: Ledger, rules: Rules) -> None:
