@@ -35,7 +35,7 @@ from starlette.responses import Response
 
 from engine.api.devices import add_device_routes
 from engine.api.limits import INGEST_BODY_BYTES_MAX, INGEST_RECORDS_PER_BATCH_MAX
-from engine.api.problems import ApiError, BadRequest, BodyTooLarge, TooManyRecords
+from engine.api.problems import ApiError, BadRequest, BodyTooLarge, Refusal, TooManyRecords
 from engine.api.service import ApiService, Principal, require_role
 from engine.api.store import Role
 from engine.devices import DeviceRegistry, KeyPolicy
@@ -60,13 +60,11 @@ GARMIN_SUMMARY_TYPES = ("dailies", "epochs", "sleeps", "pulseox", "bodyComps")
 
 
 class UnsupportedEncoding(ApiError):
-    http_status = 415
-    code = "unsupported_content_encoding"
+    refusal = Refusal.unsupported_content_encoding
 
 
 class BadEncoding(ApiError):
-    http_status = 400
-    code = "bad_content_encoding"
+    refusal = Refusal.bad_content_encoding
 
 
 def is_gateway_path(path: str) -> bool:
@@ -260,10 +258,12 @@ def add_gateway_routes(app: FastAPI, service: ApiService | KafkaApiService,
                        bootstrap: str | None = None, topic_prefix: str = "") -> None:
     """The gateway's routes; `app.state.gateway_sink` is closed by the app's lifespan."""
     sink: EmbeddedSink | KafkaSink
-    if isinstance(service, ApiService):
+    if not service.kafka:  # one ApiService class serves both runtimes
         sink = EmbeddedSink(service)
     else:
-        assert bootstrap is not None
+        from engine.api.kafka_service import KafkaApiService
+
+        assert bootstrap is not None and isinstance(service, KafkaApiService)
         sink = KafkaSink(service, bootstrap, topic_prefix)
     registry = DeviceRegistry.open(service.data_dir)
     app.state.gateway_sink = sink

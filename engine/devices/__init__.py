@@ -208,6 +208,25 @@ class DeviceRegistry:
             ("DELETE FROM enrolments WHERE device_id = ?", (device_id,))])
         return current
 
+    def erase_user(self, user_id: str) -> int:
+        """Delete a person's enrolments and enrolment events (engine.erasure); rows removed.
+        Their devices are free to be enrolled to someone else afterwards."""
+        with self._lock:
+            db = self._db
+            db.execute("PRAGMA secure_delete = ON")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                removed = db.execute("DELETE FROM enrolment_events WHERE user_id = ?",
+                                     (user_id,)).rowcount
+                removed += db.execute("DELETE FROM enrolments WHERE user_id = ?",
+                                      (user_id,)).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed
+
     def enrolment(self, device_id: str) -> Enrolment | None:
         with self._lock:
             row = self._db.execute("SELECT user_id, device_id, vendor, key_id, enrolled_ms FROM"
