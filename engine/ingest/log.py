@@ -662,6 +662,12 @@ class EmbeddedLog:
             query += f" LIMIT {int(limit)}"
         return [StoredDeadLetter(*row) for row in self._db.execute(query)]
 
+    def dead_letters_after(self, after_id: int, limit: int) -> list[StoredDeadLetter]:
+        """Dead letters with id > after_id in id order (readers page by position)."""
+        return [StoredDeadLetter(*row) for row in self._db.execute(
+            "SELECT id, source, partition, offset, reason, raw FROM dlq WHERE id > ? ORDER BY id"
+            " LIMIT ?", (after_id, limit))]
+
     def profiles(self) -> list[bytes]:
         return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]
 

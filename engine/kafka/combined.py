@@ -9,16 +9,15 @@ same number.
 from __future__ import annotations
 
 import itertools
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.kafka.partition import PARTITION_DIR_PREFIX
-from engine.ledger import LEDGER_FILE_NAME
+from engine.ledger import LEDGER_FILE_NAME, Ledger
 from engine.ledger.canonical import content_bytes, content_digest
 
-_CONTENT_SQL = ("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version "
-                "FROM entries")
+_CONTENT_COLUMNS = ("seq", "entry_id", "user_id", "kind", "points", "day", "ts_ms", "rule", "ref",
+                    "rules_version")
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,8 @@ def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> Combin
     rows: list[tuple] = []
     owner: dict[str, Path] = {}
     for directory in ledger_dirs:
-        db = sqlite3.connect(f"file:{directory / LEDGER_FILE_NAME}?mode=ro", uri=True)
-        try:
-            part = db.execute(_CONTENT_SQL).fetchall()
-        finally:
-            db.close()
+        with Ledger.open_read_only(directory) as ledger:
+            part = [row[1:] for page in ledger.iter_entry_rows(_CONTENT_COLUMNS) for row in page]
         for row in part:
             previous = owner.setdefault(row[1], directory)
             assert previous == directory, f"user {row[1]} has entries in {previous} and " \
