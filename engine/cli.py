@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from engine.config import apply_signing_key_arg
 from engine.errors import GenkiError
 
 COMMAND_MODULES: tuple[str, ...] = (
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        apply_signing_key_arg(args)
         return int(args.func(args) or 0)
     except GenkiError as error:
         print(f"genki: {error}", file=sys.stderr)

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from engine.config import SIGNING_KEY_ENV
 from engine.errors import LedgerError, UsageError
 from engine.ledger.canonical import HASH_HEX_CHARS, chain_hash, signed_message
 
-SIGNING_KEY_ENV = "GENKI_SIGNING_KEY_FILE"
 PUBLIC_KEY_SUFFIX = ".pub"
 KEY_ID_HEX_CHARS = 16
 KEY_FILE_BYTES_MAX = 16 * 1024

@@ -26,6 +26,7 @@ from typing import Any, Self
 import orjson
 
 from engine.clock import TOKYO, iso_to_day
+from engine.config import SIGNING_KEY_ENV
 from engine.entries import EntryDraft
 from engine.errors import LedgerError, NotFound, RefundExceeds
 from engine.ledger import commands
@@ -71,7 +72,7 @@ from engine.ledger.model import (
     VerifyResult,
 )
 from engine.ledger.schema import DDL, LEGACY_SCHEMA_VERSIONS, SCHEMA_VERSION, SHOP_KINDS_SQL
-from engine.ledger.signing import SIGNING_KEY_ENV, Signer, Verifier, check_witness, signer_for
+from engine.ledger.signing import Signer, Verifier, check_witness, signer_for
 from engine.schemas import FlagEvent
 from engine.storage import open_sqlite
 
@@ -732,11 +733,15 @@ class Ledger:
                        (seq + 1, subject, reason, ts_ms, entries, flags, prev, digest))
             self._commit_locked(db, {})
         self._keys.pop(user_id, None)
-        with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.checkpoint()
         return ErasureReceipt(user_id, True, subject, entries, flags,
                               0 if balance is None else balance[0], reason, ts_ms, seq + 1,
                               digest)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the file and truncate it (best effort: readers may hold it)."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def erasures(self) -> list[dict[str, Any]]:
         """The erasure log (no user ids): seq, subject, reason, ts_ms, counts, hash."""
