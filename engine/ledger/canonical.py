@@ -167,6 +167,10 @@ class PersonKey:
         self._outer = hashlib.sha256((padded ^ _OPAD).to_bytes(HMAC_BLOCK_BYTES))
         self.subject = self.tag(SUBJECT_MESSAGE)
 
+    def pads(self) -> tuple[Any, Any, str]:
+        """(inner, outer, subject) for loops that inline tag()."""
+        return self._inner, self._outer, self.subject
+
     def tag(self, message: bytes) -> str:
         inner = self._inner.copy()
         inner.update(message)

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import orjson
 
 from engine.entries import EntryDraft
-from engine.ledger.canonical import GENESIS_HASH, HASH_HEX_CHARS, SHOP_KINDS, PersonKey
+from engine.ledger.canonical import (
+    GENESIS_HASH,
+    HASH_HEX_CHARS,
+    SHOP_KINDS,
+    TAG_BYTES,
+    PersonKey,
+)
 from engine.ledger.commands import ref_fields
 from engine.ledger.errors import InvalidEntry
 from engine.schemas import ID_CHARS_MAX, POINTS_PER_ENTRY_MAX
@@ -129,12 +135,12 @@ def chain(contents: Iterable[Content], seq_head: int, hash_head: str,
           keys: Mapping[str, PersonKey]) -> tuple[list[tuple], list[tuple]]:
     """Entry rows (model.ENTRY_COLUMNS) and journal rows (JOURNAL_COLUMNS) after a head.
 
-    Every user of `contents` must have a key. Inlines canonical.entry_tag,
-    canonical_bytes and chain_hash (one HMAC, one orjson.dumps and one SHA-256
-    per entry); a test holds them equal.
+    Every user of `contents` must have a key. Inlines canonical.entry_tag
+    (PersonKey.tag), canonical_bytes and chain_hash; a test holds them equal.
     """
     assert len(hash_head) == HASH_HEX_CHARS
     dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
+    pads = {user: key.pads() for user, key in keys.items()}
     rows: list[tuple] = []
     journal: list[tuple] = []
     append, append_journal = rows.append, journal.append
@@ -143,12 +149,16 @@ def chain(contents: Iterable[Content], seq_head: int, hash_head: str,
     try:
         for entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version in contents:
             seq += 1
-            key = keys[user_id]
+            inner, outer, subject = pads[user_id]
             if kind in SHOP_KINDS:
-                public, tag = ref, key.tag(dumps([entry_id, user_id, None]))
+                public, link = ref, dumps([entry_id, user_id, None])
             else:
-                public, tag = None, key.tag(dumps([entry_id, user_id, ref]))
-            subject = key.subject
+                public, link = None, dumps([entry_id, user_id, ref])
+            mac = inner.copy()
+            mac.update(link)
+            tag_mac = outer.copy()
+            tag_mac.update(mac.digest())
+            tag = tag_mac.digest()[:TAG_BYTES].hex()
             canonical = dumps(
                 {"day": day, "entry": tag, "kind": kind, "points": points, "ref": public,
                  "rule": rule, "rules_version": rules_version, "seq": seq, "subject": subject,

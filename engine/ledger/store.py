@@ -582,10 +582,7 @@ class Ledger:
             linked = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
                                 "rules_version FROM entries ORDER BY entry_id")
             contents = list(_content_bytes(linked))
-            erased = sorted(_content_bytes(db.execute(
-                "SELECT NULL, NULL, j.kind, j.points, j.day, j.ts_ms, j.rule, j.ref, "
-                "j.rules_version FROM journal AS j LEFT JOIN entry_links AS l ON l.seq = j.seq "
-                "WHERE l.seq IS NULL")))
+            erased = _erased_contents(db) if len(contents) < seq else []
             flags_seq, flags_head = _flag_head(db)
             erasures = _chain_head(db, "erasures")[0]
             commit = db.execute("SELECT seq, hash, key_id FROM commits ORDER BY seq DESC "
@@ -935,10 +932,15 @@ def read_contents(path: Path) -> tuple[list[tuple], list[bytes]]:
     try:
         rows = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
                           "rules_version FROM entries").fetchall()
-        erased = sorted(_content_bytes(db.execute(
-            "SELECT NULL, NULL, j.kind, j.points, j.day, j.ts_ms, j.rule, j.ref, "
-            "j.rules_version FROM journal AS j LEFT JOIN entry_links AS l ON l.seq = j.seq "
-            "WHERE l.seq IS NULL")))
+        erased = _erased_contents(db) if len(rows) < _head(db)[0] else []
     finally:
         db.close()
     return rows, erased
+
+
+def _erased_contents(db: sqlite3.Connection) -> list[bytes]:
+    """Content bytes of entries whose link was erased, sorted (canonical.py)."""
+    return sorted(_content_bytes(db.execute(
+        "SELECT NULL, NULL, j.kind, j.points, j.day, j.ts_ms, j.rule, j.ref, j.rules_version "
+        "FROM journal AS j WHERE NOT EXISTS (SELECT 1 FROM entry_links AS l "
+        "WHERE l.seq = j.seq)")))
