@@ -3,15 +3,22 @@
 1. Segment records (the design): a simulated fleet through `genki publish` →
    `genki worker` (in-process, until idle) → partition ledgers. Prints samples/s
    of the gateway, of the worker (busy time, no group join) and end to end.
-2. The same samples, one per record, through (a) genki's worker and (b) a
-   plain faust-streaming agent that handles one event at a time and keeps a
-   table of steps per user and day (the naive way). Prints both and the ratio.
+2. One step sample per record (the issue-15 workload: 200,000 records, no
+   profiles, so every person has the plain step tiers), through (a) genki's
+   worker, (b) a hand-written aiokafka `getmany` + numpy consumer (no
+   validation, nothing durable), (c) a Quix Streams application with per-key
+   state and (d) a faust-streaming agent with a table. Each computes per-person
+   Tokyo-day step sums and counts tier crossings; a peer whose crossing count
+   differs from genki's step-tier awards is void (its figure is not printed as
+   a ratio). Prints records/s and genki's ratio to each peer.
 3. The hot path both ways, transport only: records/s that aiokafka getmany and
    a faust agent reading batches (stream.take) deliver from the same topic;
    the worker uses whichever is faster (recorded in docs/kafka.md).
 
 The broker is the tansu binary the tests use (started here on a free port),
 or --bootstrap HOST:PORT. Topics get a per-section prefix.
+
+Peers come from the `bench` extra: `bash scripts/install.sh dev,bench`.
 
     .venv/bin/python benchmarks/kafka.py [--participants 200] [--app-users 400]
         [--days 14] [--per-event-samples 20000] [--json]
@@ -32,22 +39,37 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.kafka.client import consumer_settings
-from engine.kafka.combined import combined_ledger
+from engine.kafka.combined import combined_ledger, partition_numbers
+from engine.kafka.partition import PARTITION_DIR_PREFIX
 from engine.kafka.publish import Gateway
 from engine.kafka.topics import create_topics
 from engine.kafka.worker import WorkerSettings, run_worker
+from engine.ledger import HISTORY_LIMIT_MAX, Ledger
+from engine.pipeline import RULES_DEFAULT_PATH
+from engine.rules.config import load_rules
 from tests.kafka_fixtures import tansu_broker
 
 PARTITIONS = 4
 SESSION_TIMEOUT_MS = 2_000
 FAUST_WAIT_S_MAX = 600.0
 TRANSPORT_BATCH_RECORDS = 10_000
+DAY_MS, TOKYO_OFFSET_MS = 86_400_000, 9 * 3_600_000
+
+
+_PEER_COMMON = """
+TIERS = {tiers}
+DAY_MS, TOKYO_OFFSET_MS = 86_400_000, 9 * 3_600_000
+
+def crossed(before, after):
+    return sum(1 for t in TIERS if before < t <= after)
+"""
 
 
 def note(text: str) -> None:
@@ -76,8 +98,9 @@ def samples_of(lines: list[bytes]) -> int:
 
 
 def one_sample_per_record(lines: list[bytes], samples_max: int) -> list[bytes]:
-    """Steps segments exploded into one record per sample (profiles kept)."""
-    out = [line for line in lines if b'"birth_year"' in line]
+    """Steps segments exploded into one record per sample; no profiles, so every
+    person has the plain (unscaled) step tiers and the peers need no profile join."""
+    out: list[bytes] = []
     for line in lines:
         body = orjson.loads(line)
         if body.get("metric") != "steps":
@@ -88,6 +111,27 @@ def one_sample_per_record(lines: list[bytes], samples_max: int) -> list[bytes]:
             if len(out) >= samples_max:
                 return out
     return out
+
+
+def step_tiers() -> list[int]:
+    rules = load_rules(RULES_DEFAULT_PATH)
+    return [tier.steps_min for tier in rules.points.steps.tiers]
+
+
+def step_tier_awards(data_dir: Path) -> int:
+    """genki's step-tier entries in a worker's partition ledgers (one per crossing)."""
+    users = combined_ledger(data_dir).balances
+    count = 0
+    for number in partition_numbers(data_dir):
+        with Ledger.open(data_dir / f"{PARTITION_DIR_PREFIX}{number}") as ledger:
+            for user in users:
+                cursor: int | None = None
+                while True:
+                    entries, cursor = ledger.history(user, cursor, limit=HISTORY_LIMIT_MAX)
+                    count += sum(1 for e in entries if (e.rule or "").startswith("steps.tier"))
+                    if cursor is None:
+                        break
+    return count
 
 
 async def publish(bootstrap: str, prefix: str, lines: list[bytes],
@@ -127,21 +171,7 @@ def segment_section(bootstrap: str, tmp: Path, lines: list[bytes], samples: int,
             "sample_records": by_topic["genki.samples"]}
 
 
-def faust_per_event(bootstrap: str, topic: str, events: int, tmp: Path) -> dict[str, Any]:
-    """A faust agent handling one event at a time, with a table: the naive way."""
-    code = _FAUST_AGENT.format(bootstrap=bootstrap, topic=topic, events=events,
-                               partitions=PARTITIONS, datadir=str(tmp / "faust"))
-    script = tmp / "faust_agent.py"
-    script.write_text(code)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=FAUST_WAIT_S_MAX, cwd=tmp, check=False)
-    lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"faust agent failed: {result.stderr[-3000:]}")
-    return orjson.loads(lines[-1])
-
-
-_FAUST_AGENT = '''
+_FAUST_AGENT = _PEER_COMMON + """
 import asyncio, time
 import faust, orjson
 
@@ -150,7 +180,7 @@ app = faust.App("genki-bench-naive", broker="kafka://{bootstrap}", store="memory
                 broker_session_timeout=2, datadir="{datadir}")
 topic = app.topic("{topic}", value_serializer="raw", key_serializer="raw")
 steps = app.Table("steps_per_user_day", default=int, partitions={partitions})
-state = {{"n": 0, "first": None, "last": None}}
+state = {{"n": 0, "crossings": 0, "first": None, "last": None}}
 done = asyncio.Event()
 
 @app.agent(topic)
@@ -159,11 +189,13 @@ async def per_event(stream):
         if state["first"] is None:
             state["first"] = time.perf_counter()
         body = orjson.loads(value)
-        if "values" in body:
-            day = (body["ts_ms"][0] + 9 * 3600_000) // 86_400_000
-            steps[body["user_id"] + ":" + str(day)] += int(body["values"][0])
+        key = body["user_id"] + ":" + str((body["ts_ms"][0] + TOKYO_OFFSET_MS) // DAY_MS)
+        before = steps[key]
+        after = before + round(body["values"][0])
+        steps[key] = after
+        state["crossings"] += crossed(before, after)
         state["n"] += 1
-        if state["n"] >= {events}:
+        if state["n"] >= {records}:
             state["last"] = time.perf_counter()
             done.set()
 
@@ -171,14 +203,15 @@ async def main():
     task = asyncio.ensure_future(app.start())
     await asyncio.wait_for(done.wait(), 600)
     seconds = state["last"] - state["first"]
-    print(orjson.dumps({{"events": state["n"], "seconds": round(seconds, 3),
-                        "events_per_s": round(state["n"] / seconds)}}).decode(), flush=True)
+    print(orjson.dumps({{"records": state["n"], "seconds": round(seconds, 3),
+                        "records_per_s": round(state["n"] / seconds),
+                        "crossings": state["crossings"]}}).decode(), flush=True)
     await app.stop()
 
 asyncio.run(main())
-'''
+"""
 
-_FAUST_TRANSPORT = '''
+_FAUST_TRANSPORT = """
 import asyncio, time
 import faust, orjson
 
@@ -209,20 +242,13 @@ async def main():
     await app.stop()
 
 asyncio.run(main())
-'''
+"""
 
 
 def faust_transport(bootstrap: str, topic: str, records: int, tmp: Path) -> dict[str, Any]:
-    code = _FAUST_TRANSPORT.format(bootstrap=bootstrap, topic=topic, records=records,
-                                   batch=TRANSPORT_BATCH_RECORDS, datadir=str(tmp / "faust2"))
-    script = tmp / "faust_take.py"
-    script.write_text(code)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=FAUST_WAIT_S_MAX, cwd=tmp, check=False)
-    lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"faust take agent failed: {result.stderr[-3000:]}")
-    return orjson.loads(lines[-1])
+    return run_peer_script(_FAUST_TRANSPORT, tmp, bootstrap=bootstrap, topic=topic,
+                           records=records, batch=TRANSPORT_BATCH_RECORDS,
+                           datadir=str(tmp / "faust2"))
 
 
 async def aiokafka_transport(bootstrap: str, topic: str, records: int) -> dict[str, Any]:
@@ -245,19 +271,127 @@ async def aiokafka_transport(bootstrap: str, topic: str, records: int) -> dict[s
     return {"records": n, "seconds": round(seconds, 3), "records_per_s": round(n / seconds)}
 
 
-def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes]) -> dict[str, Any]:
+def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes],
+                      skip_faust: bool) -> dict[str, Any]:
     prefix = "evt."
+    topic = f"{prefix}genki.samples"
+    tiers = step_tiers()
     asyncio.run(create_topics(bootstrap, PARTITIONS, 1, prefix))
     asyncio.run(publish(bootstrap, prefix, lines, "none"))
-    samples = sum(1 for x in lines if b'"values"' in x)
+    records = len(lines)
+    note(f"  genki worker over {records:,} records")
     genki = work(bootstrap, prefix, tmp / "evt", 20_000)
-    naive = faust_per_event(bootstrap, f"{prefix}genki.samples", samples, tmp)
-    genki_rate = round(samples / genki["processing_seconds"])
-    return {"samples": samples,
-            "genki_worker_s": genki["processing_seconds"], "genki_samples_per_s": genki_rate,
-            "faust_per_event_s": naive["seconds"], "faust_events_per_s": naive["events_per_s"],
-            "ratio_genki_over_faust": round(genki_rate / naive["events_per_s"], 1)}
+    genki_rate = round(records / genki["processing_seconds"])
+    crossings = step_tier_awards(tmp / "evt")
+    peers: dict[str, dict[str, Any]] = {}
+    note("  hand-written aiokafka getmany + numpy")
+    peers["aiokafka_numpy"] = asyncio.run(handwritten_consumer(bootstrap, topic, records, tiers))
+    note("  Quix Streams")
+    peers["quixstreams"] = run_peer_script(_QUIX_APP, tmp, bootstrap=bootstrap, topic=topic,
+                                           records=records, tiers=tiers,
+                                           state_dir=str(tmp / "quix"))
+    if not skip_faust:
+        note("  faust-streaming agent")
+        peers["faust_agent"] = run_peer_script(_FAUST_AGENT, tmp, bootstrap=bootstrap,
+                                               topic=topic, records=records, tiers=tiers,
+                                               partitions=PARTITIONS,
+                                               datadir=str(tmp / "faust"))
+    for peer in peers.values():
+        peer["valid"] = peer["crossings"] == crossings
+        peer["genki_ratio"] = round(genki_rate / peer["records_per_s"], 2) \
+            if peer["valid"] else None
+    return {"records": records, "genki_worker_s": genki["processing_seconds"],
+            "genki_records_per_s": genki_rate, "genki_step_tier_awards": crossings,
+            "peers": peers}
 
+
+async def handwritten_consumer(bootstrap: str, topic: str, records: int,
+                               tiers: list[int]) -> dict[str, Any]:
+    """getmany batches → orjson → numpy day keys → per-(person, day) sums: the floor a
+    careful hand-written consumer reaches, with no validation and nothing durable."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "bench-hand"))
+    await consumer.start()
+    codes: dict[str, int] = {}
+    sums: dict[int, int] = {}
+    thresholds = np.array(tiers, dtype=np.int64)
+    n = crossings = 0
+    deadline = time.monotonic() + FAUST_WAIT_S_MAX
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        first = time.perf_counter()
+        while n < records:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"read {n} of {records} records")
+            got = await consumer.getmany(timeout_ms=500, max_records=TRANSPORT_BATCH_RECORDS)
+            bodies = [orjson.loads(r.value) for batch in got.values() for r in batch]
+            if not bodies:
+                continue
+            n += len(bodies)
+            user = np.fromiter((codes.setdefault(b["user_id"], len(codes)) for b in bodies),
+                               dtype=np.int64, count=len(bodies))
+            ts = np.fromiter((b["ts_ms"][0] for b in bodies), dtype=np.int64, count=len(bodies))
+            steps = np.fromiter((b["values"][0] for b in bodies), dtype=np.float64,
+                                count=len(bodies))
+            key = user * 1_000_000 + (ts + TOKYO_OFFSET_MS) // DAY_MS
+            keys, inverse = np.unique(key, return_inverse=True)
+            added = np.bincount(inverse, weights=np.rint(steps)).astype(np.int64)
+            before = np.fromiter((sums.get(k, 0) for k in keys.tolist()), dtype=np.int64,
+                                 count=len(keys))
+            after = before + added
+            crossings += int(((before[:, None] < thresholds) & (after[:, None] >= thresholds))
+                             .sum())
+            sums.update(zip(keys.tolist(), after.tolist(), strict=True))
+        seconds = time.perf_counter() - first
+    finally:
+        await consumer.stop()
+    return {"records": n, "seconds": round(seconds, 3), "records_per_s": round(n / seconds),
+            "crossings": crossings}
+
+
+def run_peer_script(template: str, tmp: Path, **values: Any) -> dict[str, Any]:
+    """A peer framework in its own process; it prints one JSON line with its figures."""
+    script = tmp / f"peer_{abs(hash(template))}.py"
+    script.write_text(template.format(**values))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=FAUST_WAIT_S_MAX, cwd=tmp, check=False)
+    lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"peer {script.name} failed: {result.stderr[-3000:]}")
+    return orjson.loads(lines[-1])
+
+
+
+
+_QUIX_APP = _PEER_COMMON + """
+import time, orjson
+from quixstreams import Application
+
+app = Application(broker_address="{bootstrap}", consumer_group="bench-quix",
+                  auto_offset_reset="earliest", state_dir="{state_dir}", loglevel="WARNING")
+topic = app.topic("{topic}", value_deserializer="bytes", key_deserializer="str")
+stats = {{"n": 0, "crossings": 0, "first": None, "last": None}}
+
+def per_record(value, state):
+    if stats["first"] is None:
+        stats["first"] = time.perf_counter()
+    body = orjson.loads(value)
+    day = str((body["ts_ms"][0] + TOKYO_OFFSET_MS) // DAY_MS)
+    before = state.get(day, 0)
+    after = before + round(body["values"][0])
+    state.set(day, after)
+    stats["crossings"] += crossed(before, after)
+    stats["n"] += 1
+    stats["last"] = time.perf_counter()
+
+app.dataframe(topic).update(per_record, stateful=True)
+app.run(count={records}, timeout=60.0)
+seconds = stats["last"] - stats["first"]
+print(orjson.dumps({{"records": stats["n"], "seconds": round(seconds, 3),
+                    "records_per_s": round(stats["n"] / seconds),
+                    "crossings": stats["crossings"]}}).decode(), flush=True)
+"""
 
 def transport_section(bootstrap: str, tmp: Path, records: int) -> dict[str, Any]:
     topic = "seg.genki.samples"
@@ -283,12 +417,12 @@ def main() -> int:
     parser.add_argument("--participants", type=int, default=200)
     parser.add_argument("--app-users", type=int, default=400)
     parser.add_argument("--days", type=int, default=14)
-    parser.add_argument("--per-event-samples", type=int, default=20_000)
+    parser.add_argument("--per-event-samples", type=int, default=200_000)
+    parser.add_argument("--skip-faust", action="store_true", help="leave out the faust agent")
     parser.add_argument("--compression", default="none")
     parser.add_argument("--bootstrap", default=None, help="a Kafka to use instead of tansu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     with tempfile.TemporaryDirectory(prefix="genki-bench-kafka-") as name:
         tmp = Path(name)
         simulate(tmp / "fleet", args.participants, args.app_users, args.days)
@@ -297,9 +431,10 @@ def main() -> int:
         with broker(args.bootstrap, tmp) as bootstrap:
             note("segments: publish and worker")
             segments = segment_section(bootstrap, tmp, lines, samples, args.compression)
-            note("one sample per record: genki worker, then the faust agent")
+            note("one sample per record: genki worker and its peers")
             per_event = per_event_section(
-                bootstrap, tmp, one_sample_per_record(lines, args.per_event_samples))
+                bootstrap, tmp, one_sample_per_record(lines, args.per_event_samples),
+                args.skip_faust)
             note("transport: aiokafka getmany, then faust take")
             transport = transport_section(bootstrap, tmp, segments["sample_records"])
     result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
@@ -315,10 +450,14 @@ def main() -> int:
     print(f"  worker    {s['worker_samples_per_s']:>12,} samples/s  ({s['worker_s']} s, "
           f"{s['ledger_entries']:,} ledger entries)")
     print(f"  end to end {s['end_to_end_samples_per_s']:>11,} samples/s")
-    print(f"one sample per record: {e['samples']:,} records")
-    print(f"  genki worker (getmany, batched)  {e['genki_samples_per_s']:>9,} samples/s")
-    print(f"  faust agent per event + table    {e['faust_events_per_s']:>9,} events/s")
-    print(f"  ratio                            {e['ratio_genki_over_faust']:>9}x")
+    print(f"one sample per record: {e['records']:,} records, "
+          f"{e['genki_step_tier_awards']:,} step-tier crossings")
+    print(f"  {'genki worker (validated, durable, ledger)':<44} "
+          f"{e['genki_records_per_s']:>9,} records/s")
+    for name, peer in e["peers"].items():
+        verdict = (f"genki {peer['genki_ratio']}x" if peer["valid"] else
+                   f"VOID: {peer['crossings']:,} crossings")
+        print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {verdict}")
     print(f"transport only ({t['records']:,} segment records): aiokafka getmany "
           f"{t['aiokafka_getmany_records_per_s']:,} records/s, faust take "
           f"{t['faust_take_records_per_s']:,} records/s → {t['faster']}")

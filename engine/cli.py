@@ -15,16 +15,21 @@ from collections.abc import Sequence
 from engine.config import apply_signing_key_arg
 from engine.errors import GenkiError
 
+KAFKA_EXIT_CODE = 8  # the broker could not be reached, or refused the connection
+
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.schemas_cli",
     "engine.sim.cli",
     "engine.ingest.cli",
+    "engine.importers.cli",
     "engine.rules.cli",
     "engine.ledger.cli",
     "engine.pipeline_cli",
     "engine.api.cli",
     "engine.kafka.cli",
     "replay.cli",
+    "engine.erasure_cli",
+    "engine.evaluation.cli",
     "engine.demo",
 )
 
@@ -54,12 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         apply_signing_key_arg(args)
+        from engine.kafka.client import apply_security_args
+
+        apply_security_args(args)
         return int(args.func(args) or 0)
     except GenkiError as error:
         print(f"genki: {error}", file=sys.stderr)
         return error.exit_code
     except BrokenPipeError:
         return 0
+    except Exception as error:
+        if not type(error).__module__.startswith("aiokafka"):
+            raise
+        print(f"genki: Kafka: {type(error).__name__}: {error} (check --bootstrap and the TLS/SASL"
+              " settings: --security-protocol, --ssl-cafile, --sasl-*, GENKI_KAFKA_*)",
+              file=sys.stderr)
+        return KAFKA_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -23,6 +23,15 @@ class RulesError(GenkiError):
     code = "rules_invalid"
 
 
+class CapacityError(GenkiError):
+    """A fixed capacity of a store (users, days, streams, key ranges) is exhausted;
+    the message names the limit."""
+
+    exit_code = 9
+    http_status = 507
+    code = "capacity"
+
+
 class NotFound(GenkiError):
     exit_code = 4
     http_status = 404

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from engine.consent import PeriodIndex, lifecycle
 from engine.errors import RulesError
+from engine.faults import crash_point
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
@@ -72,7 +74,8 @@ def chunks(after: int, upto: int, size: int) -> Iterator[tuple[int, int]]:
 
 
 def open_engine(log: EmbeddedLog, rules: Rules) -> RulesEngine:
-    return RulesEngine(rules, profiles_of(log))
+    away = lifecycle(log.lifecycle_events()).away_periods()
+    return RulesEngine(rules, profiles_of(log), away=PeriodIndex(away) if away else None)
 
 
 class Pipeline:
@@ -110,9 +113,11 @@ class Pipeline:
             samples, activities = read_batches(log, lo, hi)
             output = engine.process(samples, activities)
             self._position = -1  # unknown until the append below commits
+            crash_point("pipeline_before_append")
             ledger.append(output.awards, flags=output.flags,
                           meta={META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version})
             self._position = hi
+            crash_point("pipeline_after_append")
             _count(summary, samples, activities, output)
             if on_chunk is not None:
                 on_chunk(hi - lo, summary.samples)

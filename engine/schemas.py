@@ -7,11 +7,14 @@ path for sample segments validates whole batches with numpy in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.rules.flags import FLAG_NAMES
 
 WIRE_VERSION = 1
 RECORD_BYTES_MAX = 1_048_576
@@ -22,7 +25,18 @@ ID_CHARS_MAX = 64
 TS_MS_MIN = 1_577_836_800_000
 POINTS_PER_ENTRY_MAX = 1_000_000
 
-IdText = Annotated[str, Field(min_length=1, max_length=ID_CHARS_MAX, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+# The one definition of an id (user, device, upload, shop, venue, ...): 1-64 of these.
+ID_CHAR_CLASS = r"[A-Za-z0-9_.:\-]"
+ID_PATTERN = re.compile(rf"{ID_CHAR_CLASS}{{1,{ID_CHARS_MAX}}}")
+
+
+def is_id(value: object) -> TypeGuard[str]:
+    """True for a str that is a whole id (fullmatch: no trailing newline slips through)."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+IdText = Annotated[str, Field(min_length=1, max_length=ID_CHARS_MAX,
+                              pattern=rf"^{ID_CHAR_CLASS}+$")]
 IsoDate = Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 
 
@@ -149,8 +163,17 @@ class Cohort(StrEnum):
     app = "app"
 
 
+CONSENT_SEQ_MAX = 2**53 - 1
+
+
 class Profile(Wire):
-    """Latest profile per user (compacted topic)."""
+    """Latest profile per user (compacted topic).
+
+    `research_consent` is read as a consent event (engine.consent): effective
+    at `updated_ts_ms` with order `consent_seq` when both are given, otherwise
+    at the start of `enrolled_on` with order 0, so a profile re-sent later can
+    never re-grant consent that a newer event withdrew.
+    """
 
     v: Literal[1]
     user_id: IdText
@@ -159,11 +182,50 @@ class Profile(Wire):
     cohort: Cohort
     enrolled_on: IsoDate
     research_consent: bool
+    updated_ts_ms: int | None = Field(default=None, ge=TS_MS_MIN)
+    consent_seq: int | None = Field(default=None, ge=1, le=CONSENT_SEQ_MAX)
+
+    @model_validator(mode="after")
+    def _timed_together(self) -> Profile:
+        if (self.updated_ts_ms is None) != (self.consent_seq is None):
+            raise ValueError("consent_seq: updated_ts_ms and consent_seq come together")
+        return self
+
+
+class ConsentChange(StrEnum):
+    consent_given = "research_consent_given"
+    consent_withdrawn = "research_consent_withdrawn"
+    enrolled = "enrolled"
+    left = "left"
+
+
+class ConsentEvent(Wire):
+    """A change of research consent or programme membership, effective at a time.
+
+    `consent_seq` orders one person's changes (issued increasing by the system of
+    record, e.g. the citizen app backend); (user_id, consent_seq) identifies the
+    event, so a re-send is a duplicate. Of the events effective at or before a
+    moment, the newest decision (greatest consent_seq) decides (engine.consent).
+    """
+
+    v: Literal[1]
+    user_id: IdText
+    change: ConsentChange
+    effective_ts_ms: int = Field(ge=TS_MS_MIN)
+    consent_seq: int = Field(ge=1, le=CONSENT_SEQ_MAX)
+    source: Annotated[str, Field(min_length=1, max_length=ID_CHARS_MAX)]
 
 
 class RedemptionKind(StrEnum):
     redeem = "redeem"
     refund = "refund"
+
+
+class RecordAuth(Wire):
+    """An authenticator from the API service (engine.kafka.authn): key id + HMAC-SHA256."""
+
+    kid: Annotated[str, Field(min_length=1, max_length=64)]
+    mac: Annotated[str, Field(min_length=43, max_length=43, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 class Redemption(Wire):
@@ -178,6 +240,8 @@ class Redemption(Wire):
     ts_ms: int = Field(ge=TS_MS_MIN)
     kind: RedemptionKind
     refund_of: str | None = None
+    # Set by the API in Kafka mode; workers refuse records without a valid one.
+    auth: RecordAuth | None = None
 
     @model_validator(mode="after")
     def _refund_names_its_redemption(self) -> Redemption:
@@ -211,14 +275,11 @@ class LedgerEntry(Wire):
     hash: str
 
 
-class FlagName(StrEnum):
-    step_decline = "step_decline"
-    low_activity = "low_activity"
-    slow_gait = "slow_gait"
-    weight_loss = "weight_loss"
-    social_isolation = "social_isolation"
-    low_spo2 = "low_spo2"
-    resting_hr_rise = "resting_hr_rise"
+if TYPE_CHECKING:
+    class FlagName(StrEnum):
+        """Names of the frailty-risk flags (engine.rules.flags.FLAGS)."""
+else:
+    FlagName = StrEnum("FlagName", [(name, name) for name in FLAG_NAMES])
 
 
 class FlagState(StrEnum):
@@ -254,6 +315,7 @@ WIRE_MODELS: dict[str, type[Wire]] = {
     "sample_segment": SampleSegment,
     "activity_event": ActivityEvent,
     "profile": Profile,
+    "consent_event": ConsentEvent,
     "redemption": Redemption,
     "ledger_entry": LedgerEntry,
     "flag_event": FlagEvent,
@@ -264,6 +326,7 @@ TOPICS: dict[str, str] = {
     "genki.samples": "sample_segment",
     "genki.activities": "activity_event",
     "genki.profiles": "profile",
+    "genki.consent": "consent_event",
     "genki.redemptions": "redemption",
     "genki.ledger": "ledger_entry",
     "genki.flags": "flag_event",

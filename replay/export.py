@@ -1,10 +1,13 @@
 """Researchers' export: the embedded log and ledger as pseudonymised, hive-partitioned Parquet.
 
-Only people whose profile gives research consent appear (health data: consent is
-the law); the manifest says how many were left out. User, device and venue ids
-are replaced by keyed HMAC-SHA256 pseudonyms: stable for one key (joins work),
+A person's rows appear only from inside their consent periods (research consent
+given and enrolled; engine.consent), since health data needs consent; the
+manifest says how much was left out. User, event, venue and shop ids are
+replaced by keyed HMAC-SHA256 pseudonyms: stable for one key (joins work),
 unlinkable across keys. Entry and flag ids are derived from user ids, so they
-are pseudonymised too, and the chain hashes are dropped. The log is read in
+are pseudonymised too, and the chain hashes are dropped. Timestamps are
+coarsened and quasi-identifiers made k-anonymous (replay.anonymise); the
+manifest records what was generalised and suppressed. The log is read in
 chunks and streamed to Parquet, so memory stays bounded by a chunk, and the
 output appears atomically: it is written beside the target and renamed.
 """
@@ -18,16 +21,20 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from engine.clock import EPOCH_DATE, iso_to_day, tokyo_days
+from engine.consent import PeriodIndex, lifecycle
 from engine.errors import UsageError
-from engine.ingest.log import EmbeddedLog
+from engine.ingest.log import ActivityColumns, EmbeddedLog
 from engine.schemas import ACTIVITY_KINDS, METRICS
+from replay.anonymise import AnonymityReport, ExportPolicy, coarsen, generalise_people
 
 PSEUDONYM_HEX_CHARS = 32
 PSEUDONYM_KEY_BYTES_MIN = 16
@@ -40,6 +47,9 @@ SAMPLE_SCHEMA = pa.schema([("user", pa.string()), ("metric", pa.string()), ("day
                            ("ts_ms", pa.int64()), ("value", pa.float64())])
 ACTIVITY_SCHEMA = pa.schema([("user", pa.string()), ("event", pa.string()), ("kind", pa.string()),
                              ("ts_ms", pa.int64()), ("day", pa.string()), ("venue", pa.string())])
+PEOPLE_SCHEMA = pa.schema([("user", pa.string()), ("birth_year_min", pa.int32()),
+                           ("birth_year_max", pa.int32()), ("sex", pa.string()),
+                           ("cohort", pa.string())])
 
 
 class Pseudonymiser:
@@ -75,17 +85,41 @@ class ReplayManifest:
     users_left_out_no_consent: int = 0
     rows_left_out_no_consent: dict[str, int] = field(default_factory=dict)
     source_offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" → next offset
+    consent: str = ("a person's rows are exported only from inside their consent periods: "
+                    "research consent given and enrolled, not withdrawn, not left")
+    anonymity: dict[str, Any] = field(default_factory=dict)
+
+    def left_out(self, table: str, rows: int) -> None:
+        self.rows_left_out_no_consent[table] = self.rows_left_out_no_consent.get(table, 0) + rows
 
 
-def _consenting_users(log: EmbeddedLog) -> tuple[set[str], int]:
-    consenting, refused = set(), 0
-    for body in log.profiles():
-        profile = orjson.loads(body)
-        if profile["research_consent"]:
-            consenting.add(profile["user_id"])
-        else:
-            refused += 1
-    return consenting, refused
+@dataclass
+class Consent:
+    """Who may appear in the export and when: their consent periods, indexed."""
+
+    periods: dict[str, list[tuple[int, int]]]
+    index: PeriodIndex
+    refused: int  # people with a profile and no consent period
+
+    @staticmethod
+    def of(log: EmbeddedLog) -> Consent:
+        periods = lifecycle(log.lifecycle_events()).export_periods()
+        profiled = {orjson.loads(body)["user_id"] for body in log.profiles()}
+        return Consent(periods, PeriodIndex(periods), len(profiled - periods.keys()))
+
+    def contains(self, users: list[str], user_idx: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
+        return self.index.contains(users, user_idx, ts_ms)
+
+
+def consenting_users(log: EmbeddedLog) -> tuple[set[str], int]:
+    """(people with at least one consent period, people with a profile and none).
+
+    Whole people; `Consent.of(log).contains(...)` narrows rows to the periods."""
+    consent = Consent.of(log)
+    return set(consent.periods), consent.refused
+
+
+_consenting_users = consenting_users  # engine.evaluation.consent asks by this name
 
 
 def _day_strings(days: np.ndarray) -> np.ndarray:
@@ -104,9 +138,9 @@ def _window_mask(days: np.ndarray, since: int | None, until: int | None) -> np.n
     return mask
 
 
-def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: set[str],
+def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
                     window: tuple[int | None, int | None], manifest: ReplayManifest,
-                    tick: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
+                    policy: ExportPolicy, tick: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
     metric_names = np.array([m.name for m in METRICS], dtype=object)
     for lo in range(0, end, LOG_RECORDS_PER_CHUNK):
         hi = min(lo + LOG_RECORDS_PER_CHUNK, end)
@@ -114,45 +148,84 @@ def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: 
         tick(hi - lo)
         if not len(cols.ts_ms):
             continue
-        allowed = np.array([u in consent for u in cols.users], dtype=bool)
+        allowed = consent.contains(cols.users, cols.user_idx, cols.ts_ms)
         days = tokyo_days(cols.ts_ms)
-        keep = allowed[cols.user_idx] & _window_mask(days, *window)
-        left_out = int((~allowed[cols.user_idx]).sum())
-        manifest.rows_left_out_no_consent["samples"] = \
-            manifest.rows_left_out_no_consent.get("samples", 0) + left_out
+        keep = allowed & _window_mask(days, *window)
+        manifest.left_out("samples", int((~allowed).sum()))
         if not keep.any():
             continue
         users = np.array(pseudo.many("user", cols.users), dtype=object)
         yield pa.RecordBatch.from_arrays(
             [pa.array(users[cols.user_idx[keep]]), pa.array(metric_names[cols.metric[keep]]),
-             pa.array(_day_strings(days[keep])), pa.array(cols.ts_ms[keep]),
+             pa.array(_day_strings(days[keep])),
+             pa.array(coarsen(cols.ts_ms[keep], policy.samples_time)),
              pa.array(cols.value[keep])], schema=SAMPLE_SCHEMA)
 
 
-def _activity_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: set[str],
-                      window: tuple[int | None, int | None], manifest: ReplayManifest,
-                      ) -> Iterator[pa.RecordBatch]:
-    kinds = np.array(ACTIVITY_KINDS, dtype=object)
+def _activity_rows(log: EmbeddedLog, end: int, consent: Consent,
+                   window: tuple[int | None, int | None], manifest: ReplayManifest | None,
+                   ) -> Iterator[tuple[ActivityColumns, np.ndarray, np.ndarray]]:
+    """Per chunk: the columns, the exported rows' indices, their days."""
     for lo in range(0, end, LOG_RECORDS_PER_CHUNK):
         cols = log.read_activities(lo, min(lo + LOG_RECORDS_PER_CHUNK, end))
         if not len(cols.ts_ms):
             continue
-        allowed = np.array([u in consent for u in cols.users], dtype=bool)
+        allowed = consent.contains(cols.users, cols.user_idx, cols.ts_ms)
         days = tokyo_days(cols.ts_ms)
-        keep = allowed[cols.user_idx] & _window_mask(days, *window)
-        manifest.rows_left_out_no_consent["activities"] = \
-            manifest.rows_left_out_no_consent.get("activities", 0) + int((~allowed[cols.user_idx]).sum())
-        if not keep.any():
-            continue
-        idx = np.flatnonzero(keep)
+        if manifest is not None:
+            manifest.left_out("activities", int((~allowed).sum()))
+        idx = np.flatnonzero(allowed & _window_mask(days, *window))
+        if len(idx):
+            yield cols, idx, days
+
+
+def _venue_people(log: EmbeddedLog, end: int, consent: Consent,
+                  window: tuple[int | None, int | None]) -> dict[str, set[str]]:
+    people: dict[str, set[str]] = {}
+    for cols, idx, _ in _activity_rows(log, end, consent, window, None):
+        for i in idx.tolist():
+            people.setdefault(cols.venue_id[i], set()).add(cols.users[cols.user_idx[i]])
+    return people
+
+
+def _activity_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
+                      window: tuple[int | None, int | None], manifest: ReplayManifest,
+                      policy: ExportPolicy, report: AnonymityReport,
+                      ) -> Iterator[pa.RecordBatch]:
+    kinds = np.array(ACTIVITY_KINDS, dtype=object)
+    venue_people = _venue_people(log, end, consent, window)
+    rare = {venue for venue, people in venue_people.items() if venue and len(people) < policy.k}
+    report.venues = sum(1 for venue in venue_people if venue)
+    report.venues_suppressed = len(rare)
+    for cols, idx, days in _activity_rows(log, end, consent, window, manifest):
         users = np.array(pseudo.many("user", cols.users), dtype=object)
+        venues = [cols.venue_id[i] for i in idx.tolist()]
+        report.activity_rows_venue_suppressed += sum(1 for v in venues if v in rare)
         yield pa.RecordBatch.from_arrays(
             [pa.array(users[cols.user_idx[idx]]),
              pa.array(pseudo.many("event", [cols.event_id[i] for i in idx])),
-             pa.array(kinds[cols.kind[idx]]), pa.array(cols.ts_ms[idx]),
+             pa.array(kinds[cols.kind[idx]]),
+             pa.array(coarsen(cols.ts_ms[idx], policy.activities_time)),
              pa.array(_day_strings(days[idx])),
-             pa.array(pseudo.many("venue", [cols.venue_id[i] for i in idx]))],
+             pa.array([None if v in rare else pseudo("venue", v) if v else "" for v in venues],
+                      type=pa.string())],
             schema=ACTIVITY_SCHEMA)
+
+
+def _people_table(log: EmbeddedLog, pseudo: Pseudonymiser, consent: Consent,
+                  policy: ExportPolicy, report: AnonymityReport) -> pa.Table:
+    """One row per exported person: generalised quasi-identifiers (k-anonymous)."""
+    profiles = [p for p in map(orjson.loads, log.profiles()) if p["user_id"] in consent.periods]
+    people = generalise_people(np.array([p["birth_year"] for p in profiles], np.int64),
+                               [p["sex"] for p in profiles], [p["cohort"] for p in profiles],
+                               policy, report)
+    return pa.Table.from_arrays(
+        [pa.array([pseudo("user", p["user_id"]) for p in profiles], pa.string()),
+         pa.array(people.band_start, pa.int32()),
+         pa.array([None if b is None else b + report.birth_year_band_years - 1
+                   for b in people.band_start], pa.int32()),
+         pa.array(people.sex, pa.string()), pa.array(people.cohort, pa.string())],
+        schema=PEOPLE_SCHEMA)
 
 
 def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: Path,
@@ -199,33 +272,42 @@ def parse_window(since: str | None, until: str | None) -> tuple[int | None, int 
 def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | None = None,
                     until: str | None = None, tick: Callable[[int], None] = lambda n: None,
                     source: str = "embedded", source_offsets: dict[str, int] | None = None,
-                    ) -> ReplayManifest:
+                    policy: ExportPolicy | None = None) -> ReplayManifest:
     from replay.ledger_export import write_flags, write_ledger
 
+    policy = policy or ExportPolicy()
     pseudo = Pseudonymiser(key)
     window = parse_window(since, until)
+    report = AnonymityReport(k=policy.k, time_units={
+        "samples": policy.samples_time, "activities": policy.activities_time,
+        "ledger": policy.ledger_time, "flags": "day"})
     staging = target.with_name(f".{target.name}.staging")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     with EmbeddedLog.open(data_dir, writer=False) as log:
-        consent, refused = _consenting_users(log)
+        consent = Consent.of(log)
         end = log.position()
         manifest = ReplayManifest(
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), source=source,
             log_position=end, rules_version=None, since=since, until=until,
-            users_included=len(consent), users_left_out_no_consent=refused,
+            users_included=len(consent.periods), users_left_out_no_consent=consent.refused,
             source_offsets=dict(source_offsets or {}))
         manifest.rows["samples"] = _write(
-            _sample_batches(log, end, pseudo, consent, window, manifest, tick), SAMPLE_SCHEMA,
-            staging / "samples", ["metric", "day"])
+            _sample_batches(log, end, pseudo, consent, window, manifest, policy, tick),
+            SAMPLE_SCHEMA, staging / "samples", ["metric", "day"])
         manifest.rows["activities"] = _write(
-            _activity_batches(log, end, pseudo, consent, window, manifest), ACTIVITY_SCHEMA,
-            staging / "activities", None)
+            _activity_batches(log, end, pseudo, consent, window, manifest, policy, report),
+            ACTIVITY_SCHEMA, staging / "activities", None)
+        people = _people_table(log, pseudo, consent, policy, report)
+        (staging / "people").mkdir()
+        pq.write_table(people, staging / "people" / "people.parquet", compression="zstd")
+        manifest.rows["people"] = people.num_rows
     if (data_dir / "ledger.sqlite").exists():
         manifest.rules_version = write_ledger(data_dir, staging / "ledger", pseudo, consent,
-                                              window, manifest, _write)
+                                              window, manifest, _write, policy)
         write_flags(data_dir, staging / "flags", pseudo, consent, window, manifest, _write)
+    manifest.anonymity = report.as_dict()
     (staging / "manifest.json").write_bytes(
         orjson.dumps(manifest.__dict__, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     replace_atomically(staging, target)

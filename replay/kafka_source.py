@@ -26,11 +26,12 @@ from engine.ingest.log import EmbeddedLog
 from engine.kafka.client import consumer_settings, topic_name
 from engine.ledger import Ledger
 from engine.schemas import FlagEvent, LedgerEntry
+from replay.anonymise import ExportPolicy
 from replay.export import ReplayManifest, export_embedded
 
 POLL_MS = 500
 FETCH_RECORDS_MAX = 20_000
-INPUT_TOPICS = ("genki.profiles", "genki.samples", "genki.activities")
+INPUT_TOPICS = ("genki.profiles", "genki.consent", "genki.samples", "genki.activities")
 
 
 async def _partition_batches(consumer: AIOKafkaConsumer, topic: str,
@@ -87,14 +88,15 @@ def _draft(entry: LedgerEntry) -> EntryDraft:
 
 def export_kafka(bootstrap: str, target: Path, key: bytes, *, prefix: str = "",
                  since: str | None = None, until: str | None = None,
-                 tick: Callable[[int], None] = lambda n: None) -> ReplayManifest:
+                 tick: Callable[[int], None] = lambda n: None,
+                 policy: ExportPolicy | None = None) -> ReplayManifest:
     """Export the topics' whole history as `export_embedded` would export a data directory."""
     scratch = Path(tempfile.mkdtemp(prefix="genki-replay-kafka-"))
     try:
         ends: dict[str, int] = {}
         asyncio.run(_rebuild(bootstrap, prefix, scratch, ends, tick))
         manifest = export_embedded(scratch, target, key, since=since, until=until,
-                                   source="kafka", source_offsets=ends)
+                                   source="kafka", source_offsets=ends, policy=policy)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return manifest

@@ -1,9 +1,15 @@
-"""`genki report`: a self-contained HTML programme report and the high-risk list as CSV.
+"""`genki report`: a self-contained HTML programme report, and the staff-only risk list.
 
 What a city team hands around: who took part, points awarded by rule, redemptions
 by partner shop, the weekly step distribution, frailty flags raised and cleared
 over time and check-ins by venue. Plots are PNGs embedded as data URIs, so the
 one HTML file is the whole report.
+
+The HTML holds aggregates only: no user ids, and nothing about a group of fewer
+than k people (venues visited by fewer than k people are pooled as
+"suppressed", a cohort's week with fewer than k people is not plotted). The
+identifiable high-risk list is a separate CSV whose name says STAFF-ONLY: it is
+for care-prevention staff, not for handing around.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME
 
 LOG_RECORDS_PER_CHUNK = 20_000
 VENUES_SHOWN_MAX = 25
-RISK_ROWS_SHOWN_MAX = 30
+K_DEFAULT = 5
+STAFF_RISK_LIST_SUFFIX = "-STAFF-ONLY-risk-list.csv"
+SUPPRESSED_VENUES = "(venues with fewer than k people)"
 
 
 @dataclass
@@ -44,6 +52,7 @@ class ReportData:
     active_users: set[str] = field(default_factory=set)
     weekly_steps: dict[tuple[int, str], list[float]] = field(default_factory=dict)
     checkins_by_venue: Counter = field(default_factory=Counter)
+    people_by_venue: dict[str, set[str]] = field(default_factory=dict)
     activities_by_kind: Counter = field(default_factory=Counter)
     points_by_rule_week: dict[tuple[int, str], int] = field(default_factory=dict)
     redemptions_by_shop: dict[str, list[int]] = field(default_factory=dict)
@@ -95,6 +104,7 @@ def _collect_log(log: EmbeddedLog, data: ReportData, window: tuple[int | None, i
             data.activities_by_kind[ACTIVITY_KINDS[kind]] += 1
             if venue:
                 data.checkins_by_venue[venue] += 1
+                data.people_by_venue.setdefault(venue, set()).add(acts.users[u])
     for (user, day), total in daily.items():
         name = names[user]
         data.active_users.add(name)
@@ -161,6 +171,16 @@ def _week_label(week: int) -> str:
     return day_to_iso(week_start_day(week))[5:]
 
 
+def suppress_small_groups(data: ReportData, k: int) -> None:
+    """Pool venues with fewer than k people; drop step boxes of fewer than k people."""
+    rare = {venue for venue, people in data.people_by_venue.items() if len(people) < k}
+    for venue in rare:
+        data.checkins_by_venue[SUPPRESSED_VENUES] += data.checkins_by_venue.pop(venue)
+    data.people_by_venue.clear()
+    data.weekly_steps = {key: values for key, values in data.weekly_steps.items()
+                         if len(values) >= k}
+
+
 def _plot_steps(data: ReportData) -> str | None:
     if not data.weekly_steps:
         return None
@@ -222,11 +242,16 @@ def collect(data_dir: Path, month: str | None) -> ReportData:
     return data
 
 
-def write_report(data_dir: Path, out: Path, month: str | None = None) -> tuple[Path, Path]:
-    """Writes the HTML report and the high-risk list CSV beside it; returns both paths."""
+def write_report(data_dir: Path, out: Path, month: str | None = None,
+                 k: int = K_DEFAULT) -> tuple[Path, Path]:
+    """Writes the aggregate HTML report and, beside it, the staff-only identifiable risk
+    list CSV; returns both paths."""
+    if not 1 <= k <= 1_000:
+        raise UsageError(f"report: --k must be 1..1000, got {k}")
     data = collect(data_dir, month)
+    suppress_small_groups(data, k)
     risks = risk_list(data_dir) if (data_dir / "ledger.sqlite").exists() else []
-    csv_path = out.with_name(out.stem + "-risk-list.csv")
+    csv_path = out.with_name(out.stem + STAFF_RISK_LIST_SUFFIX)
     with csv_path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["user_id", "severity", "flag", "since", "evidence"])
@@ -235,7 +260,7 @@ def write_report(data_dir: Path, out: Path, month: str | None = None) -> tuple[P
                 writer.writerow([row.user_id, row.severity, flag.flag, flag.since,
                                  orjson.dumps(flag.evidence).decode()])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_html(data, risks, month, csv_path.name), encoding="utf-8")
+    out.write_text(_html(data, risks, month, k), encoding="utf-8")
     return out, csv_path
 
 
@@ -246,7 +271,7 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(data: ReportData, risks: list[RiskRow], month: str | None, csv_name: str) -> str:
+def _html(data: ReportData, risks: list[RiskRow], month: str | None, k: int) -> str:
     cohorts = Counter(data.cohort.get(u, "unknown") for u in data.active_users)
     points_by_rule: Counter[str] = Counter()
     for (_, family), points in data.points_by_rule_week.items():
@@ -261,8 +286,8 @@ def _html(data: ReportData, risks: list[RiskRow], month: str | None, csv_name: s
                _plot_venues(data)]
     images = "".join(f'<figure><img alt="plot" src="{src}"></figure>' for src in figures if src)
     period = f"month {month}" if month else "the whole programme period"
-    risk_rows = [[r.user_id, r.severity, ", ".join(f.flag for f in r.flags)]
-                 for r in risks[:RISK_ROWS_SHOWN_MAX]]
+    by_flag: Counter[str] = Counter(f.flag for r in risks for f in r.flags)
+    by_severity: Counter[str] = Counter(str(r.severity) for r in risks)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>genki programme report</title>
 <style>
@@ -295,9 +320,12 @@ th {{ background: #f4efe9; }} td:first-child {{ text-align: left; }}
 {_table(["kind", "events"], [[k, f"{v:,}"] for k, v in data.activities_by_kind.most_common()])}
 <h2>Trends</h2>
 {images}
-<h2>High-risk list</h2>
-<p>{len(risks):,} people have raised frailty flags; the full list with evidence is in
-<a href="{html.escape(csv_name)}">{html.escape(csv_name)}</a>. Most severe first:</p>
-{_table(["person", "severity", "flags"], risk_rows)}
+<h2>Frailty risk</h2>
+<p>{len(risks):,} people have raised frailty flags. This report shows counts only; the
+identifiable list is a separate staff-only output.</p>
+{_table(["flag", "people"], [[f, f"{n:,}"] for f, n in by_flag.most_common()])}
+{_table(["severity", "people"], [[s, f"{n:,}"] for s, n in sorted(by_severity.items())])}
+<p>Aggregates only: no person is named, and groups of fewer than {k} people are
+suppressed (venues pooled, weekly step boxes left out).</p>
 </body></html>
 """

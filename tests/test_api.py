@@ -152,7 +152,8 @@ def test_openapi_and_docs_list_every_endpoint(server: Server) -> None:
         "/healthz", "/v1/users/{user_id}/balance", "/v1/users/{user_id}/history",
         "/v1/users/{user_id}/flags", "/v1/flags", "/v1/ingest", "/v1/redemptions",
         "/v1/refunds", "/v1/adjustments", "/v1/shops/{shop_id}/settlement",
-        "/v1/users/{user_id}/redeem-tokens"}
+        "/v1/users/{user_id}/redeem-tokens", "/v1/ingest/{format_name}", "/v1/push/garmin",
+        "/v1/push/garmin/{summary_type}", "/v1/users/{user_id}/erase"}
 
 
 def test_balance_is_the_sum_of_the_users_entries(server: Server, home: Path,

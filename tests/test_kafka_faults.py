@@ -91,7 +91,7 @@ def test_sigkill_mid_stream_then_another_worker_gives_the_embedded_ledger(
     first_dir = tmp_path / "first"
     crashing = start_genki(*worker_args(kafka, first_dir, "--until-idle", "--fetch-records",
                                         "150"),
-                           env={"GENKI_KAFKA_CRASH_AT": crash_at},
+                           env={"GENKI_CRASH_AT": crash_at},
                            stderr_path=tmp_path / "crash.err")
     crashing.communicate(timeout=EXIT_WAIT_S_MAX)
     assert crashing.returncode == -signal.SIGKILL

@@ -172,7 +172,7 @@ def redemption_run(kafka_module: KafkaTarget, first_run: FirstRun,
     lines.append(_redemption(next(iter(before)), -5, "negative"))
     path = tmp_path_factory.mktemp("redemptions") / "redemptions.ndjson"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    genki("publish", str(path), *kafka_module.args())
+    genki("publish", str(path), *kafka_module.args(), "--sign-redemptions")
     summary = work(kafka_module, first_run.data_dir)
     letters = [orjson.loads(value) for *_, value in read_topic(kafka_module, "genki.dlq")]
     letters = [x for x in letters if x["source"] == kafka_module.topic("genki.redemptions")]

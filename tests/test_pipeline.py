@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import random
+import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 
 from engine.errors import RulesError
+from engine.faults import CRASH_ENV, POINTS
 from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
@@ -48,6 +48,11 @@ def _copy(source: Path, target: Path) -> Path:
         shutil.rmtree(target)
     shutil.copytree(source, target)
     return target
+
+
+def _run_with_crash(command: list[str], crash_at: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(command, capture_output=True, check=False,
+                          env={**os.environ, CRASH_ENV: crash_at})
 
 
 def _state(data_dir: Path) -> dict:
@@ -97,23 +102,42 @@ def test_rules_changed_under_a_live_ledger_are_refused(ingested: Path, tmp_path:
         run_pipeline(data_dir, changed)
 
 
-def test_kill_9_at_random_moments_gives_the_uninterrupted_ledger(
-        ingested: Path, reference: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("crash_at", [
+    "pipeline_before_append:1", "pipeline_after_append:1", "pipeline_before_append:3",
+    "pipeline_after_append:5"])
+def test_kill_9_at_a_crash_point_then_restart_gives_the_uninterrupted_ledger(
+        ingested: Path, reference: dict, tmp_path: Path, crash_at: str) -> None:
     data_dir = _copy(ingested, tmp_path / "d")
-    rng = random.Random(20261123)
     command = genki_cmd("run", "--data-dir", str(data_dir), "--chunk-records", "40", "--json")
-    kills = 0
-    for _ in range(8):
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 2.5))  # fault injection at a random moment, not a sync
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.wait()
+    killed = _run_with_crash(command, crash_at)
+    assert killed.returncode == -signal.SIGKILL
+    finished = subprocess.run(command, capture_output=True, check=True)
+    assert orjson.loads(finished.stdout)["position_before"] < orjson.loads(
+        finished.stdout)["position_after"]
+    assert _state(data_dir) == reference
+
+
+def test_kill_9_repeatedly_at_every_crash_point_gives_the_uninterrupted_ledger(
+        ingested: Path, reference: dict, tmp_path: Path) -> None:
+    """Eight kills in a row, each a few chunks further, then one run to the end."""
+    data_dir = _copy(ingested, tmp_path / "d")
+    command = genki_cmd("run", "--data-dir", str(data_dir), "--chunk-records", "40", "--json")
+    points = [p for p in POINTS if p.startswith("pipeline_")]
+    for attempt in range(8):
+        crash_at = f"{points[attempt % len(points)]}:{1 + attempt % 3}"
+        killed = _run_with_crash(command, crash_at)
+        assert killed.returncode == -signal.SIGKILL, crash_at
     finished = subprocess.run(command, capture_output=True, check=True)
     assert orjson.loads(finished.stdout)["position_after"] > 0
-    assert kills >= 1
     assert _state(data_dir) == reference
+
+
+def test_an_unknown_crash_point_is_refused_by_name(ingested: Path, tmp_path: Path) -> None:
+    data_dir = _copy(ingested, tmp_path / "d")
+    command = genki_cmd("run", "--data-dir", str(data_dir), "--json")
+    result = _run_with_crash(command, "pipeline_befor_append:1")
+    assert result.returncode != 0
+    assert b"unknown crash point 'pipeline_befor_append'" in result.stderr
 
 
 def test_status_shows_pending_work_until_run(ingested: Path, tmp_path: Path) -> None:

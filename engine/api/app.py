@@ -31,21 +31,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import engine
 from engine.api import models
+from engine.api.gateway import add_gateway_routes, is_gateway_path
+from engine.api.gateway import ingest_lines as _ingest_lines  # noqa: F401 - tests use it
 from engine.api.limits import (
     COMMAND_BODY_BYTES_MAX,
     HISTORY_PAGE_ENTRIES_DEFAULT,
     HISTORY_PAGE_ENTRIES_MAX,
     IDEMPOTENCY_KEY_CHARS_MAX,
     INGEST_BODY_BYTES_MAX,
-    INGEST_RECORDS_PER_BATCH_MAX,
     TOKEN_TTL_S_DEFAULT,
 )
+from engine.api.privacy import ErasedGate, add_privacy_routes
 from engine.api.problems import (
     RETRY_AFTER,
     BadRequest,
     BodyTooLarge,
     IdempotencyKeyRequired,
-    TooManyRecords,
     error_response,
     problem_body,
     problem_response,
@@ -60,8 +61,7 @@ from engine.api.service import (
 )
 from engine.api.store import Role
 from engine.errors import GenkiError
-from engine.ingest.log import IngestCounts
-from engine.schemas import ID_CHARS_MAX
+from engine.schemas import ID_CHAR_CLASS, ID_CHARS_MAX
 
 if TYPE_CHECKING:
     from engine.api.kafka_service import KafkaApiService
@@ -69,17 +69,15 @@ if TYPE_CHECKING:
 TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
 CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
 OUTCOME_WAIT_ENV = "GENKI_API_OUTCOME_WAIT_S"  # Kafka mode; at most OUTCOME_WAIT_S_MAX
-INGEST_PATH = "/v1/ingest"
 JSON = "application/json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
 _T = TypeVar("_T")
 Service = Union[ApiService, "KafkaApiService"]
 _log = logging.getLogger("genki.api")
 
-_ID_CHAR = r"[A-Za-z0-9_.:\-]"  # engine.schemas.IdText
-_BALANCE_PATH = re.compile(rf"/v1/users/({_ID_CHAR}{{1,{ID_CHARS_MAX}}})/balance")
+_BALANCE_PATH = re.compile(rf"/v1/users/({ID_CHAR_CLASS}{{1,{ID_CHARS_MAX}}})/balance")
 UserId = Annotated[str, PathParam(min_length=1, max_length=ID_CHARS_MAX,
-                                  pattern=rf"^{_ID_CHAR}+$")]
+                                  pattern=rf"^{ID_CHAR_CLASS}+$")]
 ShopId = UserId
 
 
@@ -147,9 +145,12 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
         try:
             yield
         finally:
+            await app.state.gateway_sink.close()
             if bridge is not None:
                 await bridge.stop()
             service.close()
+            if app.erased is not None:
+                app.erased.close()
 
     app = GenkiAPI(title="genki", version=engine.__version__, responses=_PROBLEMS,
                    lifespan=lifespan,
@@ -159,11 +160,14 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     _add_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.fast_reads = service if fast_reads else None
+    app.erased = ErasedGate(Path(data_dir))
+    add_privacy_routes(app, service)
     _add_read_routes(app, service)
     if isinstance(service, ApiService):
         _add_write_routes(app, service)
     else:
         _add_kafka_write_routes(app, service)
+    add_gateway_routes(app, service, bootstrap, topic_prefix)
     return app
 
 
@@ -243,7 +247,6 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
 
 def _add_write_routes(app: FastAPI, service: ApiService) -> None:
     app_role = _needs(service, Role.app)
-    gateway = _needs(service, Role.gateway)
     shop = _needs(service, Role.shop)
     staff = _needs(service, Role.staff)
 
@@ -275,20 +278,6 @@ def _add_write_routes(app: FastAPI, service: ApiService) -> None:
         return reply_response(await _on(service.writer, service.adjust, principal, key,
                                         body.user_id, body.points, body.reason))
 
-    @app.post(INGEST_PATH, tags=["ingest"], response_model=models.IngestOut,
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/x-ndjson": {"schema": {"type": "string"}},
-                  JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}}})
-    async def ingest(request: Request, principal: Principal = gateway) -> Response:
-        """A batch of wire records (NDJSON, or a JSON array); same checks as `genki ingest`."""
-        body, content_type = await request.body(), request.headers.get("content-type", "")
-
-        def parse_and_ingest() -> dict[str, Any]:  # off the event loop: batches are large
-            lines = _ingest_lines(body, content_type)
-            return service.ingest(principal, lines) if lines else IngestCounts().as_dict()
-
-        return json_response(await _on(service.ingester, parse_and_ingest))
-
 
 def _add_kafka_write_routes(app: FastAPI, service: KafkaApiService) -> None:
     """Kafka mode: checks on the writer thread, the wait for the owner on the event loop."""
@@ -297,7 +286,6 @@ def _add_kafka_write_routes(app: FastAPI, service: KafkaApiService) -> None:
     app_role = _needs(service, Role.app)
     shop = _needs(service, Role.shop)
     staff = _needs(service, Role.staff)
-    gateway = _needs(service, Role.gateway)
 
     async def settle(prepared: Reply | Pending) -> Response:
         if isinstance(prepared, Reply):
@@ -332,32 +320,6 @@ def _add_kafka_write_routes(app: FastAPI, service: KafkaApiService) -> None:
     async def adjust(_: Principal = staff) -> Response:
         raise NotInKafkaMode("adjustments are not available through the API in Kafka "
                              "mode: genki.redemptions carries redemptions and refunds only")
-
-    @app.post(INGEST_PATH, tags=["ingest"], response_model=models.IngestOut)
-    async def ingest(_: Principal = gateway) -> Response:
-        raise NotInKafkaMode("in Kafka mode gateways publish to the input topics "
-                             "(`genki publish`), not to this API")
-
-
-def _ingest_lines(body: bytes, content_type: str) -> list[bytes]:
-    """One wire record per element: NDJSON lines, or the items of a JSON array."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type == JSON:
-        try:
-            items = orjson.loads(body)
-        except orjson.JSONDecodeError as error:
-            raise BadRequest(f"body is not JSON: {error}; send a JSON array of wire records "
-                             "or NDJSON (application/x-ndjson)") from None
-        if not isinstance(items, list):
-            raise BadRequest("a JSON body must be an array of wire records")
-        lines = [orjson.dumps(item) for item in items]
-    else:
-        lines = [line.rstrip(b"\r") for line in body.split(b"\n")]
-        lines = [line for line in lines if line.strip()]
-    if len(lines) > INGEST_RECORDS_PER_BATCH_MAX:
-        raise TooManyRecords(f"{len(lines)} records in one request; at most "
-                             f"{INGEST_RECORDS_PER_BATCH_MAX} per batch, split it")
-    return lines
 
 
 # -- errors and limits ---------------------------------------------------------------
@@ -403,7 +365,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = INGEST_BODY_BYTES_MAX if scope["path"] == INGEST_PATH else COMMAND_BODY_BYTES_MAX
+        limit = INGEST_BODY_BYTES_MAX if is_gateway_path(scope["path"]) \
+            else COMMAND_BODY_BYTES_MAX
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_too_large(send, limit)
@@ -460,8 +423,13 @@ class GenkiAPI(FastAPI):
     """
 
     fast_reads: Service | None = None
+    erased: ErasedGate | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.erased is not None and scope["type"] == "http" \
+                and self.erased.blocks(scope["path"]):
+            await self.erased.answer(scope, receive, send)
+            return
         if self.fast_reads is not None and scope["type"] == "http" \
                 and scope["method"] == "GET":
             match = _BALANCE_PATH.fullmatch(scope["path"])

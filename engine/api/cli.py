@@ -19,6 +19,7 @@ from engine.api.limits import TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX
 from engine.api.store import ApiStore, Role
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
+from engine.kafka.client import add_security_args
 from engine.ledger.cli import register_signing_keys
 
 HOST_DEFAULT = "127.0.0.1"
@@ -78,6 +79,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--partitions-dir and --topic-prefix need --bootstrap (Kafka mode)")
     if args.partitions_dir is not None and not args.partitions_dir.is_dir():
         raise UsageError(f"--partitions-dir {args.partitions_dir} is not a directory")
+    if args.bootstrap is not None:
+        from engine.kafka.authn import require_record_keys
+
+        require_record_keys()  # the API signs every record that moves points
     sock = bind_socket(args.host, args.port)
     return serve(data_dir, sock, token_ttl_s=args.token_ttl_s,
                  clock_offset_ms=args.clock_offset_ms, log_level=args.log_level,
@@ -177,6 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "through genki.redemptions (the data dir then holds only keys, "
                              "secret and stored responses)")
     parser.add_argument("--topic-prefix", default="", help="Kafka mode: topic name prefix")
+    add_security_args(parser)
     parser.add_argument("--partitions-dir", type=Path, default=None, metavar="DIR",
                         help="Kafka mode: the workers' data directory (p<N>/ledger.sqlite), "
                              "read only, to answer balance, history and flags; without it "

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -49,6 +49,8 @@ from engine.ingest.log import EmbeddedLog
 from engine.ledger.commands import describe, redeem_id, ref_fields
 from engine.ledger.model import Entry
 from engine.ledger.store import Ledger
+
+_T = TypeVar("_T")
 
 Clock = Callable[[], int]
 LEDGER_KEY_PREFIX = "token:"
@@ -341,17 +343,33 @@ class ApiService(ApiCore):
 
     # -- ingest (ingest thread) -----------------------------------------------------
 
-    def ingest(self, principal: Principal, lines: list[bytes]) -> dict[str, Any]:
+    def ingest(self, principal: Principal, lines: list[bytes], *,
+               offsets: list[int] | None = None,
+               rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> dict[str, Any]:
+        """Wire records into the log; `offsets` and `rejected_before` as in
+        EmbeddedLog.ingest_lines (the gateway's importers and enrolment checks)."""
         now_ms = self.clock()
         log = self._ingest_log or EmbeddedLog.open(self.data_dir)  # LogLocked → 503
         try:
-            counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms)
+            counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms,
+                                      offsets=offsets, rejected_before=rejected_before)
         finally:
             if self.hold_ingest_log:
                 self._ingest_log = log
             else:
                 log.close()
         return counts.as_dict()
+
+    def with_ingest_log(self, fn: Callable[[EmbeddedLog], _T]) -> _T:
+        """Run fn (ingest thread) with the log this service holds, or opens for the call."""
+        log = self._ingest_log or EmbeddedLog.open(self.data_dir)  # LogLocked → 503
+        try:
+            return fn(log)
+        finally:
+            if self.hold_ingest_log:
+                self._ingest_log = log
+            else:
+                log.close()
 
     def _close_ingest_log(self) -> None:
         if self._ingest_log is not None:

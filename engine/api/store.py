@@ -17,7 +17,6 @@ transaction, so several server processes may share the file.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import sqlite3
 import threading
@@ -30,14 +29,13 @@ from typing import Any, Self
 
 from engine.api.limits import KEY_LABEL_CHARS_MAX, WRITE_WAIT_S_MAX
 from engine.errors import NotFound, UsageError
-from engine.schemas import ID_CHARS_MAX
+from engine.schemas import ID_CHARS_MAX, is_id
 from engine.storage import open_sqlite
 
 API_DB_FILE_NAME = "api.sqlite"
 KEY_PREFIX = "gk"
 KEY_ID_BYTES = 6
 KEY_SECRET_BYTES = 32
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
 _DDL = (
     """
@@ -181,7 +179,7 @@ class ApiStore:
         role = _role_of(role)
         if (role == Role.shop) != (shop_id is not None):
             raise UsageError("--shop is required for role shop and only for role shop")
-        if shop_id is not None and (len(shop_id) > ID_CHARS_MAX or not _ID_PATTERN.match(shop_id)):
+        if shop_id is not None and not is_id(shop_id):
             raise UsageError(f"shop id {shop_id!r}: 1-{ID_CHARS_MAX} characters of "
                              "A-Z a-z 0-9 _ . : -")
         if label is not None and len(label) > KEY_LABEL_CHARS_MAX:

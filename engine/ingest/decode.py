@@ -1,15 +1,22 @@
 """Decode and validate wire records: bytes in, columns and rejections out.
 
-Pure: no I/O and no clock (the caller passes `now_ms`). Sample segments are
-validated field by field in Python once per record, and their arrays once per
-batch with numpy, so the cost per sample is a few vector passes. Activities
-and profiles are small records validated by their pydantic models.
+Pure: no I/O, no clock (the caller passes `now_ms`) and no module state, so
+partitions can decode in parallel threads. Sample segments of the common shape
+(exactly the wire fields, well typed) are validated a column at a time for the
+whole batch: one comprehension per field and one regular-expression pass over
+all ids joined, so a batch of many one-sample records costs a few passes, not
+a Python function per record. Every other record takes the record-at-a-time
+path, which names the first problem. Arrays are checked once per batch with
+numpy. Activities and profiles are small records validated by their pydantic
+models.
 """
 
 from __future__ import annotations
 
+import gc
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -21,6 +28,8 @@ from pydantic import ValidationError
 from engine.ingest.reasons import Reason, reason_text
 from engine.schemas import (
     ACTIVITY_KINDS,
+    ID_CHAR_CLASS,
+    ID_CHARS_MAX,
     METRIC_BY_NAME,
     METRICS,
     RECORD_BYTES_MAX,
@@ -29,11 +38,16 @@ from engine.schemas import (
     TS_MS_MIN,
     WIRE_VERSION,
     ActivityEvent,
+    ConsentEvent,
     Profile,
+    is_id,
 )
 
 TS_SKEW_MS_MAX = 10 * 60 * 1000
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+# Ids of a whole batch joined by a character that no id may hold: one fullmatch
+# checks them all (a separator inside an id is caught by counting separators).
+_ID_SEPARATOR = ","
+_IDS_JOINED = re.compile(rf"(?:{ID_CHAR_CLASS}{{1,{ID_CHARS_MAX}}}{_ID_SEPARATOR})*")
 _VALUE_MIN = np.array([m.value_min for m in METRICS], dtype=np.float64)
 _VALUE_MAX = np.array([m.value_max for m in METRICS], dtype=np.float64)
 _SAMPLE_ID_FIELDS = ("upload_id", "user_id", "device_id")
@@ -80,6 +94,7 @@ class DecodedBatch:
     rejected: list[Rejected]
     received: int
     lines: list[bytes]
+    consents: list[tuple[int, ConsentEvent, bytes]] = field(default_factory=list)
 
 
 def _reject(index: int, raw: bytes, code: Reason, field_name: str, detail: str) -> Rejected:
@@ -89,21 +104,13 @@ def _reject(index: int, raw: bytes, code: Reason, field_name: str, detail: str) 
 def _kind_of(body: dict[str, Any]) -> str | None:
     if "metric" in body or "values" in body:
         return "sample"
+    if "change" in body:
+        return "consent"
     if "event_id" in body:
         return "activity"
     if "birth_year" in body or "cohort" in body:
         return "profile"
     return None
-
-
-_valid_ids: set[object] = set()
-VALID_IDS_REMEMBERED_MAX = 200_000
-
-
-def _remember_valid_id(text: str) -> None:
-    if len(_valid_ids) >= VALID_IDS_REMEMBERED_MAX:
-        _valid_ids.clear()
-    _valid_ids.add(text)
 
 
 def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | None:
@@ -115,11 +122,8 @@ def _check_segment_fields(body: dict[str, Any]) -> tuple[Reason, str, str] | Non
                 return Reason.missing_field, name, "required"
     for name in _SAMPLE_ID_FIELDS:
         text = body[name]
-        if isinstance(text, str) and text in _valid_ids:
-            continue
-        if not isinstance(text, str) or not _ID_PATTERN.match(text):
-            return Reason.bad_field, name, f"must be 1-64 characters of A-Z a-z 0-9 _ . : - (got {text!r:.80})"
-        _remember_valid_id(text)
+        if not is_id(text):
+            return Reason.bad_field, name, f"must be 1-{ID_CHARS_MAX} characters of A-Z a-z 0-9 _ . : - (got {text!r:.80})"
     metric = body["metric"]
     spec = METRIC_BY_NAME.get(metric) if isinstance(metric, str) else None
     if spec is None:
@@ -240,14 +244,35 @@ def _pydantic_reason(error: ValidationError) -> tuple[Reason, str, str]:
 
 def decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
     """Decode a batch of NDJSON lines (without trailing newlines)."""
-    segments = SegmentColumns()
+    with gc_paused():
+        return _decode_lines(lines, now_ms)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic collector off while a batch builds many containers that all live until
+    the batch ends (JSON bodies hold no cycles); walking them again and again is waste."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
     activities: list[tuple[int, ActivityEvent, bytes]] = []
     profiles: list[tuple[int, Profile]] = []
+    consents: list[tuple[int, ConsentEvent, bytes]] = []
     rejected: list[Rejected] = []
-    for index, raw in enumerate(lines):
-        problem = _decode_one(index, raw, segments, activities, profiles)
+    fast, others = _common_segments(lines)
+    slow = SegmentColumns()
+    for index in others:
+        problem = _decode_one(index, lines[index], slow, activities, profiles, consents)
         if problem is not None:
             rejected.append(problem)
+    segments = _merge_in_index_order(fast, slow) if len(slow) else fast
     rejected.extend(_convert_arrays(segments, lines))
     rejected.extend(_check_segment_arrays(segments, lines, now_ms))
     for index, event, _ in activities:
@@ -257,12 +282,87 @@ def decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
     future = {r.index for r in rejected}
     activities = [a for a in activities if a[0] not in future]
     rejected.sort(key=lambda r: r.index)
-    return DecodedBatch(segments, activities, profiles, rejected, len(lines), lines)
+    return DecodedBatch(segments, activities, profiles, rejected, len(lines), lines, consents)
+
+
+def _loads_all(lines: list[bytes]) -> list[Any]:
+    """Every line parsed, or None where it is not JSON (the slow path names why)."""
+    try:
+        return [orjson.loads(raw) for raw in lines]
+    except orjson.JSONDecodeError:
+        return [_loads_or_none(raw) for raw in lines]
+
+
+def _loads_or_none(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _common_segments(lines: list[bytes]) -> tuple[SegmentColumns, list[int]]:
+    """Segments of the common shape, validated a column at a time, and the indexes of
+    every other line (to decode one at a time). A line lands in exactly one of them."""
+    bodies = _loads_all(lines)
+    keys, version, size_max = _SEGMENT_KEYS, WIRE_VERSION, RECORD_BYTES_MAX
+    shaped = [i for i, (raw, body) in enumerate(zip(lines, bodies, strict=True))
+              if type(body) is dict and body.keys() == keys and body["v"] == version
+              and len(raw) <= size_max]
+    if not shaped:
+        return SegmentColumns(), list(range(len(lines)))
+    rows = [bodies[i] for i in shaped]
+    uploads, users, devices = ([body[name] for body in rows] for name in _SAMPLE_ID_FIELDS)
+    specs = [METRIC_BY_NAME.get(m) if type(m) is str else None
+             for m in (body["metric"] for body in rows)]
+    ts_lists = [body["ts_ms"] for body in rows]
+    value_lists = [body["values"] for body in rows]
+    ok = [spec is not None and body["unit"] == spec.unit
+          and type(ts) is list and type(values) is list
+          and 0 < len(ts) == len(values) <= SAMPLES_PER_RECORD_MAX
+          for spec, body, ts, values in zip(specs, rows, ts_lists, value_lists, strict=True)]
+    if not _all_ids(uploads + users + devices):
+        ok = [good and is_id(u) and is_id(p) and is_id(d)
+              for good, u, p, d in zip(ok, uploads, users, devices, strict=True)]
+    if all(ok) and len(shaped) == len(lines):
+        return SegmentColumns(index=shaped, upload_id=uploads, user_id=users, device_id=devices,
+                              metric=[spec.code for spec in specs],  # type: ignore[union-attr]
+                              ts_lists=ts_lists, value_lists=value_lists), []
+    keep = [row for row, good in enumerate(ok) if good]
+    out = SegmentColumns(
+        index=[shaped[row] for row in keep], upload_id=[uploads[row] for row in keep],
+        user_id=[users[row] for row in keep], device_id=[devices[row] for row in keep],
+        metric=[specs[row].code for row in keep],  # type: ignore[union-attr]
+        ts_lists=[ts_lists[row] for row in keep], value_lists=[value_lists[row] for row in keep])
+    taken = set(out.index)
+    return out, [i for i in range(len(lines)) if i not in taken]
+
+
+def _all_ids(texts: list[Any]) -> bool:
+    """All are ids; False (not an error) when any is not a str."""
+    try:
+        joined = _ID_SEPARATOR.join(texts) + _ID_SEPARATOR
+    except TypeError:
+        return False
+    return joined.count(_ID_SEPARATOR) == len(texts) and \
+        _IDS_JOINED.fullmatch(joined) is not None
+
+
+def _merge_in_index_order(*parts: SegmentColumns) -> SegmentColumns:
+    """Record columns of several parts as one, ordered by line index."""
+    out = SegmentColumns()
+    index = [i for part in parts for i in part.index]
+    order = sorted(range(len(index)), key=index.__getitem__)
+    for name in ("index", "upload_id", "user_id", "device_id", "metric", "ts_lists",
+                 "value_lists"):
+        column = [x for part in parts for x in getattr(part, name)]
+        setattr(out, name, [column[i] for i in order])
+    return out
 
 
 def _decode_one(
     index: int, raw: bytes, segments: SegmentColumns,
     activities: list[tuple[int, ActivityEvent, bytes]], profiles: list[tuple[int, Profile]],
+    consents: list[tuple[int, ConsentEvent, bytes]],
 ) -> Rejected | None:
     if len(raw) > RECORD_BYTES_MAX:
         return _reject(index, raw[:4096], Reason.oversized, "record",
@@ -280,18 +380,20 @@ def _decode_one(
     kind = _kind_of(body)
     if kind == "sample":
         return _decode_segment(index, raw, body, segments)
-    models: dict[str, type[ActivityEvent | Profile]] = {
-        "activity": ActivityEvent, "profile": Profile}
+    models: dict[str, type[ActivityEvent | Profile | ConsentEvent]] = {
+        "activity": ActivityEvent, "profile": Profile, "consent": ConsentEvent}
     model = models.get(kind or "")
     if model is None:
         return _reject(index, raw, Reason.unknown_type, "record",
-                       "not a sample segment, activity event or profile")
+                       "not a sample segment, activity event, profile or consent event")
     try:
         parsed = model.model_validate(body)
     except ValidationError as error:
         return _reject(index, raw, *_pydantic_reason(error))
     if isinstance(parsed, ActivityEvent):
         activities.append((index, parsed, raw))
+    elif isinstance(parsed, ConsentEvent):
+        consents.append((index, parsed, raw))
     else:
         profiles.append((index, parsed))  # type: ignore[arg-type]
     return None

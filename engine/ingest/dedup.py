@@ -1,60 +1,119 @@
-"""The set of samples already stored, as sorted runs of packed uint64 keys.
+"""Late-data and duplicate judgement: pure functions over arrays.
 
 A sample is identified by (user, device, metric, ts_ms). The log numbers each
 (user, device, metric) stream, so a key packs stream id and timestamp into one
-uint64 and membership for a whole batch is a few `searchsorted` passes. Runs
-are merged log-structured (a new run merges with the last while it is at least
-half its size), so inserting N keys costs O(N log N) overall, never a full
-re-sort per batch.
+uint64. A segment is too late when its first day lies more than the late window
+before its user's watermark (the latest accepted timestamp, carried through the
+batch in arrival order); a sample of an accepted segment is new when its key is
+neither stored nor seen earlier in the batch. No I/O here: the log looks the keys
+up in its bounded index (`engine.ingest.seen`) and passes the answers in.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from engine.schemas import TS_MS_MIN
+from engine.clock import DAY_MS, TOKYO_OFFSET_MS
+from engine.errors import CapacityError
+from engine.schemas import SEGMENT_SPAN_MS_MAX, TS_MS_MIN
 
 TS_BITS = 43
-STREAMS_MAX = 1 << (63 - TS_BITS)
+STREAMS_MAX = 1 << (63 - TS_BITS)  # stream ids 1..STREAMS_MAX - 1
+TS_MS_MAX = TS_MS_MIN + (1 << TS_BITS) - 1
 _TS_MASK = (1 << TS_BITS) - 1
+# A late segment must lie wholly before its user's watermark, so that judging it
+# can never move the watermark (what lets `judge_late` run without a loop).
+LATE_WINDOW_DAYS_MIN = -(-SEGMENT_SPAN_MS_MAX // DAY_MS)
+_NO_WATERMARK = -1
 
 
 def pack_keys(stream_id: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
+    """uint64 keys: stream id in the high 20 bits, ts_ms - TS_MS_MIN in the low 43."""
     offset = ts_ms.astype(np.int64) - TS_MS_MIN
-    assert offset.size == 0 or (offset.min() >= 0 and offset.max() <= _TS_MASK), "ts out of key range"
-    assert stream_id.size == 0 or int(stream_id.max()) < STREAMS_MAX, "too many streams"
+    if offset.size and (int(offset.min()) < 0 or int(offset.max()) > _TS_MASK):
+        raise CapacityError(f"sample timestamps must lie in [{TS_MS_MIN}, {TS_MS_MAX}] ms "
+                            "for the seen-sample index")
+    if stream_id.size and (int(stream_id.min()) < 0 or int(stream_id.max()) >= STREAMS_MAX):
+        raise CapacityError(f"stream ids must lie in [0, {STREAMS_MAX}) for the seen-sample "
+                            "index")
     return (stream_id.astype(np.uint64) << np.uint64(TS_BITS)) | offset.astype(np.uint64)
 
 
-class SeenSamples:
-    def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
-
-    def __len__(self) -> int:
-        return sum(len(run) for run in self._runs)
-
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        """Boolean mask: which keys are already stored."""
-        found = np.zeros(len(keys), dtype=bool)
-        for run in self._runs:
-            position = np.searchsorted(run, keys)
-            position[position == len(run)] = 0
-            found |= run[position] == keys
-        return found
-
-    def add(self, keys: np.ndarray) -> None:
-        """Add keys that are not yet present (the caller filtered them)."""
-        if not len(keys):
-            return
-        run = np.sort(keys)
-        while self._runs and len(self._runs[-1]) <= 2 * len(run):
-            run = np.sort(np.concatenate((self._runs.pop(), run)), kind="stable")
-        self._runs.append(run)
+def stream_of_keys(keys: np.ndarray) -> np.ndarray:
+    return (keys >> np.uint64(TS_BITS)).astype(np.int64)
 
 
-def first_occurrences(keys: np.ndarray) -> np.ndarray:
-    """Mask of the first occurrence of each key within one batch (arrival order)."""
-    _, first = np.unique(keys, return_index=True)
+def ts_of_keys(keys: np.ndarray) -> np.ndarray:
+    return (keys & np.uint64(_TS_MASK)).astype(np.int64) + TS_MS_MIN
+
+
+def day_of_ts(ts_ms: np.ndarray) -> np.ndarray:
+    """Tokyo day numbers (int64)."""
+    return (np.asarray(ts_ms, np.int64) + TOKYO_OFFSET_MS) // DAY_MS
+
+
+def day_of_keys(keys: np.ndarray) -> np.ndarray:
+    return day_of_ts(ts_of_keys(keys))
+
+
+@dataclass(frozen=True)
+class LateJudgement:
+    too_late: np.ndarray  # bool per segment
+    wm_before_ms: np.ndarray  # int64 per segment: its user's watermark before it (-1: none)
+    wm_after_ms: np.ndarray  # int64 per user: the watermark after the batch (-1: none)
+
+
+def judge_late(user: np.ndarray, ts_min_ms: np.ndarray, ts_max_ms: np.ndarray,
+               wm_ms: np.ndarray, late_window_days: int) -> LateJudgement:
+    """Which segments (in arrival order) are too late for their user's watermark.
+
+    `user` holds dense codes 0..len(wm_ms)-1 per segment, `wm_ms` each user's watermark
+    before the batch (-1 when the user has none). A segment is too late when its
+    first Tokyo day is more than `late_window_days` before the day of the watermark
+    as it stands when the segment arrives; accepted segments raise the watermark to
+    their last timestamp.
+    """
+    assert late_window_days >= LATE_WINDOW_DAYS_MIN, "late window shorter than a segment"
+    assert len(user) == len(ts_min_ms) == len(ts_max_ms)
+    assert len(wm_ms) < 1 << 18, "user codes must fit beside a timestamp in an int64"
+    n = len(user)
+    if n == 0:
+        return LateJudgement(np.zeros(0, bool), np.zeros(0, np.int64), wm_ms.copy())
+    # Relative timestamps >= 1, so 0 stands for "no watermark" and a user's code times
+    # _BIG separates users inside one running maximum.
+    rel_max = np.asarray(ts_max_ms, np.int64) - (TS_MS_MIN - 1)
+    wm_rel = np.where(wm_ms < 0, 0, wm_ms - (TS_MS_MIN - 1))
+    order = np.argsort(user, kind="stable")
+    u = np.asarray(user, np.int64)[order]
+    big = np.int64(1 << (TS_BITS + 1))
+    running = np.maximum.accumulate(u * big + rel_max[order]) - u * big
+    before = np.zeros(n, np.int64)
+    same = u[1:] == u[:-1]
+    before[1:][same] = running[:-1][same]
+    before = np.maximum(before, wm_rel[u])
+    wm_before = np.empty(n, np.int64)
+    wm_before[order] = np.where(before == 0, _NO_WATERMARK, before + (TS_MS_MIN - 1))
+    too_late = (wm_before >= 0) & (day_of_ts(ts_min_ms) < day_of_ts(wm_before) - late_window_days)
+    # Late segments end before the watermark they were judged by: they never raise it.
+    wm_after = wm_ms.copy()
+    np.maximum.at(wm_after, np.asarray(user, np.int64), np.asarray(ts_max_ms, np.int64))
+    return LateJudgement(too_late, wm_before, wm_after)
+
+
+def new_samples(keys: np.ndarray, accepted: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """Mask of the samples to store: accepted, not stored before, first in the batch."""
+    assert len(keys) == len(accepted) == len(stored)
+    candidate = np.flatnonzero(accepted & ~stored)
+    _, first = np.unique(keys[candidate], return_index=True)
     mask = np.zeros(len(keys), dtype=bool)
-    mask[first] = True
+    mask[candidate[first]] = True
     return mask
+
+
+def horizon_days(wm_ms: np.ndarray, late_window_days: int, margin_days: int) -> np.ndarray:
+    """First Tokyo day a user's index must still hold (keys before it can never match
+    again: anything that old is too late). Users without a watermark keep everything."""
+    day = day_of_ts(np.maximum(wm_ms, 0)) - late_window_days - margin_days
+    return np.where(wm_ms < 0, np.iinfo(np.int64).min, day)

@@ -15,8 +15,9 @@ that is lossless, float64 otherwise.
 from __future__ import annotations
 
 import fcntl
+import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Self
@@ -24,8 +25,9 @@ from typing import BinaryIO, Self
 import numpy as np
 import orjson
 
-from engine.clock import DAY_MS, day_to_iso, tokyo_day
-from engine.errors import GenkiError
+from engine.clock import day_to_iso, tokyo_day
+from engine.consent import LifecycleEvent, events_of_profile
+from engine.errors import GenkiError, UsageError
 from engine.ingest.decode import (
     DecodedBatch,
     Rejected,
@@ -33,9 +35,17 @@ from engine.ingest.decode import (
     activity_kind_code,
     decode_lines,
 )
-from engine.ingest.dedup import SeenSamples, first_occurrences, pack_keys
+from engine.ingest.dedup import (
+    LATE_WINDOW_DAYS_MIN,
+    STREAMS_MAX,
+    horizon_days,
+    judge_late,
+    new_samples,
+    pack_keys,
+)
 from engine.ingest.reasons import Reason, reason_text
-from engine.schemas import ActivityEvent
+from engine.ingest.seen import SEEN_MARGIN_DAYS, SEEN_SCHEMA, SeenIndex, StagedDay
+from engine.schemas import ActivityEvent, ConsentChange
 from engine.storage import open_sqlite
 
 LOG_FILE_NAME = "log.sqlite"
@@ -43,6 +53,7 @@ LOCK_FILE_NAME = "log.lock"
 LATE_WINDOW_DAYS_DEFAULT = 42
 LOCK_WAIT_S_MAX = 60.0
 SQL_VARIABLES_PER_QUERY_MAX = 500
+SAMPLE_RECORDS_PER_READ_MAX = 50_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
@@ -58,6 +69,10 @@ CREATE TABLE IF NOT EXISTS activity_records (
     wm_before_ms INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS profile_records (
     seq INTEGER PRIMARY KEY, user_id TEXT NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS consent_records (
+    seq INTEGER PRIMARY KEY, user_id TEXT NOT NULL, consent_seq INTEGER NOT NULL,
+    change TEXT NOT NULL, effective_ts_ms INTEGER NOT NULL, body BLOB NOT NULL,
+    UNIQUE (user_id, consent_seq));
 CREATE TABLE IF NOT EXISTS profiles (
     user_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS watermarks (
@@ -68,7 +83,10 @@ CREATE TABLE IF NOT EXISTS dlq (
     reason TEXT NOT NULL, raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+""" + SEEN_SCHEMA
+META_SEEN_WINDOW_DAYS = "seen_index.window_days"  # the window the index was pruned with
+
+log = logging.getLogger(__name__)
 
 COUNTERS = ("received", "accepted", "rejected", "duplicate_samples", "accepted_samples",
             "duplicate_records")
@@ -162,13 +180,18 @@ class EmbeddedLog:
         self.late_window_days = late_window_days
         self._streams: dict[tuple[str, str, int], int] = {}
         self._watermarks: dict[tuple[str, str], int] = {}
-        self._seen = SeenSamples()
+        self._seen = SeenIndex(db)
+        self._seen_pruned_before_day = np.iinfo(np.int64).min
+        self._wm_day_max = -1
         if lock_file is not None:
             self._load_state()
 
     @classmethod
     def open(cls, data_dir: Path, *, writer: bool = True,
              late_window_days: int = LATE_WINDOW_DAYS_DEFAULT) -> EmbeddedLog:
+        if late_window_days < LATE_WINDOW_DAYS_MIN:
+            raise UsageError(f"the late window must be at least {LATE_WINDOW_DAYS_MIN} days "
+                             f"(a segment may span that long), not {late_window_days}")
         data_dir.mkdir(parents=True, exist_ok=True)
         lock_file = None
         if writer:
@@ -194,27 +217,77 @@ class EmbeddedLog:
     # -- state ---------------------------------------------------------------
 
     def _load_state(self) -> None:
+        """Streams and watermarks (O(people)); the seen-sample index is read lazily."""
         for stream_id, user, device, metric in self._db.execute(
                 "SELECT stream_id, user_id, device_id, metric FROM streams"):
             self._streams[(user, device, metric)] = stream_id
         for user, kind, wm in self._db.execute("SELECT user_id, kind, wm_ms FROM watermarks"):
             self._watermarks[(user, kind)] = wm
-        keys = [pack_keys(np.full(len(ts), stream_id, dtype=np.int64), ts)
-                for stream_id, ts in self._iter_stored_timestamps()]
-        if keys:
-            self._seen.add(np.concatenate(keys))
+        stored = self.get_meta(META_SEEN_WINDOW_DAYS)
+        if stored is None or int(stored) < self.late_window_days:
+            self._rebuild_seen_index(stored)
+        self._prune_seen()
 
-    def _iter_stored_timestamps(self) -> Iterator[tuple[int, np.ndarray]]:
-        for stream_id, base, offsets in self._db.execute(
-                "SELECT stream_id, base_ts_ms, ts_offsets FROM sample_records"):
-            yield stream_id, base + np.frombuffer(offsets, dtype=np.int32).astype(np.int64)
+    def _rebuild_seen_index(self, stored_window: str | None) -> None:
+        """Index every stored sample: a log written before the index existed, or a late
+        window wider than the one the index was pruned with. Reads the whole log once."""
+        if stored_window is not None or self.position():
+            log.warning("rebuilding the seen-sample index of %s from the whole log "
+                        "(late window %s -> %d days); this happens once",
+                        self._db, stored_window or "unindexed", self.late_window_days)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._seen.clear()
+            for stream_ids, ts in self._stored_timestamp_chunks():
+                self._seen.add_all(pack_keys(stream_ids, ts))
+            self._store_meta({META_SEEN_WINDOW_DAYS: str(self.late_window_days)})
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _stored_timestamp_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        cursor = self._db.execute("SELECT stream_id, base_ts_ms, ts_offsets FROM sample_records")
+        while rows := cursor.fetchmany(SAMPLE_RECORDS_PER_READ_MAX):
+            counts = np.fromiter((len(r[2]) // 4 for r in rows), np.int64, count=len(rows))
+            streams = np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
+            base = np.fromiter((r[1] for r in rows), np.int64, count=len(rows))
+            offsets = np.frombuffer(b"".join(r[2] for r in rows), np.int32).astype(np.int64)
+            yield np.repeat(streams, counts), np.repeat(base, counts) + offsets
+
+    def _prune_seen(self) -> None:
+        """Drop index keys older than their user's late window (plus a margin) once the
+        newest horizon has moved to a later day."""
+        horizon = np.full(len(self._streams) + 1, np.iinfo(np.int64).min, np.int64)
+        users = {user for user, _, _ in self._streams}
+        wm = np.array([self._watermarks.get((user, "samples"), -1) for user in users], np.int64)
+        if not len(wm):
+            return
+        window = max(self.late_window_days, int(self.get_meta(META_SEEN_WINDOW_DAYS) or 0))
+        by_user = dict(zip(users, horizon_days(wm, window, SEEN_MARGIN_DAYS).tolist(),
+                           strict=True))
+        before_day = int(max(by_user.values()))
+        if before_day <= self._seen_pruned_before_day:
+            return
+        for (user, _, _), stream_id in self._streams.items():
+            horizon[stream_id] = by_user[user]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            dropped = self._seen.prune(horizon, before_day)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._seen_pruned_before_day = before_day
+        log.debug("seen-sample index: pruned %d keys before day %d", dropped, before_day)
 
     def position(self) -> int:
         """The highest log position written so far (0 when empty)."""
         row = self._db.execute(
             "SELECT max(coalesce((SELECT max(seq) FROM sample_records), 0),"
             " coalesce((SELECT max(seq) FROM activity_records), 0),"
-            " coalesce((SELECT max(seq) FROM profile_records), 0))").fetchone()
+            " coalesce((SELECT max(seq) FROM profile_records), 0),"
+            " coalesce((SELECT max(seq) FROM consent_records), 0))").fetchone()
         return int(row[0])
 
     def counters(self) -> IngestCounts:
@@ -231,28 +304,33 @@ class EmbeddedLog:
 
     def ingest_lines(self, lines: list[bytes], source: str, first_offset: int, now_ms: int,
                      *, partition: int | None = None, offsets: list[int] | None = None,
-                     meta: dict[str, str] | None = None) -> IngestCounts:
+                     meta: dict[str, str] | None = None,
+                     rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> IngestCounts:
         """Decode, judge and durably store one batch of lines in one transaction.
 
         A dead letter names `source`, `partition` and the line's offset: `offsets[i]`
         when given (Kafka offsets), else `first_offset + i` (line numbers). `meta`
         key/values (e.g. consumed Kafka offsets) commit in the same transaction.
+        `rejected_before` are (offset, reason, raw) items an edge (an importer, the
+        gateway) refused before they became lines: received and dead-lettered here.
         """
         assert offsets is None or len(offsets) == len(lines)
         assert self._lock_file is not None, "log opened read-only"
         decoded = decode_lines(lines, now_ms)
-        counts = IngestCounts(received=decoded.received)
+        counts = IngestCounts(received=decoded.received + len(rejected_before))
         self._db.execute("BEGIN IMMEDIATE")
         try:
             next_seq = self.position() + 1
             next_seq = self._store_profiles(decoded, next_seq)
+            next_seq = self._store_consents(decoded, counts, next_seq)
             new_streams: dict[tuple[str, str, int], int] = {}
-            pending_keys, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq,
-                                                                      new_streams)
+            staged, wm_updates, next_seq = self._store_segments(decoded, counts, next_seq,
+                                                                new_streams)
             activity_wm, next_seq = self._store_activities(decoded, counts, next_seq)
             wm_updates.update(activity_wm)
             line_offsets = offsets or list(range(first_offset, first_offset + len(lines)))
             self._store_rejected(decoded.rejected, source, partition, line_offsets, counts)
+            self._store_rejected_before(rejected_before, source, partition, counts)
             self._store_meta(meta or {})
             counts.accepted = counts.received - counts.rejected
             self._store_watermarks(wm_updates)
@@ -262,8 +340,12 @@ class EmbeddedLog:
             self._db.execute("ROLLBACK")
             raise
         self._streams.update(new_streams)  # only now: a rolled-back batch leaves no trace
-        self._seen.add(pending_keys)
+        self._seen.adopt(staged)
         self._watermarks.update(wm_updates)
+        sample_wm = [wm for (_, kind), wm in wm_updates.items() if kind == "samples"]
+        if sample_wm and tokyo_day(max(sample_wm)) > self._wm_day_max:
+            self._wm_day_max = tokyo_day(max(sample_wm))
+            self._prune_seen()
         return counts
 
     def _store_profiles(self, decoded: DecodedBatch, next_seq: int) -> int:
@@ -276,15 +358,44 @@ class EmbeddedLog:
             [(user, seq, body) for seq, user, body in rows])
         return next_seq + len(rows)
 
-    def _stream_ids(self, segments: SegmentColumns, skip: list[bool],
+    def _store_consents(self, decoded: DecodedBatch, counts: IngestCounts, next_seq: int) -> int:
+        """Consent events: a re-send is a duplicate, the same (user, consent_seq) with other
+        content a conflict. Never too late: a withdrawal may be retroactive."""
+        rows: list[tuple] = []
+        seen: dict[tuple[str, int], bytes] = {}
+        for index, event, raw in decoded.consents:
+            key = (event.user_id, event.consent_seq)
+            body = orjson.dumps(event.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+            stored = seen.get(key)
+            if stored is None:
+                row = self._db.execute(
+                    "SELECT body FROM consent_records WHERE user_id = ? AND consent_seq = ?",
+                    key).fetchone()
+                stored = None if row is None else bytes(row[0])
+            if stored is not None:
+                if stored == body:
+                    counts.duplicate_records += 1
+                else:
+                    decoded.rejected.append(Rejected(index, reason_text(
+                        Reason.conflict, "consent_seq", f"{event.user_id} consent_seq "
+                        f"{event.consent_seq} was stored before with different content"), raw))
+                continue
+            seen[key] = body
+            rows.append((next_seq, event.user_id, event.consent_seq, event.change.value,
+                         event.effective_ts_ms, body))
+            next_seq += 1
+        self._db.executemany("INSERT INTO consent_records VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return next_seq
+
+    def _stream_ids(self, segments: SegmentColumns, accepted: np.ndarray,
                     new_streams: dict[tuple[str, str, int], int]) -> np.ndarray:
-        """Stream id per segment (0 where skipped). Streams first seen are numbered into
-        new_streams and inserted; the caller adopts them only once the batch commits."""
+        """Stream id per segment (0 where not accepted). Streams first seen are numbered
+        into new_streams and inserted; the caller adopts them once the batch commits."""
         ids = []
-        for user, device, metric, skipped in zip(segments.user_id, segments.device_id,
-                                                 segments.metric, skip, strict=True):
+        for user, device, metric, take in zip(segments.user_id, segments.device_id,
+                                              segments.metric, accepted.tolist(), strict=True):
             key = (user, device, metric)
-            stream_id = 0 if skipped else self._streams.get(key) or new_streams.get(key)
+            stream_id = self._streams.get(key) or new_streams.get(key) if take else 0
             if stream_id is None:
                 stream_id = new_streams[key] = len(self._streams) + len(new_streams) + 1
             ids.append(stream_id)
@@ -292,53 +403,72 @@ class EmbeddedLog:
                              [(stream_id, *key) for key, stream_id in new_streams.items()])
         return np.array(ids, dtype=np.int64)
 
-    def _late_rejections(self, users: list[str], ts_min: list[int],
-                         ts_max: list[int]) -> tuple[list[bool], list[int], dict]:
-        """Per segment: too late?, the user's watermark before it; new watermarks."""
-        watermarks: dict[tuple[str, str], int] = {}
-        too_late, wm_before = [], []
-        window_ms = self.late_window_days * DAY_MS
-        for user, low, high in zip(users, ts_min, ts_max, strict=True):
-            key = (user, "samples")
-            wm = watermarks.get(key, self._watermarks.get(key, -1))
-            late = wm >= 0 and tokyo_day(low) < tokyo_day(wm) - self.late_window_days
-            assert not late or high < wm + window_ms
-            too_late.append(late)
-            wm_before.append(wm)
-            if not late and high > wm:
-                watermarks[key] = high
-        return too_late, wm_before, watermarks
+    def _over_capacity(self, segments: SegmentColumns) -> np.ndarray:
+        """Segments of streams that would be numbered past STREAMS_MAX (checked, not assumed)."""
+        free = STREAMS_MAX - 1 - len(self._streams)
+        fresh: dict[tuple[str, str, int], int] = {}
+        over = np.zeros(len(segments), bool)
+        for i, key in enumerate(zip(segments.user_id, segments.device_id, segments.metric,
+                                    strict=True)):
+            if key not in self._streams and fresh.setdefault(key, len(fresh)) >= free:
+                over[i] = True
+        return over
+
+    def _reject_segments(self, decoded: DecodedBatch, which: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(which).tolist():
+            index = decoded.segments.index[i]
+            decoded.rejected.append(Rejected(index, reason, decoded.lines[index]))
 
     def _store_segments(self, decoded: DecodedBatch, counts: IngestCounts, next_seq: int,
                         new_streams: dict[tuple[str, str, int], int],
-                        ) -> tuple[np.ndarray, dict, int]:
+                        ) -> tuple[list[StagedDay], dict, int]:
         seg = decoded.segments
         if not len(seg):
-            return np.empty(0, dtype=np.uint64), {}, next_seq
+            return [], {}, next_seq
         ts, lengths, starts = seg.ts, seg.lengths, seg.starts()
-        ts_min = np.minimum.reduceat(ts, starts).tolist()
-        too_late, wm_before, watermarks = self._late_rejections(
-            seg.user_id, ts_min, np.maximum.reduceat(ts, starts).tolist())
+        ts_min = np.minimum.reduceat(ts, starts)
+        over = self._over_capacity(seg)
+        self._reject_segments(decoded, over, reason_text(
+            Reason.capacity, "device_id", f"the log holds at most {STREAMS_MAX - 1:,} "
+            "(user, device, metric) streams"))
+        judged_at = np.flatnonzero(~over)
+        user_index: dict[str, int] = {}
+        user_code = np.fromiter((user_index.setdefault(seg.user_id[i], len(user_index))
+                                 for i in judged_at.tolist()), np.int64, count=len(judged_at))
+        wm = np.array([self._watermarks.get((user, "samples"), -1) for user in user_index],
+                      np.int64)
+        judged = judge_late(user_code, ts_min[judged_at],
+                            np.maximum.reduceat(ts, starts)[judged_at], wm,
+                            self.late_window_days)
+        too_late = np.zeros(len(seg), bool)
+        too_late[judged_at] = judged.too_late
+        wm_before = np.full(len(seg), -1, np.int64)
+        wm_before[judged_at] = judged.wm_before_ms
         for i in np.flatnonzero(too_late).tolist():
             index = seg.index[i]
             decoded.rejected.append(Rejected(index, reason_text(
-                Reason.too_late, "ts_ms", f"data for {_iso(ts_min[i])} is more than "
+                Reason.too_late, "ts_ms", f"data for {_iso(int(ts_min[i]))} is more than "
                 f"{self.late_window_days} days older than this user's data so far"),
                 decoded.lines[index]))
-        stream_ids = self._stream_ids(seg, too_late, new_streams)
+        rejected = over | too_late
+        stream_ids = self._stream_ids(seg, ~rejected, new_streams)
         record_of = np.repeat(np.arange(len(seg)), lengths)
         keys = pack_keys(stream_ids[record_of], ts)
-        new = first_occurrences(keys) & ~self._seen.contains(keys)
-        new &= ~np.repeat(np.asarray(too_late, dtype=bool), lengths)
-        values = seg.values
-        rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], values[new],
-                                        stream_ids, seg.upload_id, wm_before, too_late)
+        accepted = ~rejected[record_of]
+        stored = np.zeros(len(keys), bool)
+        stored[accepted] = self._seen.contains(keys[accepted])
+        new = new_samples(keys, accepted, stored)
+        rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], seg.values[new],
+                                        stream_ids, seg.upload_id, wm_before.tolist(),
+                                        rejected.tolist())
         self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         counts.duplicate_records += duplicates
         counts.accepted_samples += int(new.sum())
-        accepted_total = int(lengths[~np.asarray(too_late, dtype=bool)].sum())
-        counts.duplicate_samples += accepted_total - int(new.sum())
-        return keys[new], watermarks, next_seq + len(rows)
+        counts.duplicate_samples += int(accepted.sum()) - int(new.sum())
+        watermarks = {(user, "samples"): int(after) for user, before, after
+                      in zip(user_index, wm.tolist(), judged.wm_after_ms.tolist(), strict=True)
+                      if after > before}
+        return self._seen.stage(keys[new]), watermarks, next_seq + len(rows)
 
     def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
                           next_seq: int) -> tuple[dict, int]:
@@ -394,6 +524,16 @@ class EmbeddedLog:
         self._db.executemany(
             "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)", rows)
 
+    def _store_rejected_before(self, rejected: Sequence[tuple[int, str, bytes]], source: str,
+                               partition: int | None, counts: IngestCounts) -> None:
+        for _, reason, _ in rejected:
+            code = reason.split(":", 1)[0]
+            counts.rejected_by_reason[code] = counts.rejected_by_reason.get(code, 0) + 1
+        counts.rejected += len(rejected)
+        self._db.executemany(
+            "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)",
+            [(source, partition, offset, reason, raw) for offset, reason, raw in rejected])
+
     def _store_meta(self, meta: dict[str, str]) -> None:
         self._db.executemany(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -414,6 +554,52 @@ class EmbeddedLog:
             "INSERT INTO stats VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
             [(name, getattr(counts, name)) for name in COUNTERS])
 
+    # -- erasure -------------------------------------------------------------
+
+    def erase_user(self, user_id: str) -> dict[str, int]:
+        """Delete one person's samples, activities, profiles, consent events, watermarks and
+        dead letters, in one transaction; returns rows removed per kind (all 0 the second time).
+
+        Their streams keep their numbers (stream ids are handed out by count) but lose the
+        user and device ids. Deleted content is overwritten (secure_delete) and the WAL
+        truncated, so the bytes do not linger in the files. Dead letters are matched by the
+        id as a JSON string anywhere in the raw record (a broken record may name them too).
+        """
+        assert self._lock_file is not None, "log opened read-only"
+        db = self._db
+        db.execute("PRAGMA secure_delete = ON")
+        removed: dict[str, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            streams = [row[0] for row in db.execute(
+                "SELECT stream_id FROM streams WHERE user_id = ?", (user_id,))]
+            removed["samples"] = sum(db.execute(
+                "DELETE FROM sample_records WHERE stream_id = ?", (stream,)).rowcount
+                for stream in streams)
+            db.execute("UPDATE streams SET user_id = '', device_id = 'erased:' || stream_id"
+                       " WHERE user_id = ?", (user_id,))
+            for kind, table in (("activities", "activity_records"),
+                                ("profile_records", "profile_records"), ("profiles", "profiles"),
+                                ("consent_records", "consent_records"),
+                                ("watermarks", "watermarks")):
+                removed[kind] = db.execute(f"DELETE FROM {table} WHERE user_id = ?",
+                                           (user_id,)).rowcount
+            removed["dead_letters"] = db.execute(
+                "DELETE FROM dlq WHERE instr(raw, ?) > 0",
+                (orjson.dumps(user_id),)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for key, stream_id in list(self._streams.items()):
+            if key[0] == user_id:
+                del self._streams[key]
+                self._streams[("", f"erased:{stream_id}", key[2])] = stream_id
+        for mark in [mark for mark in self._watermarks if mark[0] == user_id]:
+            del self._watermarks[mark]
+        return removed
+
     # -- reading -------------------------------------------------------------
 
     def dead_letters(self, limit: int | None = None) -> list[StoredDeadLetter]:
@@ -424,6 +610,16 @@ class EmbeddedLog:
 
     def profiles(self) -> list[bytes]:
         return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]
+
+    def lifecycle_events(self) -> list[LifecycleEvent]:
+        """Every consent and membership event: explicit ones and those profiles stand for."""
+        events = [event for (body,) in self._db.execute("SELECT body FROM profile_records")
+                  for event in events_of_profile(body)]
+        events += [LifecycleEvent(user, ConsentChange(change), effective_ts_ms, consent_seq)
+                   for user, change, effective_ts_ms, consent_seq in self._db.execute(
+                       "SELECT user_id, change, effective_ts_ms, consent_seq"
+                       " FROM consent_records")]
+        return events
 
     def read_samples(self, after_seq: int, upto_seq: int) -> SampleColumns:
         rows = self._db.execute(

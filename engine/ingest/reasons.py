@@ -23,6 +23,13 @@ class Reason(StrEnum):
     segment_too_long = "segment_too_long"  # spans more than SEGMENT_SPAN_MS_MAX
     too_late = "too_late"                  # older than the late-data window
     conflict = "conflict"                  # same event id, different content
+    unauthenticated = "unauthenticated"    # a point-moving record without a valid authenticator
+    capacity = "capacity"                  # a fixed capacity of the store is exhausted
+    # Importers and the HTTP gateway (engine.importers, engine.api.gateway):
+    invalid_source = "invalid_source"      # an import source that is not its format at all
+    unsupported_type = "unsupported_type"  # a vendor record type genki has no metric for
+    overlapping_interval = "overlapping_interval"  # an amount over an interval already counted
+    not_enrolled = "not_enrolled"          # (person, device) not enrolled for the submitting key
 
 
 def reason_text(code: Reason, field: str, detail: str) -> str:

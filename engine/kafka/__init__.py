@@ -8,5 +8,5 @@ EmbeddedLog and ledger, by the same pure core as the embedded runtime.
 Modules: `topics` (names, configs, creation), `client` (shared client
 settings), `publish` (the reference gateway), `assignor` (co-partitioned
 assignment), `partition` (one partition's stores and pipeline), `worker` (the
-consumer-group loop), `faults` (crash points for tests), `cli`.
+consumer-group loop), `cli`.
 """

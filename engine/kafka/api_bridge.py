@@ -34,7 +34,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from engine.errors import GenkiError
+from engine.kafka.authn import authenticated_value, require_record_keys
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
+from engine.kafka.keys import Keyring
 from engine.kafka.publish import partition_of
 from engine.kafka.topics import (
     DLQ,
@@ -108,10 +110,12 @@ class RedemptionBridge:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._record_keys: Keyring | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._record_keys = require_record_keys()
         admin = admin_client(self.bootstrap)
         await admin.start()
         try:
@@ -189,7 +193,7 @@ class RedemptionBridge:
     async def _publish(self, entry_id: str, record: Redemption) -> None:
         assert self._producer is not None
         key = record.user_id.encode()
-        value = orjson.dumps(record.model_dump(mode="json", exclude_none=True))
+        value = authenticated_value(record, self._record_keys)
         partition = partition_of(key, value, self.partitions)
         try:
             sent = await self._producer.send_and_wait(self.topics[REDEMPTIONS], value, key=key,

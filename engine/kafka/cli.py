@@ -14,6 +14,7 @@ import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
+from engine.kafka.client import add_security_args
 
 BOOTSTRAP_ENV = "GENKI_BOOTSTRAP"
 TOPIC_PREFIX_ENV = "GENKI_TOPIC_PREFIX"
@@ -25,6 +26,7 @@ def _add_bootstrap(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topic-prefix", default=os.environ.get(TOPIC_PREFIX_ENV, ""),
                         help="prefix of every topic name, to share a cluster "
                              f"(default ${TOPIC_PREFIX_ENV} or none)")
+    add_security_args(parser)
 
 
 def _bootstrap(args: argparse.Namespace) -> str:
@@ -57,9 +59,14 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from engine.kafka.publish import publish_paths
     from engine.progress import progress_bar
 
+    sign_with = None
+    if args.sign_redemptions:
+        from engine.kafka.authn import require_record_keys
+
+        sign_with = require_record_keys()
     with progress_bar("publish", enabled=not args.json and sys.stderr.isatty()) as advance:
         summary = asyncio.run(publish_paths(_bootstrap(args), args.paths, args.topic_prefix,
-                                            args.compression, advance))
+                                            args.compression, advance, sign_with))
     topics = ", ".join(f"{topic} {count:,}" for topic, count in sorted(summary.by_topic.items()))
     text = f"published {summary.records:,} records ({summary.bytes:,} bytes) in " \
            f"{summary.seconds:.1f} s: {topics}"
@@ -106,7 +113,10 @@ def _cmd_partitions(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
+    from engine.kafka import keys
     from engine.kafka.client import COMPRESSIONS
+
+    keys.register(subparsers)
 
     topics = subparsers.add_parser("topics", help="manage the genki Kafka topics")
     actions = topics.add_subparsers(dest="topics_command", metavar="ACTION")
@@ -124,6 +134,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_bootstrap(publish)
     publish.add_argument("--compression", choices=COMPRESSIONS, default="auto",
                          help="auto: lz4 or zstd when installed, else none (default)")
+    publish.add_argument("--sign-redemptions", action="store_true",
+                         help="authenticate redemption lines with the record keys (operators "
+                              "only: whoever holds them can move points; gateways never do)")
     publish.add_argument("--json", action="store_true", help="print the summary as JSON")
     publish.set_defaults(func=_cmd_publish)
 

@@ -34,6 +34,9 @@ from engine.entries import EntryDraft
 from engine.errors import GenkiError
 from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, IngestCounts, exclusive_lock
 from engine.ingest.reasons import Reason, reason_text
+from engine.kafka.authn import verification_failure
+from engine.kafka.keys import Keyring
+from engine.kafka.restore import RESTORED_KINDS, RestoreSelection
 from engine.ledger import LEDGER_FILE_NAME, Ledger
 from engine.ledger.model import ENTRY_COLUMNS
 from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
@@ -45,9 +48,6 @@ PARTITION_DIR_PREFIX = "p"
 STATE_FILE_NAME = "kafka.sqlite"
 OWNER_LOCK_FILE_NAME = "owner.lock"
 OUTPUT_ROWS_PER_READ_MAX = 50_000
-# Kinds a worker cannot re-derive from the inputs (commands, not rules): restored
-# from genki.ledger when a partition is rebuilt.
-RESTORED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust", "expire"})
 
 _STATE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -113,6 +113,8 @@ class PartitionStore:
         self._ledger_reader = ledger_reader
         self._log_reader = log_reader
         self._pipeline: Any = None
+        # Verifies the authenticators of point-moving records; None refuses them all.
+        self.record_keys: Keyring | None = None
 
     @classmethod
     def open(cls, data_dir: Path, number: int, *, late_window_days: int) -> PartitionStore:
@@ -222,6 +224,9 @@ class PartitionStore:
             where = ".".join(str(p) for p in first["loc"]) or "record"
             code = Reason.missing_field if first["type"] == "missing" else Reason.bad_field
             return reason_text(code, where, first["msg"])
+        unauthenticated = verification_failure(request, self.record_keys)
+        if unauthenticated is not None:
+            return unauthenticated
         try:
             if request.kind == RedemptionKind.redeem:
                 self.ledger.redeem(request.user_id, request.points, request.shop_id,
@@ -236,16 +241,25 @@ class PartitionStore:
 
     # -- takeover ----------------------------------------------------------------------
 
-    def restore_entries(self, entries: list[LedgerEntry]) -> int:
+    def restore_entries(self, selection: RestoreSelection, ledger_topic: str) -> int:
         """Append the non-derivable entries (redeem, refund, adjust, expire) another
-        owner made.
+        owner made and a verified request backs (engine.kafka.restore); the refused
+        ones become dead letters.
 
         Called after the inputs are caught up to what that owner had processed, so
         the awards that paid for them are back; entry ids make repeats no-ops.
         """
         drafts = [EntryDraft(e.entry_id, e.user_id, EntryKind(e.kind), e.points, e.day, e.ts_ms,
                              e.rule, e.ref, e.rules_version)
-                  for e in entries if e.kind.value in RESTORED_KINDS]
+                  for e in selection.trusted if e.kind.value in RESTORED_KINDS]
+        if selection.refused:
+            self._state.execute("BEGIN IMMEDIATE")
+            self._state.executemany(
+                "INSERT INTO outbox_dlq (source, partition, offset, reason, raw) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(ledger_topic, self.number, offset, reason, raw)
+                 for offset, reason, raw in selection.refused])
+            self._state.execute("COMMIT")
         if not drafts:
             return 0
         return self.ledger.append(drafts).appended

@@ -23,9 +23,20 @@ from typing import Any, Self
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
+from pydantic import ValidationError
 
+from engine.kafka.authn import authenticated_value
 from engine.kafka.client import MESSAGE_BYTES_MAX, producer_settings, topic_name
-from engine.kafka.topics import ACTIVITIES, PROFILES, REDEMPTIONS, SAMPLES, TopicsError
+from engine.kafka.keys import Keyring
+from engine.kafka.topics import (
+    ACTIVITIES,
+    CONSENT,
+    PROFILES,
+    REDEMPTIONS,
+    SAMPLES,
+    TopicsError,
+)
+from engine.schemas import Redemption
 
 BATCHES_IN_FLIGHT_MAX = 64
 KEY_CACHE_ENTRIES_MAX = 1_000_000
@@ -43,6 +54,8 @@ def route(raw: bytes) -> tuple[str, bytes | None]:
     key = user.encode() if isinstance(user, str) and user else None
     if "metric" in body or "values" in body:
         return SAMPLES, key
+    if "change" in body:
+        return CONSENT, key
     if "event_id" in body:
         return ACTIVITIES, key
     if "idempotency_key" in body:
@@ -128,19 +141,22 @@ class Gateway:
     """Routes and keys wire records onto one producer. Use as an async context."""
 
     def __init__(self, bootstrap: str, prefix: str = "", compression: str = "auto",
-                 client_id: str = "gateway") -> None:
+                 client_id: str = "gateway", sign_with: Keyring | None = None) -> None:
         self._producer = AIOKafkaProducer(**producer_settings(bootstrap, client_id, compression))
         self._sender = BatchSender(self._producer)
         self._prefix = prefix
         self._counts: dict[str, int] = {}
         self._keys: dict[bytes, int] = {}
+        # Record keys to authenticate redemption lines with (an operator holding the API's
+        # keys); None: they go out as they are, and workers refuse them (unauthenticated).
+        self._sign_with = sign_with
         self.summary = PublishSummary()
         self.summary.end_offsets = self._sender.end_offsets
 
     async def __aenter__(self) -> Self:
         await self._producer.start()
         try:
-            for logical in (PROFILES, SAMPLES, ACTIVITIES, REDEMPTIONS):
+            for logical in (PROFILES, CONSENT, SAMPLES, ACTIVITIES, REDEMPTIONS):
                 name = topic_name(self._prefix, logical)
                 self._counts[logical] = len(await self._producer.partitions_for(name))
             if len(set(self._counts.values())) != 1:
@@ -165,6 +181,8 @@ class Gateway:
                 summary.refused_oversized += 1
                 continue
             logical, key = route(raw)
+            if logical == REDEMPTIONS and self._sign_with is not None:
+                raw = _signed(raw, self._sign_with)
             count = self._counts[logical]
             partition = self._keys.get(key) if key is not None else None
             if partition is None or partition >= count:
@@ -180,15 +198,26 @@ class Gateway:
         await self._sender.flush()
 
 
+def _signed(raw: bytes, keys: Keyring) -> bytes:
+    """A redemption line with an authenticator; a line that is not one is left for the
+    worker to dead-letter with its reason."""
+    try:
+        record = Redemption.model_validate_json(raw)
+    except ValidationError:
+        return raw
+    return authenticated_value(record, keys)
+
+
 async def publish_paths(bootstrap: str, paths: list[str], prefix: str = "",
                         compression: str = "auto",
-                        advance: Callable[[int, str], None] | None = None) -> PublishSummary:
+                        advance: Callable[[int, str], None] | None = None,
+                        sign_with: Keyring | None = None) -> PublishSummary:
     """Publish NDJSON files (in name order; each file flushed before the next, so
     profiles written first reach the broker before the samples that need them)."""
     from engine.ingest.reader import expand_paths, iter_sources
 
     started = time.perf_counter()
-    async with Gateway(bootstrap, prefix, compression) as gateway:
+    async with Gateway(bootstrap, prefix, compression, sign_with=sign_with) as gateway:
         for path in expand_paths(paths):
             for batch in iter_sources([path]):
                 await gateway.send_lines(batch.lines)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from engine.errors import GenkiError
-from engine.kafka.client import CLIENT_ID_PREFIX, MESSAGE_BYTES_MAX, topic_name
+from engine.kafka.client import MESSAGE_BYTES_MAX, admin_settings, topic_name
 
 PARTITIONS_DEFAULT = 12
 PARTITIONS_MAX = 1_000
@@ -25,6 +25,7 @@ DLQ_RETENTION_MS = str(30 * 86_400_000)
 ADMIN_TIMEOUT_MS = 30_000
 
 PROFILES = "genki.profiles"
+CONSENT = "genki.consent"
 SAMPLES = "genki.samples"
 ACTIVITIES = "genki.activities"
 REDEMPTIONS = "genki.redemptions"
@@ -33,8 +34,8 @@ FLAGS = "genki.flags"
 DLQ = "genki.dlq"
 # Processing order within one partition and cycle: profiles before the samples
 # they give targets to; redemptions after the awards that pay for them.
-INPUT_TOPICS: tuple[str, ...] = (PROFILES, SAMPLES, ACTIVITIES, REDEMPTIONS)
-LOG_TOPICS: tuple[str, ...] = (PROFILES, SAMPLES, ACTIVITIES)
+INPUT_TOPICS: tuple[str, ...] = (PROFILES, CONSENT, SAMPLES, ACTIVITIES, REDEMPTIONS)
+LOG_TOPICS: tuple[str, ...] = (PROFILES, CONSENT, SAMPLES, ACTIVITIES)
 COPARTITIONED_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, LEDGER, FLAGS)
 
 
@@ -57,6 +58,8 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec(PROFILES, {"cleanup.policy": "compact", "max.message.bytes": str(MESSAGE_BYTES_MAX),
                          "min.compaction.lag.ms": "3600000"},
               "latest profile per user; compacted, so never expires"),
+    TopicSpec(CONSENT, _INPUT, "consent and membership changes with effective times; kept "
+                               "forever (not compacted: the history decides consent periods)"),
     TopicSpec(SAMPLES, _INPUT, "sample segments; kept forever so partitions can be rebuilt"),
     TopicSpec(ACTIVITIES, _INPUT, "activity events; kept forever"),
     TopicSpec(REDEMPTIONS, _INPUT, "shop redemption and refund requests; kept forever"),
@@ -79,8 +82,7 @@ class TopicResult:
 
 
 def admin_client(bootstrap: str) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id=f"{CLIENT_ID_PREFIX}-admin",
-                               request_timeout_ms=ADMIN_TIMEOUT_MS)
+    return AIOKafkaAdminClient(**admin_settings(bootstrap, "admin", ADMIN_TIMEOUT_MS))
 
 
 async def create_topics(bootstrap: str, partitions: int = PARTITIONS_DEFAULT,

@@ -39,19 +39,25 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
+from engine.faults import crash_point
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
-from engine.kafka.faults import crash_point
+from engine.kafka.keys import RECORD_KEYS_ENV, Keyring, configured_path, load_keyring
 from engine.kafka.partition import (
-    RESTORED_KINDS,
     Outputs,
     PartitionBusy,
     PartitionStore,
     now_ms,
 )
 from engine.kafka.publish import BatchSender
+from engine.kafka.restore import (
+    read_partition,
+    select_restorable,
+    verified_requests,
+)
 from engine.kafka.topics import (
+    CONSENT,
     DLQ,
     FLAGS,
     INPUT_TOPICS,
@@ -98,6 +104,8 @@ class WorkerSettings:
     # A dead worker's partitions move after this long. tansu also waits half of it
     # before answering a JoinGroup, so tests use a short one.
     session_timeout_ms: int = SESSION_TIMEOUT_MS_DEFAULT
+    # Record authenticator keys (engine.kafka.authn); None: --record-keys / $GENKI_RECORD_KEYS.
+    record_keys: Path | None = None
 
     def __post_init__(self) -> None:
         assert 0 < self.fetch_records_max <= FETCH_RECORDS_LIMIT
@@ -119,6 +127,8 @@ class WorkerSummary:
     published_dead_letters: int = 0
     caught_up_partitions: list[int] = field(default_factory=list)
     restored_entries: int = 0
+    # genki.ledger entries a takeover did not restore: no authenticated request backs them.
+    restore_refused: int = 0
     rebalances: int = 0
     # Records skipped on a topic that keeps everything: a bug or an operator's
     # retention change; the partition's ledger may lack what they carried.
@@ -171,6 +181,9 @@ class Worker:
         self.summary = WorkerSummary()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        keys_path = settings.record_keys or configured_path(RECORD_KEYS_ENV)
+        self.record_keys: Keyring | None = None if keys_path is None else \
+            load_keyring(keys_path, (settings.data_dir,))
 
     def stop(self) -> None:
         self._stop.set()
@@ -320,7 +333,7 @@ class Worker:
             done["accepted"] += counts.accepted
             done["rejected"] += counts.rejected
             done["accepted_samples"] += counts.accepted_samples
-            profiles_changed |= logical == PROFILES and counts.accepted > 0
+            profiles_changed |= logical in (PROFILES, CONSENT) and counts.accepted > 0
         crash_point("after_ingest")
         done["awards"] = store.run_pipeline(self.settings.rules_path,
                                             profiles_changed).awards_appended
@@ -424,6 +437,7 @@ class Worker:
         part = self._parts.get(number)
         if part is None:
             store = await self._open_store(number)
+            store.record_keys = self.record_keys
             tps = {t: TopicPartition(self.topics[t], number) for t in INPUT_TOPICS}
             part = self._parts[number] = PartitionState(number, store, tps)
         stored = await self._in_store(part.number, self._stored_offsets, part.store)
@@ -497,12 +511,22 @@ class Worker:
         """Bring back what the previous owner did that the inputs cannot re-derive."""
         if not part.restore:
             return
-        entries = await read_partition_entries(self.settings.bootstrap, self.topics[LEDGER],
-                                               part.number, RESTORED_KINDS)
-        restored = await self._in_store(part.number, part.store.restore_entries, entries)
+        bootstrap, number = self.settings.bootstrap, part.number
+        ledger = await read_partition(bootstrap, self.topics[LEDGER], number)
+        requests = await read_partition(bootstrap, self.topics[REDEMPTIONS], number)
+        selection = select_restorable([(offset, value) for offset, _, value in ledger],
+                                      verified_requests([v for *_, v in requests],
+                                                        self.record_keys))
+        restored = await self._in_store(number, part.store.restore_entries, selection,
+                                        self.topics[LEDGER])
         self.summary.restored_entries += restored
+        self.summary.restore_refused += len(selection.refused)
+        if selection.refused:
+            log.error("partition %d: %d entries on %s are not backed by an authenticated "
+                      "request; not restored, dead-lettered as unauthenticated", number,
+                      len(selection.refused), self.topics[LEDGER])
         log.info("partition %d: restored %d redemption/refund/adjustment entries from %s",
-                 part.number, restored, self.topics[LEDGER])
+                 number, restored, self.topics[LEDGER])
 
     async def _idle(self) -> bool:
         assert self.consumer is not None

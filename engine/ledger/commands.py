@@ -18,7 +18,7 @@ from engine.clock import day_to_iso, tokyo_day
 from engine.entries import EntryDraft
 from engine.ids import derive_id
 from engine.ledger.errors import InvalidRequest
-from engine.schemas import ID_CHARS_MAX, POINTS_PER_ENTRY_MAX, TS_MS_MIN, EntryKind
+from engine.schemas import ID_CHARS_MAX, POINTS_PER_ENTRY_MAX, TS_MS_MIN, EntryKind, is_id
 
 IDEMPOTENCY_KEY_CHARS_MAX = 128
 REASON_CHARS_MAX = 500
@@ -26,7 +26,6 @@ RULE_REDEEM = "shop_redemption"
 RULE_REFUND = "shop_refund"
 RULE_ADJUST = "staff_adjustment"
 RULE_EXPIRE = "points_expiry"
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -46,8 +45,7 @@ def ref_fields(ref: str | None) -> dict[str, Any]:
 
 
 def check_id(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value or len(value) > ID_CHARS_MAX \
-            or not _ID_PATTERN.match(value):
+    if not is_id(value):
         raise InvalidRequest(f"{name}: {value!r} is not an id (1-{ID_CHARS_MAX} characters "
                              f"of A-Z a-z 0-9 _ . : -)")
     return value

@@ -24,7 +24,7 @@ from engine.ledger.canonical import (
 )
 from engine.ledger.commands import ref_fields
 from engine.ledger.errors import InvalidEntry
-from engine.schemas import ID_CHARS_MAX, POINTS_PER_ENTRY_MAX
+from engine.schemas import POINTS_PER_ENTRY_MAX, is_id
 
 ENTRY_ID_CHARS_MAX = 128
 TEXT_CHARS_MAX = 4096
@@ -35,7 +35,6 @@ CONTENT_FIELDS: tuple[str, ...] = (
 # Sign each kind's points must have: +1 positive, -1 negative, 0 either (never zero).
 KIND_SIGN: dict[str, int] = {"award": 1, "redeem": -1, "refund": 1, "expire": -1, "adjust": 0}
 _KIND_NAME: dict[str, str] = {kind: kind for kind in KIND_SIGN}
-_USER_ID = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 # (entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version)
@@ -58,8 +57,7 @@ class _Checker:
         self.texts: set[str | None] = {None}
 
     def user(self, value: object, entry_id: str) -> None:
-        if not isinstance(value, str) or not 0 < len(value) <= ID_CHARS_MAX \
-                or not _USER_ID.match(value):
+        if not is_id(value):
             raise InvalidEntry(f"entry {entry_id}: user_id {value!r} is not an id")
         self.users.add(value)
 

@@ -142,6 +142,14 @@ class ErasureReceipt:
     erasure_seq: int | None
     erasure_hash: str | None
 
+    @property
+    def entries(self) -> int:
+        return self.entries_unlinked
+
+    @property
+    def flags(self) -> int:
+        return self.flags_unlinked
+
     def to_dict(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "erased": self.erased, "subject": self.subject,
                 "entries_unlinked": self.entries_unlinked, "flags_unlinked": self.flags_unlinked,

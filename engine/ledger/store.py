@@ -83,6 +83,7 @@ META_PER_APPEND_MAX = 64
 META_KEY_CHARS_MAX = 200
 META_VALUE_CHARS_MAX = 10_000
 HISTORY_LIMIT_MAX = 1_000
+READ_ENTRIES_MAX = 200_000
 LOCK_WAIT_S_MAX = 30.0
 ID_LOOKUP_CHUNK_IDS = 50_000
 EXPIRY_USERS_PER_TRANSACTION = 500
@@ -562,6 +563,24 @@ class Ledger:
         redemptions, redeemed = totals.get("redeem", (0, 0))
         refunds, refunded = totals.get("refund", (0, 0))
         return Settlement(shop_id, month, -redeemed, refunded, redemptions, refunds)
+
+    def read_entries(self, after_seq: int, upto_seq: int) -> list[Entry]:
+        """Entries with after_seq < seq <= upto_seq in seq order: readers page by position."""
+        if upto_seq - after_seq > READ_ENTRIES_MAX:
+            raise InvalidRequest(f"read_entries: at most {READ_ENTRIES_MAX} entries per call, "
+                                 f"asked for {upto_seq - after_seq}")
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS_SQL} FROM entries WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (after_seq, upto_seq)).fetchall()
+        return [Entry.from_row(row) for row in rows]
+
+    def all_flag_events(self) -> list[FlagEvent]:
+        """Every flag event in append order (flags change state rarely: a small table)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_FLAG_FIELDS)} FROM flags ORDER BY seq").fetchall()
+        return [_flag_event(row) for row in rows]
 
     def head_seq(self) -> int:
         """seq of the last entry (0 when empty); cheap, unlike head()."""

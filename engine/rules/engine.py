@@ -15,22 +15,24 @@ from itertools import repeat
 import numpy as np
 
 from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
+from engine.consent import PeriodIndex
 from engine.entries import EntryDraft
 from engine.ids import ID_HEX_CHARS, derive_id
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
 from engine.rules.config import Rules
 from engine.rules.flags import (
     FIXED_SCALE,
-    FLAG_ISOLATION,
     FLAG_NAMES,
     FLAG_ROWS_PER_CHUNK,
+    FLAGS,
+    INPUT_BITS,
     NEVER_DAY,
     RAISED,
-    FlagEvaluator,
+    FlagContext,
     GaitStore,
+    apply_hysteresis,
     evidence_of,
     fixed,
-    transitions,
 )
 from engine.rules.grid import Column, Grid
 from engine.rules.points import (
@@ -66,9 +68,10 @@ FLAG_CHANNEL_OF_METRIC = np.full(128, FLAG_CHANNEL_IGNORED, np.int64)
 for _channel, _code in enumerate(FLAG_METRIC_CODES):
     FLAG_CHANNEL_OF_METRIC[_code] = _channel
 # Which flag inputs a user has ever had (flags skip users without their input).
-SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT, SEEN_TALK, SEEN_SPO2, SEEN_RHR = (1 << i for i in range(6))
-FLAG_DATA_BITS = np.array([SEEN_STEPS, SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT, SEEN_TALK, SEEN_SPO2,
-                           SEEN_RHR], np.int16)
+SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT = (INPUT_BITS[n] for n in ("steps", "gait_speed", "body_weight"))
+SEEN_TALK, SEEN_SPO2, SEEN_RHR = (INPUT_BITS[n] for n in ("conversation", "spo2",
+                                                           "resting_heart_rate"))
+FLAG_DATA_BITS = np.array([spec.input_bits for spec in FLAGS], np.int16)
 FLAG_COLUMNS = (("rhr_n", "rhr_sum", SEEN_RHR), ("talk_n", "talk_sum", SEEN_TALK),
                 ("spo2_n", "spo2_sum", SEEN_SPO2), ("weight_n", "weight_sum", SEEN_WEIGHT),
                 ("gait_n", None, SEEN_GAIT), ("gait_low_n", None, 0))
@@ -107,6 +110,8 @@ COLUMNS = (
     Column("first_day", np.int32, _NO_DAY, "user"),
     Column("flag_state", np.int8, 0, "user", len(FLAG_NAMES)),
     Column("flag_last", np.int32, NEVER_DAY, "user", len(FLAG_NAMES)),
+    Column("flag_run", np.int16, 0, "user", len(FLAG_NAMES)),  # known days against the state
+    Column("flag_anchor", np.float64, 0, "user", len(FLAG_NAMES)),  # frozen baseline if raised
 )
 
 
@@ -141,8 +146,10 @@ class RulesEngine:
 
     def __init__(self, rules: Rules, profiles: Profiles | None = None, *,
                  box_cells_max: int = BOX_CELLS_MAX,
-                 runs_share_max: float = RUNS_SHARE_MAX) -> None:
+                 runs_share_max: float = RUNS_SHARE_MAX,
+                 away: PeriodIndex | None = None) -> None:
         self.rules = rules
+        self.away = away
         self.version = rules.version
         self.settle_days = rules.flags.settle_days
         self.box_cells_max = box_cells_max
@@ -162,11 +169,15 @@ class RulesEngine:
             [self.points.sex_percent[code] for code in ("F", "M", "X")], 100).astype(np.int64)
         self.awarded_keys = np.zeros(0, np.int64)
         self.gait = GaitStore()
-        self.evaluator = FlagEvaluator(rules, self.grid, self.gait)
-        self.evaluator.prepare_gait = self._prepare_gait
+        self.flag_context = FlagContext(rules.flags, self.grid, self.gait)
+        self.flag_context.prepare_gait = self._prepare_gait
         self.gait_low_fixed = fixed(rules.flags.slow_gait.gait_speed_median_m_s_min)
-        self.flags_enabled = np.array(
-            [getattr(rules.flags, name).enabled for name in FLAG_NAMES], bool)
+        self.flags_enabled = np.array([rules.flags.section(name).enabled for name in FLAG_NAMES],
+                                      bool)
+        self.activity_wait_days = np.array(
+            [getattr(rules.flags.section(spec.name), "activity_wait_days", 0) for spec in FLAGS],
+            np.int64)
+        self.social_clock = np.array([spec.clock == "social" for spec in FLAGS], bool)
         kinds = rules.flags.social_isolation.social_kinds
         self.social_kind = np.array([kind in kinds for kind in ACTIVITY_KINDS], bool)
         self.night_minutes_end = rules.flags.low_spo2.night_end_hour * 60
@@ -175,6 +186,8 @@ class RulesEngine:
     # ------------------------------------------------------------------ batches
 
     def process(self, samples: SampleBatch, activities: ActivityBatch) -> RulesOutput:
+        if self.away is not None:
+            samples, activities = mask_away(self.away, samples, activities)
         sample_users = self._users(samples.users)
         activity_users = self._users(activities.users)
         self._ensure_days(samples.ts_ms, activities.ts_ms)
@@ -384,13 +397,7 @@ class RulesEngine:
     def _evaluate_flags(self, users: np.ndarray) -> list[FlagEvent]:
         """Evaluate every flag on the days that became settled for these users."""
         grid = self.grid
-        settle = self.settle_days
-        samples_max = grid["samples_day_max"][users].astype(np.int64)
-        horizon = np.where(samples_max == NEVER_DAY, NEVER_DAY, samples_max - settle)
-        horizon = np.repeat(horizon[:, None], len(FLAG_NAMES), axis=1)
-        activities_max = grid["activities_day_max"][users].astype(np.int64)
-        both = np.minimum(horizon[:, FLAG_ISOLATION], activities_max - settle)
-        horizon[:, FLAG_ISOLATION] = np.where(activities_max == NEVER_DAY, NEVER_DAY, both)
+        horizon = self._horizons(users)
         last = grid["flag_last"][users].astype(np.int64)
         start = np.where(last == NEVER_DAY, grid["first_day"][users][:, None], last + 1)
         need = self.flags_enabled[None, :] & (horizon != NEVER_DAY) & (start <= horizon)
@@ -412,6 +419,25 @@ class RulesEngine:
         events.sort(key=lambda e: (e.user_id, e.day, FLAG_NAMES.index(e.flag.value)))
         return events
 
+    def _horizons(self, users: np.ndarray) -> np.ndarray:
+        """Last settled day per (user, flag); NEVER_DAY without samples.
+
+        The samples clock: day(samples watermark) - settle_days. The social clock
+        also waits for the activities watermark, but at most activity_wait_days
+        behind the samples clock (people without activity records included).
+        """
+        grid, settle = self.grid, self.settle_days
+        samples_max = grid["samples_day_max"][users].astype(np.int64)
+        samples = np.where(samples_max == NEVER_DAY, NEVER_DAY, samples_max - settle)
+        horizon = np.repeat(samples[:, None], len(FLAG_NAMES), axis=1)
+        activities_max = grid["activities_day_max"][users].astype(np.int64)
+        activities = np.where(activities_max == NEVER_DAY, NEVER_DAY, activities_max - settle)
+        for index in np.flatnonzero(self.social_clock).tolist():
+            waited = np.maximum(activities, samples - self.activity_wait_days[index])
+            horizon[:, index] = np.where(samples == NEVER_DAY, NEVER_DAY,
+                                         np.minimum(samples, waited))
+        return horizon
+
     def _prepare_gait(self) -> None:
         width = self.rules.flags.slow_gait.window_days
         last = self.grid["flag_last"][:, FLAG_NAMES.index("slow_gait")].astype(np.int64)
@@ -421,17 +447,22 @@ class RulesEngine:
     def _evaluate_rows(self, index: int, users: np.ndarray, start: np.ndarray,
                        horizon: np.ndarray) -> list[FlagEvent]:
         """One flag over users x days [min start, max horizon]; each row its own range."""
-        grid, name = self.grid, FLAG_NAMES[index]
+        grid, spec = self.grid, FLAGS[index]
+        config = self.rules.flags.section(spec.name)
         first, last = int(start.min()), int(horizon.max())
         days = np.arange(first, last + 1)
         valid = (days >= start[:, None]) & (days <= horizon[:, None])
-        result = self.evaluator.functions[name](users, first, last, valid)
-        row, column, value, state_after = transitions(result, valid,
-                                                      grid["flag_state"][users, index])
-        grid["flag_state"][users, index] = state_after
-        evidence = evidence_of(result, row, column)
-        return [self._flag_event(int(users[r]), name, first + c, v, e) for r, c, v, e in
-                zip(row.tolist(), column.tolist(), value.tolist(), evidence, strict=True)]
+        result = spec.evaluate(self.flag_context, config, users, first, last, valid)
+        changes = apply_hysteresis(result, valid, config, grid["flag_state"][users, index],
+                                   grid["flag_run"][users, index],
+                                   grid["flag_anchor"][users, index])
+        grid["flag_state"][users, index] = changes.state_after
+        grid["flag_run"][users, index] = changes.run_after
+        grid["flag_anchor"][users, index] = changes.anchor_after
+        evidence = evidence_of(result, changes.row, changes.column)
+        return [self._flag_event(int(users[r]), spec.name, first + c, v, e) for r, c, v, e in
+                zip(changes.row.tolist(), changes.column.tolist(), changes.state.tolist(),
+                    evidence, strict=True)]
 
     def _flag_event(self, user: int, flag: str, day: int, state: int,
                     evidence: dict[str, float | int | str]) -> FlagEvent:
@@ -497,6 +528,25 @@ class RulesEngine:
         return {"users": self.grid.users, "days": self.grid.days, "day0": self.grid.day0,
                 "activity_keys": len(self.awarded_keys), "gait_samples": len(self.gait.keys),
                 "venues": len(self.venues) - 1}
+
+
+def mask_away(away: PeriodIndex, samples: SampleBatch, activities: ActivityBatch,
+              ) -> tuple[SampleBatch, ActivityBatch]:
+    """Drop what people did while they were out of the programme (after leaving): no
+    awards and no flags come from it. One vectorised pass per batch."""
+    keep = ~away.contains(samples.users, samples.user_idx, samples.ts_ms)
+    if not keep.all():
+        samples = SampleBatch(samples.users, samples.user_idx[keep], samples.metric[keep],
+                              samples.ts_ms[keep], samples.value[keep],
+                              samples.wm_before_ms[keep])
+    keep = ~away.contains(activities.users, activities.user_idx, activities.ts_ms)
+    if not keep.all():
+        rows = np.flatnonzero(keep).tolist()
+        activities = ActivityBatch(
+            activities.users, activities.user_idx[keep], [activities.event_id[i] for i in rows],
+            activities.kind[keep], activities.ts_ms[keep],
+            [activities.venue_id[i] for i in rows], activities.wm_before_ms[keep])
+    return samples, activities
 
 
 def distinct(values: np.ndarray) -> np.ndarray:

@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--duplicate-fraction", type=float,
                         default=defaults.DUPLICATE_FRACTION_DEFAULT,
                         help="fraction of records re-sent byte for byte (default %(default)s)")
+    parser.add_argument("--care-data", action="store_true",
+                        help="also write care-data.csv (care-need outcomes keyed by pseudonym, "
+                             "with a known programme effect) and care-truth.json")
+    parser.add_argument("--pseudonym-key-file", type=Path, default=None,
+                        help="key for care-data.csv's pseudonyms (default: a simulated key, "
+                             "written to pseudonym-key.txt)")
     parser.set_defaults(func=_cmd_simulate)
 
 
@@ -43,14 +49,28 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         participants=args.participants, app_users=args.app_users, days=args.days, seed=args.seed,
         start=args.start, venues=args.venues, shops=args.shops, bad_fraction=args.bad_fraction,
         duplicate_fraction=args.duplicate_fraction)
+    care_key = _care_key(args, config) if args.care_data else None
     started = time.perf_counter()
     with _progress(sys.stdout.isatty()) as progress:
-        manifest = simulate(config, args.out, progress)
+        manifest = simulate(config, args.out, progress, care_key=care_key)
     seconds = time.perf_counter() - started
     print(f"wrote {manifest.total_records:,} records ({manifest.total_samples:,} samples, "
           f"{manifest.total_bytes / 1e6:,.1f} MB) for {config.participants + config.app_users:,} "
           f"users to {args.out} in {seconds:.1f} s")
     return 0
+
+
+def _care_key(args: argparse.Namespace, config: SimConfig) -> bytes:
+    from engine.evaluation.linkage import read_key_file
+    from engine.sim.care import SIM_KEY_FILE, STREAM_CARE, simulated_key
+    from engine.sim.simulate import rng_for
+
+    if args.pseudonym_key_file is not None:
+        return read_key_file(args.pseudonym_key_file, "simulate")
+    key = simulated_key(rng_for(config, STREAM_CARE, 2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / SIM_KEY_FILE).write_bytes(key + b"\n")
+    return key
 
 
 @contextmanager

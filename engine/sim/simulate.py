@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from engine.clock import DAY_MS, day_start_ms
+from engine.sim import care
 from engine.sim.activities import make_activities, serialise_activities
 from engine.sim.config import SimConfig
 from engine.sim.faults import (
@@ -104,14 +105,19 @@ class _Records:
         return stats, faults
 
 
-def simulate(config: SimConfig, out: Path, progress: Progress | None = None) -> SimManifest:
-    """Write a simulated fleet's records into out; returns its manifest."""
+def simulate(config: SimConfig, out: Path, progress: Progress | None = None,
+             care_key: bytes | None = None) -> SimManifest:
+    """Write a simulated fleet's records into out; returns its manifest.
+
+    With care_key, also the care-insurance side's outcome file (engine.sim.care).
+    """
     report = progress or (lambda stage, done, total: None)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a manifest marks a complete output
     venues = make_venues(config.venues, rng_for(config, STREAM_VENUES))
     shops = make_shops(config.shops, rng_for(config, STREAM_SHOPS))
     pop = make_population(config, venues, rng_for(config, STREAM_PEOPLE))
+    pop = care.assign_class_regulars(pop, venues, rng_for(config, care.STREAM_CARE, 0))
     day0_ms = day_start_ms(config.start_day)
     with (Spill(out / (SAMPLES_FILE + SPILL_SUFFIX)) as sample_spill,
           Spill(out / (ACTIVITIES_FILE + SPILL_SUFFIX)) as activity_spill):
@@ -123,6 +129,9 @@ def simulate(config: SimConfig, out: Path, progress: Progress | None = None) -> 
         activities = _Records(ACTIVITIES_FILE, activity_spill, [acts.delivery_ms], len(acts))
         serialise_activities(pop, venues, acts, rng_for(config, STREAM_ACTIVITIES, 1), activity_spill)
         report("activities", 1, 1)
+        if care_key is not None:
+            care.write_care_data(config, pop, acts, day0_ms, out, care_key,
+                                 rng_for(config, care.STREAM_CARE, 1))
 
         duplicated = _add_duplicates(config, samples, activities)
         ctx = FaultContext(

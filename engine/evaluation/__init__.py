@@ -1,0 +1,1 @@
+"""Programme evaluation (EBPM): care-data linkage, matched comparisons, the plan's indicators."""

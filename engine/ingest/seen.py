@@ -1,0 +1,191 @@
+"""The bounded seen-sample index: sorted uint64 key runs per Tokyo day in the log file.
+
+Runs are written in the same transaction as the samples they describe, so after a
+kill -9 the index never disagrees with the log. A batch loads only the days it
+touches (cached up to SEEN_DAYS_CACHED_MAX); keys older than their user's late
+window plus a margin are pruned as watermarks move. Opening the log therefore
+reads nothing of the index, and its size grows with people x window, not with
+history. A day's runs merge into one when there are more than
+SEEN_RUNS_PER_DAY_MAX of them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.ingest.dedup import day_of_keys, stream_of_keys
+
+SEEN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen_runs (
+    id INTEGER PRIMARY KEY, day INTEGER NOT NULL, n INTEGER NOT NULL, keys BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS seen_runs_by_day ON seen_runs (day);
+"""
+SEEN_DAYS_CACHED_MAX = 64
+SEEN_RUNS_PER_DAY_MAX = 8
+SEEN_MARGIN_DAYS = 1
+SQL_DAYS_PER_QUERY_MAX = 500
+
+
+@dataclass(frozen=True)
+class StagedDay:
+    day: int
+    run: np.ndarray  # the batch's new keys of the day, sorted
+    merged: np.ndarray | None  # the day's whole run when the batch compacted it
+
+
+class DayRuns:
+    """One day's keys as sorted runs, merged log-structured (a new run merges with the
+    last while it is at least half its size): N keys cost O(N log N) overall."""
+
+    def __init__(self, runs: list[np.ndarray]) -> None:
+        self.runs: list[np.ndarray] = []
+        self.stored_runs = len(runs)
+        for run in runs:
+            self.add(run)
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self.runs)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(keys), dtype=bool)
+        for run in self.runs:
+            position = np.searchsorted(run, keys)
+            position[position == len(run)] = 0
+            found |= run[position] == keys
+        return found
+
+    def add(self, run: np.ndarray) -> None:
+        if not len(run):
+            return
+        while self.runs and len(self.runs[-1]) <= 2 * len(run):
+            run = np.sort(np.concatenate((self.runs.pop(), run)), kind="stable")
+        self.runs.append(run)
+
+    def merged(self, extra: np.ndarray) -> np.ndarray:
+        return np.sort(np.concatenate([*self.runs, extra]), kind="stable")
+
+
+def _split_by_day(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    if not len(keys):
+        return []
+    days = day_of_keys(keys)
+    order = np.argsort(days, kind="stable")
+    days, keys = days[order], keys[order]
+    cuts = np.flatnonzero(days[1:] != days[:-1]) + 1
+    return [(int(d[0]), k) for d, k in zip(np.split(days, cuts), np.split(keys, cuts),
+                                           strict=True)]
+
+
+class SeenIndex:
+    """Keys of stored samples, by day. SQL stays here; judgement is in engine.ingest.dedup."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._days: dict[int, DayRuns] = {}
+
+    def _load(self, days: Iterable[int]) -> None:
+        missing = sorted(set(days) - self._days.keys())
+        for lo in range(0, len(missing), SQL_DAYS_PER_QUERY_MAX):
+            chunk = missing[lo:lo + SQL_DAYS_PER_QUERY_MAX]
+            found: dict[int, list[np.ndarray]] = {day: [] for day in chunk}
+            marks = ",".join("?" * len(chunk))
+            for day, blob in self._db.execute(
+                    f"SELECT day, keys FROM seen_runs WHERE day IN ({marks}) ORDER BY id", chunk):
+                found[day].append(np.frombuffer(blob, np.uint64))
+            for day, runs in found.items():
+                self._days[day] = DayRuns(runs)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which keys are stored already (loads the days they fall on)."""
+        found = np.zeros(len(keys), bool)
+        if not len(keys):
+            return found
+        days = day_of_keys(keys)
+        order = np.argsort(days, kind="stable")
+        cuts = np.flatnonzero(days[order][1:] != days[order][:-1]) + 1
+        groups = np.split(order, cuts)
+        self._load(int(days[group[0]]) for group in groups)
+        for group in groups:
+            found[group] = self._days[int(days[group[0]])].contains(keys[group])
+        return found
+
+    def stage(self, new_keys: np.ndarray) -> list[StagedDay]:
+        """Write the runs of keys not stored before (inside the caller's transaction).
+
+        Their days must have been loaded by `contains`; the cache changes only in
+        `adopt`, after the caller commits.
+        """
+        staged = []
+        for day, keys in _split_by_day(new_keys):
+            run = np.sort(keys)
+            held = self._days[day]
+            merged = None
+            if held.stored_runs + 1 > SEEN_RUNS_PER_DAY_MAX:
+                merged = held.merged(run)
+                self._db.execute("DELETE FROM seen_runs WHERE day = ?", (day,))
+            stored = run if merged is None else merged
+            self._db.execute("INSERT INTO seen_runs (day, n, keys) VALUES (?, ?, ?)",
+                             (day, len(stored), stored.tobytes()))
+            staged.append(StagedDay(day, run, merged))
+        return staged
+
+    def adopt(self, staged: list[StagedDay]) -> None:
+        for item in staged:
+            held = self._days[item.day]
+            if item.merged is None:
+                held.add(item.run)
+                held.stored_runs += 1
+            else:
+                held.runs, held.stored_runs = [item.merged], 1
+        while len(self._days) > SEEN_DAYS_CACHED_MAX:
+            del self._days[min(self._days)]
+
+    def forget_cache(self) -> None:
+        self._days.clear()
+
+    def prune(self, horizon_day_by_stream: np.ndarray, before_day: int) -> int:
+        """Drop keys of days before their stream's horizon, looking at days < before_day
+        (inside the caller's transaction). Returns how many keys were dropped."""
+        dropped = 0
+        rows = self._db.execute("SELECT id, day, keys FROM seen_runs WHERE day < ?",
+                                (before_day,)).fetchall()
+        for row_id, day, blob in rows:
+            keys = np.frombuffer(blob, np.uint64)
+            stream = stream_of_keys(keys)
+            inside = stream < len(horizon_day_by_stream)
+            keep = ~inside
+            keep[inside] = day >= horizon_day_by_stream[stream[inside]]
+            kept = int(keep.sum())
+            if kept == len(keys):
+                continue
+            dropped += len(keys) - kept
+            if kept == 0:
+                self._db.execute("DELETE FROM seen_runs WHERE id = ?", (row_id,))
+            else:
+                self._db.execute("UPDATE seen_runs SET n = ?, keys = ? WHERE id = ?",
+                                 (kept, keys[keep].tobytes(), row_id))
+        for day in [d for d in self._days if d < before_day]:
+            del self._days[day]
+        return dropped
+
+    def add_all(self, keys: np.ndarray) -> None:
+        """Bulk load (building the index for a log written before it existed)."""
+        for day, part in _split_by_day(keys):
+            run = np.sort(part)
+            self._db.execute("INSERT INTO seen_runs (day, n, keys) VALUES (?, ?, ?)",
+                             (day, len(run), run.tobytes()))
+        self.forget_cache()
+
+    def clear(self) -> None:
+        self._db.execute("DELETE FROM seen_runs")
+        self.forget_cache()
+
+    def size(self) -> tuple[int, int]:
+        """(days, keys) held."""
+        days, keys = self._db.execute(
+            "SELECT count(DISTINCT day), coalesce(sum(n), 0) FROM seen_runs").fetchone()
+        return int(days), int(keys)

@@ -1,0 +1,116 @@
+"""Takeover: which entries from genki.ledger a new partition owner may trust.
+
+genki.ledger is the changelog a new owner restores redemptions, refunds and
+adjustments from (the inputs cannot re-derive them). Anyone who could write that
+topic could otherwise mint points by publishing a refund entry, so a restored
+redeem, refund or adjust entry is trusted only when it matches a request on
+genki.redemptions that carries a valid authenticator from the API service
+(engine.kafka.authn): same entry id (derived from shop + idempotency key), same
+user, same kind and the points that request asked for. Anything else becomes a
+dead letter `unauthenticated` and is not restored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
+
+from engine.ingest.reasons import Reason, reason_text
+from engine.kafka.authn import verification_failure
+from engine.kafka.client import consumer_settings
+from engine.kafka.keys import Keyring
+from engine.ledger.commands import redeem_id, refund_id
+from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
+
+POLL_MS = 500
+FETCH_RECORDS_MAX = 50_000
+# Kinds made by commands, not rules: restored from genki.ledger on takeover.
+RESTORED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust", "expire"})
+# Of those, the kinds that move points on a shop's or staff's request: they need a
+# verified request. (Expiry is the ledger's own policy over its lots.)
+REQUESTED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust"})
+
+
+async def read_partition(bootstrap: str, topic: str, number: int,
+                         ) -> list[tuple[int, bytes | None, bytes]]:
+    """(offset, key, value) of every record on one partition, read to its high watermark."""
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore"))
+    await consumer.start()
+    tp = TopicPartition(topic, number)
+    records: list[tuple[int, bytes | None, bytes]] = []
+    try:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        while True:
+            got = await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=FETCH_RECORDS_MAX)
+            records.extend((r.offset, r.key, r.value or b"") for r in got.get(tp, []))
+            end = consumer.highwater(tp)  # tansu's end_offsets() under-reports
+            if end is not None and await consumer.position(tp) >= end:
+                return records
+    finally:
+        await consumer.stop()
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    user_id: str
+    kind: str
+    points: int
+
+
+def verified_requests(values: list[bytes], keys: Keyring | None) -> dict[str, Expected]:
+    """Entry id → what the entry must be, for every authenticated request."""
+    found: dict[str, Expected] = {}
+    for raw in values:
+        try:
+            request = Redemption.model_validate_json(raw)
+        except ValidationError:
+            continue
+        if verification_failure(request, keys) is not None:
+            continue
+        if request.kind == RedemptionKind.redeem:
+            found[redeem_id(request.shop_id, request.idempotency_key)] = Expected(
+                request.user_id, EntryKind.redeem.value, -request.points)
+        else:
+            found[refund_id(request.shop_id, request.idempotency_key)] = Expected(
+                request.user_id, EntryKind.refund.value, request.points)
+    return found
+
+
+@dataclass
+class RestoreSelection:
+    trusted: list[LedgerEntry] = field(default_factory=list)
+    # (offset, reason, raw) of entries refused
+    refused: list[tuple[int, str, bytes]] = field(default_factory=list)
+
+
+def select_restorable(records: list[tuple[int, bytes]],
+                      requests: dict[str, Expected]) -> RestoreSelection:
+    """The restorable entries of a genki.ledger partition that a verified request backs."""
+    selection = RestoreSelection()
+    for offset, raw in records:
+        try:
+            entry = LedgerEntry.model_validate_json(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "record"
+            selection.refused.append((offset, reason_text(Reason.bad_field, where,
+                                                          first["msg"]), raw))
+            continue
+        kind = entry.kind.value
+        if kind not in RESTORED_KINDS:
+            continue
+        if kind in REQUESTED_KINDS:
+            expected = requests.get(entry.entry_id)
+            if expected != Expected(entry.user_id, kind, entry.points):
+                why = "no authenticated request on genki.redemptions made this entry" \
+                    if expected is None else "differs from the authenticated request's " \
+                    f"user, kind or points ({expected.user_id}, {expected.kind}, " \
+                    f"{expected.points})"
+                selection.refused.append((offset, reason_text(Reason.unauthenticated,
+                                                              "entry_id", why), raw))
+                continue
+        selection.trusted.append(entry)
+    return selection

@@ -1,0 +1,330 @@
+"""Personal data lifecycle: consent over time, leaving, erasure, exports that resist re-identification."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from engine.clock import DAY_MS, day_start_ms, iso_to_day, tokyo_day
+from engine.consent import TS_OPEN_END_MS, LifecycleEvent, lifecycle
+from engine.erasure import ErasureAudit, erase_person
+from engine.ingest.log import EmbeddedLog
+from engine.ledger import Ledger
+from engine.pipeline import run_pipeline
+from engine.schemas import ConsentChange
+from replay.anonymise import ExportPolicy
+from replay.export import export_embedded
+from replay.report import STAFF_RISK_LIST_SUFFIX, write_report
+from tests.conftest import genki_cmd
+
+KEY = b"privacy-test-key-0123456789"
+NOW_MS = day_start_ms(iso_to_day("2026-12-31"))
+FIRST_DAY = iso_to_day("2026-12-01")
+DAYS = 20
+WITHDRAWN_ON = "2026-12-10"
+LEFT_ON = "2026-12-12"
+PEOPLE = [f"citizen-{n:02d}" for n in range(1, 13)]
+WITHDRAWER, LEAVER, ERASED, ERASED_BY_API = PEOPLE[0], PEOPLE[1], PEOPLE[6], PEOPLE[7]
+RARE_VENUE, BIG_VENUE = "venue-rare", "venue-big"
+SHOP = "shop-alpha"
+
+
+def _profile(user: str, index: int, consent: bool = True) -> dict[str, object]:
+    return {"v": 1, "user_id": user, "birth_year": 1950 + index % 3, "sex": "F" if index % 2 else "M",
+            "cohort": "app", "enrolled_on": "2026-11-01", "research_consent": consent}
+
+
+def _consent(user: str, change: ConsentChange, on: str, seq: int) -> dict[str, object]:
+    return {"v": 1, "user_id": user, "change": change.value,
+            "effective_ts_ms": day_start_ms(iso_to_day(on)), "consent_seq": seq, "source": "app"}
+
+
+def _records() -> list[dict[str, object]]:
+    records: list[dict[str, object]] = [_profile(u, i) for i, u in enumerate(PEOPLE)]
+    for offset in range(DAYS):
+        start = day_start_ms(FIRST_DAY + offset) + 8 * 3_600_000 + 12_345
+        for user in PEOPLE:
+            records.append({"v": 1, "upload_id": f"{user}-{offset}", "user_id": user,
+                            "device_id": f"{user}-watch", "metric": "steps", "unit": "count",
+                            "ts_ms": [start + k * 600_000 for k in range(3)],
+                            "values": [3000.0, 3000.0, 3000.0]})
+    for index, user in enumerate(PEOPLE):
+        venue = RARE_VENUE if user == PEOPLE[5] else BIG_VENUE
+        records.append({"v": 1, "event_id": f"ev-{user}", "user_id": user, "kind": "checkin",
+                        "ts_ms": day_start_ms(FIRST_DAY + 2) + 36_000_000 + index * 1_000,
+                        "venue_id": venue, "source": "app"})
+    records.append(_consent(WITHDRAWER, ConsentChange.consent_withdrawn, WITHDRAWN_ON, 5))
+    records.append(_profile(WITHDRAWER, 0))  # an old profile, re-sent: must not re-grant
+    records.append(_consent(LEAVER, ConsentChange.left, LEFT_ON, 3))
+    records.append({"v": 1, "user_id": ERASED, "metric": "steps"})  # a dead letter naming them
+    return records
+
+
+def _build(data_dir: Path) -> None:
+    lines = [orjson.dumps(r) for r in _records()]
+    with EmbeddedLog.open(data_dir) as log:
+        counts = log.ingest_lines(lines, "test", 1, NOW_MS)
+    assert counts.rejected == 1
+    run_pipeline(data_dir)
+    with Ledger.open(data_dir) as ledger:
+        for user in (ERASED, PEOPLE[3]):
+            ledger.redeem(user, 4, SHOP, "T1", f"key-{user}", day_start_ms(FIRST_DAY + 5) + 1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("privacy") / "genki-data"
+    _build(data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def exported(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("export") / "research"
+    export_embedded(world, target, KEY)
+    return target
+
+
+def _pseudonym(user: str) -> str:
+    from replay.export import Pseudonymiser
+
+    return Pseudonymiser(KEY)("user", user)
+
+
+# -- consent as events with time ----------------------------------------------------
+
+def _event(change: ConsentChange, day: str, seq: int) -> LifecycleEvent:
+    return LifecycleEvent("u", change, day_start_ms(iso_to_day(day)), seq)
+
+
+def test_an_old_consent_re_sent_cannot_re_grant() -> None:
+    given = _event(ConsentChange.consent_given, "2026-11-01", 1)
+    withdrawn = _event(ConsentChange.consent_withdrawn, "2026-12-10", 2)
+    periods = lifecycle([given, withdrawn, given]).research["u"]
+    assert periods == [(given.effective_ts_ms, withdrawn.effective_ts_ms)]
+
+
+def test_a_newer_decision_overrides_an_older_later_effective_one() -> None:
+    scheduled = _event(ConsentChange.consent_given, "2026-12-20", 3)
+    given = _event(ConsentChange.consent_given, "2026-11-01", 1)
+    retroactive = _event(ConsentChange.consent_withdrawn, "2026-10-01", 4)
+    assert lifecycle([given, scheduled, retroactive]).research.get("u") == []
+
+
+def test_consent_given_again_by_a_newer_event_opens_a_new_period() -> None:
+    events = [_event(ConsentChange.consent_given, "2026-11-01", 1),
+              _event(ConsentChange.consent_withdrawn, "2026-11-10", 2),
+              _event(ConsentChange.consent_given, "2026-11-20", 3)]
+    assert lifecycle(events).research["u"] == [
+        (events[0].effective_ts_ms, events[1].effective_ts_ms),
+        (events[2].effective_ts_ms, TS_OPEN_END_MS)]
+
+
+def test_a_tie_goes_to_the_protective_state() -> None:
+    events = [_event(ConsentChange.consent_given, "2026-11-01", 0),
+              _event(ConsentChange.consent_withdrawn, "2026-11-01", 0)]
+    assert lifecycle(events).research["u"] == []
+
+
+def test_a_conflicting_consent_event_is_a_dead_letter(tmp_path: Path) -> None:
+    first = _consent("x1", ConsentChange.left, "2026-12-01", 7)
+    other = _consent("x1", ConsentChange.enrolled, "2026-12-01", 7)
+    with EmbeddedLog.open(tmp_path) as log:
+        counts = log.ingest_lines([orjson.dumps(first), orjson.dumps(first),
+                                   orjson.dumps(other)], "t", 1, NOW_MS)
+        letters = log.dead_letters()
+    assert (counts.accepted, counts.duplicate_records, counts.rejected) == (2, 1, 1)
+    assert letters[0].reason.startswith("conflict: consent_seq")
+
+
+def test_exports_hold_a_person_only_inside_their_consent_period(world: Path,
+                                                                 exported: Path) -> None:
+    samples = ds.dataset(exported / "samples", partitioning="hive").to_table().to_pydict()
+    days = Counter(d for u, d in zip(samples["user"], samples["day"], strict=True)
+                   if u == _pseudonym(WITHDRAWER))
+    withdrawn = iso_to_day(WITHDRAWN_ON)
+    assert sorted(days) == [f"2026-12-{d:02d}" for d in range(1, withdrawn - FIRST_DAY + 1)]
+    assert set(days.values()) == {3}
+    other = Counter(d for u, d in zip(samples["user"], samples["day"], strict=True)
+                    if u == _pseudonym(PEOPLE[4]))
+    assert len(other) == DAYS
+    manifest = orjson.loads((exported / "manifest.json").read_bytes())
+    # the withdrawer's later days, and the leaver's days from leaving on
+    expected = 3 * (FIRST_DAY + DAYS - withdrawn) + 3 * (FIRST_DAY + DAYS - iso_to_day(LEFT_ON))
+    assert manifest["rows_left_out_no_consent"]["samples"] == expected
+    assert manifest["users_included"] == len(PEOPLE)
+
+
+# -- leaving ----------------------------------------------------------------------------
+
+def test_a_person_who_left_gets_no_awards_from_that_day(world: Path) -> None:
+    with Ledger.open(world) as ledger:
+        leaver = ledger.history(LEAVER, None, 1000)[0]
+        stayer = ledger.history(PEOPLE[4], None, 1000)[0]
+
+    def tier_days(entries: list) -> set[int]:
+        return {iso_to_day(e.day) for e in entries if (e.rule or "").startswith("steps.tier")}
+
+    def streaks(entries: list) -> set[tuple[str, str]]:
+        return {(e.day, e.rule) for e in entries if (e.rule or "").startswith("streak")}
+
+    left = iso_to_day(LEFT_ON)
+    assert tier_days(leaver) == set(range(FIRST_DAY, left))
+    assert tier_days(stayer) == set(range(FIRST_DAY, FIRST_DAY + DAYS))
+    # the week of leaving (Mon 12-07 .. Sun 12-13) counts only the five days before it
+    assert ("2026-12-13", "streak.5of7") in streaks(leaver)
+    assert ("2026-12-13", "streak.7of7") not in streaks(leaver)
+    assert ("2026-12-13", "streak.7of7") in streaks(stayer)
+
+
+# -- exports that resist re-identification ----------------------------------------------
+
+def test_timestamps_are_coarsened_and_shops_pseudonymised(exported: Path) -> None:
+    samples = ds.dataset(exported / "samples", partitioning="hive").to_table()
+    assert all(ts % 60_000 == 0 for ts in samples["ts_ms"].to_pylist())
+    activities = ds.dataset(exported / "activities").to_table().to_pydict()
+    assert all((ts + 9 * 3_600_000) % DAY_MS == 0 for ts in activities["ts_ms"])
+    ledger = ds.dataset(exported / "ledger").to_table().to_pydict()
+    assert all((ts + 9 * 3_600_000) % DAY_MS == 0 for ts in ledger["ts_ms"])
+    shops = {s for s in ledger["shop"] if s}
+    assert len(shops) == 1 and SHOP not in shops
+    for path in exported.rglob("*.parquet"):
+        assert SHOP.encode() not in path.read_bytes()
+
+
+def test_quasi_identifiers_are_k_anonymous(exported: Path) -> None:
+    people = pq.read_table(exported / "people" / "people.parquet").to_pydict()
+    manifest = orjson.loads((exported / "manifest.json").read_bytes())["anonymity"]
+    classes = Counter((lo, hi, s, c) for lo, hi, s, c in zip(
+        people["birth_year_min"], people["birth_year_max"], people["sex"], people["cohort"],
+        strict=True) if s is not None)
+    assert manifest["k"] == 5
+    assert min(classes.values()) >= 5
+    suppressed = sum(1 for s in people["sex"] if s is None)
+    assert manifest["people_suppressed"] == suppressed
+    assert manifest["people"] == len(people["user"]) == len(PEOPLE)
+    assert all(hi - lo + 1 == manifest["birth_year_band_years"]
+               for lo, hi in zip(people["birth_year_min"], people["birth_year_max"], strict=True)
+               if lo is not None)
+    activities = ds.dataset(exported / "activities").to_table().to_pydict()
+    assert manifest["venues_suppressed"] == 1 and manifest["activity_rows_venue_suppressed"] == 1
+    assert sum(1 for v in activities["venue"] if v is None) == 1
+
+
+def test_a_smaller_k_keeps_more(world: Path, tmp_path: Path) -> None:
+    manifest = export_embedded(world, tmp_path / "k1", KEY, policy=ExportPolicy(k=1))
+    assert manifest.anonymity["people_suppressed"] == 0
+    assert manifest.anonymity["venues_suppressed"] == 0
+    assert manifest.anonymity["birth_year_band_years"] == 5
+
+
+def test_the_report_shows_aggregates_and_the_risk_list_is_a_separate_staff_file(
+        world: Path, tmp_path: Path) -> None:
+    html_path, csv_path = write_report(world, tmp_path / "report.html")
+    text = html_path.read_text(encoding="utf-8")
+    assert not any(user in text for user in PEOPLE)
+    assert RARE_VENUE not in text
+    assert csv_path.name == "report" + STAFF_RISK_LIST_SUFFIX
+    assert csv_path.read_text(encoding="utf-8").startswith("user_id,")
+
+
+# -- erasure ----------------------------------------------------------------------------
+
+needs_ledger_erasure = pytest.mark.skipif(not hasattr(Ledger, "erase_user"),
+                                          reason="Ledger.erase_user has not landed yet")
+
+@pytest.fixture(scope="module")
+def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """A copy of the world, its settlement and head before, then `genki erase` on it."""
+    data_dir = tmp_path_factory.mktemp("erased") / "genki-data"
+    shutil.copytree(world, data_dir)
+    shutil.copytree(world, data_dir / "p3")  # a Kafka partition store on this host
+    with Ledger.open(data_dir) as ledger:
+        before = ledger.settlement(SHOP, "2026-12")
+    result = subprocess.run(genki_cmd("erase", ERASED, "--reason", "request 2026-12-30 ref 17",
+                                      "--data-dir", str(data_dir), "--json"),
+                            capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr
+    yield {"dir": data_dir, "settlement": before, "result": orjson.loads(result.stdout)}
+
+
+@needs_ledger_erasure
+def test_erasure_removes_the_person_from_the_log_files(erased: dict[str, object]) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    for directory in (data_dir, data_dir / "p3"):
+        with EmbeddedLog.open(directory, writer=False) as log:
+            assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
+            assert ERASED not in log.read_activities(0, log.position()).users
+            assert all(orjson.loads(p)["user_id"] != ERASED for p in log.profiles())
+            assert log.dead_letters() == []
+        for name in ("log.sqlite", "log.sqlite-wal"):
+            path = directory / name
+            assert not path.exists() or ERASED.encode() not in path.read_bytes()
+    removed = erased["result"]["removed"]  # type: ignore[index]
+    assert removed["data_dir"]["samples"] == DAYS
+    assert removed["data_dir"]["dead_letters"] == 1
+    assert removed["genki-data/p3"]["samples"] == DAYS
+
+
+@needs_ledger_erasure
+def test_erasure_is_audited_without_naming_the_person(erased: dict[str, object]) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    audit = ErasureAudit.open(data_dir)
+    try:
+        assert audit.verify() == 2
+        assert audit.is_erased(ERASED) and not audit.is_erased(PEOPLE[3])
+        rows = audit.rows()
+    finally:
+        audit.close()
+    assert [r.state for r in rows] == ["started", "done"]
+    assert rows[0].reason == "request 2026-12-30 ref 17"
+    assert ERASED.encode() not in (data_dir / "privacy.sqlite").read_bytes()
+    check = subprocess.run(genki_cmd("erase", ERASED, "--check", "--data-dir", str(data_dir)),
+                           capture_output=True, check=False)
+    assert check.returncode == 0
+    other = subprocess.run(genki_cmd("erase", PEOPLE[3], "--check", "--data-dir",
+                                     str(data_dir)), capture_output=True, check=False)
+    assert other.returncode == 1
+
+
+@needs_ledger_erasure
+def test_erasure_again_finds_nothing_left(erased: dict[str, object], tmp_path: Path) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    result = erase_person(data_dir, ERASED, "repeat", "test")
+    assert result.already_erased
+    assert all(v == 0 for kinds in result.removed.values() for v in kinds.values())
+
+
+@needs_ledger_erasure
+def test_replay_after_erasure_lacks_the_person(erased: dict[str, object], tmp_path: Path) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    manifest = export_embedded(data_dir, tmp_path / "after", KEY)
+    assert manifest.users_included == len(PEOPLE) - 1
+    pseudonym = _pseudonym(ERASED)
+    for path in (tmp_path / "after").rglob("*.parquet"):
+        assert pseudonym.encode() not in path.read_bytes()
+        assert ERASED.encode() not in path.read_bytes()
+
+
+@needs_ledger_erasure
+def test_the_pipeline_runs_on_after_erasure(erased: dict[str, object]) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    summary = run_pipeline(data_dir)
+    assert summary.awards_appended == 0
+
+
+def test_leaving_day_is_a_tokyo_day() -> None:
+    assert tokyo_day(day_start_ms(iso_to_day(LEFT_ON))) == iso_to_day(LEFT_ON)
