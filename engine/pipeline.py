@@ -121,6 +121,7 @@ class Pipeline:
             _count(summary, samples, activities, output)
             if on_chunk is not None:
                 on_chunk(hi - lo, summary.samples)
+        _settle_leavers(log, ledger, self.rules)
         return summary
 
     def _engine_at(self, log: EmbeddedLog, done: int) -> RulesEngine:
@@ -143,6 +144,17 @@ def run_pipeline(
         summary = pipeline.run(log, ledger, on_chunk)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _settle_leavers(log: EmbeddedLog, ledger: Ledger, rules: Rules) -> None:
+    """Close the balances of people who left, when the rules say so (engine.leaving)."""
+    if rules.leaving is None or rules.leaving.balance != "settle":
+        return
+    from engine.leaving import settlement_drafts
+
+    drafts = settlement_drafts(ledger, lifecycle(log.lifecycle_events()).away_periods(), rules)
+    if drafts:
+        ledger.append(drafts)
 
 
 def _check_rules_version(ledger: Ledger, rules: Rules) -> None:

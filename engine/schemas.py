@@ -240,6 +240,10 @@ class Redemption(Wire):
     ts_ms: int = Field(ge=TS_MS_MIN)
     kind: RedemptionKind
     refund_of: str | None = None
+    # Set by the HTTP API: a digest of the shop's request (same key + another request is
+    # refused by the ledger) and the programme's daily redemption limit per person.
+    request: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    points_per_day_max: int | None = Field(default=None, gt=0)
     # Set by the API in Kafka mode; workers refuse records without a valid one.
     auth: RecordAuth | None = None
 

@@ -15,6 +15,7 @@ import pytest
 
 from engine.clock import DAY_MS, day_start_ms, iso_to_day, tokyo_day
 from engine.consent import TS_OPEN_END_MS, LifecycleEvent, lifecycle
+from engine.devices import DeviceRegistry
 from engine.erasure import ErasureAudit, erase_person
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
@@ -249,6 +250,9 @@ def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     shutil.copytree(world, data_dir / "p3")  # a Kafka partition store on this host
     with Ledger.open(data_dir) as ledger:
         before = ledger.settlement(SHOP, "2026-12")
+    with DeviceRegistry.open(data_dir) as registry:
+        registry.enroll(ERASED, f"{ERASED}-watch", "garmin", NOW_MS, "test")
+        registry.enroll(PEOPLE[3], f"{PEOPLE[3]}-watch", "garmin", NOW_MS, "test")
     result = subprocess.run(genki_cmd("erase", ERASED, "--reason", "request 2026-12-30 ref 17",
                                       "--data-dir", str(data_dir), "--json"),
                             capture_output=True, check=False)
@@ -269,8 +273,13 @@ def test_erasure_removes_the_person_from_the_log_files(erased: dict[str, object]
         for name in ("log.sqlite", "log.sqlite-wal"):
             path = directory / name
             assert not path.exists() or ERASED.encode() not in path.read_bytes()
+    with DeviceRegistry.open(data_dir) as registry:
+        assert registry.enrolments(ERASED) == []
+        assert [e["user_id"] for e in registry.events()] == [PEOPLE[3]]
+    assert ERASED.encode() not in (data_dir / "devices.sqlite").read_bytes()
     removed = erased["result"]["removed"]  # type: ignore[index]
     assert removed["data_dir"]["samples"] == DAYS
+    assert removed["data_dir"]["device_enrolments"] == 2
     assert removed["data_dir"]["dead_letters"] == 1
     assert removed["genki-data/p3"]["samples"] == DAYS
 
@@ -328,3 +337,84 @@ def test_the_pipeline_runs_on_after_erasure(erased: dict[str, object]) -> None:
 
 def test_leaving_day_is_a_tokyo_day() -> None:
     assert tokyo_day(day_start_ms(iso_to_day(LEFT_ON))) == iso_to_day(LEFT_ON)
+
+
+def test_settle_closes_the_balance_at_leaving_and_runs_once(tmp_path: Path) -> None:
+    from engine.pipeline import RULES_DEFAULT_PATH
+    from engine.rules.config import load_rules
+
+    rules_path = tmp_path / "settle.toml"
+    rules_path.write_text(RULES_DEFAULT_PATH.read_text(encoding="utf-8")
+                          + '\n[leaving]\nbalance = "settle"\n', encoding="utf-8")
+    assert "leaving" not in load_rules(RULES_DEFAULT_PATH).normalised()
+    data_dir = tmp_path / "genki-data"
+    with EmbeddedLog.open(data_dir) as log:
+        log.ingest_lines([orjson.dumps(r) for r in _records()], "test", 1, NOW_MS)
+    run_pipeline(data_dir, rules_path)
+    again = run_pipeline(data_dir, rules_path)
+    with Ledger.open(data_dir) as ledger:
+        entries = ledger.history(LEAVER, None, 1000)[0]
+        settled = [e for e in entries if e.rule == "leaving.settle"]
+        awarded = sum(e.points for e in entries if e.kind == "award")
+        assert ledger.balance(LEAVER) == 0
+        assert ledger.balance(PEOPLE[4]) > 0
+    assert [(e.kind, e.points, e.day, e.ts_ms) for e in settled] == [
+        ("expire", -awarded, LEFT_ON, day_start_ms(iso_to_day(LEFT_ON)))]
+    assert again.awards_appended == 0
+
+
+@needs_ledger_erasure
+def test_the_staff_endpoint_erases_and_the_api_answers_404(world: Path, tmp_path: Path) -> None:
+    from engine.api.store import Role
+    from tests.test_api import Server, make_key
+
+    home = tmp_path / "home"
+    shutil.copytree(world, home)
+    staff, app = make_key(home, Role.staff), make_key(home, Role.app)
+    server = Server(home)
+    try:
+        with server.client(app) as client:
+            assert client.get(f"/v1/users/{ERASED_BY_API}/balance").status_code == 200
+        with server.client(app) as client:
+            refused = client.post(f"/v1/users/{ERASED_BY_API}/erase", json={"reason": "r"})
+        assert refused.status_code == 403
+        with server.client(staff) as client:
+            first = client.post(f"/v1/users/{ERASED_BY_API}/erase",
+                                json={"reason": "request ref 99"})
+            second = client.post(f"/v1/users/{ERASED_BY_API}/erase",
+                                 json={"reason": "request ref 99"})
+        assert first.status_code == 200, first.text
+        assert first.json()["removed"]["data_dir"]["samples"] == DAYS
+        assert second.status_code == 200 and second.json()["already_erased"]
+        assert all(v == 0 for v in second.json()["removed"]["data_dir"].values())
+        with server.client(app) as client:
+            for path in ("balance", "history", "flags"):
+                response = client.get(f"/v1/users/{ERASED_BY_API}/{path}")
+                assert response.status_code == 404, (path, response.text)
+            assert client.get(f"/v1/users/{PEOPLE[4]}/balance").status_code == 200
+    finally:
+        server.stop()
+    audit = ErasureAudit.open(home)
+    try:
+        assert [row.actor.startswith("api:") for row in audit.rows()] == [True] * 4
+    finally:
+        audit.close()
+
+
+@needs_ledger_erasure
+def test_after_erasure_the_ledger_verifies_and_settlement_is_unchanged(
+        erased: dict[str, object]) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    for directory in (data_dir, data_dir / "p3"):
+        result = subprocess.run(genki_cmd("ledger", "verify", "--data-dir", str(directory)),
+                                capture_output=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+    with Ledger.open(data_dir) as ledger:
+        assert ledger.settlement(SHOP, "2026-12") == erased["settlement"]
+        assert ledger.settlement(SHOP, "2026-12").redemptions == 2
+        assert ledger.balance(ERASED) == 0
+        assert ledger.history(ERASED, None, 10)[0] == []
+        assert ledger.flag_history(ERASED) == []
+    removed = erased["result"]["removed"]["data_dir"]  # type: ignore[index]
+    assert removed["ledger_entries_unlinked"] > DAYS

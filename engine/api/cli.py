@@ -15,7 +15,12 @@ from typing import Any
 
 import orjson
 
-from engine.api.limits import TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX
+from engine.api.limits import (
+    POINTS_PER_PERSON_PER_DAY_MAX_ENV,
+    POINTS_PER_REDEMPTION_MAX_ENV,
+    TOKEN_TTL_S_DEFAULT,
+    TOKEN_TTL_S_MAX,
+)
 from engine.api.store import ApiStore, Role
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
@@ -52,7 +57,8 @@ def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None
           clock_offset_ms: int | None = None, log_level: str = "warning",
           access_log: bool = False, loop: str = "auto", http: str = "auto",
           hold_ingest_log: bool = True, bootstrap: str | None = None, topic_prefix: str = "",
-          partitions_dir: Path | None = None) -> int:
+          partitions_dir: Path | None = None, points_per_redemption_max: int | None = None,
+          points_per_person_per_day_max: int | None = None) -> int:
     """Print the URL (first line of stdout), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -60,7 +66,9 @@ def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None
 
     app = create_app(data_dir, token_ttl_s=token_ttl_s, clock_offset_ms=clock_offset_ms,
                      hold_ingest_log=hold_ingest_log, bootstrap=bootstrap,
-                     topic_prefix=topic_prefix, partitions_dir=partitions_dir)
+                     topic_prefix=topic_prefix, partitions_dir=partitions_dir,
+                     points_per_redemption_max=points_per_redemption_max,
+                     points_per_person_per_day_max=points_per_person_per_day_max)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     what = str(data_dir) if bootstrap is None else f"Kafka {bootstrap} (keys in {data_dir})"
@@ -87,7 +95,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  clock_offset_ms=args.clock_offset_ms, log_level=args.log_level,
                  access_log=args.access_log, loop=args.loop, http=args.http,
                  hold_ingest_log=not args.ingest_per_request, bootstrap=args.bootstrap,
-                 topic_prefix=args.topic_prefix, partitions_dir=args.partitions_dir)
+                 topic_prefix=args.topic_prefix, partitions_dir=args.partitions_dir,
+                 points_per_redemption_max=args.points_per_redemption_max,
+                 points_per_person_per_day_max=args.points_per_person_per_day_max)
 
 
 def serve_demo(data_dir: Path, console: Any) -> int:
@@ -161,6 +171,13 @@ def _positive_ttl(text: str) -> int:
     return value
 
 
+def _positive_points(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a positive number of points")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve the HTTP API (FastAPI + uvicorn)")
     parser.add_argument("--host", default=HOST_DEFAULT, help=f"default {HOST_DEFAULT}")
@@ -186,6 +203,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="Kafka mode: the workers' data directory (p<N>/ledger.sqlite), "
                              "read only, to answer balance, history and flags; without it "
                              "reads answer 503")
+    parser.add_argument("--points-per-redemption-max", type=_positive_points, default=None,
+                        metavar="POINTS",
+                        help="refuse a redemption of more points (422 "
+                             "points_per_redemption_max_exceeded); default: no limit, or "
+                             f"${POINTS_PER_REDEMPTION_MAX_ENV}")
+    parser.add_argument("--points-per-person-per-day-max", type=_positive_points, default=None,
+                        metavar="POINTS",
+                        help="refuse a redemption that takes a person past this many points "
+                             "redeemed in one Tokyo day, at any shop (409 "
+                             "points_per_person_per_day_max_exceeded); default: no limit, or "
+                             f"${POINTS_PER_PERSON_PER_DAY_MAX_ENV}")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     add_data_dir_arg(parser)

@@ -30,6 +30,7 @@ class Reason(StrEnum):
     unsupported_type = "unsupported_type"  # a vendor record type genki has no metric for
     overlapping_interval = "overlapping_interval"  # an amount over an interval already counted
     not_enrolled = "not_enrolled"          # (person, device) not enrolled for the submitting key
+    not_permitted = "not_permitted"        # profiles/consent from a key that may not write them
 
 
 def reason_text(code: Reason, field: str, detail: str) -> str:

@@ -230,7 +230,9 @@ class PartitionStore:
         try:
             if request.kind == RedemptionKind.redeem:
                 self.ledger.redeem(request.user_id, request.points, request.shop_id,
-                                   request.terminal_id, request.idempotency_key, request.ts_ms)
+                                   request.terminal_id, request.idempotency_key, request.ts_ms,
+                                   request=request.request,
+                                   points_per_day_max=request.points_per_day_max)
             else:
                 assert request.refund_of is not None
                 self.ledger.refund(request.refund_of, request.points, request.idempotency_key,

@@ -243,12 +243,21 @@ else:
 # ----------------------------------------------------------------------------- rules
 
 
+class Leaving(_Strict):
+    """The balance of a person who leaves the programme (docs/privacy.md): "expire" keeps it
+    under the ordinary expiry (`genki ledger expire`); "settle" closes it at the moment of
+    leaving with one `expire` entry (rule leaving.settle) the city can settle."""
+
+    balance: Literal["expire", "settle"] = "expire"
+
+
 class Rules(_Strict):
     """Validated rules. `version` hashes the normalised content, not the file text."""
 
     points: PointsRules
     campaigns: list[Campaign] = Field(default_factory=list, max_length=CAMPAIGNS_MAX)
     flags: FlagRules
+    leaving: Leaving | None = None  # absent: "expire" (and the version of older files)
 
     @model_validator(mode="after")
     def _campaigns_consistent(self) -> Rules:
@@ -269,7 +278,10 @@ class Rules(_Strict):
         return self
 
     def normalised(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        dumped = self.model_dump(mode="json", by_alias=True)
+        if self.leaving is None:
+            del dumped["leaving"]
+        return dumped
 
     def canonical_json(self) -> bytes:
         return orjson.dumps(self.normalised(), option=orjson.OPT_SORT_KEYS)
