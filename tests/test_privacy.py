@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from engine.clock import DAY_MS, day_start_ms, iso_to_day, tokyo_day
+from engine.clock import DAY_MS, day_start_ms, day_to_iso, iso_to_day, tokyo_day
 from engine.consent import TS_OPEN_END_MS, LifecycleEvent, lifecycle
 from engine.devices import DeviceRegistry
 from engine.erasure import ErasureAudit, erase_person
@@ -27,11 +27,11 @@ from replay.report import STAFF_RISK_LIST_SUFFIX, write_report
 from tests.conftest import genki_cmd
 
 KEY = b"privacy-test-key-0123456789"
-NOW_MS = day_start_ms(iso_to_day("2026-12-31"))
-FIRST_DAY = iso_to_day("2026-12-01")
+NOW_MS = day_start_ms(iso_to_day("2026-10-21"))  # in the past: Kafka workers use the clock
+FIRST_DAY = iso_to_day("2026-09-22")  # a Tuesday
 DAYS = 20
-WITHDRAWN_ON = "2026-12-10"
-LEFT_ON = "2026-12-12"
+WITHDRAWN_ON = "2026-09-30"
+LEFT_ON = "2026-10-03"  # a Saturday
 PEOPLE = [f"citizen-{n:02d}" for n in range(1, 13)]
 WITHDRAWER, LEAVER, ERASED, ERASED_BY_API = PEOPLE[0], PEOPLE[1], PEOPLE[6], PEOPLE[7]
 RARE_VENUE, BIG_VENUE = "venue-rare", "venue-big"
@@ -40,7 +40,7 @@ SHOP = "shop-alpha"
 
 def _profile(user: str, index: int, consent: bool = True) -> dict[str, object]:
     return {"v": 1, "user_id": user, "birth_year": 1950 + index % 3, "sex": "F" if index % 2 else "M",
-            "cohort": "app", "enrolled_on": "2026-11-01", "research_consent": consent}
+            "cohort": "app", "enrolled_on": "2026-08-01", "research_consent": consent}
 
 
 def _consent(user: str, change: ConsentChange, on: str, seq: int) -> dict[str, object]:
@@ -152,7 +152,7 @@ def test_exports_hold_a_person_only_inside_their_consent_period(world: Path,
     days = Counter(d for u, d in zip(samples["user"], samples["day"], strict=True)
                    if u == _pseudonym(WITHDRAWER))
     withdrawn = iso_to_day(WITHDRAWN_ON)
-    assert sorted(days) == [f"2026-12-{d:02d}" for d in range(1, withdrawn - FIRST_DAY + 1)]
+    assert sorted(days) == [day_to_iso(d) for d in range(FIRST_DAY, withdrawn)]
     assert set(days.values()) == {3}
     other = Counter(d for u, d in zip(samples["user"], samples["day"], strict=True)
                     if u == _pseudonym(PEOPLE[4]))
@@ -180,10 +180,10 @@ def test_a_person_who_left_gets_no_awards_from_that_day(world: Path) -> None:
     left = iso_to_day(LEFT_ON)
     assert tier_days(leaver) == set(range(FIRST_DAY, left))
     assert tier_days(stayer) == set(range(FIRST_DAY, FIRST_DAY + DAYS))
-    # the week of leaving (Mon 12-07 .. Sun 12-13) counts only the five days before it
-    assert ("2026-12-13", "streak.5of7") in streaks(leaver)
-    assert ("2026-12-13", "streak.7of7") not in streaks(leaver)
-    assert ("2026-12-13", "streak.7of7") in streaks(stayer)
+    # the week of leaving (Mon 09-28 .. Sun 10-04) counts only the five days before it
+    assert ("2026-10-04", "streak.5of7") in streaks(leaver)
+    assert ("2026-10-04", "streak.7of7") not in streaks(leaver)
+    assert ("2026-10-04", "streak.7of7") in streaks(stayer)
 
 
 # -- exports that resist re-identification ----------------------------------------------
@@ -249,7 +249,7 @@ def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     shutil.copytree(world, data_dir)
     shutil.copytree(world, data_dir / "p3")  # a Kafka partition store on this host
     with Ledger.open(data_dir) as ledger:
-        before = ledger.settlement(SHOP, "2026-12")
+        before = ledger.settlement(SHOP, "2026-09")
     with DeviceRegistry.open(data_dir) as registry:
         registry.enroll(ERASED, f"{ERASED}-watch", "garmin", NOW_MS, "test")
         registry.enroll(PEOPLE[3], f"{PEOPLE[3]}-watch", "garmin", NOW_MS, "test")
@@ -411,8 +411,8 @@ def test_after_erasure_the_ledger_verifies_and_settlement_is_unchanged(
                                 capture_output=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
     with Ledger.open(data_dir) as ledger:
-        assert ledger.settlement(SHOP, "2026-12") == erased["settlement"]
-        assert ledger.settlement(SHOP, "2026-12").redemptions == 2
+        assert ledger.settlement(SHOP, "2026-09") == erased["settlement"]
+        assert ledger.settlement(SHOP, "2026-09").redemptions == 2
         assert ledger.balance(ERASED) == 0
         assert ledger.history(ERASED, None, 10)[0] == []
         assert ledger.flag_history(ERASED) == []
