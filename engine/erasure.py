@@ -243,6 +243,8 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
                 removed.update(opened.erase_user(user_id))
         else:
             removed.update(log.erase_user(user_id))
+    from engine.snapshots import remove_snapshots  # rules state holds the person's rows
+    removed["engine_snapshots"] = remove_snapshots(directory)
     if (directory / DEVICES_FILE_NAME).exists():
         with DeviceRegistry.open(directory) as registry:
             removed["device_enrolments"] = registry.erase_user(user_id)

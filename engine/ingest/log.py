@@ -15,6 +15,7 @@ that is lossless, float64 otherwise.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -184,6 +185,7 @@ class EmbeddedLog:
                  late_window_days: int) -> None:
         self._db = db
         self._lock_file = lock_file
+        self.data_dir: Path | None = None
         self.late_window_days = late_window_days
         self._streams: dict[tuple[str, str, int], int] = {}
         self._watermarks: dict[tuple[str, str], int] = {}
@@ -208,7 +210,9 @@ class EmbeddedLog:
                                 "wait for it to finish")
         db = connect(data_dir / LOG_FILE_NAME)
         db.executescript(_SCHEMA)
-        return cls(db, lock_file, late_window_days)
+        opened = cls(db, lock_file, late_window_days)
+        opened.data_dir = data_dir
+        return opened
 
     def close(self) -> None:
         self._db.close()
@@ -576,6 +580,20 @@ class EmbeddedLog:
         self._db.executemany(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             list(meta.items()))
+
+    def late_window_days_max(self) -> int:
+        """The widest late window this log has been written with (what state must keep)."""
+        return max(self.late_window_days, int(self.get_meta(META_SEEN_WINDOW_DAYS) or 0))
+
+    def profiles_digest(self) -> str:
+        """SHA-256 over every profile and consent record (what step targets and the periods
+        people are in the programme depend on): rules state built under other ones is stale."""
+        digest = hashlib.sha256()
+        for table in ("profile_records", "consent_records"):
+            digest.update(table.encode())
+            for seq, body in self._db.execute(f"SELECT seq, body FROM {table} ORDER BY seq"):
+                digest.update(str(seq).encode() + b"\x1f" + bytes(body) + b"\x1e")
+        return digest.hexdigest()
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -184,7 +184,8 @@ class PartitionStore:
         from engine.rules.config import load_rules
 
         if self._pipeline is None:
-            self._pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH))
+            self._pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH),
+                                      snapshot_at_end=False)
         if profiles_changed:
             self._pipeline.invalidate()
         return self._pipeline.run(self.log, self.ledger)

@@ -296,6 +296,16 @@ class GaitStore:
     def pending(self) -> int:
         return sum(len(keys) for keys in self._pending)
 
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return ({"keys": self.keys, "pending": np.concatenate([np.zeros(0, np.int64),
+                                                              *self._pending])},
+                {"pruned_size": self._pruned_size})
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.keys = arrays["keys"].astype(np.int64)
+        self._pending = [arrays["pending"].astype(np.int64)] if len(arrays["pending"]) else []
+        self._pruned_size = int(meta["pruned_size"])
+
     def add(self, user: np.ndarray, day: np.ndarray, value_fixed: np.ndarray) -> None:
         offset = day - GAIT_DAY_BASE
         if len(user) and int(user.max()) >= GAIT_USERS_MAX:
