@@ -264,7 +264,7 @@ def write_report(data_dir: Path, out: Path, month: str | None = None,
     from engine.evaluation.report import evaluation_section
 
     page = _html(data, risks, month, k)
-    out.write_text(page.replace("</body>", evaluation_section(data_dir) + "</body>", 1),
+    out.write_text(page.replace("</body>", evaluation_section(data_dir, k) + "</body>", 1),
                    encoding="utf-8")
     return out, csv_path
 

@@ -9,13 +9,16 @@ directory. Each test uses its own users.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from engine.api.store import Role
 from engine.kafka.combined import combined_ledger
@@ -308,3 +311,59 @@ def test_a_timed_out_redemption_is_finished_by_a_retry_with_the_same_key(
         assert combined_ledger(scenario.worker_dir).balances[user] == before - 3
     finally:
         server.stop()
+
+
+def test_unreadable_outcome_records_are_skipped_and_redemptions_go_on(
+        scenario: Scenario, worker: Worker, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """Garbage on genki.dlq and genki.ledger while a request is watched: the API's outcome
+    consumer skips it (counted on /healthz) and the next redemption still succeeds. This
+    API has no --partitions-dir, so its answers can only come through that consumer."""
+    user = scenario.users[4]
+    monkeypatch.setenv("GENKI_API_OUTCOME_WAIT_S", "1")
+    keys = {"app": make_key(tmp_path, Role.app), "shop": make_key(tmp_path, Role.shop, SHOP)}
+    server = Server(tmp_path, *scenario.target.args())
+    try:
+        api = Scenario(scenario.target, tmp_path, server, scenario.worker_dir, keys,
+                       scenario.users)
+        worker.stop()
+        start = balance(scenario, user)
+        assert redeem(api, token_for(api, user), 1, "sale-watched").status_code == 504
+        garbage = [b"not json", b"[1, 2]", b'{"source": 7, "partition": "x"}',
+                   orjson.dumps({"source": scenario.target.topic("genki.redemptions"),
+                                 "partition": None, "offset": [], "raw_b64": "%%%"})]
+        asyncio.run(produce_to_every_partition(scenario.target, "genki.dlq", garbage, None))
+        asyncio.run(produce_to_every_partition(scenario.target, "genki.ledger",
+                                               [b"{", b'{"entry_id": 1}'], user.encode()))
+
+        def skipped() -> bool:
+            return int(httpx.get(server.url + "/healthz").json()["outcome_records_skipped"]) \
+                >= 2 * PARTITIONS + 2
+
+        wait_for(skipped, "the API to read the garbage")
+        worker.start()
+        wait_for(lambda: balance(scenario, user) == start - 1, "the worker to apply the watched one")
+        token, answers = token_for(api, user), []
+
+        def answered() -> bool:  # the same key: a 504 while the worker warms up is retried
+            answers.append(redeem(api, token, 2, "sale-after-garbage"))
+            return answers[-1].status_code != 504
+
+        wait_for(answered, "the next redemption")
+        assert answers[-1].status_code == 201, answers[-1].text
+        assert balance(scenario, user) == start - 1 - 2
+    finally:
+        server.stop()
+
+
+async def produce_to_every_partition(target: KafkaTarget, name: str, values: list[bytes],
+                                     key: bytes | None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap)
+    await producer.start()
+    try:
+        for partition in range(PARTITIONS):
+            for value in values:
+                await producer.send_and_wait(target.topic(name), value, key=key,
+                                             partition=partition)
+    finally:
+        await producer.stop()

@@ -10,7 +10,7 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from engine.evaluation.evaluate import EvaluationSpec, evaluate
+from engine.evaluation.evaluate import EvaluationSpec, evaluate, treatment_counts
 from engine.evaluation.linkage import (
     LINKAGE_DIR,
     LinkageError,
@@ -18,6 +18,7 @@ from engine.evaluation.linkage import (
     link_care_data,
     pseudonymiser,
 )
+from engine.evaluation.programme import ProgrammeData
 from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
 from engine.pipeline import run_pipeline
@@ -200,3 +201,52 @@ def test_evaluate_steps_outcome_is_a_difference_in_differences(linked: Path,
     naive = change[treated].mean() - change[~treated].mean()
     assert report["naive"]["difference"]["estimate"] == pytest.approx(naive, abs=1e-6)
     assert report["effect_kind"] == "difference-in-differences of mean daily steps"
+
+
+def _programme(**columns: np.ndarray) -> ProgrammeData:
+    empty_i, empty_o = np.zeros(0, np.int64), np.zeros(0, object)
+    base: dict[str, object] = {
+        "user_ids": ["A", "B", "C"], "birth_year": np.array([1950, 1950, 1950]),
+        "sex": np.array(["F", "M", "F"], dtype=object),
+        "cohort": np.array(["app"] * 3, dtype=object), "enrolled_day": np.zeros(3, np.int64),
+        "people_left_out_no_consent": 0, "steps_person": empty_i, "steps_day": empty_i,
+        "steps": np.zeros(0), "act_person": empty_i, "act_day": empty_i, "act_kind": empty_o,
+        "act_venue": empty_o, "flag_person": empty_i, "flag_name": empty_o,
+        "flag_raised": np.zeros(0, bool), "flag_day": empty_i, "entry_person": empty_i,
+        "entry_kind": empty_o, "entry_rule": empty_o, "entry_points": empty_i,
+        "entry_day": empty_i}
+    base.update(columns)
+    return ProgrammeData(**base)  # type: ignore[arg-type]
+
+
+def test_treatment_counts_distinct_days_by_kind_venue_or_campaign() -> None:
+    data = _programme(
+        act_person=np.array([0, 0, 0, 1, 1, 2]), act_day=np.array([10, 10, 11, 12, 30, 11]),
+        act_kind=np.array(["class", "class", "class", "checkin", "class", "class"], object),
+        act_venue=np.array(["V1", "V1", "V2", "V1", "V2", "V2"], object),
+        entry_person=np.array([2, 2, 2, 0]), entry_day=np.array([10, 10, 12, 11]),
+        entry_kind=np.array(["award", "award", "award", "award"], object),
+        entry_rule=np.array(["campaign.walk", "campaign.walk", "campaign.walk",
+                             "campaign.walkabout"], object),
+        entry_points=np.array([1, 1, 1, 1]))
+    counts, definition = treatment_counts(data, EvaluationSpec(), (10, 20))
+    assert counts.tolist() == [2, 0, 1] and definition == {"kind": "class", "venues": None}
+    counts, _ = treatment_counts(data, EvaluationSpec(venues=("V1",)), (10, 20))
+    assert counts.tolist() == [1, 1, 0]
+    counts, definition = treatment_counts(data, EvaluationSpec(campaign="walk"), (10, 20))
+    assert counts.tolist() == [0, 0, 2] and definition == {"campaign": "walk"}
+
+
+def test_simulate_cli_writes_care_data_with_its_key(tmp_path: Path) -> None:
+    out = tmp_path / "fleet"
+    subprocess.run(genki_cmd("simulate", "--participants", "3", "--app-users", "10", "--days",
+                             "4", "--out", str(out), "--care-data"), check=True,
+                   capture_output=True)
+    key = (out / "pseudonym-key.txt").read_bytes().strip()
+    lines = (out / "care-data.csv").read_text().splitlines()
+    assert lines[0] == f"# genki-care-data v=1 key_check={key_check(key)}"
+    assert len(lines) == 2 + 13
+    truth = orjson.loads((out / "care-truth.json").read_bytes())
+    assert truth["true_risk_ratio"] == 0.7
+    assert truth["treatment"] == {"kind": "class", "attendances_min": 1, "since": "2026-09-03",
+                                  "until": "2026-09-04"}

@@ -242,7 +242,8 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Response:
-        return json_response({"status": "ok", "version": engine.__version__})
+        return json_response({"status": "ok", "version": engine.__version__,
+                              **service.health()})
 
     @app.get("/v1/users/{user_id}/balance", tags=["users"], response_model=models.BalanceOut)
     async def balance(user_id: UserId, _: Principal = reader) -> Response:

@@ -168,3 +168,6 @@ class KafkaApiService(ApiService):
         super().__init__(data_dir, PartitionReads(partitions_dir, bridge),
                          KafkaRedeemer(bridge), kafka=True, **options)
         self.bridge = bridge
+
+    def health(self) -> dict[str, Any]:
+        return {"outcome_records_skipped": self.bridge.skipped_records}

@@ -61,9 +61,10 @@ def _plot_participation(months: list[dict]) -> str | None:  # type: ignore[type-
     return _svg(figure)
 
 
-def indicators_html(data_dir: Path) -> str:
+def indicators_html(data_dir: Path, k: int = 1) -> str:
     result = compute_indicators(data_dir)
-    months: list[dict] = result["months"]  # type: ignore[assignment,type-arg]
+    months: list[dict] = [m for m in result["months"]  # type: ignore[attr-defined,type-arg]
+                          if m["people"] >= k]
     kinds = sorted({k for m in months for k in m["by_venue_kind"]})
     rows = [[m["month"], f"{m['people']:,}", _pct(m["weekly_share"]), _pct(m["monthly_share"]),
              *(_pct(m["by_venue_kind"].get(k, {}).get("monthly_share")) for k in kinds),
@@ -73,7 +74,7 @@ def indicators_html(data_dir: Path) -> str:
     return (f"<h2>Indicators</h2><p>{html.escape(str(result['population']))}; "
             f"{int(result['people_left_out_no_consent']):,} people without research consent "  # type: ignore[call-overload]
             "are left out. Weekly: at least once in every whole Monday–Sunday week of the "
-            "month.</p>"
+            f"month. Months with fewer than {k} people are not shown.</p>"
             + _table(["month", "people 65+", "weekly", "monthly",
                       *(f"monthly: {k}" for k in kinds), "points awarded", "points redeemed",
                       "people flagged"], rows) + image)
@@ -130,13 +131,16 @@ def _effect_rows(report: dict) -> list[list[object]]:  # type: ignore[type-arg]
     return rows
 
 
-def evaluation_html(data_dir: Path) -> str:
+def evaluation_html(data_dir: Path, k: int = 1) -> str:
     path = data_dir / EVALUATION_DIR / EVALUATION_FILE
     if not path.exists():
         return ("<h2>Programme evaluation</h2><p>No evaluation yet: run <code>genki link</code> "
                 "and <code>genki evaluate</code>.</p>")
     report = orjson.loads(path.read_bytes())
     people, design = report["people"], report["design"]
+    if min(people["treated_matched"], people["controls_used"]) < k:
+        return (f"<h2>Programme evaluation</h2><p>The latest evaluation compared fewer than {k} "
+                "people in a group; not shown in an aggregate report.</p>")
     treatment = design["treatment"]
     what = (f"campaign {treatment['campaign']}" if treatment.get("campaign")
             else f"{treatment.get('kind') or 'any activity'}"
@@ -162,6 +166,7 @@ def evaluation_html(data_dir: Path) -> str:
         + images)
 
 
-def evaluation_section(data_dir: Path) -> str:
-    """HTML for `genki report`: indicators first, then the latest evaluation."""
-    return indicators_html(data_dir) + evaluation_html(data_dir)
+def evaluation_section(data_dir: Path, k: int = 1) -> str:
+    """HTML for `genki report`: indicators first, then the latest evaluation; groups of fewer
+    than k people are not shown (the report's k-anonymity threshold)."""
+    return indicators_html(data_dir, k) + evaluation_html(data_dir, k)
