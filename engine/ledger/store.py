@@ -100,6 +100,7 @@ _INSERT_SQL = f"INSERT INTO journal ({_JOURNAL_SQL}) VALUES ({', '.join('?' * 12
 _LINK_SQL = ("INSERT INTO entry_links (seq, entry_id, user_id, ref) VALUES "
              "(?1, ?2, ?3, CASE WHEN ?4 = 'redeem' OR ?4 = 'refund' THEN NULL ELSE ?5 END)")
 _LINK_FIELDS = operator.itemgetter(0, 1, 2, 3, 8)
+_first = operator.itemgetter(0)
 _FLAG_FIELDS: tuple[str, ...] = (
     "flag_id", "user_id", "flag", "state", "day", "evidence", "rules_version",
 )
@@ -611,8 +612,11 @@ class Ledger:
         with self._read() as db:
             seq, chain_head = _head(db)
             outstanding = db.execute("SELECT COALESCE(SUM(points), 0) FROM balances").fetchone()[0]
+            # In seq order (both tables are read front to back), sorted here: str order is
+            # code point order, which is UTF-8 byte order.
             linked = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
-                                "rules_version FROM entries ORDER BY entry_id")
+                                "rules_version FROM entries").fetchall()
+            linked.sort(key=_first)
             contents = list(_content_bytes(linked))
             erased = _erased_contents(db) if len(contents) < seq else []
             flags_seq, flags_head = _flag_head(db)
