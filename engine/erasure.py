@@ -226,13 +226,20 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
                 log: Any = None, ledger: Any = None) -> dict[str, int]:
     """Erase one person from one data directory's log and ledger (opened here unless given)."""
     from engine.devices import DEVICES_FILE_NAME, DeviceRegistry
-    from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog
+    from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, LogLocked
     from engine.ledger import LEDGER_FILE_NAME, Ledger
 
     removed: dict[str, int] = {}
     if log is not None or (directory / LOG_FILE_NAME).exists():
         if log is None:
-            with EmbeddedLog.open(directory) as opened:
+            try:
+                opened = EmbeddedLog.open(directory)
+            except LogLocked:
+                raise ErasureError(
+                    f"another genki process holds the log of {directory} (a running `genki "
+                    "serve` or worker): erase through the API (POST /v1/users/{id}/erase with "
+                    "a staff key), or stop that process and run this again") from None
+            with opened:
                 removed.update(opened.erase_user(user_id))
         else:
             removed.update(log.erase_user(user_id))
@@ -243,8 +250,8 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
             removed["device_enrolments"] = registry.erase_user(user_id)
     if ledger is not None or (directory / LEDGER_FILE_NAME).exists():
         if ledger is None:
-            with Ledger.open(directory) as opened:
-                removed.update(_erase_ledger(opened, user_id, reason))
+            with Ledger.open(directory) as opened_ledger:
+                removed.update(_erase_ledger(opened_ledger, user_id, reason))
         else:
             removed.update(_erase_ledger(ledger, user_id, reason))
     return removed

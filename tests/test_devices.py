@@ -74,6 +74,10 @@ def test_genki_devices_enroll_list_unenroll_bind_enforce(tmp_path: Path) -> None
     assert scope == {"key_id": "k123", "vendors": ["garmin"], "profiles": True}
     assert orjson.loads(genki("devices", "enforce", "off", "--json", *data).stdout) == {
         "enforced": False}
+    created = orjson.loads(genki("keys", "create", "--role", "gateway", "--vendor", "garmin",
+                                 "--json", *data).stdout)
+    assert created["scope"] == {"key_id": created["key_id"], "vendors": ["garmin"],
+                                "profiles": False}
     refused = subprocess.run(genki_cmd("devices", "unenroll", "E2", "fitbit-1", *data),
                              capture_output=True, check=False)
     assert refused.returncode == 4 and b"not enrolled" in refused.stderr
@@ -178,6 +182,9 @@ def test_every_record_remembers_the_key_that_submitted_it(
         positions = log.positions_of_key(acme)
         assert sum(last - first + 1 for first, last in positions) == by_key[acme]["records"]
         assert not log.positions_of_key("k-never-used")
+    shown = orjson.loads(genki("provenance", acme, "--json", "--data-dir", str(home)).stdout)
+    assert shown == {"key_id": acme, "counts": by_key[acme],
+                     "positions": [list(p) for p in positions]}
 
 
 def test_the_operator_cli_is_trusted_and_attributed_to_operator(tmp_path: Path) -> None:
@@ -206,3 +213,16 @@ def test_staff_device_endpoints_need_a_staff_key(
 
 
 JSON_TYPE = "application/json"
+
+
+def test_an_unbound_gateway_key_writes_enrolled_pairs_only(tmp_path: Path) -> None:
+    with DeviceRegistry.open(tmp_path) as registry:
+        registry.enroll("E1", "d1", "garmin", TS_MS, "test")
+        registry.enroll("E2", "d2", "fitbit", TS_MS, "test", key_id="k-fitbit")
+        policy = registry.policy_for("k-plain")
+    assert policy.device_problem("E1", "d1") is None
+    assert policy.device_problem("E1", "d9") == "device d9 is not enrolled for person E1"
+    assert policy.device_problem("E3", "d1") == "device d1 is not enrolled for person E3"
+    assert policy.device_problem("E2", "d2") == (
+        "device d2 is enrolled for key k-fitbit, outside the scope of key k-plain "
+        "(vendors: none)")

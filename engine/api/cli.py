@@ -25,6 +25,7 @@ from engine.api.store import ApiStore, Role
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
 from engine.kafka.client import add_security_args
+from engine.ledger.cli import register_signing_keys
 
 HOST_DEFAULT = "127.0.0.1"
 PORT_DEFAULT = 8080
@@ -131,10 +132,21 @@ def serve_demo(data_dir: Path, console: Any) -> int:
 
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
+    if (args.vendor or args.enrolment) and args.role != Role.gateway.value:
+        raise UsageError("--vendor and --enrolment are for gateway keys only")
     with ApiStore.open(data_dir_of(args)) as store:
         key_text, record = store.create_key(args.role, args.shop, args.label, _now_ms())
+    scope = None
+    if args.vendor or args.enrolment:  # engine.devices: what this gateway key may write
+        from engine.devices import DeviceRegistry
+
+        with DeviceRegistry.open(data_dir_of(args)) as registry:
+            scope = registry.bind_key(record.key_id, args.vendor or [], args.enrolment,
+                                      _now_ms()).to_dict()
     if args.json:
-        sys.stdout.write(orjson.dumps({"key": key_text, **record.to_dict()}).decode() + "\n")
+        extra = {"scope": scope} if scope is not None else {}
+        sys.stdout.write(orjson.dumps({"key": key_text, **record.to_dict(), **extra}).decode()
+                         + "\n")
         return 0
     where = f" for shop {record.shop_id}" if record.shop_id else ""
     print(f"created {record.role.value} key {record.key_id}{where}; it is shown only now:")
@@ -219,12 +231,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_serve)
 
-    keys = subparsers.add_parser("keys", help="API keys: create, revoke, list")
+    keys = subparsers.add_parser("keys", help="API keys: create, revoke, list; ledger signing keys")
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a key (printed once)")
     create.add_argument("--role", required=True, choices=[role.value for role in Role])
     create.add_argument("--shop", default=None, help="the shop id (role shop only)")
     create.add_argument("--label", default=None, help="who holds it (for `keys list`)")
+    create.add_argument("--vendor", action="append", default=None,
+                        help="gateway keys: bind to a vendor (repeatable; see genki devices)")
+    create.add_argument("--enrolment", action="store_true",
+                        help="gateway keys: an enrolment key (may write profiles and consent)")
     create.add_argument("--json", action="store_true")
     add_data_dir_arg(create)
     create.set_defaults(func=_cmd_keys_create)
@@ -236,3 +252,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true")
     add_data_dir_arg(listing)
     listing.set_defaults(func=_cmd_keys_list)
+    register_signing_keys(actions)

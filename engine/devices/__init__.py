@@ -99,7 +99,10 @@ class KeyPolicy:
         if enrolment.key_id == self.key_id or enrolment.vendor in self.scope.vendors \
                 or VENDOR_ANY in self.scope.vendors:
             return None
-        return (f"device {device_id} ({enrolment.vendor}) is not in the scope of key "
+        if enrolment.key_id is None and not self.scope.vendors:
+            return None  # a key bound to no vendor writes devices enrolled for no key
+        owner = f"key {enrolment.key_id}" if enrolment.key_id else f"vendor {enrolment.vendor}"
+        return (f"device {device_id} is enrolled for {owner}, outside the scope of key "
                 f"{self.key_id} (vendors: {', '.join(sorted(self.scope.vendors)) or 'none'})")
 
     def person_problem(self, user_id: str) -> str | None:

@@ -10,6 +10,7 @@ import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.devices import VENDOR_ANY, DeviceRegistry
+from engine.errors import NotFound
 
 CLI_ACTOR = "cli"
 
@@ -77,7 +78,35 @@ def _cmd_enforce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_provenance(args: argparse.Namespace) -> int:
+    from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog
+
+    data_dir = data_dir_of(args)
+    if not (data_dir / LOG_FILE_NAME).exists():
+        raise NotFound(f"no log in {data_dir}")
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        positions = log.positions_of_key(args.key_id)
+        counts = log.counts_by_key().get(args.key_id, {})
+    result = {"key_id": args.key_id, "counts": counts,
+              "positions": [[first, last] for first, last in positions]}
+    if args.json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return 0
+    print(f"key {args.key_id}: " + (", ".join(f"{n} {v:,}" for n, v in counts.items())
+                                    or "nothing submitted"))
+    for first, last in positions:
+        print(f"  log positions {first}..{last}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "provenance", help="what one API key submitted: counts and log positions")
+    parser.add_argument("key_id", help="a key id (`genki keys list`), or 'operator' for the CLI")
+    parser.add_argument("--json", action="store_true")
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_provenance)
+
     devices = subparsers.add_parser("devices", help="enrol wearables to persons; scope "
                                                     "gateway keys")
     commands = devices.add_subparsers(dest="devices_command", metavar="SUBCOMMAND",
