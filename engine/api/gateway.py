@@ -216,7 +216,7 @@ class KafkaSink:
         source = f"http:{principal.key_id}:{now_ms}"
         async with self._lock:
             gateway = await self._started()
-            await gateway.send_lines(accepted)
+            await gateway.send_lines(accepted, submitted_by=principal.key_id)
             await send_dead_letters(gateway, self.prefix, source, letters)
             await gateway.flush()
         by_reason: dict[str, int] = {}
