@@ -247,7 +247,7 @@ class Reference:
             used = self.anchor[key] if state else anchor
             if not (level_known and (state or anchor_known)):
                 return
-            says, evidence = ANCHORED[flag](config, level, used, counts)
+            says, evidence = ANCHORED[flag](config, level, used, counts, state)
         else:
             says, evidence = getattr(self, flag)(config, user, day)
             if says is None:
@@ -362,13 +362,14 @@ class Reference:
                 {"recent_days_with_data": len(recent), "baseline_days_with_data": len(base)})
 
 
-def _step_decline_says(f, level: float, anchor: float, counts: dict):
-    return int(level <= f.ratio_max * anchor), {
+def _step_decline_says(f, level: float, anchor: float, counts: dict, state: int):
+    limit = f.clear_ratio_min if state else f.ratio_max  # raised: clears only above this
+    return int(level <= limit * anchor), {
         "recent_median_steps": round(level, 3), "baseline_median_steps": round(anchor, 3),
         "ratio": round(level / anchor, 3), **counts}
 
 
-def _resting_hr_says(f, level: float, anchor: float, counts: dict):
+def _resting_hr_says(f, level: float, anchor: float, counts: dict, state: int):
     return int(level - anchor >= fixed(f.rise_bpm_min)), {
         "recent_mean_bpm": round(level / SCALE, 3), "baseline_median_bpm": round(anchor / SCALE, 3),
         "rise_bpm": round((level - anchor) / SCALE, 3), **counts}
@@ -559,7 +560,7 @@ def short_window_rules(settle_days: int, cap: int = 3, campaigns: bool = True) -
     flags["settle_days"] = settle_days
     flags["wear_steps_per_day_min"] = 300
     flags["step_decline"].update(recent_days=5, baseline_days=9, recent_days_with_data_min=3,
-                                 baseline_days_with_data_min=3)
+                                 baseline_days_with_data_min=3, clear_ratio_min=0.8)
     flags["low_activity"].update(window_days=5, days_with_data_min=3)
     flags["slow_gait"].update(window_days=4, samples_min=2)
     flags["weight_loss"].update(recent_days=3, lookback_days=20, loss_kg_min=2.0)

@@ -196,7 +196,10 @@ def test_segments_hold_one_metric_of_one_device_within_limits(fleet: SimManifest
 
 
 def test_declining_participants_walk_less_late_than_early(fleet: SimManifest) -> None:
-    decliners = set(fleet["ground_truth"]["step_decline"])  # type: ignore[index]
+    onsets = fleet["ground_truth"]["step_decline"]  # type: ignore[index]
+    unscored = fleet["ground_truth_unscored"]["step_decline"]  # type: ignore[index]
+    # 14 days are too few for a 12-week baseline: every decline is unscored here.
+    decliners = {user for user in [*onsets, *unscored] if user.startswith("W")}
     assert len(decliners) >= 3
     first = int(fleet["period"]["first_ts_ms"])  # type: ignore[index]
     early: Counter[str] = Counter()

@@ -101,11 +101,15 @@ class StepDecline(FlagConfig):
     recent_days: WindowDays = 14
     baseline_days: WindowDays = 84
     ratio_max: float = Field(default=0.7, gt=0.0, lt=1.0)
+    clear_ratio_min: float = Field(default=0.8, gt=0.0, le=1.0)
     recent_days_with_data_min: CountMin = 7
     baseline_days_with_data_min: CountMin = 14
 
     @model_validator(mode="after")
     def _fits(self) -> StepDecline:
+        if self.clear_ratio_min < self.ratio_max:
+            raise KeyedValueError("clear_ratio_min", f"is below ratio_max "
+                                  f"({self.clear_ratio_min} < {self.ratio_max})")
         _not_above(self, "recent_days_with_data_min", "recent_days")
         _not_above(self, "baseline_days_with_data_min", "baseline_days")
         return self
@@ -371,6 +375,8 @@ class Anchored:
     anchor_known: np.ndarray  # bool
     raised: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (level, anchor) -> bool
     evidence: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]  # (level, anchor)
+    # While raised: still raised? (a less strict threshold; default: `raised`)
+    holds: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
 @dataclass
@@ -424,7 +430,8 @@ def step_decline(ctx: FlagContext, f: StepDecline, rows: np.ndarray, first: int,
                       anchored=Anchored(
         recent, base, recent_days >= f.recent_days_with_data_min,
         (base_days >= f.baseline_days_with_data_min) & (base > 0),
-        lambda level, anchor: level <= f.ratio_max * anchor, evidence))
+        lambda level, anchor: level <= f.ratio_max * anchor, evidence,
+        lambda level, anchor: level <= f.clear_ratio_min * anchor))
 
 
 def low_activity(ctx: FlagContext, f: LowActivity, rows: np.ndarray, first: int, last: int,
@@ -667,8 +674,11 @@ def apply_hysteresis(result: FlagResult, valid: np.ndarray, config: FlagConfig,
             result.anchor_used[:, j] = used
             known = valid[:, j] & fixed_anchor.level_known[:, j] & (
                 is_raised | fixed_anchor.anchor_known[:, j])
+            holds = fixed_anchor.holds or fixed_anchor.raised
+            level = fixed_anchor.level[:, j]
             with np.errstate(invalid="ignore"):
-                says_raised = fixed_anchor.raised(fixed_anchor.level[:, j], used)
+                says_raised = np.where(is_raised, holds(level, used),
+                                       fixed_anchor.raised(level, used))
         else:
             assert result.raw is not None
             known = valid[:, j] & (result.raw[:, j] != UNKNOWN)
