@@ -111,6 +111,7 @@ class Ledger:
                  signer: Signer | None = None) -> None:
         self._db = connection
         self._lock = threading.RLock()
+        self._batching = False
         self.path = path
         self._signer = signer
         self._keys: dict[str, tuple[bytes, PersonKey]] = {}
@@ -182,9 +183,26 @@ class Ledger:
         self.close()
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Several commands (redeem, refund, adjust, append) in one transaction: one
+        fsync for all (group commit). Each command stays atomic on its own (a savepoint):
+        one that raises wrote nothing and the others go on; all are durable together
+        when the block ends, none if it raises."""
+        with self._write():
+            self._batching = True
+            try:
+                yield
+            finally:
+                self._batching = False
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding SQLite's write lock from its first statement."""
+        """One write transaction holding SQLite's write lock from its first statement
+        (inside `batch`, a savepoint of the batch's transaction)."""
         with self._lock:
+            if self._batching:
+                yield from _savepoint(self._db)
+                return
             assert not self._db.in_transaction, "write transactions do not nest"
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -782,6 +800,17 @@ class Ledger:
 def _chain_head(db: sqlite3.Connection, table: str) -> tuple[int, str]:
     row = db.execute(f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1").fetchone()
     return (0, GENESIS_HASH) if row is None else (row[0], row[1])
+
+
+def _savepoint(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    db.execute("SAVEPOINT command")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK TO command")
+        db.execute("RELEASE command")
+        raise
+    db.execute("RELEASE command")
 
 
 def _head(db: sqlite3.Connection) -> tuple[int, str]:
