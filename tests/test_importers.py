@@ -98,7 +98,7 @@ def test_apple_export_dead_letters_what_it_cannot_map_with_reasons(data_dir: Pat
     ]
 
 
-def test_apple_export_is_streamed_and_clears_handled_elements() -> None:
+def test_many_apple_records_of_one_source_pack_into_one_segment() -> None:
     records = b"".join(
         b'<Record type="HKQuantityTypeIdentifierHeartRate" sourceName="W" unit="count/min" '
         b'startDate="2026-05-01 07:%02d:00 +0900" endDate="2026-05-01 07:%02d:00 +0900" '
@@ -293,3 +293,16 @@ def test_a_bad_tz_offset_is_a_usage_error(offset: str) -> None:
         return
     with pytest.raises(UsageError):
         check_options(ImportOptions(local_offset=offset))
+
+
+def test_a_directory_imports_its_files_in_name_order(tmp_path: Path, data_dir: Path) -> None:
+    folder = tmp_path / "takeout"
+    folder.mkdir()
+    (folder / "a.json").write_bytes((FIXTURES / "fitbit_heart_intraday.json").read_bytes())
+    (folder / "b.json").write_bytes((FIXTURES / "fitbit_steps_intraday.json").read_bytes())
+    with EmbeddedLog.open(data_dir) as log:
+        summary = import_paths(log, "fitbit", [str(folder)], ImportOptions(user_id="U5"),
+                               now_ms=NOW_MS)
+    assert (summary.items, summary.records) == (3 + 6, 3)
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        assert sorted(d.source for d in log.dead_letters()) == ["import:fitbit:b.json"]

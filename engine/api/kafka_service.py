@@ -20,6 +20,7 @@ has no copy of the balances to answer from.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,9 @@ class KafkaRedeemer:
 
     def apply(self, command: Command) -> Entry:
         raise AssertionError("the Kafka redeemer is awaited on the event loop (submit)")
+
+    def batch(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     async def submit(self, command: Command) -> Entry:
         outcome = await self.bridge.submit(record_of(command))

@@ -32,7 +32,12 @@ from pydantic import ValidationError
 
 from engine.entries import EntryDraft
 from engine.errors import GenkiError
-from engine.ingest.log import EmbeddedLog, IngestCounts, exclusive_lock
+from engine.ingest.log import (
+    OPERATOR_KEY_ID,
+    EmbeddedLog,
+    IngestCounts,
+    exclusive_lock,
+)
 from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
 from engine.kafka.keys import Keyring
@@ -165,13 +170,23 @@ class PartitionStore:
     # -- inputs ------------------------------------------------------------------------
 
     def ingest(self, topic: str, offsets: list[int], values: list[bytes],
-               now_ms: int) -> IngestCounts:
-        """Store one topic's records of this partition; their next offset commits with them."""
+               now_ms: int, key_ids: list[str] | None = None) -> IngestCounts:
+        """Store one topic's records of this partition; their next offset commits with them.
+
+        `key_ids` (provenance, from the records' headers) splits the records into runs
+        of one submitting key, each stored with its own next offset in one transaction.
+        """
         assert offsets and len(offsets) == len(values)
         assert all(b > a for a, b in itertools.pairwise(offsets)), "offsets ascend"
-        meta = {offset_meta_key(topic, self.number): str(offsets[-1] + 1)}
-        return self.log.ingest_lines(values, topic, offsets[0], now_ms, partition=self.number,
-                                     offsets=offsets, meta=meta)
+        assert key_ids is None or len(key_ids) == len(offsets)
+        runs = [(0, len(offsets), OPERATOR_KEY_ID)] if key_ids is None else _runs(key_ids)
+        total = IngestCounts()
+        for lo, hi, key_id in runs:
+            meta = {offset_meta_key(topic, self.number): str(offsets[hi - 1] + 1)}
+            total.add(self.log.ingest_lines(values[lo:hi], topic, offsets[lo], now_ms,
+                                            partition=self.number, offsets=offsets[lo:hi],
+                                            meta=meta, key_id=key_id))
+        return total
 
     def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> RunSummary:
         from engine.pipeline import RULES_DEFAULT_PATH, Pipeline
@@ -315,3 +330,14 @@ def entry_wire(row: dict[str, Any]) -> bytes:
 
 def decode_entry(raw: bytes) -> LedgerEntry:
     return LedgerEntry.model_validate_json(raw)
+
+
+def _runs(key_ids: list[str]) -> list[tuple[int, int, str]]:
+    """[lo, hi) runs of equal consecutive key ids."""
+    runs: list[tuple[int, int, str]] = []
+    lo = 0
+    for i in range(1, len(key_ids) + 1):
+        if i == len(key_ids) or key_ids[i] != key_ids[lo]:
+            runs.append((lo, i, key_ids[lo]))
+            lo = i
+    return runs

@@ -16,7 +16,7 @@ import asyncio
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -39,6 +39,7 @@ from engine.kafka.topics import (
 from engine.schemas import Redemption
 
 BATCHES_IN_FLIGHT_MAX = 64
+PROVENANCE_HEADER = "genki-key"  # the API key that submitted a record (HTTP gateway)
 KEY_CACHE_ENTRIES_MAX = 1_000_000
 
 
@@ -102,14 +103,15 @@ class BatchSender:
         # topic → partition → next offset after what was acknowledged
         self.end_offsets: dict[str, dict[int, int]] = {}
 
-    async def append(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
+    async def append(self, topic: str, partition: int, key: bytes | None, value: bytes,
+                     headers: Sequence[tuple[str, bytes]] = ()) -> None:
         batch = self._batches.get((topic, partition))
         if batch is None:
             batch = self._batches[(topic, partition)] = self._producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None) is None:
+        if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
             await self._send(topic, partition)
             batch = self._batches[(topic, partition)] = self._producer.create_batch()
-            appended = batch.append(key=key, value=value, timestamp=None)
+            appended = batch.append(key=key, value=value, timestamp=None, headers=list(headers))
             assert appended is not None, "a record larger than an empty batch"
 
     async def _send(self, topic: str, partition: int) -> None:
@@ -174,8 +176,12 @@ class Gateway:
         finally:
             await self._producer.stop()
 
-    async def send_lines(self, lines: Iterable[bytes]) -> None:
+    async def send_lines(self, lines: Iterable[bytes], submitted_by: str | None = None) -> None:
+        """Route and send; `submitted_by` (an API key id) travels in the PROVENANCE_HEADER
+        of every record, so the partition's log can keep who submitted it."""
         summary = self.summary
+        headers = () if submitted_by is None else ((PROVENANCE_HEADER,
+                                                     submitted_by.encode()),)
         for raw in lines:
             if len(raw) > MESSAGE_BYTES_MAX:
                 summary.refused_oversized += 1
@@ -189,7 +195,8 @@ class Gateway:
                 partition = partition_of(key, raw, count)
                 if key is not None and len(self._keys) < KEY_CACHE_ENTRIES_MAX:
                     self._keys[key] = partition
-            await self._sender.append(topic_name(self._prefix, logical), partition, key, raw)
+            await self._sender.append(topic_name(self._prefix, logical), partition, key, raw,
+                                      headers)
             summary.records += 1
             summary.bytes += len(raw)
             summary.by_topic[logical] = summary.by_topic.get(logical, 0) + 1

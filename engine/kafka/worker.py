@@ -40,7 +40,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from engine.faults import crash_point
-from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
+from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, OPERATOR_KEY_ID
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
 from engine.kafka.keys import RECORD_KEYS_ENV, Keyring, configured_path, load_keyring
@@ -50,7 +50,7 @@ from engine.kafka.partition import (
     PartitionStore,
     now_ms,
 )
-from engine.kafka.publish import BatchSender
+from engine.kafka.publish import PROVENANCE_HEADER, BatchSender
 from engine.kafka.restore import (
     read_partition,
     select_restorable,
@@ -329,7 +329,8 @@ class Worker:
             if not records:
                 continue
             counts = store.ingest(self.topics[logical], [r.offset for r in records],
-                                  [r.value or b"" for r in records], now_ms())
+                                  [r.value or b"" for r in records], now_ms(),
+                                  key_ids=[submitted_by(r) for r in records])
             done["accepted"] += counts.accepted
             done["rejected"] += counts.rejected
             done["accepted_samples"] += counts.accepted_samples
@@ -600,3 +601,12 @@ async def run_worker(settings: WorkerSettings,
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def submitted_by(record: ConsumerRecord) -> str:
+    """The API key id in a record's provenance header; `operator` without one (`genki
+    publish` and other operator tools)."""
+    for name, value in record.headers or ():
+        if name == PROVENANCE_HEADER:
+            return bytes(value).decode("utf-8", "replace")
+    return OPERATOR_KEY_ID
