@@ -171,13 +171,16 @@ class PartitionStore:
     # -- inputs ------------------------------------------------------------------------
 
     def ingest(self, topic: str, offsets: list[int], values: list[bytes],
-               now_ms: int) -> IngestCounts:
-        """Store one topic's records of this partition; their next offset commits with them."""
-        assert offsets and len(offsets) == len(values)
+               now_ms: int, next_offset: int | None = None) -> IngestCounts:
+        """Store one topic's records of this partition; their next offset commits with them
+        (next_offset: the fetch's, when records of erased people were left out)."""
+        assert len(offsets) == len(values) and (offsets or next_offset is not None)
         assert all(b > a for a, b in itertools.pairwise(offsets)), "offsets ascend"
-        meta = {offset_meta_key(topic, self.number): str(offsets[-1] + 1)}
-        return self.log.ingest_lines(values, topic, offsets[0], now_ms, partition=self.number,
-                                     offsets=offsets, meta=meta)
+        end = offsets[-1] + 1 if next_offset is None else next_offset
+        assert not offsets or end > offsets[-1]
+        meta = {offset_meta_key(topic, self.number): str(end)}
+        return self.log.ingest_lines(values, topic, offsets[0] if offsets else end, now_ms,
+                                     partition=self.number, offsets=offsets, meta=meta)
 
     def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> RunSummary:
         from engine.pipeline import RULES_DEFAULT_PATH, Pipeline
