@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import GenkiError
+from engine.storage import private_umask
 
 KAFKA_EXIT_CODE = 8  # the broker could not be reached, or refused the connection
 
@@ -21,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.sim.cli",
     "engine.ingest.cli",
     "engine.importers.cli",
+    "engine.devices.cli",
     "engine.rules.cli",
     "engine.ledger.cli",
     "engine.pipeline_cli",
@@ -57,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        private_umask()  # every file and directory genki writes is private (engine.storage)
         from engine.kafka.client import apply_security_args
 
         apply_security_args(args)

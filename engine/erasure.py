@@ -5,12 +5,17 @@ staff endpoint `POST /v1/users/{id}/erase`. In order, each step idempotent:
 
 1. the audit log records the request (state `started`);
 2. the embedded log drops the person's samples, activities, profiles, consent
-   events, watermarks and dead letters (EmbeddedLog.erase_user);
+   events, watermarks and dead letters (EmbeddedLog.erase_user), and the device
+   registry their enrolments (DeviceRegistry.erase_user);
 3. the ledger destroys the person's key and links: settlement amounts stay,
    unlinked, and `genki ledger verify` still passes (Ledger.erase_user);
 4. steps 2 and 3 again in every Kafka partition store on this host
    (`<data-dir>/p<N>/`, or `--partitions-dir`);
-5. the audit log records the outcome (state `done`).
+5. with `--bootstrap` (Kafka mode), before steps 2-4: the person's data keys are
+   destroyed by a tombstone on genki.keys (engine.kafka.personal), so their
+   records on the topics that keep everything can no longer be read, and a
+   partition rebuilt from the topics leaves them out;
+6. the audit log records the outcome (state `done`).
 
 A crash between steps leaves a `started` row without its `done`: running the
 erasure again finishes it (each step is a no-op where nothing is left).
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import os
 import secrets
 import sqlite3
@@ -219,20 +225,33 @@ StoreEraser = Callable[[Path, str, str], dict[str, int]]
 def erase_store(directory: Path, user_id: str, reason: str, *,
                 log: Any = None, ledger: Any = None) -> dict[str, int]:
     """Erase one person from one data directory's log and ledger (opened here unless given)."""
-    from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog
+    from engine.devices import DEVICES_FILE_NAME, DeviceRegistry
+    from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, LogLocked
     from engine.ledger import LEDGER_FILE_NAME, Ledger
 
     removed: dict[str, int] = {}
     if log is not None or (directory / LOG_FILE_NAME).exists():
         if log is None:
-            with EmbeddedLog.open(directory) as opened:
+            try:
+                opened = EmbeddedLog.open(directory)
+            except LogLocked:
+                raise ErasureError(
+                    f"another genki process holds the log of {directory} (a running `genki "
+                    "serve` or worker): erase through the API (POST /v1/users/{id}/erase with "
+                    "a staff key), or stop that process and run this again") from None
+            with opened:
                 removed.update(opened.erase_user(user_id))
         else:
             removed.update(log.erase_user(user_id))
+    from engine.snapshots import remove_snapshots  # rules state holds the person's rows
+    removed["engine_snapshots"] = remove_snapshots(directory)
+    if (directory / DEVICES_FILE_NAME).exists():
+        with DeviceRegistry.open(directory) as registry:
+            removed["device_enrolments"] = registry.erase_user(user_id)
     if ledger is not None or (directory / LEDGER_FILE_NAME).exists():
         if ledger is None:
-            with Ledger.open(directory) as opened:
-                removed.update(_erase_ledger(opened, user_id, reason))
+            with Ledger.open(directory) as opened_ledger:
+                removed.update(_erase_ledger(opened_ledger, user_id, reason))
         else:
             removed.update(_erase_ledger(ledger, user_id, reason))
     return removed
@@ -243,17 +262,30 @@ def _erase_ledger(ledger: Any, user_id: str, reason: str) -> dict[str, int]:
     if erase is None:
         raise ErasureError("this ledger cannot erase a person yet (Ledger.erase_user is "
                            "missing); the log part is done, run the erasure again once it is")
-    outcome = erase(user_id, reason)
-    if isinstance(outcome, dict):
-        return {f"ledger_{name}": int(value) for name, value in outcome.items()
-                if isinstance(value, int)}
-    return {f"ledger_{name}": int(getattr(outcome, name)) for name in ("entries", "flags")
-            if isinstance(getattr(outcome, name, None), int)}
+    receipt = erase(user_id, reason)
+    return {"ledger_entries_unlinked": receipt.entries_unlinked,
+            "ledger_flags_unlinked": receipt.flags_unlinked,
+            "ledger_points_forfeited": receipt.points_forfeited}
+
+
+def erase_kafka_keys(user_id: str, bootstrap: str, prefix: str) -> dict[str, int]:
+    """Destroy the person's data keys on genki.keys (engine.kafka.personal): their records
+    on the input topics stay unreadable, and a partition rebuilt from the topics counts
+    them as erased."""
+    try:
+        personal = importlib.import_module("engine.kafka.personal")
+    except ModuleNotFoundError:
+        raise ErasureError("this genki has no per-person topic encryption "
+                           "(engine.kafka.personal); the topics still hold the person") from None
+    erased = personal.erase_person_keys(user_id, bootstrap, prefix)
+    return {"key_tombstones": 1, "partition": int(erased.partition),
+            "offset": int(erased.offset)}
 
 
 def erase_person(data_dir: Path, user_id: str, reason: str, actor: str, *,
                  partitions_dir: Path | None = None, now_ms: int | None = None,
-                 log: Any = None, ledger: Any = None) -> ErasureResult:
+                 log: Any = None, ledger: Any = None, bootstrap: str | None = None,
+                 topic_prefix: str = "") -> ErasureResult:
     """Erase one person from data_dir and the partition stores on this host (see module doc).
 
     `log`/`ledger`, when given, are the data directory's already-open objects (the API
@@ -267,6 +299,8 @@ def erase_person(data_dir: Path, user_id: str, reason: str, actor: str, *,
         subject = audit.subject(user_id)
         result = ErasureResult(subject, audit.is_erased(user_id))
         audit.record(subject, "started", reason, actor, now_ms, {})
+        if bootstrap is not None:
+            result.removed["kafka_keys"] = erase_kafka_keys(user_id, bootstrap, topic_prefix)
         result.removed["data_dir"] = erase_store(data_dir, user_id, reason, log=log,
                                                  ledger=ledger)
         roots = [data_dir] if partitions_dir is None else [data_dir, partitions_dir]

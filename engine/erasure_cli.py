@@ -11,6 +11,7 @@ import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
+from engine.kafka.client import add_security_args
 
 
 def _cmd_erase(args: argparse.Namespace) -> int:
@@ -46,7 +47,8 @@ def _cmd_erase(args: argparse.Namespace) -> int:
                          "ref 1234'); it is kept in the audit log, so name no one in it")
     actor = args.actor or f"cli:{getpass.getuser()}"
     result = erase_person(data_dir, args.user, args.reason, actor,
-                          partitions_dir=args.partitions_dir)
+                          partitions_dir=args.partitions_dir, bootstrap=args.bootstrap,
+                          topic_prefix=args.topic_prefix)
     if args.json:
         sys.stdout.write(orjson.dumps(result.as_dict()).decode() + "\n")
         return 0
@@ -70,10 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--actor", default=None, help="who asks (default cli:<login>)")
     parser.add_argument("--partitions-dir", type=Path, default=None,
                         help="also the Kafka partition stores p<N>/ under this directory")
+    parser.add_argument("--bootstrap", default=None,
+                        help="Kafka mode: also destroy the person's data keys on genki.keys")
+    parser.add_argument("--topic-prefix", default="", help="prefix of the genki topics")
     parser.add_argument("--check", action="store_true",
                         help="only say whether USER was erased (exit 0) or not (exit 1)")
     parser.add_argument("--audit", action="store_true",
                         help="verify the audit log and print its rows (USER's only if given)")
     parser.add_argument("--json", action="store_true")
     add_data_dir_arg(parser)
+    add_security_args(parser)
     parser.set_defaults(func=_cmd_erase)

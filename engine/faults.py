@@ -22,6 +22,10 @@ POINTS: dict[str, str] = {
     # Embedded pipeline (engine/pipeline.py)
     "pipeline_before_append": "a chunk evaluated by the rules, ledger not yet written",
     "pipeline_after_append": "a chunk's entries and log position committed to the ledger",
+    # Engine snapshots (engine/snapshots.py)
+    "snapshot_mid_write": "a snapshot's header written to its temporary file, arrays not",
+    "snapshot_before_rename": "a snapshot's temporary file complete and fsynced, not renamed",
+    "snapshot_after_rename": "a snapshot renamed into place, older ones not yet removed",
 }
 _hits: dict[str, int] = {}
 

@@ -11,10 +11,12 @@ of a run that was never interrupted.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -27,9 +29,13 @@ from engine.ledger import Ledger
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
 from engine.rules.config import Rules, load_rules
 from engine.rules.engine import RulesEngine, RulesOutput
+from engine.snapshots import SnapshotInfo, iter_valid, write_snapshot
+
+log_line = logging.getLogger(__name__)
 
 RULES_DEFAULT_PATH = Path(__file__).resolve().parent.parent / "rules" / "default.toml"
 LOG_RECORDS_PER_CHUNK = 20_000
+SNAPSHOT_INTERVAL_RECORDS = 200_000
 META_LOG_POSITION = "log_position"
 META_RULES_VERSION = "rules_version"
 
@@ -47,6 +53,8 @@ class RunSummary:
     seconds: float = 0.0
     rules_version: str = ""
     points_by_rule: dict[str, int] = field(default_factory=dict)
+    snapshot_position: int | None = None  # where the rules state came from (None: in memory)
+    replayed_records: int = 0  # processed positions re-read to rebuild the rules state
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -82,18 +90,26 @@ class Pipeline:
     """The rules engine over one log and ledger, kept open between runs.
 
     The first run (and any run after `invalidate`) rebuilds the engine's state
-    by replaying the processed part of the log; later runs feed it only what is
-    new. A worker that runs once per fetched batch thus pays the replay once,
-    not once per batch. New profiles change the engine's inputs (step targets):
-    the caller invalidates, and the next run replays.
+    from the newest valid snapshot plus the processed log after it (the whole
+    processed log when there is none); later runs feed it only what is new. A
+    snapshot is written after the ledger commits, at the end of a run and every
+    `snapshot_records` positions, with the state pruned to what rules can still
+    read. New profiles change the engine's inputs (step targets): the caller
+    invalidates, and snapshots of other profiles are not used.
     """
 
-    def __init__(self, rules: Rules, chunk_records: int = LOG_RECORDS_PER_CHUNK) -> None:
-        assert chunk_records > 0
+    def __init__(self, rules: Rules, chunk_records: int = LOG_RECORDS_PER_CHUNK, *,
+                 snapshot_records: int = SNAPSHOT_INTERVAL_RECORDS,
+                 snapshot_at_end: bool = True) -> None:
+        assert chunk_records > 0 and snapshot_records > 0
         self.rules = rules
         self.chunk_records = chunk_records
+        self.snapshot_records = snapshot_records
+        self.snapshot_at_end = snapshot_at_end
         self._engine: RulesEngine | None = None
         self._position = -1  # log position the in-memory engine has seen
+        self._snapshot_position = -1  # position of the newest snapshot written or loaded
+        self.loaded: SnapshotInfo | None = None
 
     def invalidate(self) -> None:
         self._engine, self._position = None, -1
@@ -108,7 +124,7 @@ class Pipeline:
                              rules_version=self.rules.version)
         if end <= done:
             return summary
-        engine = self._engine_at(log, done)
+        engine = self._engine_at(log, done, summary)
         for lo, hi in chunks(done, end, self.chunk_records):
             samples, activities = read_batches(log, lo, hi)
             output = engine.process(samples, activities)
@@ -121,15 +137,71 @@ class Pipeline:
             _count(summary, samples, activities, output)
             if on_chunk is not None:
                 on_chunk(hi - lo, summary.samples)
+            if hi - self._snapshot_position >= self.snapshot_records or (
+                    hi == end and self.snapshot_at_end):
+                self.snapshot(log)
+        _settle_leavers(log, ledger, self.rules)
         return summary
 
-    def _engine_at(self, log: EmbeddedLog, done: int) -> RulesEngine:
-        if self._engine is None or self._position != done:
-            self._engine = open_engine(log, self.rules)
-            for lo, hi in chunks(0, done, self.chunk_records):
-                self._engine.process(*read_batches(log, lo, hi))
-            self._position = done
-        return self._engine
+    def snapshot(self, log: EmbeddedLog, extra: dict[str, Any] | None = None) -> Path | None:
+        """Write the engine's state at the position it has seen (the ledger holds it)."""
+        if self._engine is None or self._position < 0 or log.data_dir is None:
+            return None
+        window = log.late_window_days_max()
+        self._engine.prune(window)
+        info = SnapshotInfo(self._position, self.rules.version, log.profiles_digest(), window,
+                            extra or {})
+        path = write_snapshot(log.data_dir, self._engine.state(), info)
+        self._snapshot_position = self._position
+        return path
+
+    def _engine_at(self, log: EmbeddedLog, done: int, summary: RunSummary) -> RulesEngine:
+        if self._engine is not None and self._position == done:
+            return self._engine
+        engine, at = self._from_snapshot(log, done)
+        if at < done:
+            summary.replayed_records = done - at
+        if at == 0 and done > 0:
+            log_line.warning("no usable engine snapshot in %s: replaying the whole processed log "
+                             "(%d positions) to rebuild the rules state", log.data_dir, done)
+        for lo, hi in chunks(at, done, self.chunk_records):
+            engine.process(*read_batches(log, lo, hi))
+        summary.snapshot_position = at
+        self._engine, self._position = engine, done
+        return engine
+
+    def _from_snapshot(self, log: EmbeddedLog, done: int) -> tuple[RulesEngine, int]:
+        self.loaded = None
+        if log.data_dir is None or done == 0:
+            return open_engine(log, self.rules), 0
+        digest, window = log.profiles_digest(), log.late_window_days_max()
+        for state, info in iter_valid(log.data_dir, done):
+            why = _unusable(info, self.rules.version, digest, window)
+            if why:
+                log_line.warning("engine snapshot at position %d not used: %s", info.position, why)
+                continue
+            try:
+                engine = open_engine(log, self.rules)
+                engine.load_state(state)
+            except (ValueError, KeyError, IndexError) as error:
+                log_line.warning("engine snapshot at position %d not loadable (%s)",
+                                 info.position, error)
+                continue
+            self.loaded = info
+            self._snapshot_position = info.position
+            return engine, info.position
+        return open_engine(log, self.rules), 0
+
+
+def _unusable(info: SnapshotInfo, rules_version: str, profiles_digest: str,
+              window: int) -> str | None:
+    if info.rules_version != rules_version:
+        return f"rules version {info.rules_version}, not {rules_version}"
+    if info.profiles_digest != profiles_digest:
+        return "profiles changed since it was written"
+    if info.late_window_days < window:
+        return f"pruned for a {info.late_window_days}-day late window, log uses {window}"
+    return None
 
 
 def run_pipeline(
@@ -143,6 +215,17 @@ def run_pipeline(
         summary = pipeline.run(log, ledger, on_chunk)
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _settle_leavers(log: EmbeddedLog, ledger: Ledger, rules: Rules) -> None:
+    """Close the balances of people who left, when the rules say so (engine.leaving)."""
+    if rules.leaving is None or rules.leaving.balance != "settle":
+        return
+    from engine.leaving import settlement_drafts
+
+    drafts = settlement_drafts(ledger, lifecycle(log.lifecycle_events()).away_periods(), rules)
+    if drafts:
+        ledger.append(drafts)
 
 
 def _check_rules_version(ledger: Ledger, rules: Rules) -> None:

@@ -119,6 +119,7 @@ def status(data_dir: Path) -> dict[str, object]:
             result["received"], result["accepted"] = counts.received, counts.accepted
             result["rejected"], result["samples_stored"] = counts.rejected, counts.accepted_samples
             result["rejected_by_reason"] = dict(sorted(counts.rejected_by_reason.items()))
+            result["by_key"] = log.counts_by_key()  # provenance: who submitted what
     if (data_dir / LEDGER_FILE_NAME).exists():
         with Ledger.open(data_dir) as ledger:
             result["processed_position"] = int(ledger.get_meta(META_LOG_POSITION) or 0)
@@ -135,8 +136,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
         return 0
+    by_key = result.pop("by_key", {})
     for key, value in result.items():
         print(f"{key:>20}: {value:,}" if isinstance(value, int) else f"{key:>20}: {value}")
+    for key_id, counts in by_key.items():  # type: ignore[attr-defined]
+        print(f"{'key ' + key_id:>20}: " + ", ".join(f"{n} {v:,}" for n, v in counts.items()))
     if result["pending_records"]:
         print("  run `genki run` to process the pending records")
     return 0

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Literal, TypeGuard
+from typing import TYPE_CHECKING, Annotated, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.rules.flags import FLAG_NAMES
 
 WIRE_VERSION = 1
 RECORD_BYTES_MAX = 1_048_576
@@ -238,6 +240,10 @@ class Redemption(Wire):
     ts_ms: int = Field(ge=TS_MS_MIN)
     kind: RedemptionKind
     refund_of: str | None = None
+    # Set by the HTTP API: a digest of the shop's request (same key + another request is
+    # refused by the ledger) and the programme's daily redemption limit per person.
+    request: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    points_per_day_max: int | None = Field(default=None, gt=0)
     # Set by the API in Kafka mode; workers refuse records without a valid one.
     auth: RecordAuth | None = None
 
@@ -273,14 +279,11 @@ class LedgerEntry(Wire):
     hash: str
 
 
-class FlagName(StrEnum):
-    step_decline = "step_decline"
-    low_activity = "low_activity"
-    slow_gait = "slow_gait"
-    weight_loss = "weight_loss"
-    social_isolation = "social_isolation"
-    low_spo2 = "low_spo2"
-    resting_hr_rise = "resting_hr_rise"
+if TYPE_CHECKING:
+    class FlagName(StrEnum):
+        """Names of the frailty-risk flags (engine.rules.flags.FLAGS)."""
+else:
+    FlagName = StrEnum("FlagName", [(name, name) for name in FLAG_NAMES])
 
 
 class FlagState(StrEnum):

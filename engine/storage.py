@@ -1,24 +1,92 @@
-"""How every genki SQLite file is opened: WAL, full fsync on commit, explicit transactions."""
+"""How genki keeps files: private by default, and how every SQLite file is opened.
+
+Health records and the points ledger must not be readable by other accounts
+on a shared host. `private_umask()` (called by the `genki` CLI and the API
+app before anything is written) makes every directory genki creates 0700 and
+every file 0600: logs, ledgers, snapshots, Parquet, keys. GENKI_UMASK (octal)
+overrides it for a deployment where a group must read the data directory.
+`open_sqlite` also creates its file 0600 itself (SQLite gives the -wal and
+-shm files the mode of the database), so library callers get private
+databases whatever their umask.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 import sqlite3
 from pathlib import Path
 
+from engine.errors import UsageError
+
+UMASK_ENV = "GENKI_UMASK"
+UMASK_DEFAULT = 0o077
+DIR_MODE_PRIVATE = 0o700
+FILE_MODE_PRIVATE = 0o600
+
+
+def private_umask() -> int:
+    """Set the process umask (GENKI_UMASK, default 077); returns the one it replaces."""
+    text = os.environ.get(UMASK_ENV)
+    try:
+        mask = UMASK_DEFAULT if not text else int(text, 8)
+    except ValueError:
+        raise UsageError(f"{UMASK_ENV}={text!r}: an octal umask like 077 or 027") from None
+    if not 0 <= mask <= 0o777:
+        raise UsageError(f"{UMASK_ENV}={text!r}: an octal umask like 077 or 027")
+    return os.umask(mask)
+
+
+def private_dir(path: Path) -> Path:
+    """Create a directory (and parents) as 0700; an existing one is left as it is."""
+    path.mkdir(mode=DIR_MODE_PRIVATE, parents=True, exist_ok=True)
+    return path
+
+
+def write_private_file(path: Path, data: bytes) -> bool:
+    """Create `path` (0600) holding `data`, atomically: a private temporary file, fsynced,
+    then hard-linked into place. False when another writer created it first (theirs wins)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE_PRIVATE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        temp.unlink()
+
+
+def _create_private(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE_PRIVATE)
+    except OSError:
+        return  # exists already, or SQLite will report why it cannot open it
+    os.close(fd)
+
 
 def open_sqlite(path: Path, *, busy_wait_s_max: float, cache_kib: int | None = None,
-                ) -> sqlite3.Connection:
+                durable: bool = True) -> sqlite3.Connection:
     """A connection in autocommit mode (callers BEGIN IMMEDIATE themselves), WAL journal and
     synchronous=FULL: a committed transaction survives power loss, not just a crash.
 
+    `durable=False` (synchronous=NORMAL) is for bookkeeping whose loss in a power cut
+    costs no money: a commit then survives a killed process but skips the fsync.
     check_same_thread is off because pyarrow and the API hand a connection between threads;
     every caller uses a connection from one thread at a time.
     """
+    if str(path) != ":memory:" and not str(path).startswith("file:"):
+        _create_private(Path(path))
     db = sqlite3.connect(path, timeout=busy_wait_s_max, isolation_level=None,
                          check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
+        db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         if cache_kib is not None:
             db.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
     except BaseException:

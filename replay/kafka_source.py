@@ -38,7 +38,7 @@ from replay.export import ReplayManifest, export_embedded
 
 POLL_MS = 500
 FETCH_RECORDS_MAX = 20_000
-INPUT_TOPICS = ("genki.profiles", "genki.samples", "genki.activities")
+INPUT_TOPICS = ("genki.profiles", "genki.consent", "genki.samples", "genki.activities")
 
 
 async def _partition_batches(consumer: AIOKafkaConsumer, topic: str,

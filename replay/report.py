@@ -260,7 +260,11 @@ def write_report(data_dir: Path, out: Path, month: str | None = None,
                 writer.writerow([row.user_id, row.severity, flag.flag, flag.since,
                                  orjson.dumps(flag.evidence).decode()])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_html(data, risks, month, k), encoding="utf-8")
+    from engine.evaluation.report import evaluation_section
+
+    page = _html(data, risks, month, k)
+    out.write_text(page.replace("</body>", evaluation_section(data_dir, k) + "</body>", 1),
+                   encoding="utf-8")
     return out, csv_path
 
 

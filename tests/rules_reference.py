@@ -8,6 +8,7 @@ and flag events for any batch split of the same stream.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import tomllib
 from collections import defaultdict
@@ -77,6 +78,8 @@ class Reference:
         self.included: dict[tuple[str, str, int], list[tuple[int, int]]] = defaultdict(list)
         self.social: dict[tuple[str, int], int] = defaultdict(int)
         self.state: dict[tuple[str, str], int] = defaultdict(int)
+        self.run: dict[tuple[str, str], int] = defaultdict(int)
+        self.anchor: dict[tuple[str, str], float] = defaultdict(float)
         self.last_evaluated: dict[tuple[str, str], int] = {}
 
     # ---------------------------------------------------------------- events
@@ -206,35 +209,64 @@ class Reference:
 
     # ----------------------------------------------------------------- flags
 
-    def _evaluate(self, user: str) -> None:
+    def _horizon(self, user: str, flag: str) -> int | None:
+        """Last settled day for a flag: the samples clock; social_isolation also waits for
+        the activities clock, at most activity_wait_days behind the samples clock."""
         settle = self.rules.flags.settle_days
+        samples = day_of(self.samples_wm[user]) - settle
+        if flag != "social_isolation":
+            return samples
+        waited = samples - self.rules.flags.social_isolation.activity_wait_days
+        if user in self.activities_wm:
+            waited = max(waited, day_of(self.activities_wm[user]) - settle)
+        return min(samples, waited)
+
+    def _evaluate(self, user: str) -> None:
         if user not in self.samples_wm:
             return
-        horizon = day_of(self.samples_wm[user]) - settle
         for flag in FLAGS:
             config = getattr(self.rules.flags, flag)
             if not config.enabled:
                 continue
-            last = horizon
-            if flag == "social_isolation":
-                if user not in self.activities_wm:
-                    continue
-                last = min(horizon, day_of(self.activities_wm[user]) - settle)
+            last = self._horizon(user, flag)
             previous = self.last_evaluated.get((user, flag))
             start = self.first_day[user] if previous is None else previous + 1
             if start > last:
                 continue
             for day in range(start, last + 1):
-                raw, evidence = getattr(self, flag)(config, user, day)
-                if raw is not None and raw != self.state[(user, flag)]:
-                    self.state[(user, flag)] = raw
-                    state = FlagState.raised if raw else FlagState.cleared
-                    day_iso = day_to_iso(day)
-                    self.flags.append(FlagEvent(
-                        v=1, flag_id=derive_id("flag", user, flag, day_iso, state.value),
-                        user_id=user, flag=flag, state=state, day=day_iso, evidence=evidence,
-                        rules_version=self.version))
+                self._step(user, flag, config, day)
             self.last_evaluated[(user, flag)] = last
+
+    def _step(self, user: str, flag: str, config, day: int) -> None:
+        """One evaluated day through the hysteresis (see engine.rules.flags)."""
+        key = (user, flag)
+        state = self.state[key]
+        if flag in ANCHORED:
+            level, level_known, anchor, anchor_known, counts = getattr(self, flag)(
+                config, user, day)
+            used = self.anchor[key] if state else anchor
+            if not (level_known and (state or anchor_known)):
+                return
+            says, evidence = ANCHORED[flag](config, level, used, counts, state)
+        else:
+            says, evidence = getattr(self, flag)(config, user, day)
+            if says is None:
+                return
+        if says == state:
+            self.run[key] = 0
+            return
+        self.run[key] += 1
+        if self.run[key] < (config.clear_after_days if state else config.raise_after_days):
+            return
+        self.run[key] = 0
+        self.state[key] = says
+        self.anchor[key] = anchor if says and flag in ANCHORED else 0.0
+        state_name = FlagState.raised if says else FlagState.cleared
+        day_iso = day_to_iso(day)
+        self.flags.append(FlagEvent(
+            v=1, flag_id=derive_id("flag", user, flag, day_iso, state_name.value),
+            user_id=user, flag=flag, state=state_name, day=day_iso, evidence=evidence,
+            rules_version=self.version))
 
     def _values(self, user: str, metric: str, first: int, last: int) -> list[int]:
         return [value for day in range(first, last + 1)
@@ -249,27 +281,26 @@ class Reference:
                 out[day] = values
         return out
 
+    def _worn(self, user: str, first: int, last: int) -> list[int]:
+        """Daily step totals of the days first..last the device was worn."""
+        floor = self.rules.flags.wear_steps_per_day_min
+        return [sum(v) for v in self._daily(user, "steps", first, last).values()
+                if sum(v) >= floor]
+
     def step_decline(self, f, user: str, day: int):
-        recent = self._daily(user, "steps", day - f.recent_days + 1, day)
-        base = self._daily(user, "steps", day - f.recent_days - f.baseline_days + 1,
-                           day - f.recent_days)
-        recent_sum = sum(sum(v) for v in recent.values())
-        base_sum = sum(sum(v) for v in base.values())
-        if (len(recent) < f.days_with_data_min or len(base) < f.days_with_data_min
-                or base_sum <= 0):
-            return None, None
-        recent_mean = recent_sum / len(recent)
-        base_mean = base_sum / len(base)
-        return int(recent_mean <= f.ratio_max * base_mean), {
-            "recent_mean_steps": round(recent_mean, 3), "baseline_mean_steps": round(base_mean, 3),
-            "ratio": round(recent_mean / base_mean, 3), "recent_days_with_data": len(recent),
-            "baseline_days_with_data": len(base)}
+        recent = self._worn(user, day - f.recent_days + 1, day)
+        base = self._worn(user, day - f.recent_days - f.baseline_days + 1, day - f.recent_days)
+        level = median(recent) if recent else math.nan
+        anchor = median(base) if base else math.nan
+        return (level, len(recent) >= f.recent_days_with_data_min, anchor,
+                len(base) >= f.baseline_days_with_data_min and anchor > 0,
+                {"recent_days_with_data": len(recent), "baseline_days_with_data": len(base)})
 
     def low_activity(self, f, user: str, day: int):
-        daily = self._daily(user, "steps", day - f.window_days + 1, day)
+        daily = self._worn(user, day - f.window_days + 1, day)
         if len(daily) < f.days_with_data_min:
             return None, None
-        middle = median([sum(v) for v in daily.values()])
+        middle = median(daily)
         return int(middle < f.median_steps_per_day_min), {
             "median_steps_per_day": round(middle, 3), "days_with_data": len(daily)}
 
@@ -323,18 +354,29 @@ class Reference:
         recent = self._daily(user, "resting_heart_rate", day - f.recent_days + 1, day)
         base = self._daily(user, "resting_heart_rate", day - f.recent_days - f.baseline_days + 1,
                            day - f.recent_days)
-        if (len(recent) < f.recent_days_with_data_min
-                or len(base) < f.baseline_days_with_data_min):
-            return None, None
         recent_values = [v for values in recent.values() for v in values]
-        base_values = [v for values in base.values() for v in values]
-        recent_mean = sum(recent_values) / len(recent_values)
-        base_mean = sum(base_values) / len(base_values)
-        rise = recent_mean - base_mean
-        return int(rise >= fixed(f.rise_bpm_min)), {
-            "recent_mean_bpm": round(recent_mean / SCALE, 3),
-            "baseline_mean_bpm": round(base_mean / SCALE, 3), "rise_bpm": round(rise / SCALE, 3),
-            "recent_days_with_data": len(recent), "baseline_days_with_data": len(base)}
+        level = sum(recent_values) / len(recent_values) if recent_values else math.nan
+        anchor = median([sum(v) / len(v) for v in base.values()]) if base else math.nan
+        return (level, len(recent) >= f.recent_days_with_data_min, anchor,
+                len(base) >= f.baseline_days_with_data_min,
+                {"recent_days_with_data": len(recent), "baseline_days_with_data": len(base)})
+
+
+def _step_decline_says(f, level: float, anchor: float, counts: dict, state: int):
+    limit = f.clear_ratio_min if state else f.ratio_max  # raised: clears only above this
+    return int(level <= limit * anchor), {
+        "recent_median_steps": round(level, 3), "baseline_median_steps": round(anchor, 3),
+        "ratio": round(level / anchor, 3), **counts}
+
+
+def _resting_hr_says(f, level: float, anchor: float, counts: dict, state: int):
+    return int(level - anchor >= fixed(f.rise_bpm_min)), {
+        "recent_mean_bpm": round(level / SCALE, 3), "baseline_median_bpm": round(anchor / SCALE, 3),
+        "rise_bpm": round((level - anchor) / SCALE, 3), **counts}
+
+
+# Flags comparing a recent level with a personal baseline frozen while raised.
+ANCHORED = {"step_decline": _step_decline_says, "resting_hr_rise": _resting_hr_says}
 
 
 # ====================================================================== streams
@@ -381,6 +423,7 @@ def generate(seed: int, users: int = 3, days: int = 60, late_share: float = 0.15
         if rng.random() < 0.8:
             profiles[user] = (rng.choice(BIRTH_YEARS), rng.choice("FMX"))
         turn = first + rng.randrange(days)  # regime change: activity drops, vitals worsen
+        social = rng.random() < 0.8  # the others never send an activity record
         level = rng.choice((1999, 2000, 4000, 5200, 9000))
         carried: dict[int, list[tuple[int, float]]] = {}  # held back into the next day's sync
         for day in range(first, first + days):
@@ -397,11 +440,14 @@ def generate(seed: int, users: int = 3, days: int = 60, late_share: float = 0.15
                     carried[metric] = ts_values  # one segment across Tokyo midnight
                     continue
                 _split_records(rng, timed, user, metric, ts_values, late_share)
-            for kind, venue in _day_activities(rng, worse):
+            for kind, venue in _day_activities(rng, worse) if social else ():
                 event_number += 1
                 ts = _timestamp(rng, day)
                 record = ActivityRecord(user, f"e{event_number}", kind, ts, venue)
-                timed.append((_arrival(rng, ts, late_share), rng.random(), record))
+                # Activities reach genki within two days (out of order, but never later
+                # than social_isolation's activity_wait_days behind the samples clock:
+                # later ones may miss a judgement depending on stream interleaving).
+                timed.append((_arrival(rng, ts, 0.0), rng.random(), record))
         for metric, ts_values in carried.items():
             _split_records(rng, timed, user, metric, ts_values, late_share)
     timed.sort(key=lambda item: (item[0], item[1]))
@@ -512,14 +558,21 @@ def short_window_rules(settle_days: int, cap: int = 3, campaigns: bool = True) -
     data["points"]["steps"]["points_per_day_max"] = cap
     flags = data["flags"]
     flags["settle_days"] = settle_days
-    flags["step_decline"].update(recent_days=5, baseline_days=5, days_with_data_min=3)
+    flags["wear_steps_per_day_min"] = 300
+    flags["step_decline"].update(recent_days=5, baseline_days=9, recent_days_with_data_min=3,
+                                 baseline_days_with_data_min=3, clear_ratio_min=0.8)
     flags["low_activity"].update(window_days=5, days_with_data_min=3)
     flags["slow_gait"].update(window_days=4, samples_min=2)
     flags["weight_loss"].update(recent_days=3, lookback_days=20, loss_kg_min=2.0)
-    flags["social_isolation"].update(window_days=7, conversation_minutes_per_day_min=10.0)
+    flags["social_isolation"].update(window_days=7, conversation_minutes_per_day_min=10.0,
+                                     activity_wait_days=2)
     flags["low_spo2"].update(window_nights=5, low_nights_min=2, nights_with_data_min=2)
     flags["resting_hr_rise"].update(recent_days=3, baseline_days=7, recent_days_with_data_min=2,
                                     baseline_days_with_data_min=3)
+    # Short holds so flags both flap (raise 1 / clear 1) and hold (raise 2 / clear 3).
+    for index, name in enumerate(("step_decline", "low_activity", "slow_gait", "weight_loss",
+                                  "social_isolation", "low_spo2", "resting_hr_rise")):
+        flags[name].update(raise_after_days=1 + index % 2, clear_after_days=1 + 2 * (index % 2))
     if campaigns:
         data["campaigns"] = [
             {"name": "walk-x15", "start": "2025-01-30", "end": "2025-02-02", "kind": "multiplier",

@@ -14,13 +14,15 @@ import orjson
 import pytest
 import zstandard
 
-from engine.api.store import Role
+from engine.api.store import ApiStore, Role
+from engine.devices import DeviceRegistry
 from engine.kafka.combined import combined_ledger
 from engine.kafka.worker import WorkerSettings, run_worker
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
 from tests.kafka_fixtures import Fleet, KafkaTarget, create_topics, read_topic
-from tests.test_api import Server, make_key
+from tests.test_api import Server
+from tests.test_gateway import TS_MS, ndjson, segment
 
 pytest_plugins = ["tests.kafka_fixtures"]
 
@@ -32,6 +34,7 @@ LINES_PER_REQUEST = 500
 class Posted:
     answers: list[dict]
     worker_dir: Path
+    key_id: str
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,8 @@ def posted(kafka_module: KafkaTarget, fleet: Fleet,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Posted]:
     create_topics(kafka_module, PARTITIONS)
     home = tmp_path_factory.mktemp("gateway-kafka-home")
-    key = make_key(home, Role.gateway)
+    with ApiStore.open(home) as store:
+        key, record = store.create_key(Role.gateway, None, None, 1_767_225_600_000)
     server = Server(home, *kafka_module.args())
     answers = []
     try:
@@ -61,7 +65,7 @@ def posted(kafka_module: KafkaTarget, fleet: Fleet,
         bootstrap=kafka_module.bootstrap, data_dir=worker_dir, group=kafka_module.group,
         prefix=kafka_module.prefix, until_idle=True,
         session_timeout_ms=kafka_module.session_timeout_ms)))
-    yield Posted(answers, worker_dir)
+    yield Posted(answers, worker_dir, record.key_id)
 
 
 def test_every_posted_record_is_counted_accepted_or_rejected(posted: Posted,
@@ -74,7 +78,8 @@ def test_every_posted_record_is_counted_accepted_or_rejected(posted: Posted,
 def test_edge_rejections_are_on_the_dead_letter_topic_with_reasons(
         posted: Posted, kafka_module: KafkaTarget) -> None:
     letters = [orjson.loads(value) for _, _, _, value in read_topic(kafka_module, "genki.dlq")]
-    at_edge = [letter for letter in letters if letter["source"].startswith("http:")]
+    at_edge = [letter for letter in letters
+               if letter["source"].startswith(f"http:{posted.key_id}:")]
     assert len(at_edge) == sum(a["rejected"] for a in posted.answers)
     reasons = {letter["reason"].split(":", 1)[0] for letter in at_edge}
     assert reasons == {code for a in posted.answers for code in a["rejected_by_reason"]}
@@ -86,3 +91,29 @@ def test_kafka_mode_http_ingest_gives_the_embedded_ledger_digest(posted: Posted,
     ledger = combined_ledger(posted.worker_dir)
     assert ledger.content_digest == fleet.embedded.content_digest
     assert ledger.balances == fleet.embedded.balances
+
+
+def test_kafka_mode_refuses_unenrolled_devices_at_the_edge(
+        posted: Posted, kafka_module: KafkaTarget,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("gateway-kafka-enrolled")
+    with ApiStore.open(home) as store:
+        key, record = store.create_key(Role.gateway, None, None, TS_MS)
+    with DeviceRegistry.open(home) as registry:
+        registry.enroll("KE1", "kd1", "acme", TS_MS, "test")
+        registry.bind_key(record.key_id, ["acme"], False, TS_MS)
+    server = Server(home, *kafka_module.args())
+    try:
+        with server.client(key) as client:
+            response = client.post("/v1/ingest", content=ndjson(
+                segment("KE1", [TS_MS], [10.0]) | {"device_id": "kd1"},
+                segment("KE1", [TS_MS], [10.0]) | {"device_id": "kd2"}),
+                headers={"Content-Type": "application/x-ndjson"})
+    finally:
+        server.stop()
+    counts = response.json()
+    assert (counts["accepted"], counts["rejected_by_reason"]) == (1, {"not_enrolled": 1})
+    letters = [orjson.loads(value) for _, _, _, value in read_topic(kafka_module, "genki.dlq")]
+    (letter,) = [x for x in letters if x["source"].startswith(f"http:{record.key_id}:")]
+    assert letter["reason"].startswith("not_enrolled: device_id: device kd2 is not enrolled")
+    assert orjson.loads(base64.b64decode(letter["raw_b64"]))["device_id"] == "kd2"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import subprocess
+import zipfile
 from pathlib import Path
 
 import orjson
@@ -106,6 +107,21 @@ def test_apple_export_is_streamed_and_clears_handled_elements() -> None:
     result = import_source("apple", io.BytesIO(body), ImportOptions(user_id="U1"))
     (line,) = result.lines
     assert len(orjson.loads(line)["ts_ms"]) == 60 and result.items == 60
+
+
+def test_the_zip_the_health_app_writes_is_read_like_its_export_xml(tmp_path: Path) -> None:
+    archive = tmp_path / "export.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("apple_health_export/export_cda.xml", "<ClinicalDocument/>")
+        zipped.write(FIXTURES / "apple_export.xml", "apple_health_export/export.xml")
+    with EmbeddedLog.open(tmp_path / "a") as log:
+        from_zip = import_paths(log, "apple_health", [str(archive)],
+                                ImportOptions(user_id="U1"), now_ms=NOW_MS)
+    with EmbeddedLog.open(tmp_path / "b") as log:
+        from_xml = import_paths(log, "apple", [str(FIXTURES / "apple_export.xml")],
+                                ImportOptions(user_id="U1"), now_ms=NOW_MS)
+    assert from_zip.as_dict() == from_xml.as_dict()
+    assert stored(tmp_path / "a") == stored(tmp_path / "b")
 
 
 def test_apple_export_needs_a_user(data_dir: Path) -> None:

@@ -13,8 +13,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from engine.clock import DAY_MS, day_start_ms, iso_to_day, tokyo_day
+from engine.clock import DAY_MS, day_start_ms, day_to_iso, iso_to_day, tokyo_day
 from engine.consent import TS_OPEN_END_MS, LifecycleEvent, lifecycle
+from engine.devices import DeviceRegistry
 from engine.erasure import ErasureAudit, erase_person
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
@@ -26,11 +27,11 @@ from replay.report import STAFF_RISK_LIST_SUFFIX, write_report
 from tests.conftest import genki_cmd
 
 KEY = b"privacy-test-key-0123456789"
-NOW_MS = day_start_ms(iso_to_day("2026-12-31"))
-FIRST_DAY = iso_to_day("2026-12-01")
+NOW_MS = day_start_ms(iso_to_day("2026-10-21"))  # in the past: Kafka workers use the clock
+FIRST_DAY = iso_to_day("2026-09-22")  # a Tuesday
 DAYS = 20
-WITHDRAWN_ON = "2026-12-10"
-LEFT_ON = "2026-12-12"
+WITHDRAWN_ON = "2026-09-30"
+LEFT_ON = "2026-10-03"  # a Saturday
 PEOPLE = [f"citizen-{n:02d}" for n in range(1, 13)]
 WITHDRAWER, LEAVER, ERASED, ERASED_BY_API = PEOPLE[0], PEOPLE[1], PEOPLE[6], PEOPLE[7]
 RARE_VENUE, BIG_VENUE = "venue-rare", "venue-big"
@@ -39,7 +40,7 @@ SHOP = "shop-alpha"
 
 def _profile(user: str, index: int, consent: bool = True) -> dict[str, object]:
     return {"v": 1, "user_id": user, "birth_year": 1950 + index % 3, "sex": "F" if index % 2 else "M",
-            "cohort": "app", "enrolled_on": "2026-11-01", "research_consent": consent}
+            "cohort": "app", "enrolled_on": "2026-08-01", "research_consent": consent}
 
 
 def _consent(user: str, change: ConsentChange, on: str, seq: int) -> dict[str, object]:
@@ -151,7 +152,7 @@ def test_exports_hold_a_person_only_inside_their_consent_period(world: Path,
     days = Counter(d for u, d in zip(samples["user"], samples["day"], strict=True)
                    if u == _pseudonym(WITHDRAWER))
     withdrawn = iso_to_day(WITHDRAWN_ON)
-    assert sorted(days) == [f"2026-12-{d:02d}" for d in range(1, withdrawn - FIRST_DAY + 1)]
+    assert sorted(days) == [day_to_iso(d) for d in range(FIRST_DAY, withdrawn)]
     assert set(days.values()) == {3}
     other = Counter(d for u, d in zip(samples["user"], samples["day"], strict=True)
                     if u == _pseudonym(PEOPLE[4]))
@@ -179,10 +180,10 @@ def test_a_person_who_left_gets_no_awards_from_that_day(world: Path) -> None:
     left = iso_to_day(LEFT_ON)
     assert tier_days(leaver) == set(range(FIRST_DAY, left))
     assert tier_days(stayer) == set(range(FIRST_DAY, FIRST_DAY + DAYS))
-    # the week of leaving (Mon 12-07 .. Sun 12-13) counts only the five days before it
-    assert ("2026-12-13", "streak.5of7") in streaks(leaver)
-    assert ("2026-12-13", "streak.7of7") not in streaks(leaver)
-    assert ("2026-12-13", "streak.7of7") in streaks(stayer)
+    # the week of leaving (Mon 09-28 .. Sun 10-04) counts only the five days before it
+    assert ("2026-10-04", "streak.5of7") in streaks(leaver)
+    assert ("2026-10-04", "streak.7of7") not in streaks(leaver)
+    assert ("2026-10-04", "streak.7of7") in streaks(stayer)
 
 
 # -- exports that resist re-identification ----------------------------------------------
@@ -248,7 +249,10 @@ def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     shutil.copytree(world, data_dir)
     shutil.copytree(world, data_dir / "p3")  # a Kafka partition store on this host
     with Ledger.open(data_dir) as ledger:
-        before = ledger.settlement(SHOP, "2026-12")
+        before = ledger.settlement(SHOP, "2026-09")
+    with DeviceRegistry.open(data_dir) as registry:
+        registry.enroll(ERASED, f"{ERASED}-watch", "garmin", NOW_MS, "test")
+        registry.enroll(PEOPLE[3], f"{PEOPLE[3]}-watch", "garmin", NOW_MS, "test")
     result = subprocess.run(genki_cmd("erase", ERASED, "--reason", "request 2026-12-30 ref 17",
                                       "--data-dir", str(data_dir), "--json"),
                             capture_output=True, check=False)
@@ -269,8 +273,13 @@ def test_erasure_removes_the_person_from_the_log_files(erased: dict[str, object]
         for name in ("log.sqlite", "log.sqlite-wal"):
             path = directory / name
             assert not path.exists() or ERASED.encode() not in path.read_bytes()
+    with DeviceRegistry.open(data_dir) as registry:
+        assert registry.enrolments(ERASED) == []
+        assert [e["user_id"] for e in registry.events()] == [PEOPLE[3]]
+    assert ERASED.encode() not in (data_dir / "devices.sqlite").read_bytes()
     removed = erased["result"]["removed"]  # type: ignore[index]
     assert removed["data_dir"]["samples"] == DAYS
+    assert removed["data_dir"]["device_enrolments"] == 2
     assert removed["data_dir"]["dead_letters"] == 1
     assert removed["genki-data/p3"]["samples"] == DAYS
 
@@ -328,3 +337,84 @@ def test_the_pipeline_runs_on_after_erasure(erased: dict[str, object]) -> None:
 
 def test_leaving_day_is_a_tokyo_day() -> None:
     assert tokyo_day(day_start_ms(iso_to_day(LEFT_ON))) == iso_to_day(LEFT_ON)
+
+
+def test_settle_closes_the_balance_at_leaving_and_runs_once(tmp_path: Path) -> None:
+    from engine.pipeline import RULES_DEFAULT_PATH
+    from engine.rules.config import load_rules
+
+    rules_path = tmp_path / "settle.toml"
+    rules_path.write_text(RULES_DEFAULT_PATH.read_text(encoding="utf-8")
+                          + '\n[leaving]\nbalance = "settle"\n', encoding="utf-8")
+    assert "leaving" not in load_rules(RULES_DEFAULT_PATH).normalised()
+    data_dir = tmp_path / "genki-data"
+    with EmbeddedLog.open(data_dir) as log:
+        log.ingest_lines([orjson.dumps(r) for r in _records()], "test", 1, NOW_MS)
+    run_pipeline(data_dir, rules_path)
+    again = run_pipeline(data_dir, rules_path)
+    with Ledger.open(data_dir) as ledger:
+        entries = ledger.history(LEAVER, None, 1000)[0]
+        settled = [e for e in entries if e.rule == "leaving.settle"]
+        awarded = sum(e.points for e in entries if e.kind == "award")
+        assert ledger.balance(LEAVER) == 0
+        assert ledger.balance(PEOPLE[4]) > 0
+    assert [(e.kind, e.points, e.day, e.ts_ms) for e in settled] == [
+        ("expire", -awarded, LEFT_ON, day_start_ms(iso_to_day(LEFT_ON)))]
+    assert again.awards_appended == 0
+
+
+@needs_ledger_erasure
+def test_the_staff_endpoint_erases_and_the_api_answers_404(world: Path, tmp_path: Path) -> None:
+    from engine.api.store import Role
+    from tests.test_api import Server, make_key
+
+    home = tmp_path / "home"
+    shutil.copytree(world, home)
+    staff, app = make_key(home, Role.staff), make_key(home, Role.app)
+    server = Server(home)
+    try:
+        with server.client(app) as client:
+            assert client.get(f"/v1/users/{ERASED_BY_API}/balance").status_code == 200
+        with server.client(app) as client:
+            refused = client.post(f"/v1/users/{ERASED_BY_API}/erase", json={"reason": "r"})
+        assert refused.status_code == 403
+        with server.client(staff) as client:
+            first = client.post(f"/v1/users/{ERASED_BY_API}/erase",
+                                json={"reason": "request ref 99"})
+            second = client.post(f"/v1/users/{ERASED_BY_API}/erase",
+                                 json={"reason": "request ref 99"})
+        assert first.status_code == 200, first.text
+        assert first.json()["removed"]["data_dir"]["samples"] == DAYS
+        assert second.status_code == 200 and second.json()["already_erased"]
+        assert all(v == 0 for v in second.json()["removed"]["data_dir"].values())
+        with server.client(app) as client:
+            for path in ("balance", "history", "flags"):
+                response = client.get(f"/v1/users/{ERASED_BY_API}/{path}")
+                assert response.status_code == 404, (path, response.text)
+            assert client.get(f"/v1/users/{PEOPLE[4]}/balance").status_code == 200
+    finally:
+        server.stop()
+    audit = ErasureAudit.open(home)
+    try:
+        assert [row.actor.startswith("api:") for row in audit.rows()] == [True] * 4
+    finally:
+        audit.close()
+
+
+@needs_ledger_erasure
+def test_after_erasure_the_ledger_verifies_and_settlement_is_unchanged(
+        erased: dict[str, object]) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    for directory in (data_dir, data_dir / "p3"):
+        result = subprocess.run(genki_cmd("ledger", "verify", "--data-dir", str(directory)),
+                                capture_output=True, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+    with Ledger.open(data_dir) as ledger:
+        assert ledger.settlement(SHOP, "2026-09") == erased["settlement"]
+        assert ledger.settlement(SHOP, "2026-09").redemptions == 2
+        assert ledger.balance(ERASED) == 0
+        assert ledger.history(ERASED, None, 10)[0] == []
+        assert ledger.flag_history(ERASED) == []
+    removed = erased["result"]["removed"]["data_dir"]  # type: ignore[index]
+    assert removed["ledger_entries_unlinked"] > DAYS

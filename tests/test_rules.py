@@ -19,6 +19,7 @@ from engine.rules.batch import (
 )
 from engine.rules.config import Rules, default_rules, parse_rules_data
 from engine.rules.engine import RulesEngine
+from engine.rules.flags import FLAG_NAMES
 from engine.rules.runs import Runs
 from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME, EntryKind
 from tests.rules_reference import default_data
@@ -330,29 +331,45 @@ def tick(day: int) -> SampleRecord:
     return sample("A", METRIC_BY_NAME["heart_rate"].code, day, 70.0)
 
 
-def test_step_decline_raised_and_cleared_with_evidence() -> None:
-    rules = flag_rules(flags__step_decline={"severity": 3, "recent_days": 3, "baseline_days": 3,
-                                            "ratio_max": 0.7, "days_with_data_min": 2})
-    daily = [10000, 10000, 10000, 5000, 5000, 5000, 20000, 20000, 20000]
+def test_step_decline_against_a_frozen_median_baseline_with_evidence() -> None:
+    rules = flag_rules(flags__step_decline={
+        "severity": 3, "recent_days": 3, "baseline_days": 4, "ratio_max": 0.7,
+        "recent_days_with_data_min": 2, "baseline_days_with_data_min": 3, "clear_after_days": 2})
+    daily = [8000, 10000, 12000, 10000, 5000, 4000, 6000, 5000, 20000, 9000, 9500, 9000]
     h = Harness(rules).feed(*(sample("A", STEPS, D0 + i, float(v)) for i, v in enumerate(daily)),
-                            tick(D0 + 9))
+                            tick(D0 + 12))
     assert h.flag_log() == [
-        ("A", "step_decline", "raised", iso(D0 + 4), {
-            "recent_mean_steps": 6666.667, "baseline_mean_steps": 10000.0, "ratio": 0.667,
-            "recent_days_with_data": 3, "baseline_days_with_data": 2}),
-        ("A", "step_decline", "cleared", iso(D0 + 6), {
-            "recent_mean_steps": 10000.0, "baseline_mean_steps": 8333.333, "ratio": 1.2,
+        ("A", "step_decline", "raised", iso(D0 + 5), {
+            "recent_median_steps": 5000.0, "baseline_median_steps": 10000.0, "ratio": 0.5,
             "recent_days_with_data": 3, "baseline_days_with_data": 3}),
+        # The baseline stays at its value of the raise day (the live one has dropped
+        # to 5000), so only a real recovery clears the flag: 2 clear days in a row.
+        ("A", "step_decline", "cleared", iso(D0 + 10), {
+            "recent_median_steps": 9500.0, "baseline_median_steps": 10000.0, "ratio": 0.95,
+            "recent_days_with_data": 3, "baseline_days_with_data": 4}),
     ]
     raised = h.flags[0]
-    assert raised.flag_id == derive_id("flag", "A", "step_decline", iso(D0 + 4), "raised")
+    assert raised.flag_id == derive_id("flag", "A", "step_decline", iso(D0 + 5), "raised")
     assert raised.rules_version == rules.version
+
+
+def test_non_wear_days_are_neither_low_activity_nor_part_of_the_baseline() -> None:
+    rules = flag_rules(flags__wear_steps_per_day_min=100, flags__low_activity={
+        "severity": 2, "window_days": 3, "median_steps_per_day_min": 2000,
+        "days_with_data_min": 2, "clear_after_days": 1})
+    daily = [3000, 99, 0, 2500, 1000, 1200]  # 99 and 0 steps: the watch was not worn
+    h = Harness(rules).feed(*(sample("A", STEPS, D0 + i, float(v)) for i, v in enumerate(daily)),
+                            tick(D0 + 7))
+    # Counted as days, 99 and 0 would have raised it on D0+1 (median 1549.5).
+    assert h.flag_log() == [
+        ("A", "low_activity", "raised", iso(D0 + 4),
+         {"median_steps_per_day": 1750.0, "days_with_data": 2})]
 
 
 def test_low_activity_raised_and_cleared_with_evidence() -> None:
     rules = flag_rules(flags__low_activity={"severity": 2, "window_days": 3,
                                             "median_steps_per_day_min": 2000,
-                                            "days_with_data_min": 2})
+                                            "days_with_data_min": 2, "clear_after_days": 1})
     daily = [1000, 1500, 3000, 5000, 5000]
     h = Harness(rules).feed(*(sample("A", STEPS, D0 + i, float(v)) for i, v in enumerate(daily)),
                             tick(D0 + 5))
@@ -366,7 +383,8 @@ def test_low_activity_raised_and_cleared_with_evidence() -> None:
 
 def test_slow_gait_uses_the_median_of_all_samples_in_the_window() -> None:
     rules = flag_rules(flags__slow_gait={"severity": 4, "window_days": 3, "samples_min": 3,
-                                         "gait_speed_median_m_s_min": 1.0})
+                                         "gait_speed_median_m_s_min": 1.0,
+                                         "clear_after_days": 1})
     h = Harness(rules).feed(sample("A", GAIT, D0, 0.8, 0.9), sample("A", GAIT, D0 + 1, 1.2),
                             sample("A", GAIT, D0 + 2, 1.3, 1.1), sample("A", GAIT, D0 + 6, 0.9),
                             sample("A", GAIT, D0 + 7, 0.95, 1.2, 0.97), tick(D0 + 8))
@@ -381,7 +399,7 @@ def test_slow_gait_uses_the_median_of_all_samples_in_the_window() -> None:
 def test_weight_loss_compares_recent_mean_with_lookback_max() -> None:
     rules = flag_rules(flags__weight_loss={
         "severity": 4, "recent_days": 2, "lookback_days": 10, "loss_kg_min": 2.0,
-        "recent_samples_min": 1, "lookback_samples_min": 1})
+        "recent_samples_min": 1, "lookback_samples_min": 1, "clear_after_days": 1})
     weights = {0: 70.0, 5: 69.0, 8: 67.5, 9: 68.2, 10: 69.5}
     h = Harness(rules).feed(*(sample("A", WEIGHT, D0 + d, w) for d, w in weights.items()),
                             tick(D0 + 11))
@@ -398,7 +416,7 @@ def test_weight_loss_compares_recent_mean_with_lookback_max() -> None:
 def test_social_isolation_needs_no_social_activity_and_little_conversation() -> None:
     rules = flag_rules(flags__social_isolation={
         "severity": 3, "window_days": 4, "conversation_minutes_per_day_min": 30.0,
-        "conversation_days_fraction_min": 0.5})
+        "conversation_days_fraction_min": 0.5, "clear_after_days": 1})
     h = Harness(rules).feed(*(sample("A", TALK, D0 + i, 6.0, 4.0) for i in range(10)),
                             activity("A", "checkin", D0, "V1"),
                             *(activity("A", "meal", D0 + i) for i in range(5, 8)),
@@ -414,19 +432,41 @@ def test_social_isolation_needs_no_social_activity_and_little_conversation() -> 
     ]
 
 
-def test_social_isolation_waits_for_the_activities_watermark() -> None:
+def test_social_isolation_judges_people_without_activity_records_on_the_samples_clock() -> None:
     rules = flag_rules(flags__social_isolation={
-        "severity": 3, "window_days": 4, "conversation_minutes_per_day_min": 30.0})
+        "severity": 3, "window_days": 4, "conversation_minutes_per_day_min": 30.0,
+        "activity_wait_days": 3, "clear_after_days": 1})
     h = Harness(rules).feed(*(sample("A", TALK, D0 + i, 5.0) for i in range(10)))
-    assert h.flags == []  # no activity stream yet: those days are not settled for it
-    h.feed(activity("A", "meal", D0 + 9))
-    assert [f[2:4] for f in h.flag_log()] == [("raised", iso(D0 + 1))]
+    # Samples settled through D0+8; without activity records, judged 3 days behind.
+    assert h.flag_log() == [("A", "social_isolation", "raised", iso(D0 + 1), {
+        "social_activities": 0, "conversation_minutes_per_day": 5.0, "conversation_days": 2})]
+    assert h.engine.grid["flag_last"][0, FLAG_NAMES.index("social_isolation")] == D0 + 5
+    h.feed(activity("A", "checkin", D0 + 6, "V1"),
+           *(sample("A", TALK, D0 + i, 5.0) for i in range(10, 14)))
+    assert h.flag_log()[1:] == [("A", "social_isolation", "cleared", iso(D0 + 6), {
+        "social_activities": 1, "conversation_minutes_per_day": 5.0, "conversation_days": 4})]
+
+
+def test_low_spo2_by_hand_case_nights_every_10_minutes() -> None:
+    """95 % for 14 nights then 87 % for 6 nights, samples 00:00-06:00 every 10 minutes
+    (36 a night: their fixed-point sum once overflowed an int32 comparison)."""
+    records = []
+    for night in range(20):
+        start = day_start_ms(D0 + night)
+        records.append(SampleRecord("A", SPO2, [start + i * 600_000 for i in range(36)],
+                                    [95.0 if night < 14 else 87.0] * 36))
+        records.append(sample("A", STEPS, D0 + night, 3000.0, hour=12))
+    h = Harness(flag_rules(flags__low_spo2={"severity": 5}))
+    for record in records:
+        h.feed(record)
+    assert h.flag_log() == [("A", "low_spo2", "raised", iso(D0 + 16),
+                             {"low_nights": 3, "nights_with_data": 14})]
 
 
 def test_low_spo2_counts_low_nights_from_samples_before_6am() -> None:
     rules = flag_rules(flags__low_spo2={
         "severity": 5, "window_nights": 3, "night_end_hour": 6, "spo2_night_mean_pct_min": 90.0,
-        "low_nights_min": 2, "nights_with_data_min": 2})
+        "low_nights_min": 2, "nights_with_data_min": 2, "clear_after_days": 1})
     h = Harness(rules).feed(
         sample("A", SPO2, D0, 88.0, 89.0, hour=2), sample("A", SPO2, D0 + 1, 95.0, hour=5.99),
         sample("A", SPO2, D0 + 1, 80.0, hour=6),  # 06:00 is day time: ignored
@@ -441,22 +481,22 @@ def test_low_spo2_counts_low_nights_from_samples_before_6am() -> None:
 def test_resting_hr_rise_against_the_baseline_before_the_recent_window() -> None:
     rules = flag_rules(flags__resting_hr_rise={
         "severity": 3, "recent_days": 2, "baseline_days": 3, "rise_bpm_min": 10.0,
-        "recent_days_with_data_min": 2, "baseline_days_with_data_min": 3})
+        "recent_days_with_data_min": 2, "baseline_days_with_data_min": 3, "clear_after_days": 1})
     daily = [60.0, 62.0, 61.0, 72.0, 73.0, 65.0, 64.0]
     h = Harness(rules).feed(*(sample("A", RHR, D0 + i, v) for i, v in enumerate(daily)),
                             tick(D0 + 7))
     assert h.flag_log() == [
         ("A", "resting_hr_rise", "raised", iso(D0 + 4), {
-            "recent_mean_bpm": 72.5, "baseline_mean_bpm": 61.0, "rise_bpm": 11.5,
+            "recent_mean_bpm": 72.5, "baseline_median_bpm": 61.0, "rise_bpm": 11.5,
             "recent_days_with_data": 2, "baseline_days_with_data": 3}),
-        ("A", "resting_hr_rise", "cleared", iso(D0 + 5), {
-            "recent_mean_bpm": 69.0, "baseline_mean_bpm": 65.0, "rise_bpm": 4.0,
+        ("A", "resting_hr_rise", "cleared", iso(D0 + 5), {  # against the frozen baseline
+            "recent_mean_bpm": 69.0, "baseline_median_bpm": 61.0, "rise_bpm": 8.0,
             "recent_days_with_data": 2, "baseline_days_with_data": 3}),
     ]
 
 
 LOW_ACTIVITY = {"severity": 2, "window_days": 3, "median_steps_per_day_min": 2000,
-                "days_with_data_min": 2}
+                "days_with_data_min": 2, "clear_after_days": 1}
 
 
 def test_flags_wait_until_a_day_is_settled() -> None:

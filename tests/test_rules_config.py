@@ -47,7 +47,7 @@ def test_version_ignores_comments_order_and_formatting() -> None:
 
 
 def test_version_changes_with_any_value() -> None:
-    changed = parse_rules(broken("ratio_max = 0.7", "ratio_max = 0.75"))
+    changed = parse_rules(broken("ratio_max = 0.65", "ratio_max = 0.75"))
     assert changed.version != default_rules().version
 
 
@@ -63,7 +63,7 @@ def test_non_increasing_tier_names_the_key_and_the_values() -> None:
      "points.steps.points_per_day_max: must be greater than or equal to 0 (got -1)"),
     ("points_per_day_max = 3", "points_per_day_max = \"three\"",
      "points.steps.points_per_day_max: must be a valid integer"),
-    ("ratio_max = 0.7", "ratio_max = 1.5",
+    ("ratio_max = 0.65", "ratio_max = 1.5",
      "flags.step_decline.ratio_max: must be less than 1 (got 1.5)"),
     ("settle_days = 2", "settle_days = 2\nsettle_dayz = 3", "flags.settle_dayz: unknown key"),
     ("meal = { points = 1, once_per = \"day\" }", "",

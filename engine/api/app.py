@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
@@ -39,20 +39,27 @@ from engine.api.limits import (
     HISTORY_PAGE_ENTRIES_MAX,
     IDEMPOTENCY_KEY_CHARS_MAX,
     INGEST_BODY_BYTES_MAX,
+    POINTS_PER_PERSON_PER_DAY_MAX_ENV,
+    POINTS_PER_REDEMPTION_MAX_ENV,
     TOKEN_TTL_S_DEFAULT,
 )
 from engine.api.privacy import ErasedGate, add_privacy_routes
 from engine.api.problems import (
-    RETRY_AFTER,
+    REFUSAL_STATUS,
     BadRequest,
     BodyTooLarge,
     IdempotencyKeyRequired,
+    Refusal,
     error_response,
     problem_body,
     problem_response,
+    refusal_response,
 )
 from engine.api.service import (
     ApiService,
+    ApiSettings,
+    DirectRedeemer,
+    LedgerReads,
     Principal,
     Reply,
     require_role,
@@ -60,11 +67,9 @@ from engine.api.service import (
     system_clock,
 )
 from engine.api.store import Role
-from engine.errors import GenkiError
+from engine.errors import GenkiError, UsageError
 from engine.schemas import ID_CHAR_CLASS, ID_CHARS_MAX
-
-if TYPE_CHECKING:
-    from engine.api.kafka_service import KafkaApiService
+from engine.storage import private_umask
 
 TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
 CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
@@ -72,7 +77,7 @@ OUTCOME_WAIT_ENV = "GENKI_API_OUTCOME_WAIT_S"  # Kafka mode; at most OUTCOME_WAI
 JSON = "application/json"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
 _T = TypeVar("_T")
-Service = Union[ApiService, "KafkaApiService"]
+Service = ApiService
 _log = logging.getLogger("genki.api")
 
 _BALANCE_PATH = re.compile(rf"/v1/users/({ID_CHAR_CLASS}{{1,{ID_CHARS_MAX}}})/balance")
@@ -90,17 +95,25 @@ def reply_response(reply: Reply) -> Response:
     return Response(reply.body, status_code=reply.status, media_type=JSON, headers=headers)
 
 
+def _codes_of(status: int) -> str:
+    return ", ".join(r.value for r, s in REFUSAL_STATUS.items() if s == status)
+
+
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     status: {"model": models.Problem, "content": {"application/problem+json": {}},
-             "description": description}
+             "description": f"{description} (code: {_codes_of(status)})"}
     for status, description in (
-        (400, "invalid request (code invalid_request, idempotency_key_required, ...)"),
-        (401, "missing, unknown or revoked key; expired or forged redeem token"),
+        (400, "invalid request"),
+        (401, "missing, unknown or revoked key; expired or invalid redeem token"),
         (403, "wrong role, or another shop's resource"),
-        (404, "not found"),
-        (409, "insufficient points, token already used, refund exceeds redemption"),
+        (404, ("not found; refunds: no redemption of this shop has that id (the same answer "
+              "for any id a shop does not own)")),
+        (409, ("insufficient points (the balance is not shown to shops), token already used, "
+              "the same Idempotency-Key still in progress (retry with it shortly), refund "
+              "exceeds the redemption, daily redemption limit reached")),
         (413, "body or batch over its limit"),
-        (422, "Idempotency-Key reused with a different body"),
+        (422, ("Idempotency-Key reused with a different body (nothing written); a redemption "
+              "over points_per_redemption_max")),
         (503, ("ingest log held by another process, or the ledger busy; retry. Kafka mode: "
               "reads without --partitions-dir, too many waiting requests")),
         (504, ("Kafka mode: the partition owner did not answer in time; retry with the same "
@@ -108,26 +121,44 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _int_env(name: str) -> int | None:
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name}={text!r}: a whole number of points") from None
+
+
 def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
                clock_offset_ms: int | None = None, hold_ingest_log: bool = True,
                fast_reads: bool = True, bootstrap: str | None = None, topic_prefix: str = "",
-               partitions_dir: Path | None = None) -> FastAPI:
+               partitions_dir: Path | None = None,
+               points_per_redemption_max: int | None = None,
+               points_per_person_per_day_max: int | None = None) -> FastAPI:
     """An app serving one data directory; settings default to the GENKI_API_* environment.
 
     `fast_reads` answers GET balance ahead of FastAPI (see GenkiAPI). With
     `bootstrap` the app serves the Kafka runtime (engine.api.kafka_service):
     redemptions go to the partition owners, reads to `partitions_dir`.
     """
+    private_umask()
     if token_ttl_s is None:
         token_ttl_s = int(os.environ.get(TOKEN_TTL_ENV) or TOKEN_TTL_S_DEFAULT)
     if clock_offset_ms is None:
         clock_offset_ms = int(os.environ.get(CLOCK_OFFSET_ENV) or 0)
+    if points_per_redemption_max is None:
+        points_per_redemption_max = _int_env(POINTS_PER_REDEMPTION_MAX_ENV)
+    if points_per_person_per_day_max is None:
+        points_per_person_per_day_max = _int_env(POINTS_PER_PERSON_PER_DAY_MAX_ENV)
+    settings = ApiSettings(token_ttl_s, points_per_redemption_max, points_per_person_per_day_max)
     clock = system_clock(clock_offset_ms)
-    service: Service
     bridge = None
     if bootstrap is None:
-        service = ApiService(Path(data_dir), token_ttl_s=token_ttl_s, clock=clock,
-                             hold_ingest_log=hold_ingest_log)
+        reads = LedgerReads(Path(data_dir))
+        service = ApiService(Path(data_dir), reads, DirectRedeemer(reads.writer_ledger),
+                             settings=settings, clock=clock, hold_ingest_log=hold_ingest_log)
     else:
         from engine.api.kafka_service import KafkaApiService
         from engine.kafka.api_bridge import OUTCOME_WAIT_S_MAX, RedemptionBridge
@@ -135,8 +166,8 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
         wait_s = float(os.environ.get(OUTCOME_WAIT_ENV) or OUTCOME_WAIT_S_MAX)
         bridge = RedemptionBridge(bootstrap, topic_prefix,
                                   outcome_wait_s=min(wait_s, OUTCOME_WAIT_S_MAX))
-        service = KafkaApiService(Path(data_dir), bridge, partitions_dir,
-                                  token_ttl_s=token_ttl_s, clock=clock)
+        service = KafkaApiService(Path(data_dir), bridge, partitions_dir, settings=settings,
+                                  clock=clock)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -146,6 +177,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
             yield
         finally:
             await app.state.gateway_sink.close()
+            app.state.devices.close()
             if bridge is not None:
                 await bridge.stop()
             service.close()
@@ -163,10 +195,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     app.erased = ErasedGate(Path(data_dir))
     add_privacy_routes(app, service)
     _add_read_routes(app, service)
-    if isinstance(service, ApiService):
-        _add_write_routes(app, service)
-    else:
-        _add_kafka_write_routes(app, service)
+    _add_write_routes(app, service)
     add_gateway_routes(app, service, bootstrap, topic_prefix)
     return app
 
@@ -213,7 +242,8 @@ def _add_read_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Response:
-        return json_response({"status": "ok", "version": engine.__version__})
+        return json_response({"status": "ok", "version": engine.__version__,
+                              **service.health()})
 
     @app.get("/v1/users/{user_id}/balance", tags=["users"], response_model=models.BalanceOut)
     async def balance(user_id: UserId, _: Principal = reader) -> Response:
@@ -260,66 +290,23 @@ def _add_write_routes(app: FastAPI, service: ApiService) -> None:
     async def redeem(body: models.RedemptionIn, idempotency_key: IdempotencyHeader = None,
                      principal: Principal = shop) -> Response:
         key = _idempotency_key(idempotency_key)
-        return reply_response(await _on(service.writer, service.redeem, principal, key,
-                                        body.token, body.points, body.terminal_id))
+        return reply_response(await service.redeem(principal, key, body.token, body.points,
+                                                   body.terminal_id))
 
     @app.post("/v1/refunds", tags=["shops"], status_code=201, response_model=models.RefundOut)
     async def refund(body: models.RefundIn, idempotency_key: IdempotencyHeader = None,
                      principal: Principal = shop) -> Response:
         key = _idempotency_key(idempotency_key)
-        return reply_response(await _on(service.writer, service.refund, principal, key,
-                                        body.redemption_entry_id, body.points))
+        return reply_response(await service.refund(principal, key, body.redemption_entry_id,
+                                                   body.points))
 
     @app.post("/v1/adjustments", tags=["staff"], status_code=201,
               response_model=models.AdjustmentOut)
     async def adjust(body: models.AdjustmentIn, idempotency_key: IdempotencyHeader = None,
                      principal: Principal = staff) -> Response:
         key = _idempotency_key(idempotency_key)
-        return reply_response(await _on(service.writer, service.adjust, principal, key,
-                                        body.user_id, body.points, body.reason))
-
-
-def _add_kafka_write_routes(app: FastAPI, service: KafkaApiService) -> None:
-    """Kafka mode: checks on the writer thread, the wait for the owner on the event loop."""
-    from engine.api.kafka_service import NotInKafkaMode, Pending
-
-    app_role = _needs(service, Role.app)
-    shop = _needs(service, Role.shop)
-    staff = _needs(service, Role.staff)
-
-    async def settle(prepared: Reply | Pending) -> Response:
-        if isinstance(prepared, Reply):
-            return reply_response(prepared)
-        outcome = await _on(service.writer, service.known_outcome, prepared)
-        if outcome is None:
-            outcome = await service.bridge.submit(prepared.record)
-        return reply_response(await _on(service.writer, service.finish, prepared, outcome))
-
-    @app.post("/v1/users/{user_id}/redeem-tokens", tags=["users"], status_code=201,
-              response_model=models.RedeemTokenOut)
-    async def redeem_token(user_id: UserId, _: Principal = app_role) -> Response:
-        return json_response(service.issue_token(user_id), 201)
-
-    @app.post("/v1/redemptions", tags=["shops"], status_code=201,
-              response_model=models.RedemptionOut)
-    async def redeem(body: models.RedemptionIn, idempotency_key: IdempotencyHeader = None,
-                     principal: Principal = shop) -> Response:
-        key = _idempotency_key(idempotency_key)
-        return await settle(await _on(service.writer, service.prepare_redeem, principal, key,
-                                      body.token, body.points, body.terminal_id))
-
-    @app.post("/v1/refunds", tags=["shops"], status_code=201, response_model=models.RefundOut)
-    async def refund(body: models.RefundIn, idempotency_key: IdempotencyHeader = None,
-                     principal: Principal = shop) -> Response:
-        key = _idempotency_key(idempotency_key)
-        return await settle(await _on(service.writer, service.prepare_refund, principal, key,
-                                      body.redemption_entry_id, body.points))
-
-    @app.post("/v1/adjustments", tags=["staff"], status_code=201,
-              response_model=models.AdjustmentOut)
-    async def adjust(_: Principal = staff) -> Response:
-        raise NotInKafkaMode("adjustments are not available through the API in Kafka "
-                             "mode: genki.redemptions carries redemptions and refunds only")
+        return reply_response(await service.adjust(principal, key, body.user_id, body.points,
+                                                   body.reason))
 
 
 # -- errors and limits ---------------------------------------------------------------
@@ -338,16 +325,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def http_error(_: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {404: Refusal.not_found.value, 405: Refusal.method_not_allowed.value}
         return problem_response(error.status_code, codes.get(error.status_code, "http_error"),
                                 str(error.detail), dict(error.headers or {}))
 
     async def internal_error(_: Request, error: Exception) -> Response:
         if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
-            return problem_response(503, "store_busy", "the API store is busy; retry with the "
-                                    "same Idempotency-Key",
-                                    RETRY_AFTER)
-        return problem_response(500, "internal", "internal error; see the server log")
+            return refusal_response(Refusal.store_busy, "the API store is busy; retry with the "
+                                    "same Idempotency-Key", {"Retry-After": "5"})
+        _log.error("request failed", exc_info=error)
+        return refusal_response(Refusal.internal, "internal error; see the server log")
 
     app.add_exception_handler(GenkiError, genki_error)
     app.add_exception_handler(RequestValidationError, invalid_request)

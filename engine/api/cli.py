@@ -15,7 +15,12 @@ from typing import Any
 
 import orjson
 
-from engine.api.limits import TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX
+from engine.api.limits import (
+    POINTS_PER_PERSON_PER_DAY_MAX_ENV,
+    POINTS_PER_REDEMPTION_MAX_ENV,
+    TOKEN_TTL_S_DEFAULT,
+    TOKEN_TTL_S_MAX,
+)
 from engine.api.store import ApiStore, Role
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
@@ -52,7 +57,8 @@ def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None
           clock_offset_ms: int | None = None, log_level: str = "warning",
           access_log: bool = False, loop: str = "auto", http: str = "auto",
           hold_ingest_log: bool = True, bootstrap: str | None = None, topic_prefix: str = "",
-          partitions_dir: Path | None = None) -> int:
+          partitions_dir: Path | None = None, points_per_redemption_max: int | None = None,
+          points_per_person_per_day_max: int | None = None) -> int:
     """Print the URL (first line of stdout), then serve until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -60,7 +66,9 @@ def serve(data_dir: Path, sock: socket.socket, *, token_ttl_s: int | None = None
 
     app = create_app(data_dir, token_ttl_s=token_ttl_s, clock_offset_ms=clock_offset_ms,
                      hold_ingest_log=hold_ingest_log, bootstrap=bootstrap,
-                     topic_prefix=topic_prefix, partitions_dir=partitions_dir)
+                     topic_prefix=topic_prefix, partitions_dir=partitions_dir,
+                     points_per_redemption_max=points_per_redemption_max,
+                     points_per_person_per_day_max=points_per_person_per_day_max)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     what = str(data_dir) if bootstrap is None else f"Kafka {bootstrap} (keys in {data_dir})"
@@ -87,7 +95,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  clock_offset_ms=args.clock_offset_ms, log_level=args.log_level,
                  access_log=args.access_log, loop=args.loop, http=args.http,
                  hold_ingest_log=not args.ingest_per_request, bootstrap=args.bootstrap,
-                 topic_prefix=args.topic_prefix, partitions_dir=args.partitions_dir)
+                 topic_prefix=args.topic_prefix, partitions_dir=args.partitions_dir,
+                 points_per_redemption_max=args.points_per_redemption_max,
+                 points_per_person_per_day_max=args.points_per_person_per_day_max)
 
 
 def serve_demo(data_dir: Path, console: Any) -> int:
@@ -121,10 +131,21 @@ def serve_demo(data_dir: Path, console: Any) -> int:
 
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
+    if (args.vendor or args.enrolment) and args.role != Role.gateway.value:
+        raise UsageError("--vendor and --enrolment are for gateway keys only")
     with ApiStore.open(data_dir_of(args)) as store:
         key_text, record = store.create_key(args.role, args.shop, args.label, _now_ms())
+    scope = None
+    if args.vendor or args.enrolment:  # engine.devices: what this gateway key may write
+        from engine.devices import DeviceRegistry
+
+        with DeviceRegistry.open(data_dir_of(args)) as registry:
+            scope = registry.bind_key(record.key_id, args.vendor or [], args.enrolment,
+                                      _now_ms()).to_dict()
     if args.json:
-        sys.stdout.write(orjson.dumps({"key": key_text, **record.to_dict()}).decode() + "\n")
+        extra = {"scope": scope} if scope is not None else {}
+        sys.stdout.write(orjson.dumps({"key": key_text, **record.to_dict(), **extra}).decode()
+                         + "\n")
         return 0
     where = f" for shop {record.shop_id}" if record.shop_id else ""
     print(f"created {record.role.value} key {record.key_id}{where}; it is shown only now:")
@@ -161,6 +182,13 @@ def _positive_ttl(text: str) -> int:
     return value
 
 
+def _positive_points(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a positive number of points")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve the HTTP API (FastAPI + uvicorn)")
     parser.add_argument("--host", default=HOST_DEFAULT, help=f"default {HOST_DEFAULT}")
@@ -186,6 +214,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="Kafka mode: the workers' data directory (p<N>/ledger.sqlite), "
                              "read only, to answer balance, history and flags; without it "
                              "reads answer 503")
+    parser.add_argument("--points-per-redemption-max", type=_positive_points, default=None,
+                        metavar="POINTS",
+                        help="refuse a redemption of more points (422 "
+                             "points_per_redemption_max_exceeded); default: no limit, or "
+                             f"${POINTS_PER_REDEMPTION_MAX_ENV}")
+    parser.add_argument("--points-per-person-per-day-max", type=_positive_points, default=None,
+                        metavar="POINTS",
+                        help="refuse a redemption that takes a person past this many points "
+                             "redeemed in one Tokyo day, at any shop (409 "
+                             "points_per_person_per_day_max_exceeded); default: no limit, or "
+                             f"${POINTS_PER_PERSON_PER_DAY_MAX_ENV}")
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     add_data_dir_arg(parser)
@@ -197,6 +236,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--role", required=True, choices=[role.value for role in Role])
     create.add_argument("--shop", default=None, help="the shop id (role shop only)")
     create.add_argument("--label", default=None, help="who holds it (for `keys list`)")
+    create.add_argument("--vendor", action="append", default=None,
+                        help="gateway keys: bind to a vendor (repeatable; see genki devices)")
+    create.add_argument("--enrolment", action="store_true",
+                        help="gateway keys: an enrolment key (may write profiles and consent)")
     create.add_argument("--json", action="store_true")
     add_data_dir_arg(create)
     create.set_defaults(func=_cmd_keys_create)

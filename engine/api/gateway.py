@@ -33,12 +33,15 @@ import zstandard
 from fastapi import FastAPI, Query, Request
 from starlette.responses import Response
 
+from engine.api.devices import add_device_routes
 from engine.api.limits import INGEST_BODY_BYTES_MAX, INGEST_RECORDS_PER_BATCH_MAX
-from engine.api.problems import ApiError, BadRequest, BodyTooLarge, TooManyRecords
+from engine.api.problems import ApiError, BadRequest, BodyTooLarge, Refusal, TooManyRecords
 from engine.api.service import ApiService, Principal, require_role
 from engine.api.store import Role
+from engine.devices import DeviceRegistry, KeyPolicy
+from engine.devices.screen import enrolment_resolver, screen_lines
 from engine.importers import ImportOptions, ImportResult, format_named, import_source
-from engine.importers.core import LOCAL_OFFSET_DEFAULT, Resolver
+from engine.importers.core import LOCAL_OFFSET_DEFAULT
 from engine.ingest.decode import decode_lines
 from engine.ingest.log import IngestCounts
 
@@ -57,13 +60,11 @@ GARMIN_SUMMARY_TYPES = ("dailies", "epochs", "sleeps", "pulseox", "bodyComps")
 
 
 class UnsupportedEncoding(ApiError):
-    http_status = 415
-    code = "unsupported_content_encoding"
+    refusal = Refusal.unsupported_content_encoding
 
 
 class BadEncoding(ApiError):
-    http_status = 400
-    code = "bad_content_encoding"
+    refusal = Refusal.bad_content_encoding
 
 
 def is_gateway_path(path: str) -> bool:
@@ -151,6 +152,15 @@ def batch_of_import(result: ImportResult) -> Batch:
                                      "unmapped": len(result.unmapped)})
 
 
+def screened(batch: Batch, policy: KeyPolicy) -> Batch:
+    """The batch without the records the key may not write (they become dead letters)."""
+    offsets = batch.offsets or list(range(1, len(batch.lines) + 1))
+    kept, kept_offsets, refused = screen_lines(batch.lines, offsets, policy)
+    if not refused:
+        return batch
+    return Batch(kept, batch.rejected_before + refused, kept_offsets, batch.extra)
+
+
 class EmbeddedSink:
     """Into the data directory's log, on the service's ingest thread."""
 
@@ -163,7 +173,8 @@ class EmbeddedSink:
             if not batch.lines and not batch.rejected_before:
                 return {**IngestCounts().as_dict(), **batch.extra}
             counts = self.service.ingest(principal, batch.lines, offsets=batch.offsets,
-                                         rejected_before=batch.rejected_before)
+                                         rejected_before=batch.rejected_before,
+                                         key_id=principal.key_id)
             return {**counts, **batch.extra}
 
         loop = asyncio.get_running_loop()
@@ -247,16 +258,24 @@ def add_gateway_routes(app: FastAPI, service: ApiService | KafkaApiService,
                        bootstrap: str | None = None, topic_prefix: str = "") -> None:
     """The gateway's routes; `app.state.gateway_sink` is closed by the app's lifespan."""
     sink: EmbeddedSink | KafkaSink
-    if isinstance(service, ApiService):
+    if not service.kafka:  # one ApiService class serves both runtimes
         sink = EmbeddedSink(service)
     else:
-        assert bootstrap is not None
-        sink = KafkaSink(service, bootstrap, topic_prefix)
-    app.state.gateway_sink = sink
+        from engine.api.kafka_service import KafkaApiService
 
-    def gateway_principal(request: Request) -> Principal:
-        return require_role(service.authenticate(request.headers.get("authorization")),
-                            Role.gateway)
+        assert bootstrap is not None and isinstance(service, KafkaApiService)
+        sink = KafkaSink(service, bootstrap, topic_prefix)
+    registry = DeviceRegistry.open(service.data_dir)
+    app.state.gateway_sink = sink
+    app.state.devices = registry
+    add_device_routes(app, service, registry)
+
+    def gateway_principal(request: Request) -> tuple[Principal, KeyPolicy]:
+        """A gateway key (screened by its enrolment scope) or a staff key (trusted)."""
+        principal = require_role(service.authenticate(request.headers.get("authorization")),
+                                 Role.gateway, Role.staff)
+        return principal, registry.policy_for(principal.key_id,
+                                              trusted=principal.role == Role.staff)
 
     def answer(counts: dict[str, Any]) -> Response:
         return Response(orjson.dumps(counts), media_type=JSON)
@@ -268,11 +287,11 @@ def add_gateway_routes(app: FastAPI, service: ApiService | KafkaApiService,
     async def ingest(request: Request) -> Response:
         """Wire records (NDJSON or a JSON array; gzip or zstd Content-Encoding allowed);
         same checks as `genki ingest`. Answers received/accepted/rejected counts."""
-        principal = gateway_principal(request)
+        principal, policy = gateway_principal(request)
         body = await request_body(request)
         content_type = request.headers.get("content-type", "")
-        return answer(await sink.submit(principal, lambda: Batch(
-            ingest_lines(body, content_type))))
+        return answer(await sink.submit(principal, lambda: screened(Batch(
+            ingest_lines(body, content_type)), policy)))
 
     @app.post(INGEST_PATH + "/{format_name}", tags=["ingest"])
     async def ingest_format(request: Request, format_name: str,
@@ -282,14 +301,14 @@ def add_gateway_routes(app: FastAPI, service: ApiService | KafkaApiService,
                             units: str = "metric") -> Response:
         """A vendor export (engine.importers.FORMATS) mapped to wire records, as `genki
         import`; the query mirrors its options."""
-        principal = gateway_principal(request)
+        principal, policy = gateway_principal(request)
         name = format_named(format_name)
         options = ImportOptions(user_id=user, device_id=device, local_offset=tz_offset,
                                 units=units)
         body = await request_body(request)
-        return answer(await sink.submit(principal, lambda: batch_of_import(
-            import_source(name, io.BytesIO(body), options, resolver_for(service, principal,
-                                                                        options)))))
+        return answer(await sink.submit(principal, lambda: screened(batch_of_import(
+            import_source(name, io.BytesIO(body), options,
+                          enrolment_resolver(policy, options))), policy)))
 
     @app.post(PUSH_PATH + "/garmin", tags=["ingest"])
     async def garmin_push(request: Request) -> Response:
@@ -304,14 +323,14 @@ def add_gateway_routes(app: FastAPI, service: ApiService | KafkaApiService,
         return await _garmin(request, summary_type)
 
     async def _garmin(request: Request, summary_type: str | None) -> Response:
-        principal = gateway_principal(request)
+        principal, policy = gateway_principal(request)
         body = await request_body(request)
         if summary_type is not None:
             body = _garmin_body(body, summary_type)
         options = ImportOptions()
-        return answer(await sink.submit(principal, lambda: batch_of_import(
+        return answer(await sink.submit(principal, lambda: screened(batch_of_import(
             import_source("garmin", io.BytesIO(body), options,
-                          resolver_for(service, principal, options)))))
+                          enrolment_resolver(policy, options))), policy)))
 
 
 def _garmin_body(body: bytes, summary_type: str) -> bytes:
@@ -323,9 +342,3 @@ def _garmin_body(body: bytes, summary_type: str) -> bytes:
         return orjson.dumps({summary_type: value})
     return body
 
-
-def resolver_for(service: ApiService | KafkaApiService, principal: Principal,
-                 options: ImportOptions) -> Resolver | None:
-    """Who a gateway's samples belong to: the format's own ids, or --user/--device."""
-    del service, principal, options
-    return None

@@ -24,3 +24,12 @@ KEY_LABEL_CHARS_MAX = 64
 
 # How long a request may wait for the ingest log or a write slot before 503.
 WRITE_WAIT_S_MAX = 30.0
+
+# A request's claim on its Idempotency-Key: a duplicate meanwhile is 409 in_progress while
+# the claiming process lives, at most this long (longer than any wait for an outcome).
+KEY_CLAIM_LEASE_S = 60
+
+# Redemption limits of the programme (API config: `genki serve` flags or the environment
+# variables below); None: no limit beyond the ledger's POINTS_PER_ENTRY_MAX.
+POINTS_PER_REDEMPTION_MAX_ENV = "GENKI_API_POINTS_PER_REDEMPTION_MAX"
+POINTS_PER_PERSON_PER_DAY_MAX_ENV = "GENKI_API_POINTS_PER_PERSON_PER_DAY_MAX"

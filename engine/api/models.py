@@ -101,27 +101,21 @@ class RedeemTokenOut(BaseModel):
 
 
 class RedemptionOut(BaseModel):
-    entry_id: str
-    seq: int
-    user_id: str
+    """What a shop terminal learns: never whose points they were, nor what is left."""
+
+    entry_id: str = Field(description="the redemption's id (opaque; pass it to /v1/refunds)")
     shop_id: str
     terminal_id: str
     points: int = Field(description="points taken (positive)")
     ts_ms: int
-    balance: int | None = Field(description="the user's balance read just after the "
-                                            "redemption (null in Kafka mode without "
-                                            "--partitions-dir)")
 
 
 class RefundOut(BaseModel):
     entry_id: str
-    seq: int
-    user_id: str
     shop_id: str
     refund_of: str
     points: int
     ts_ms: int
-    balance: int | None = Field(description="null in Kafka mode without --partitions-dir")
 
 
 class AdjustmentOut(BaseModel):

@@ -80,7 +80,7 @@ def add_privacy_routes(app: FastAPI, service: ApiService | KafkaApiService) -> N
                     principal: Principal = Depends(staff)) -> Response:  # noqa: B008
         """Samples, activities, profile, consent events, flags and dead letters are deleted;
         the ledger keeps settlement amounts without the link. Idempotent."""
-        if not isinstance(service, ApiService):
+        if service.kafka:
             raise ErasureError("this API serves the Kafka runtime: run `genki erase USER "
                                "--reason R --data-dir DIR` on each worker host")
         run = partial(_erase_embedded, service, user_id, body.reason, f"api:{principal.key_id}")

@@ -1,69 +1,90 @@
-"""The API's use cases, free of HTTP: authenticate, redeem with a token, refund, adjust, ingest.
+"""The API's use cases, free of HTTP: one service, two redeemer backends.
 
-Threads: reads use `reader` (the event loop's thread), the write commands run
-on one writer thread (`writer` resources), ingest on its own thread because
-the embedded log's connection belongs to the thread that opened it. Each has
-its own SQLite connections, so a read never waits behind a write's fsync.
+Reads come from a `Reads` (the data directory's ledger, or the Kafka
+workers' partition ledgers); redemptions and refunds go to a `Redeemer`
+(the ledger directly, or the partition owner through genki.redemptions).
+Everything else (authentication, tokens, idempotency, limits, what a shop is
+told) is the same code for both.
 
-Redemption with a token (single use, crash safe):
-1. A stored response for (shop, Idempotency-Key) is returned as it was (or
-   422 if the body differs) before anything else, so a retry after the token
-   expired still gets its answer.
-2. The token's signature is checked (401), then its claim: a token held by
-   another (shop, key) is 409. An expired token is 401 unless this very
-   request had already written its entry (then it is finished, see 4).
-3. The claim is recorded as pending, then the ledger entry is written with the
-   ledger idempotency key `token:<nonce>`, so a redemption per token and shop
-   can exist at most once, whatever is retried.
-4. The response is stored and the claim marked done in one transaction. If
-   the process dies between 3 and 4, a retry with the same key finds its own
-   claim, the ledger returns the entry it already has, and 4 completes. If the
-   ledger refuses (insufficient points, ...), nothing was written and the
-   claim is released, so the token stays usable.
+A shop request (redemption or refund), with Idempotency-Key K of shop S:
+1. Its ledger entry id is derived from (S, K) through a key only the server
+   holds (TokenBox.ledger_key): one key, one entry, and a shop cannot predict
+   or probe ids. The entry holds a fingerprint of the request body (token
+   nonce, points, terminal; for refunds the body is the entry's content).
+2. If that entry exists, the request is answered from it: the same body →
+   the same response (201, Idempotent-Replayed); another body → 422.
+3. Else the token's freshness and the limits are checked, and the key and
+   the token are claimed in one api.sqlite transaction (store.claim): a
+   duplicate of a request still being carried out is 409 in_progress (safe to
+   retry), a token already used for another key is 409 token_used.
+4. The backend writes the entry in one ledger transaction, which again
+   refuses the same id with other content (two processes that both got past
+   step 2 cannot both redeem), overdraft and the daily limit. A refusal
+   releases the claims: nothing was written, the token stays usable.
+
+Threads: reads run on the event loop, shop commands on one writer thread
+(its own SQLite connections), ingest on its own thread, reports on the pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import time
+import os
+import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from engine.api.limits import (
+    KEY_CLAIM_LEASE_S,
     PRUNE_EVERY_WRITES,
     RESPONSES_KEPT_DAYS,
     TOKEN_TTL_S_DEFAULT,
     TOKEN_TTL_S_MAX,
 )
-from engine.api.problems import Forbidden, TokenExpired, TokenUsed, Unauthenticated
-from engine.api.store import ApiStore, KeyRecord, Role, StoredResponse, TokenClaim, key_hash
-from engine.api.tokens import TokenClaims, TokenSigner, load_or_create_secret
+from engine.api.problems import (
+    Forbidden,
+    NotInKafkaMode,
+    Refusal,
+    Refused,
+    Unauthenticated,
+    refusal_of_ledger_code,
+)
+from engine.api.store import (
+    ApiStore,
+    Claim,
+    ClaimRefused,
+    KeyRecord,
+    Role,
+    StoredResponse,
+    key_hash,
+)
+from engine.api.tokens import TokenBox, fingerprint, load_or_create_secret
 from engine.clock import DAY_MS
-from engine.errors import ExistsWithDifferent, NotFound, UsageError
+from engine.errors import GenkiError, UsageError
 from engine.ingest.log import EmbeddedLog
-from engine.ledger.commands import describe, redeem_id, ref_fields
-from engine.ledger.model import Entry
+from engine.ledger.commands import describe, redeem_id, ref_fields, refund_id
+from engine.ledger.model import Entry, Settlement
 from engine.ledger.store import Ledger
-
-_T = TypeVar("_T")
+from engine.schemas import POINTS_PER_ENTRY_MAX, EntryKind, FlagEvent
+from engine.storage import private_dir
 
 Clock = Callable[[], int]
-LEDGER_KEY_PREFIX = "token:"
+_T = TypeVar("_T")
 
 
 def system_clock(offset_ms: int = 0) -> Clock:
+    import time
+
     def now_ms() -> int:
         return time.time_ns() // 1_000_000 + offset_ms
     return now_ms
-
-
-class IdempotencyConflict(ExistsWithDifferent):
-    """The same Idempotency-Key was sent before with another request body."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +103,137 @@ class Reply:
     replayed: bool = False
 
 
-def request_hash(fields: dict[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+@dataclass(frozen=True)
+class ApiSettings:
+    """The API's configuration (`genki serve` flags, GENKI_API_* environment)."""
+
+    token_ttl_s: int = TOKEN_TTL_S_DEFAULT
+    points_per_redemption_max: int | None = None
+    points_per_person_per_day_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.token_ttl_s <= TOKEN_TTL_S_MAX:
+            raise UsageError(f"token TTL: 1..{TOKEN_TTL_S_MAX} s, got {self.token_ttl_s}")
+        for name in ("points_per_redemption_max", "points_per_person_per_day_max"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= POINTS_PER_ENTRY_MAX * 1_000:
+                raise UsageError(f"{name}: a positive number of points, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A shop request past every check and claim, for a backend to carry out."""
+
+    kind: EntryKind  # redeem or refund
+    claim: Claim
+    ledger_key: str
+    entry_id: str
+    user_id: str
+    shop_id: str
+    terminal_id: str
+    points: int
+    ts_ms: int
+    refund_of: str | None = None
+    points_per_day_max: int | None = None
+
+
+class Reads(Protocol):
+    """Where balances, history, flags and entries are read."""
+
+    def balance(self, user_id: str) -> int: ...
+    def history(self, user_id: str, cursor: int | None,
+                limit: int) -> tuple[list[Entry], int | None]: ...
+    def flag_history(self, user_id: str) -> list[FlagEvent]: ...
+    def current_flags(self, day: str | None) -> list[FlagEvent]: ...
+    def settlement(self, shop_id: str, month: str) -> dict[str, Any]: ...
+    def entry(self, user_id: str | None, entry_id: str) -> Entry | None:
+        """On the writer thread: the entry if readable here (None: absent or unknown)."""
+    def close(self) -> None: ...
+
+
+class Redeemer(Protocol):
+    """Carries out a checked command; raises a GenkiError whose code says why not.
+
+    `synchronous` backends run `apply` on the writer thread; the others are
+    awaited on the event loop (`submit`).
+    """
+
+    synchronous: bool
+
+    def apply(self, command: Command) -> Entry: ...
+    async def submit(self, command: Command) -> Entry: ...
+    def close(self) -> None: ...
+
+
+class LedgerReads:
+    """The data directory's ledger: one connection per thread that reads it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.loop_ledger = Ledger.open(data_dir)  # event loop
+        self.report_ledger = Ledger.open(data_dir)  # thread pool
+        self.writer_ledger = Ledger.open(data_dir)  # writer thread (and DirectRedeemer)
+
+    def balance(self, user_id: str) -> int:
+        return self.loop_ledger.balance(user_id)
+
+    def history(self, user_id: str, cursor: int | None,
+                limit: int) -> tuple[list[Entry], int | None]:
+        return self.loop_ledger.history(user_id, cursor, limit)
+
+    def flag_history(self, user_id: str) -> list[FlagEvent]:
+        return self.loop_ledger.flag_history(user_id)
+
+    def current_flags(self, day: str | None) -> list[FlagEvent]:
+        return self.report_ledger.current_flags(day)
+
+    def settlement(self, shop_id: str, month: str) -> dict[str, Any]:
+        return settlement_view(self.report_ledger.settlement(shop_id, month))
+
+    def entry(self, user_id: str | None, entry_id: str) -> Entry | None:
+        try:
+            return self.writer_ledger.entry(entry_id)
+        except GenkiError:
+            return None
+
+    def close(self) -> None:
+        for ledger in (self.loop_ledger, self.report_ledger, self.writer_ledger):
+            ledger.close()
+
+
+class DirectRedeemer:
+    """The embedded runtime: the command is one ledger transaction on the writer thread."""
+
+    synchronous = True
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def apply(self, command: Command) -> Entry:
+        if command.kind == EntryKind.redeem:
+            return self.ledger.redeem(command.user_id, command.points, command.shop_id,
+                                      command.terminal_id, command.ledger_key, command.ts_ms,
+                                      request=command.claim.fingerprint,
+                                      points_per_day_max=command.points_per_day_max)
+        assert command.refund_of is not None
+        return self.ledger.refund(command.refund_of, command.points, command.ledger_key,
+                                  command.ts_ms, shop_id=command.shop_id)
+
+    async def submit(self, command: Command) -> Entry:
+        raise AssertionError("the direct redeemer runs on the writer thread (apply)")
+
+    def close(self) -> None:
+        pass
+
+
+def settlement_view(result: Settlement) -> dict[str, Any]:
+    return {"shop_id": result.shop_id, "month": result.month,
+            "redeemed_points": result.redeemed_points,
+            "refunded_points": result.refunded_points, "net_points": result.net_points,
+            "redemptions": result.redemptions, "refunds": result.refunds}
 
 
 def entry_view(entry: Entry) -> dict[str, Any]:
-    """An entry as the app sees it: the journal fields plus why it exists."""
+    """An entry as the citizen's app sees it: the journal fields plus why it exists."""
     fields = ref_fields(entry.ref)
     return {"seq": entry.seq, "entry_id": entry.entry_id, "kind": entry.kind.value,
             "points": entry.points, "day": entry.day, "ts_ms": entry.ts_ms,
@@ -96,40 +242,70 @@ def entry_view(entry: Entry) -> dict[str, Any]:
             "shop_id": fields.get("shop"), "refund_of": fields.get("refund_of")}
 
 
-@dataclass(frozen=True)
-class RedeemAttempt:
-    """A redemption request past its replay, signature and claim checks."""
-
-    shop_id: str
-    scope: str
-    hashed: str
-    idempotency_key: str
-    claims: TokenClaims
-    claim: TokenClaim | None  # this request's own claim from an earlier try, if any
-    now_ms: int
+def request_hash(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-class ApiCore:
-    """What both runtimes' services share: keys, redeem tokens, stored responses."""
+def _conflict() -> Refused:
+    return refusal_of_ledger_code("idempotency_conflict")
 
-    def __init__(self, data_dir: Path, *, token_ttl_s: int = TOKEN_TTL_S_DEFAULT,
-                 clock: Clock | None = None) -> None:
-        if not 1 <= token_ttl_s <= TOKEN_TTL_S_MAX:
-            raise UsageError(f"token TTL: 1..{TOKEN_TTL_S_MAX} s, got {token_ttl_s}")
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.data_dir = data_dir
-        self.token_ttl_s = token_ttl_s
+
+def _pid_alive(owner: str) -> bool:
+    pid_text = owner.split(":", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ApiService:
+    def __init__(self, data_dir: Path, reads: Reads, redeemer: Redeemer, *,
+                 settings: ApiSettings | None = None, clock: Clock | None = None,
+                 hold_ingest_log: bool = True, kafka: bool = False) -> None:
+        self.data_dir = private_dir(data_dir)
+        self.settings = settings or ApiSettings()
         self.clock = clock or system_clock()
-        self.signer = TokenSigner(load_or_create_secret(data_dir))
-        self.read_store = ApiStore.open(data_dir)
-        self.write_store = ApiStore.open(data_dir)
+        self.reads = reads
+        self.redeemer = redeemer
+        self.kafka = kafka
+        self.hold_ingest_log = hold_ingest_log
+        self.box = TokenBox(load_or_create_secret(data_dir))
+        self.key_store = ApiStore.open(data_dir)  # event loop: key lookups
+        self.store = ApiStore.open(data_dir, durable=False)  # writer thread: claims
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="genki-writer")
+        self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
+        self.owner = f"{os.getpid()}:{secrets.token_hex(6)}"
+        self._in_flight: set[tuple[str, str]] = set()
+        self._ingest_log: EmbeddedLog | None = None
         self._writes = 0
+
+    @property
+    def write_ledger(self) -> Ledger:
+        """The embedded runtime's ledger connection of the writer and ingest threads."""
+        if not isinstance(self.reads, LedgerReads):
+            raise NotInKafkaMode("this API serves the Kafka runtime: it holds no ledger")
+        return self.reads.writer_ledger
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
-        self.read_store.close()
-        self.write_store.close()
+        self.ingester.submit(self._close_ingest_log).result()
+        self.ingester.shutdown(wait=True)
+        self.redeemer.close()
+        self.reads.close()
+        self.key_store.close()
+        self.store.close()
+
+    async def _on_writer(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.writer, partial(fn, *args))
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz adds to its answer for operators (the Kafka bridge's counters)."""
+        return {}
 
     # -- authentication ------------------------------------------------------------
 
@@ -141,218 +317,256 @@ class ApiCore:
         key_text = key_text.strip()
         if scheme.lower() != "bearer" or not key_text:
             raise Unauthenticated("Authorization header must be 'Bearer <API key>'")
-        record = self.read_store.key_by_hash(key_hash(key_text))
+        record = self.key_store.key_by_hash(key_hash(key_text))
         if record is None:
             raise Unauthenticated("unknown API key")
         if record.revoked_ms is not None:
             raise Unauthenticated(f"API key {record.key_id} was revoked")
         return _principal(record)
 
-    # -- redeem tokens ---------------------------------------------------------------
-
-    def issue_token(self, user_id: str) -> dict[str, Any]:
-        token, claims = self.signer.issue(user_id, self.clock(), self.token_ttl_s)
-        return {"token": token, "user_id": user_id, "expires_ms": claims.expires_ms,
-                "ttl_s": self.token_ttl_s}
-
-    # -- redemptions (writer thread) ---------------------------------------------------
-
-    def _start_redeem(self, principal: Principal, idempotency_key: str, token: str,
-                      points: int, terminal_id: str) -> Reply | RedeemAttempt:
-        """The stored reply for a retried request, or the checked start of a new one:
-        the token's signature holds and no other request has claimed it."""
-        assert principal.role == Role.shop and principal.shop_id is not None
-        shop_id = principal.shop_id
-        scope = f"redemptions:{shop_id}"
-        hashed = request_hash({"token": token, "points": points, "terminal_id": terminal_id})
-        replay = self._replay(scope, idempotency_key, hashed)
-        if replay is not None:
-            return replay
-        claims = self.signer.verify_signature(token)
-        claim = self.write_store.token_claim(claims.nonce)
-        if claim is not None and (claim.shop_id, claim.idempotency_key) != (shop_id,
-                                                                              idempotency_key):
-            raise _token_used(claim)
-        return RedeemAttempt(shop_id, scope, hashed, idempotency_key, claims, claim, self.clock())
-
-    def _claim(self, attempt: RedeemAttempt) -> TokenClaim:
-        """Claim the token for this request (single use); refused if another got there first."""
-        claim = self.write_store.claim_token(attempt.claims.nonce, attempt.claims.user_id,
-                                             attempt.shop_id, attempt.idempotency_key,
-                                             attempt.now_ms)
-        if (claim.shop_id, claim.idempotency_key) != (attempt.shop_id, attempt.idempotency_key):
-            raise _token_used(claim)
-        return claim
-
-    # -- stored responses (writer thread) --------------------------------------------
-
-    def _replay(self, scope: str, idempotency_key: str, hashed: str) -> Reply | None:
-        stored = self.write_store.stored_response(scope, idempotency_key)
-        if stored is None:
-            return None
-        if stored.request_hash != hashed:
-            raise IdempotencyConflict(
-                f"Idempotency-Key {idempotency_key!r} was used before with a different "
-                "request body; send a new key for a new request")
-        return Reply(stored.status, stored.body, replayed=True)
-
-    def _keep(self, scope: str, idempotency_key: str, hashed: str, body: dict[str, Any],
-              **claim_done: Any) -> Reply:
-        now_ms = self.clock()
-        stored = self.write_store.store_response(
-            scope, idempotency_key, StoredResponse(hashed, 201, orjson.dumps(body)), now_ms,
-            **claim_done)
-        if self._writes % PRUNE_EVERY_WRITES == 0:
-            self.write_store.prune(now_ms - RESPONSES_KEPT_DAYS * DAY_MS)
-        self._writes += 1
-        return Reply(stored.status, stored.body)
-
-
-class ApiService(ApiCore):
-    """The embedded runtime's service: reads and writes the data directory's ledger."""
-
-    def __init__(self, data_dir: Path, *, token_ttl_s: int = TOKEN_TTL_S_DEFAULT,
-                 clock: Clock | None = None, hold_ingest_log: bool = True) -> None:
-        super().__init__(data_dir, token_ttl_s=token_ttl_s, clock=clock)
-        self.hold_ingest_log = hold_ingest_log
-        self.read_ledger = Ledger.open(data_dir)
-        self.report_ledger = Ledger.open(data_dir)
-        self.write_ledger = Ledger.open(data_dir)
-        self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
-        self._ingest_log: EmbeddedLog | None = None
-
-    def close(self) -> None:
-        self.writer.shutdown(wait=True)
-        self.ingester.submit(self._close_ingest_log).result()
-        self.ingester.shutdown(wait=True)
-        for resource in (self.read_ledger, self.report_ledger, self.write_ledger):
-            resource.close()
-        super().close()
-
-    # -- reads (event loop thread) ---------------------------------------------------
+    # -- reads (event loop; reports on the pool) --------------------------------------
 
     def balance(self, user_id: str) -> dict[str, Any]:
-        return {"user_id": user_id, "balance": self.read_ledger.balance(user_id)}
+        return {"user_id": user_id, "balance": self.reads.balance(user_id)}
 
     def history(self, user_id: str, cursor: int | None, limit: int) -> dict[str, Any]:
-        entries, next_cursor = self.read_ledger.history(user_id, cursor, limit)
+        entries, next_cursor = self.reads.history(user_id, cursor, limit)
         return {"user_id": user_id, "entries": [entry_view(e) for e in entries],
                 "next_cursor": next_cursor}
 
     def user_flags(self, user_id: str) -> dict[str, Any]:
-        events = self.read_ledger.flag_history(user_id)
+        events = self.reads.flag_history(user_id)
         latest = {event.flag: event for event in events}  # ordered by day, seq
         current = [e.model_dump(mode="json") for e in latest.values() if e.state == "raised"]
         return {"user_id": user_id, "current": current,
                 "history": [e.model_dump(mode="json") for e in events]}
 
-    # -- reports (thread pool) -----------------------------------------------------
-
     def current_flags(self, day: str | None) -> dict[str, Any]:
-        flags = self.report_ledger.current_flags(day)
+        flags = self.reads.current_flags(day)
         return {"day": day, "flags": [f.model_dump(mode="json") for f in flags]}
 
     def settlement(self, shop_id: str, month: str) -> dict[str, Any]:
-        result = self.report_ledger.settlement(shop_id, month)
-        return {"shop_id": result.shop_id, "month": result.month,
-                "redeemed_points": result.redeemed_points,
-                "refunded_points": result.refunded_points, "net_points": result.net_points,
-                "redemptions": result.redemptions, "refunds": result.refunds}
+        return self.reads.settlement(shop_id, month)
 
-    # -- writes (writer thread) ------------------------------------------------------
+    # -- redeem tokens (the citizen's app) ------------------------------------------------
 
-    def redeem(self, principal: Principal, idempotency_key: str, token: str, points: int,
-               terminal_id: str) -> Reply:
-        attempt = self._start_redeem(principal, idempotency_key, token, points, terminal_id)
-        if isinstance(attempt, Reply):
-            return attempt
-        scope, hashed, claims, claim = attempt.scope, attempt.hashed, attempt.claims, attempt.claim
+    def issue_token(self, user_id: str) -> dict[str, Any]:
+        token, claims = self.box.issue(user_id, self.clock(), self.settings.token_ttl_s)
+        return {"token": token, "user_id": user_id, "expires_ms": claims.expires_ms,
+                "ttl_s": self.settings.token_ttl_s}
+
+    # -- shop commands ---------------------------------------------------------------------
+
+    async def redeem(self, principal: Principal, idempotency_key: str, token: str,
+                     points: int, terminal_id: str) -> Reply:
+        prepare = partial(self._prepare_redeem, principal, idempotency_key, token, points,
+                          terminal_id)
+        return await self._carry_out(prepare)
+
+    async def refund(self, principal: Principal, idempotency_key: str,
+                     redemption_entry_id: str, points: int) -> Reply:
+        prepare = partial(self._prepare_refund, principal, idempotency_key,
+                          redemption_entry_id, points)
+        return await self._carry_out(prepare)
+
+    async def _carry_out(self, prepare: Callable[[], Reply | Command]) -> Reply:
+        if self.redeemer.synchronous:
+            return await self._on_writer(self._carry_out_now, prepare)
+        prepared = await self._on_writer(prepare)
+        if isinstance(prepared, Reply):
+            return prepared
         try:
-            self.signer.check_fresh(claims, attempt.now_ms)
-        except TokenExpired:
-            if claim is not None:  # ours, from a run that died before it answered
-                entry = self._entry_or_none(redeem_id(attempt.shop_id,
-                                                      LEDGER_KEY_PREFIX + claims.nonce))
-                if entry is not None:
-                    _check_same_redemption(entry, idempotency_key, points, terminal_id)
-                    return self._finish_redemption(scope, idempotency_key, hashed, claim, entry)
-                self.write_store.release_claim(claim)
-            raise
-        claim = self._claim(attempt)
-        entry = self._redeem_in_ledger(claims, claim, points, terminal_id, attempt.now_ms)
-        return self._finish_redemption(scope, idempotency_key, hashed, claim, entry)
-
-    def _redeem_in_ledger(self, claims: TokenClaims, claim: TokenClaim, points: int,
-                          terminal_id: str, now_ms: int) -> Entry:
-        ledger_key = LEDGER_KEY_PREFIX + claims.nonce
-        try:
-            return self.write_ledger.redeem(claims.user_id, points, claim.shop_id, terminal_id,
-                                            ledger_key, now_ms)
+            entry = await self.redeemer.submit(prepared)
+        except GenkiError as error:
+            self._in_flight.discard(_claim_key(prepared.claim))
+            if _is_refusal(error):
+                await self._on_writer(self.store.release, prepared.claim)
+                raise refusal_of_ledger_code(error.code) from None
+            raise  # e.g. a timeout: it may still be applied; a retry finds out
         except BaseException:
-            if self._entry_or_none(redeem_id(claim.shop_id, ledger_key)) is None:
-                self.write_store.release_claim(claim)  # nothing written: the token stays good
+            self._in_flight.discard(_claim_key(prepared.claim))
             raise
+        return await self._on_writer(self._finish, prepared, entry)
 
-    def _finish_redemption(self, scope: str, idempotency_key: str, hashed: str,
-                           claim: TokenClaim, entry: Entry) -> Reply:
-        fields = ref_fields(entry.ref)
-        body = {"entry_id": entry.entry_id, "seq": entry.seq, "user_id": entry.user_id,
-                "shop_id": fields.get("shop"), "terminal_id": fields.get("terminal"),
-                "points": -entry.points, "ts_ms": entry.ts_ms,
-                "balance": self.write_ledger.balance(entry.user_id)}
-        return self._keep(scope, idempotency_key, hashed, body, done_nonce=claim.nonce,
-                          entry_id=entry.entry_id)
-
-    def _entry_or_none(self, entry_id: str) -> Entry | None:
+    def _carry_out_now(self, prepare: Callable[[], Reply | Command]) -> Reply:
+        prepared = prepare()
+        if isinstance(prepared, Reply):
+            return prepared
         try:
-            return self.write_ledger.entry(entry_id)
-        except NotFound:
-            return None
+            entry = self.redeemer.apply(prepared)
+        except GenkiError as error:
+            self.store.release(prepared.claim)  # one ledger transaction: nothing written
+            if _is_refusal(error):
+                raise refusal_of_ledger_code(error.code) from None
+            raise
+        finally:
+            self._in_flight.discard(_claim_key(prepared.claim))
+        self._count_write()
+        return self._reply(prepared.kind, entry, prepared.claim.fingerprint)
 
-    def refund(self, principal: Principal, idempotency_key: str, redemption_entry_id: str,
-               points: int) -> Reply:
-        assert principal.role == Role.shop and principal.shop_id is not None
-        scope = f"refunds:{principal.shop_id}"
-        hashed = request_hash({"redemption_entry_id": redemption_entry_id, "points": points})
-        replay = self._replay(scope, idempotency_key, hashed)
-        if replay is not None:
-            return replay
-        entry = self.write_ledger.refund(redemption_entry_id, points, idempotency_key,
-                                         self.clock(), shop_id=principal.shop_id)
-        body = {"entry_id": entry.entry_id, "seq": entry.seq, "user_id": entry.user_id,
-                "shop_id": principal.shop_id, "refund_of": redemption_entry_id,
-                "points": entry.points, "ts_ms": entry.ts_ms,
-                "balance": self.write_ledger.balance(entry.user_id)}
-        return self._keep(scope, idempotency_key, hashed, body)
+    def _finish(self, command: Command, entry: Entry) -> Reply:
+        """Kafka mode: the owner's entry; the key stays bound to it with its answer."""
+        self._in_flight.discard(_claim_key(command.claim))
+        try:
+            reply = self._reply(command.kind, entry, command.claim.fingerprint)
+        except Refused:
+            self.store.release(command.claim)
+            raise
+        self.store.finish(command.claim, reply.body)
+        self._count_write()
+        return reply
 
-    def adjust(self, principal: Principal, idempotency_key: str, user_id: str, points: int,
-               reason: str) -> Reply:
-        assert principal.role == Role.staff
+    def _prepare_redeem(self, principal: Principal, idempotency_key: str, token: str,
+                        points: int, terminal_id: str) -> Reply | Command:
+        shop_id = _shop_of(principal)
+        claims = self.box.open(token)
+        ledger_key = self.box.ledger_key("redeem", shop_id, idempotency_key)
+        entry_id = redeem_id(shop_id, ledger_key)
+        request = fingerprint("redeem", claims.nonce, points, terminal_id)
+        existing = self.reads.entry(claims.user_id, entry_id)
+        if existing is not None:
+            return self._reply(EntryKind.redeem, existing, request, replayed=True)
+        now_ms = self.clock()
+        self.box.check_fresh(claims, now_ms)
+        limit = self.settings.points_per_redemption_max
+        if limit is not None and points > limit:
+            raise Refused(Refusal.points_per_redemption_max_exceeded,
+                          f"at most {limit} points per redemption (points_per_redemption_max); "
+                          "nothing was taken")
+        claim = Claim(f"redemptions:{shop_id}", idempotency_key, request, self.owner, now_ms,
+                      now_ms + KEY_CLAIM_LEASE_S * 1000, claims.nonce, claims.user_id, shop_id,
+                      entry_id)
+        stored = self._claim(claim)
+        if stored is not None:
+            return Reply(201, stored, replayed=True)
+        return Command(EntryKind.redeem, claim, ledger_key, entry_id, claims.user_id, shop_id,
+                       terminal_id, points, now_ms,
+                       points_per_day_max=self.settings.points_per_person_per_day_max)
+
+    def _prepare_refund(self, principal: Principal, idempotency_key: str,
+                        redemption_entry_id: str, points: int) -> Reply | Command:
+        shop_id = _shop_of(principal)
+        ledger_key = self.box.ledger_key("refund", shop_id, idempotency_key)
+        entry_id = refund_id(shop_id, ledger_key)
+        request = fingerprint("refund", redemption_entry_id, points)
+        user_id = self._redemption_user(redemption_entry_id, shop_id)
+        existing = self.reads.entry(user_id, entry_id)
+        if existing is not None:
+            return self._reply(EntryKind.refund, existing, request, replayed=True)
+        now_ms = self.clock()
+        claim = Claim(f"refunds:{shop_id}", idempotency_key, request, self.owner, now_ms,
+                      now_ms + KEY_CLAIM_LEASE_S * 1000)
+        stored = self._claim(claim)
+        if stored is not None:
+            return Reply(201, stored, replayed=True)
+        return Command(EntryKind.refund, claim, ledger_key, entry_id, user_id, shop_id,
+                       principal.key_id, points, now_ms, refund_of=redemption_entry_id)
+
+    def _redemption_user(self, entry_id: str, shop_id: str) -> str:
+        """Whose redemption at this shop it is; one answer for every other case."""
+        user_id = self.store.redemption_user(entry_id, shop_id)
+        if user_id is not None:
+            return user_id
+        entry = self.reads.entry(None, entry_id)
+        if entry is not None and entry.kind == EntryKind.redeem \
+                and ref_fields(entry.ref).get("shop") == shop_id:
+            return entry.user_id
+        raise refusal_of_ledger_code("not_found")
+
+    def _claim(self, claim: Claim) -> bytes | None:
+        key = _claim_key(claim)
+
+        def live(owner: str) -> bool:
+            return key in self._in_flight if owner == self.owner else _pid_alive(owner)
+
+        try:
+            stored = self.store.claim(claim, live)
+        except ClaimRefused as refused:
+            raise _claim_refusal(refused.reason) from None
+        if stored is None:
+            self._in_flight.add(key)
+        return stored
+
+    def _reply(self, kind: EntryKind, entry: Entry, request: str, *,
+               replayed: bool = False) -> Reply:
+        """The shop's answer, made from the entry alone (so every retry gets the same
+        bytes): no user id, no balance, no sequence number."""
+        fields = ref_fields(entry.ref)
+        if kind == EntryKind.redeem:
+            if entry.kind != EntryKind.redeem or fields.get("request") != request:
+                raise _conflict()
+            body = {"entry_id": entry.entry_id, "shop_id": fields.get("shop"),
+                    "terminal_id": fields.get("terminal"), "points": -entry.points,
+                    "ts_ms": entry.ts_ms}
+        else:
+            sent = fingerprint("refund", fields.get("refund_of"), entry.points)
+            if entry.kind != EntryKind.refund or sent != request:
+                raise _conflict()
+            body = {"entry_id": entry.entry_id, "shop_id": fields.get("shop"),
+                    "refund_of": fields.get("refund_of"), "points": entry.points,
+                    "ts_ms": entry.ts_ms}
+        return Reply(201, orjson.dumps(body), replayed=replayed)
+
+    # -- staff adjustments (embedded only) -------------------------------------------------
+
+    async def adjust(self, principal: Principal, idempotency_key: str, user_id: str,
+                     points: int, reason: str) -> Reply:
+        if self.kafka or not isinstance(self.reads, LedgerReads):
+            raise NotInKafkaMode("adjustments are not available through the API in Kafka "
+                                 "mode: genki.redemptions carries redemptions and refunds only")
+        return await self._on_writer(self._adjust, principal, idempotency_key, user_id,
+                                     points, reason)
+
+    def _adjust(self, principal: Principal, idempotency_key: str, user_id: str, points: int,
+                reason: str) -> Reply:
+        assert isinstance(self.reads, LedgerReads) and principal.role == Role.staff
+        ledger = self.reads.writer_ledger
         scope = f"adjustments:{principal.key_id}"
         hashed = request_hash({"user_id": user_id, "points": points, "reason": reason})
-        replay = self._replay(scope, idempotency_key, hashed)
-        if replay is not None:
-            return replay
-        entry = self.write_ledger.adjust(user_id, points, reason, principal.key_id,
-                                         idempotency_key, self.clock())
+        stored = self.store.stored_response(scope, idempotency_key)
+        if stored is not None:
+            if stored.request_hash != hashed:
+                raise _conflict()
+            return Reply(stored.status, stored.body, replayed=True)
+        try:
+            entry = ledger.adjust(user_id, points, reason, principal.key_id, idempotency_key,
+                                  self.clock())
+        except GenkiError as error:
+            if error.code == "idempotency_conflict":
+                raise _conflict() from None
+            raise
         body = {"entry_id": entry.entry_id, "seq": entry.seq, "user_id": entry.user_id,
                 "points": entry.points, "reason": ref_fields(entry.ref).get("reason"),
                 "staff_id": principal.key_id, "ts_ms": entry.ts_ms,
-                "balance": self.write_ledger.balance(entry.user_id)}
-        return self._keep(scope, idempotency_key, hashed, body)
+                "balance": ledger.balance(entry.user_id)}
+        kept = self.store.store_response(scope, idempotency_key,
+                                         StoredResponse(hashed, 201, orjson.dumps(body)),
+                                         self.clock())
+        self._count_write()
+        return Reply(kept.status, kept.body)
+
+    def _count_write(self) -> None:
+        if self._writes % PRUNE_EVERY_WRITES == 0:
+            self.store.prune(self.clock() - RESPONSES_KEPT_DAYS * DAY_MS)
+        self._writes += 1
 
     # -- ingest (ingest thread) -----------------------------------------------------
 
     def ingest(self, principal: Principal, lines: list[bytes], *,
                offsets: list[int] | None = None,
-               rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> dict[str, Any]:
-        """Wire records into the log; `offsets` and `rejected_before` as in
-        EmbeddedLog.ingest_lines (the gateway's importers and enrolment checks)."""
+               rejected_before: Sequence[tuple[int, str, bytes]] = (),
+               key_id: str | None = None) -> dict[str, Any]:
+        """Wire records into the log; `offsets`, `rejected_before` and `key_id` (the
+        submitting key, default the principal's) as in EmbeddedLog.ingest_lines."""
+        if self.kafka:
+            raise NotInKafkaMode("in Kafka mode gateways publish to the input topics "
+                                 "(`genki publish`), not to this API")
         now_ms = self.clock()
         log = self._ingest_log or EmbeddedLog.open(self.data_dir)  # LogLocked → 503
         try:
             counts = log.ingest_lines(lines, f"http:{principal.key_id}:{now_ms}", 1, now_ms,
-                                      offsets=offsets, rejected_before=rejected_before)
+                                      offsets=offsets, rejected_before=rejected_before,
+                                      key_id=key_id or principal.key_id)
         finally:
             if self.hold_ingest_log:
                 self._ingest_log = log
@@ -377,25 +591,33 @@ class ApiService(ApiCore):
             self._ingest_log = None
 
 
-def _check_same_redemption(entry: Entry, idempotency_key: str, points: int,
-                           terminal_id: str) -> None:
-    """What the ledger checks on a retry, for the one retry that bypasses it."""
-    if (-entry.points, ref_fields(entry.ref).get("terminal")) != (points, terminal_id):
-        raise IdempotencyConflict(
-            f"Idempotency-Key {idempotency_key!r} already redeemed {-entry.points} points at "
-            f"terminal {ref_fields(entry.ref).get('terminal')}; this request differs")
+def _claim_key(claim: Claim) -> tuple[str, str]:
+    return claim.scope, claim.idempotency_key
+
+
+def _claim_refusal(reason: str) -> Refused:
+    if reason == "in_progress":
+        return Refused(Refusal.in_progress, "a request with this Idempotency-Key is still being "
+                       "carried out; retry with the same key shortly to get its outcome")
+    if reason == "token_used":
+        return Refused(Refusal.token_used, "this redeem code was already used; ask the customer "
+                       "to show a new code in the app")
+    return _conflict()
+
+
+def _is_refusal(error: GenkiError) -> bool:
+    """A refusal decided by the ledger (shown to the shop by its code, never its message)."""
+    return 400 <= error.http_status < 500 or error.code == "ledger_busy"
+
+
+def _shop_of(principal: Principal) -> str:
+    if principal.role != Role.shop or principal.shop_id is None:
+        raise Forbidden("shop commands need a shop key")
+    return principal.shop_id
 
 
 def _principal(record: KeyRecord) -> Principal:
     return Principal(record.key_id, record.role, record.shop_id)
-
-
-def _token_used(claim: TokenClaim) -> TokenUsed:
-    if claim.state == "done":
-        return TokenUsed(f"redeem token was already used (redemption {claim.entry_id} at shop "
-                         f"{claim.shop_id}); ask the customer to show a new code")
-    return TokenUsed(f"redeem token is being used by another redemption request at shop "
-                     f"{claim.shop_id}; ask the customer to show a new code")
 
 
 def require_role(principal: Principal, *roles: Role) -> Principal:

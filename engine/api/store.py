@@ -1,17 +1,25 @@
-"""`<data_dir>/api.sqlite`: API keys (hashes only), stored responses, redeem-token claims.
+"""`<data_dir>/api.sqlite`: API keys (hashes only), request claims, stored responses.
 
 * api_keys: one row per key; only the SHA-256 of the key text is kept, so a
   leaked database does not leak keys. A key is shown once, at creation.
-* responses: the status and body of every successful idempotent request, by
-  (scope, Idempotency-Key), with a hash of the request body, so a retry gets
-  the same answer even after a restart and a changed body is refused.
-* token_claims: which (shop, Idempotency-Key) a redeem token's nonce belongs
-  to: `pending` while its redemption is being written, `done` after.
+* key_claims: which request an Idempotency-Key of a shop (scope) is bound to,
+  by a fingerprint of its body: `pending` while it is being carried out (a
+  duplicate meanwhile is 409 in_progress, while its owner process lives and
+  at most until `lease_until_ms`), `done` with its response once its outcome
+  is known (Kafka mode; the embedded ledger answers retries itself). The ledger entry id is derived from
+  the same (shop, key) and the entry holds the fingerprint, so the ledger
+  decides for good; this table gives the early, cheap answers.
+* token_uses: which (shop, Idempotency-Key) a redeem token's nonce paid for
+  (single use), with the entry id the redemption has or will have.
+* responses: the status and body of staff adjustments, by (scope,
+  Idempotency-Key), with a hash of the request body.
 
-Both are kept RESPONSES_KEPT_DAYS (limits.py), then pruned.
-
-WAL and synchronous=FULL like the ledger; every write is one BEGIN IMMEDIATE
-transaction, so several server processes may share the file.
+All are kept RESPONSES_KEPT_DAYS (limits.py), then pruned. Claims are taken
+in one BEGIN IMMEDIATE transaction, so several server processes may share the
+file. The server's connection commits without fsync (synchronous=NORMAL: it
+survives a killed process, and a power cut loses at most the claims of the
+last moments, which the ledger's (shop, key) ids still bind); keys are
+managed with full fsync.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import hashlib
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -30,7 +38,7 @@ from typing import Any, Self
 from engine.api.limits import KEY_LABEL_CHARS_MAX, WRITE_WAIT_S_MAX
 from engine.errors import NotFound, UsageError
 from engine.schemas import ID_CHARS_MAX, is_id
-from engine.storage import open_sqlite
+from engine.storage import open_sqlite, private_dir
 
 API_DB_FILE_NAME = "api.sqlite"
 KEY_PREFIX = "gk"
@@ -61,18 +69,31 @@ _DDL = (
         PRIMARY KEY (scope, idempotency_key)
     ) STRICT
     """,
+    "DROP TABLE IF EXISTS token_claims",  # before 0.2: replaced by key_claims + token_uses
     """
-    CREATE TABLE IF NOT EXISTS token_claims (
+    CREATE TABLE IF NOT EXISTS key_claims (
+        scope TEXT NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
+        owner TEXT NOT NULL,
+        lease_until_ms INTEGER NOT NULL,
+        response BLOB,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (scope, idempotency_key)
+    ) STRICT
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS token_uses (
         nonce TEXT PRIMARY KEY,
         user_id TEXT NOT NULL,
         shop_id TEXT NOT NULL,
         idempotency_key TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'done')),
-        entry_id TEXT,
+        entry_id TEXT NOT NULL,
         created_ms INTEGER NOT NULL
     ) STRICT
     """,
-    "CREATE INDEX IF NOT EXISTS token_claims_by_entry ON token_claims (entry_id)",
+    "CREATE INDEX IF NOT EXISTS token_uses_by_entry ON token_uses (entry_id)",
 )
 
 
@@ -106,13 +127,27 @@ class StoredResponse:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenClaim:
-    nonce: str
-    user_id: str
-    shop_id: str
+class Claim:
+    """What a request claims before it is carried out: its key (and its token)."""
+
+    scope: str
     idempotency_key: str
-    state: str
-    entry_id: str | None
+    fingerprint: str
+    owner: str  # "<pid>:<random>" of the server process carrying it out
+    now_ms: int
+    lease_until_ms: int
+    nonce: str | None = None  # redemptions: the token's single use
+    user_id: str | None = None
+    shop_id: str | None = None
+    entry_id: str | None = None
+
+
+class ClaimRefused(Exception):
+    """Why a claim was not taken: `in_progress`, `idempotency_conflict` or `token_used`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def key_hash(key_text: str) -> str:
@@ -135,10 +170,10 @@ class ApiStore:
         self.path = path
 
     @classmethod
-    def open(cls, data_dir: Path) -> ApiStore:
-        data_dir.mkdir(parents=True, exist_ok=True)
+    def open(cls, data_dir: Path, *, durable: bool = True) -> ApiStore:
+        private_dir(data_dir)
         path = data_dir / API_DB_FILE_NAME
-        db = open_sqlite(path, busy_wait_s_max=WRITE_WAIT_S_MAX)
+        db = open_sqlite(path, busy_wait_s_max=WRITE_WAIT_S_MAX, durable=durable)
         try:
             store = cls(db, path)
             with store._write() as tx:
@@ -224,65 +259,94 @@ class ApiStore:
         return None if row is None else StoredResponse(row[0], row[1], bytes(row[2]))
 
     def store_response(self, scope: str, idempotency_key: str, stored: StoredResponse,
-                       now_ms: int, *, done_nonce: str | None = None,
-                       entry_id: str | None = None) -> StoredResponse:
-        """Keep a response (first writer wins) and close the token claim, atomically."""
+                       now_ms: int) -> StoredResponse:
+        """Keep a response (first writer wins); returns the one kept."""
         with self._write() as db:
             db.execute("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
                        (scope, idempotency_key, stored.request_hash, stored.status,
                         stored.body, now_ms))
-            if done_nonce is not None:
-                db.execute("UPDATE token_claims SET state = 'done', entry_id = ? "
-                           "WHERE nonce = ?", (entry_id, done_nonce))
             row = db.execute("SELECT request_hash, status, body FROM responses WHERE scope = ? "
                              "AND idempotency_key = ?", (scope, idempotency_key)).fetchone()
         return StoredResponse(row[0], row[1], bytes(row[2]))
 
-    # -- redeem-token claims ---------------------------------------------------------
+    # -- claims ------------------------------------------------------------------
 
-    def claim_token(self, nonce: str, user_id: str, shop_id: str, idempotency_key: str,
-                    now_ms: int) -> TokenClaim:
-        """Claim a token for (shop, key); returns the claim that holds it (maybe another's)."""
+    def claim(self, claim: Claim, live: Callable[[str], bool]) -> bytes | None:
+        """Bind the key to this request and the token to this key, atomically.
+
+        Returns the stored response body when this very request is already done
+        (Kafka mode keeps it); raises ClaimRefused (nothing taken) when another
+        request holds the key or the token. A pending claim whose owner is not
+        `live` (its process died) or whose lease ran out is taken over: the
+        ledger's (shop, key) entry id still decides between the two.
+        """
         with self._write() as db:
-            db.execute("INSERT OR IGNORE INTO token_claims VALUES (?, ?, ?, ?, 'pending', NULL, ?)",
-                       (nonce, user_id, shop_id, idempotency_key, now_ms))
-            row = db.execute("SELECT nonce, user_id, shop_id, idempotency_key, state, entry_id "
-                             "FROM token_claims WHERE nonce = ?", (nonce,)).fetchone()
-        return TokenClaim(*row)
+            row = db.execute("SELECT fingerprint, state, owner, lease_until_ms, response FROM "
+                             "key_claims WHERE scope = ? AND idempotency_key = ?",
+                             (claim.scope, claim.idempotency_key)).fetchone()
+            if row is not None:
+                fingerprint, state, owner, lease_until_ms, response = row
+                if state == "done":
+                    if fingerprint != claim.fingerprint:
+                        raise ClaimRefused("idempotency_conflict")
+                    return None if response is None else bytes(response)
+                if lease_until_ms > claim.now_ms and live(owner):
+                    raise ClaimRefused("in_progress")
+            db.execute("INSERT INTO key_claims VALUES (?, ?, ?, 'pending', ?, ?, NULL, ?) "
+                       "ON CONFLICT (scope, idempotency_key) DO UPDATE SET "
+                       "fingerprint = excluded.fingerprint, owner = excluded.owner, "
+                       "lease_until_ms = excluded.lease_until_ms",
+                       (claim.scope, claim.idempotency_key, claim.fingerprint, claim.owner,
+                        claim.lease_until_ms, claim.now_ms))
+            if claim.nonce is None:
+                return None
+            db.execute("INSERT OR IGNORE INTO token_uses VALUES (?, ?, ?, ?, ?, ?)",
+                       (claim.nonce, claim.user_id, claim.shop_id, claim.idempotency_key,
+                        claim.entry_id, claim.now_ms))
+            holder = db.execute("SELECT shop_id, idempotency_key FROM token_uses WHERE "
+                                "nonce = ?", (claim.nonce,)).fetchone()
+            if tuple(holder) != (claim.shop_id, claim.idempotency_key):
+                raise ClaimRefused("token_used")  # rolls the key claim back too
+        return None
 
-    def token_claim(self, nonce: str) -> TokenClaim | None:
-        with self._lock:
-            row = self._db.execute("SELECT nonce, user_id, shop_id, idempotency_key, state, "
-                                   "entry_id FROM token_claims WHERE nonce = ?",
-                                   (nonce,)).fetchone()
-        return None if row is None else TokenClaim(*row)
+    def release(self, claim: Claim) -> None:
+        """Free what a request claimed when it wrote nothing: the key and the token."""
+        with self._write() as db:
+            db.execute("DELETE FROM key_claims WHERE scope = ? AND idempotency_key = ? "
+                       "AND fingerprint = ? AND state = 'pending'",
+                       (claim.scope, claim.idempotency_key, claim.fingerprint))
+            if claim.nonce is not None:
+                db.execute("DELETE FROM token_uses WHERE nonce = ? AND shop_id = ? "
+                           "AND idempotency_key = ?",
+                           (claim.nonce, claim.shop_id, claim.idempotency_key))
 
-    def redemption_user(self, entry_id: str) -> str | None:
-        """The user of a redemption this API made (Kafka mode routes its refunds by it)."""
+    def finish(self, claim: Claim, response: bytes) -> None:
+        """The request's entry is in the ledger: the key stays bound to it, with its answer."""
+        with self._write() as db:
+            db.execute("UPDATE key_claims SET state = 'done', response = ? WHERE scope = ? AND "
+                       "idempotency_key = ? AND fingerprint = ?",
+                       (response, claim.scope, claim.idempotency_key, claim.fingerprint))
+
+    def redemption_user(self, entry_id: str, shop_id: str) -> str | None:
+        """The user of a redemption this API made for this shop (Kafka mode routes its
+        refunds by it)."""
         with self._lock:
-            row = self._db.execute("SELECT user_id FROM token_claims WHERE entry_id = ? "
-                                   "AND state = 'done'", (entry_id,)).fetchone()
+            row = self._db.execute("SELECT user_id FROM token_uses WHERE entry_id = ? "
+                                   "AND shop_id = ?", (entry_id, shop_id)).fetchone()
         return None if row is None else str(row[0])
 
     def prune(self, before_ms: int) -> int:
         """Forget responses and claims older than `before_ms`; returns the rows removed.
 
-        Safe for money: a redemption is bound to its token's nonce in the
-        ledger itself, and a token is long expired by then.
+        Safe for money: the ledger binds a redemption to its (shop, key) and
+        holds the request's fingerprint, and a token is long expired by then.
         """
         with self._write() as db:
-            removed = db.execute("DELETE FROM responses WHERE created_ms < ?",
-                                 (before_ms,)).rowcount
-            removed += db.execute("DELETE FROM token_claims WHERE created_ms < ?",
-                                  (before_ms,)).rowcount
+            removed = 0
+            for table in ("responses", "key_claims", "token_uses"):
+                removed += db.execute(f"DELETE FROM {table} WHERE created_ms < ?",
+                                      (before_ms,)).rowcount
         return int(removed)
-
-    def release_claim(self, claim: TokenClaim) -> None:
-        """Free a pending claim whose redemption wrote nothing, so the token can be used."""
-        with self._write() as db:
-            db.execute("DELETE FROM token_claims WHERE nonce = ? AND shop_id = ? "
-                       "AND idempotency_key = ? AND state = 'pending'",
-                       (claim.nonce, claim.shop_id, claim.idempotency_key))
 
 
 def _role_of(role: Role | str) -> Role:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from engine.clock import iso_to_day, tokyo_days
-from engine.evaluation.consent import research_consenting
+from engine.clock import day_start_ms, iso_to_day, tokyo_days
+from engine.evaluation.consent import ResearchConsent
 from engine.ingest.log import EmbeddedLog
 from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME
 
@@ -65,14 +65,16 @@ class ProgrammeData:
         return (int(days.min()), int(days.max())) if len(days) else None
 
 
-def load_programme(data_dir: Path) -> ProgrammeData:
+def load_programme(data_dir: Path, *, with_steps: bool = True) -> ProgrammeData:
+    """Without steps, the log's samples are not read at all (indicators need none)."""
     with EmbeddedLog.open(data_dir, writer=False) as log:
-        consenting, refused = research_consenting(log)
+        consent = ResearchConsent.of(log)
+        consenting, refused = consent.people, consent.refused
         profiles = sorted((p for p in map(orjson.loads, log.profiles())
                            if p["user_id"] in consenting), key=lambda p: p["user_id"])
         index = {p["user_id"]: i for i, p in enumerate(profiles)}
-        steps, acts = _read_log(log, index)
-    entries, flags = _read_ledger(data_dir, index)
+        steps, acts = _read_log(log, index, with_steps, consent)
+    entries, flags = _read_ledger(data_dir, index, consent)
     return ProgrammeData(
         user_ids=[p["user_id"] for p in profiles],
         birth_year=np.array([p["birth_year"] for p in profiles], dtype=np.int64),
@@ -87,7 +89,8 @@ def load_programme(data_dir: Path) -> ProgrammeData:
         entry_points=entries[3], entry_day=entries[4])
 
 
-def _read_log(log: EmbeddedLog, index: dict[str, int]) -> tuple[tuple, tuple]:
+def _read_log(log: EmbeddedLog, index: dict[str, int], with_steps: bool,
+              consent: ResearchConsent) -> tuple[tuple, tuple]:
     steps_code = METRIC_BY_NAME["steps"].code
     kinds = np.array(ACTIVITY_KINDS, dtype=object)
     key_parts: list[np.ndarray] = []
@@ -96,10 +99,11 @@ def _read_log(log: EmbeddedLog, index: dict[str, int]) -> tuple[tuple, tuple]:
     end = log.position()
     for lo in range(0, end, LOG_RECORDS_PER_CHUNK):
         hi = min(lo + LOG_RECORDS_PER_CHUNK, end)
-        cols = log.read_samples(lo, hi)
-        if len(cols.ts_ms):
+        cols = log.read_samples(lo, hi) if with_steps else None
+        if cols is not None and len(cols.ts_ms):
             person = np.array([index.get(u, -1) for u in cols.users], dtype=np.int64)[cols.user_idx]
             keep = (cols.metric == steps_code) & (person >= 0)
+            keep &= consent.contains(cols.users, cols.user_idx, cols.ts_ms)
             if keep.any():
                 keys = person[keep] * DAY_KEY_SPAN + tokyo_days(cols.ts_ms[keep])
                 chunk_keys, chunk_inverse = np.unique(keys, return_inverse=True)
@@ -108,7 +112,7 @@ def _read_log(log: EmbeddedLog, index: dict[str, int]) -> tuple[tuple, tuple]:
         acts = log.read_activities(lo, hi)
         if len(acts.ts_ms):
             person = np.array([index.get(u, -1) for u in acts.users], dtype=np.int64)[acts.user_idx]
-            keep = person >= 0
+            keep = (person >= 0) & consent.contains(acts.users, acts.user_idx, acts.ts_ms)
             venues = np.array([v or "" for v in acts.venue_id], dtype=object)
             act_parts.append((person[keep], tokyo_days(acts.ts_ms[keep]).astype(np.int64),
                               kinds[acts.kind[keep]], venues[keep]))
@@ -126,7 +130,8 @@ def _read_log(log: EmbeddedLog, index: dict[str, int]) -> tuple[tuple, tuple]:
     return steps, acts_cols
 
 
-def _read_ledger(data_dir: Path, index: dict[str, int]) -> tuple[tuple, tuple]:
+def _read_ledger(data_dir: Path, index: dict[str, int],
+                 consent: ResearchConsent) -> tuple[tuple, tuple]:
     from engine.ledger import Ledger
     from engine.ledger.store import LEDGER_FILE_NAME
 
@@ -136,7 +141,7 @@ def _read_ledger(data_dir: Path, index: dict[str, int]) -> tuple[tuple, tuple]:
                    np.zeros(0, np.int64))
     if not (data_dir / LEDGER_FILE_NAME).exists():
         return empty_entries, empty_flags
-    rows: list[tuple[int, str, str, int, int]] = []
+    rows: list[tuple[int, str, str, int, int, str, int]] = []
     with Ledger.open(data_dir) as ledger:
         head = ledger.head_seq()
         for lo in range(0, head, LEDGER_ENTRIES_PER_READ):
@@ -145,9 +150,13 @@ def _read_ledger(data_dir: Path, index: dict[str, int]) -> tuple[tuple, tuple]:
                 if person < 0:
                     continue
                 day = iso_to_day(e.day) if e.day else int(tokyo_days(np.array([e.ts_ms]))[0])
-                rows.append((person, e.kind.value, e.rule or "", e.points, day))
-        flag_rows = [(index[f.user_id], f.flag.value, f.state.value == "raised", iso_to_day(f.day))
+                rows.append((person, e.kind.value, e.rule or "", e.points, day, e.user_id,
+                             e.ts_ms))
+        flag_rows = [(index[f.user_id], f.flag.value, f.state.value == "raised", iso_to_day(f.day),
+                      f.user_id, day_start_ms(iso_to_day(f.day)))
                      for f in ledger.all_flag_events() if f.user_id in index]
+    rows = _inside(rows, consent)
+    flag_rows = _inside(flag_rows, consent)
     entries = empty_entries if not rows else (
         np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], object),
         np.array([r[2] for r in rows], object), np.array([r[3] for r in rows], np.int64),
@@ -156,6 +165,17 @@ def _read_ledger(data_dir: Path, index: dict[str, int]) -> tuple[tuple, tuple]:
         np.array([r[0] for r in flag_rows], np.int64), np.array([r[1] for r in flag_rows], object),
         np.array([r[2] for r in flag_rows], bool), np.array([r[3] for r in flag_rows], np.int64))
     return entries, flags
+
+
+def _inside(rows: list, consent: ResearchConsent) -> list:  # type: ignore[type-arg]
+    """Rows (..., user_id, ts_ms) inside their person's consent periods."""
+    if not rows:
+        return rows
+    users = sorted({r[-2] for r in rows})
+    position = {u: i for i, u in enumerate(users)}
+    keep = consent.contains(users, np.array([position[r[-2]] for r in rows], np.int64),
+                            np.array([r[-1] for r in rows], np.int64))
+    return [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
 
 
 def raised_flags_on(data: ProgrammeData, day: int) -> np.ndarray:

@@ -33,11 +33,13 @@ FORMATS: dict[str, Parser] = {
     "omh": omh.parse,
 }
 FORMAT_ALIASES = {"apple-health": "apple", "healthkit": "apple", "open-mhealth": "omh",
-                  "googlefit": "google-fit", "healthconnect": "health-connect"}
+                  "openmhealth": "omh", "googlefit": "google-fit",
+                  "healthconnect": "health-connect", "garmin-health": "garmin"}
 
 
 def format_named(name: str) -> str:
-    canonical = FORMAT_ALIASES.get(name, name)
+    spelled = name.strip().lower().replace("_", "-")
+    canonical = FORMAT_ALIASES.get(spelled, spelled)
     if canonical not in FORMATS:
         raise UsageError(f"unknown import format {name!r}; one of {', '.join(FORMATS)}")
     return canonical

@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
+from engine.devices import DEVICES_FILE_NAME, DeviceRegistry, operator_policy
+from engine.devices.screen import enrolment_resolver
 from engine.errors import UsageError
 from engine.importers import FORMATS, ImportOptions, ImportResult, format_named, import_source
 from engine.importers.core import LOCAL_OFFSET_DEFAULT, Resolver
@@ -80,8 +82,13 @@ def _cmd_import(args: argparse.Namespace) -> int:
     options = ImportOptions(user_id=args.user, device_id=args.device,
                             local_offset=args.tz_offset, units=args.units)
     format_named(args.format)
-    with EmbeddedLog.open(data_dir_of(args), late_window_days=args.late_window_days) as log:
-        summary = import_paths(log, args.format, args.paths, options)
+    data_dir = data_dir_of(args)
+    resolver = None
+    if (data_dir / DEVICES_FILE_NAME).exists():  # enrolled devices name their persons
+        with DeviceRegistry.open(data_dir) as registry:
+            resolver = enrolment_resolver(operator_policy(registry), options)
+    with EmbeddedLog.open(data_dir, late_window_days=args.late_window_days) as log:
+        summary = import_paths(log, args.format, args.paths, options, resolver=resolver)
     if args.json:
         sys.stdout.write(orjson.dumps(summary.as_dict()).decode() + "\n")
         return 0

@@ -17,6 +17,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import BinaryIO
 
 import orjson
@@ -38,6 +39,7 @@ JSON_SOURCE_BYTES_MAX = 256 * 1024 * 1024
 # Samples held before they are packed into segments and handed on.
 SAMPLES_PER_FLUSH_MAX = 500_000
 UPLOAD_ID_HASH_CHARS = 20
+ID_TEXTS_CACHED_MAX = 1_024  # device names repeat on every record of a source
 # Metrics whose value is an amount over an interval: overlapping intervals would count twice.
 INTERVAL_METRICS = frozenset(("steps", "sleep", "conversation"))
 LOCAL_OFFSET_DEFAULT = "+09:00"  # the programme's users live in Japan
@@ -114,6 +116,7 @@ def unmapped(item: int, raw: object, code: Reason, field_name: str, detail: str)
     return Unmapped(item, reason_text(code, field_name, detail), raw_of(raw))
 
 
+@lru_cache(maxsize=ID_TEXTS_CACHED_MAX)
 def id_text(text: str, prefix: str = "") -> str:
     """A source name as a genki id: A-Z a-z 0-9 _ . : - only, at most ID_CHARS_MAX."""
     cleaned = _ID_CHARS.sub("-", text.strip()).strip("-") or "unknown"

@@ -15,6 +15,7 @@ that is lossless, float64 otherwise.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -51,6 +52,7 @@ from engine.storage import open_sqlite
 LOG_FILE_NAME = "log.sqlite"
 LOCK_FILE_NAME = "log.lock"
 LATE_WINDOW_DAYS_DEFAULT = 42
+OPERATOR_KEY_ID = "operator"  # records written by the CLI, which needs no API key
 LOCK_WAIT_S_MAX = 60.0
 SQL_VARIABLES_PER_QUERY_MAX = 500
 SAMPLE_RECORDS_PER_READ_MAX = 50_000
@@ -83,6 +85,12 @@ CREATE TABLE IF NOT EXISTS dlq (
     reason TEXT NOT NULL, raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS record_keys (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, key_id TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS record_keys_by_key ON record_keys (key_id);
+CREATE TABLE IF NOT EXISTS key_stats (
+    key_id TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (key_id, name));
 """ + SEEN_SCHEMA
 META_SEEN_WINDOW_DAYS = "seen_index.window_days"  # the window the index was pruned with
 
@@ -177,6 +185,7 @@ class EmbeddedLog:
                  late_window_days: int) -> None:
         self._db = db
         self._lock_file = lock_file
+        self.data_dir: Path | None = None
         self.late_window_days = late_window_days
         self._streams: dict[tuple[str, str, int], int] = {}
         self._watermarks: dict[tuple[str, str], int] = {}
@@ -201,7 +210,9 @@ class EmbeddedLog:
                                 "wait for it to finish")
         db = connect(data_dir / LOG_FILE_NAME)
         db.executescript(_SCHEMA)
-        return cls(db, lock_file, late_window_days)
+        opened = cls(db, lock_file, late_window_days)
+        opened.data_dir = data_dir
+        return opened
 
     def close(self) -> None:
         self._db.close()
@@ -305,7 +316,8 @@ class EmbeddedLog:
     def ingest_lines(self, lines: list[bytes], source: str, first_offset: int, now_ms: int,
                      *, partition: int | None = None, offsets: list[int] | None = None,
                      meta: dict[str, str] | None = None,
-                     rejected_before: Sequence[tuple[int, str, bytes]] = ()) -> IngestCounts:
+                     rejected_before: Sequence[tuple[int, str, bytes]] = (),
+                     key_id: str = OPERATOR_KEY_ID) -> IngestCounts:
         """Decode, judge and durably store one batch of lines in one transaction.
 
         A dead letter names `source`, `partition` and the line's offset: `offsets[i]`
@@ -313,6 +325,8 @@ class EmbeddedLog:
         key/values (e.g. consumed Kafka offsets) commit in the same transaction.
         `rejected_before` are (offset, reason, raw) items an edge (an importer, the
         gateway) refused before they became lines: received and dead-lettered here.
+        `key_id` is the API key that submitted the batch (provenance): every record
+        stored gets it (`positions_of_key`), and its counters are kept per key.
         """
         assert offsets is None or len(offsets) == len(lines)
         assert self._lock_file is not None, "log opened read-only"
@@ -320,7 +334,7 @@ class EmbeddedLog:
         counts = IngestCounts(received=decoded.received + len(rejected_before))
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            next_seq = self.position() + 1
+            first_seq = next_seq = self.position() + 1
             next_seq = self._store_profiles(decoded, next_seq)
             next_seq = self._store_consents(decoded, counts, next_seq)
             new_streams: dict[tuple[str, str, int], int] = {}
@@ -335,6 +349,7 @@ class EmbeddedLog:
             counts.accepted = counts.received - counts.rejected
             self._store_watermarks(wm_updates)
             self._bump_counters(counts)
+            self._store_provenance(key_id, first_seq, next_seq - 1, counts)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -534,10 +549,51 @@ class EmbeddedLog:
             "INSERT INTO dlq (source, partition, offset, reason, raw) VALUES (?, ?, ?, ?, ?)",
             [(source, partition, offset, reason, raw) for offset, reason, raw in rejected])
 
+    def _store_provenance(self, key_id: str, first_seq: int, last_seq: int,
+                          counts: IngestCounts) -> None:
+        if last_seq >= first_seq:
+            self._db.execute("INSERT INTO record_keys VALUES (?, ?, ?)",
+                             (first_seq, last_seq, key_id))
+        self._db.executemany(
+            "INSERT INTO key_stats VALUES (?, ?, ?) ON CONFLICT(key_id, name)"
+            " DO UPDATE SET value = value + excluded.value",
+            [(key_id, name, value) for name, value in (
+                ("received", counts.received), ("accepted", counts.accepted),
+                ("rejected", counts.rejected), ("records", last_seq - first_seq + 1),
+                ("accepted_samples", counts.accepted_samples))])
+
+    def positions_of_key(self, key_id: str) -> list[tuple[int, int]]:
+        """Log positions (first, last, inclusive) of every record `key_id` submitted."""
+        return [(int(a), int(b)) for a, b in self._db.execute(
+            "SELECT first_seq, last_seq FROM record_keys WHERE key_id = ? ORDER BY first_seq",
+            (key_id,))]
+
+    def counts_by_key(self) -> dict[str, dict[str, int]]:
+        """Per submitting key: received, accepted, rejected, records stored, samples stored."""
+        result: dict[str, dict[str, int]] = {}
+        for key_id, name, value in self._db.execute(
+                "SELECT key_id, name, value FROM key_stats ORDER BY key_id, name"):
+            result.setdefault(key_id, {})[name] = int(value)
+        return result
+
     def _store_meta(self, meta: dict[str, str]) -> None:
         self._db.executemany(
             "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             list(meta.items()))
+
+    def late_window_days_max(self) -> int:
+        """The widest late window this log has been written with (what state must keep)."""
+        return max(self.late_window_days, int(self.get_meta(META_SEEN_WINDOW_DAYS) or 0))
+
+    def profiles_digest(self) -> str:
+        """SHA-256 over every profile and consent record (what step targets and the periods
+        people are in the programme depend on): rules state built under other ones is stale."""
+        digest = hashlib.sha256()
+        for table in ("profile_records", "consent_records"):
+            digest.update(table.encode())
+            for seq, body in self._db.execute(f"SELECT seq, body FROM {table} ORDER BY seq"):
+                digest.update(str(seq).encode() + b"\x1f" + bytes(body) + b"\x1e")
+        return digest.hexdigest()
 
     def get_meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -571,11 +627,9 @@ class EmbeddedLog:
         removed: dict[str, int] = {}
         db.execute("BEGIN IMMEDIATE")
         try:
-            streams = [row[0] for row in db.execute(
-                "SELECT stream_id FROM streams WHERE user_id = ?", (user_id,))]
-            removed["samples"] = sum(db.execute(
-                "DELETE FROM sample_records WHERE stream_id = ?", (stream,)).rowcount
-                for stream in streams)
+            removed["samples"] = db.execute(  # one pass over the table, however many streams
+                "DELETE FROM sample_records WHERE stream_id IN"
+                " (SELECT stream_id FROM streams WHERE user_id = ?)", (user_id,)).rowcount
             db.execute("UPDATE streams SET user_id = '', device_id = 'erased:' || stream_id"
                        " WHERE user_id = ?", (user_id,))
             for kind, table in (("activities", "activity_records"),

@@ -30,6 +30,17 @@ class Reason(StrEnum):
     unsupported_type = "unsupported_type"  # a vendor record type genki has no metric for
     overlapping_interval = "overlapping_interval"  # an amount over an interval already counted
     not_enrolled = "not_enrolled"          # (person, device) not enrolled for the submitting key
+    not_permitted = "not_permitted"        # profiles/consent from a key that may not write them
+
+
+# Reasons that come from who sent a record, a vendor format or a store's capacity,
+# not from the bytes of a wire record: the simulator's injected faults cover all
+# the others (tests/test_sim.py checks that).
+CONTEXT_REASONS: frozenset[Reason] = frozenset({
+    Reason.unauthenticated, Reason.capacity, Reason.invalid_source, Reason.unsupported_type,
+    Reason.overlapping_interval, Reason.not_enrolled, Reason.not_permitted,
+})
+WIRE_RECORD_REASONS: frozenset[Reason] = frozenset(Reason) - CONTEXT_REASONS
 
 
 def reason_text(code: Reason, field: str, detail: str) -> str:

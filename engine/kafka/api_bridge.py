@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
 from engine.errors import GenkiError
 from engine.kafka.authn import authenticated_value, require_record_keys
@@ -47,7 +48,7 @@ from engine.kafka.topics import (
     partition_counts,
 )
 from engine.ledger.commands import redeem_id, refund_id
-from engine.schemas import Redemption, RedemptionKind
+from engine.schemas import LedgerEntry, Redemption, RedemptionKind
 
 # How long a request waits for the owner's answer before 504 (retry with the same key).
 OUTCOME_WAIT_S_MAX = 15.0
@@ -110,6 +111,7 @@ class RedemptionBridge:
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self.skipped_records = 0  # unreadable records on genki.ledger / genki.dlq
         self._record_keys: Keyring | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -239,6 +241,9 @@ class RedemptionBridge:
     # -- the outcome consumer ----------------------------------------------------------
 
     async def _consume(self) -> None:
+        """Resolve waiting requests from genki.ledger and genki.dlq, forever: a record it
+        cannot read is counted, logged and skipped, never the end of the loop (every
+        redemption would wait for nothing after it)."""
         consumer = self._consumer
         assert consumer is not None
         while True:
@@ -251,25 +256,53 @@ class RedemptionBridge:
             if not self._watch:
                 continue
             for tp, records in got.items():
-                if tp.topic == self.topics[LEDGER]:
-                    for record in records:
-                        if record.key in self._users:
-                            entry = orjson.loads(record.value or b"{}")
-                            self._resolve(str(entry.get("entry_id")), Outcome(entry, None))
-                else:
-                    for record in records:
-                        self._on_dead_letter(record.value or b"{}")
+                on_ledger = tp.topic == self.topics[LEDGER]
+                for record in records:
+                    if on_ledger and record.key not in self._users:
+                        continue
+                    try:
+                        if on_ledger:
+                            self._on_ledger_entry(record.value or b"")
+                        else:
+                            self._on_dead_letter(record.value or b"")
+                    except Exception:  # one bad record must not stop the loop
+                        self._skip(tp.topic, tp.partition, record.offset, "unexpected error")
+                        log.exception("outcome record %s/%d@%d", tp.topic, tp.partition,
+                                      record.offset)
+
+    def _skip(self, topic: str, partition: int, offset: int, why: str) -> None:
+        self.skipped_records += 1
+        log.warning("skipped unreadable outcome record %s/%d@%d (%s); %d skipped so far",
+                    topic, partition, offset, why, self.skipped_records)
+
+    def _on_ledger_entry(self, value: bytes) -> None:
+        try:
+            entry = LedgerEntry.model_validate_json(value)
+        except ValidationError:
+            self.skipped_records += 1
+            log.warning("skipped a %s record that is not a ledger entry", self.topics[LEDGER])
+            return
+        self._resolve(entry.entry_id, Outcome(entry.model_dump(mode="json"), None))
 
     def _on_dead_letter(self, value: bytes) -> None:
-        letter = orjson.loads(value)
+        try:
+            letter = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            letter = None
+        if not isinstance(letter, dict):
+            self.skipped_records += 1
+            log.warning("skipped a %s record that is not a dead letter", self.topics[DLQ])
+            return
         if letter.get("source") != self.topics[REDEMPTIONS]:
             return
-        where = (letter.get("partition"), letter.get("offset"))
+        partition, offset = letter.get("partition"), letter.get("offset")
+        where = (partition, offset) if isinstance(partition, int) \
+            and isinstance(offset, int) else (-1, -1)
         entry_id = self._by_offset.get(where)
         if entry_id is None:  # refused before send_and_wait returned, or not ours
             try:
                 entry_id = entry_id_of(Redemption.model_validate_json(
-                    base64.b64decode(letter.get("raw_b64", ""))))
+                    base64.b64decode(str(letter.get("raw_b64", "")))))
             except (ValueError, binascii.Error):
                 return  # not one of ours (ours are valid records)
             if self._offset_of.get(entry_id, where) != where:

@@ -187,7 +187,8 @@ class PartitionStore:
         from engine.rules.config import load_rules
 
         if self._pipeline is None:
-            self._pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH))
+            self._pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH),
+                                      snapshot_at_end=False)
         if profiles_changed:
             self._pipeline.invalidate()
         return self._pipeline.run(self.log, self.ledger)
@@ -233,7 +234,9 @@ class PartitionStore:
         try:
             if request.kind == RedemptionKind.redeem:
                 self.ledger.redeem(request.user_id, request.points, request.shop_id,
-                                   request.terminal_id, request.idempotency_key, request.ts_ms)
+                                   request.terminal_id, request.idempotency_key, request.ts_ms,
+                                   request=request.request,
+                                   points_per_day_max=request.points_per_day_max)
             else:
                 assert request.refund_of is not None
                 self.ledger.refund(request.refund_of, request.points, request.idempotency_key,

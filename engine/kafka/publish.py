@@ -29,14 +29,21 @@ from engine.kafka.authn import authenticated_value
 from engine.kafka.client import MESSAGE_BYTES_MAX, producer_settings, topic_name
 from engine.kafka.keys import Keyring
 from engine.kafka.personal import KeyTopic, PersonKeys, encryption_enabled, require_wrap_keys
-from engine.kafka.topics import ACTIVITIES, PROFILES, REDEMPTIONS, SAMPLES, TopicsError
+from engine.kafka.topics import (
+    ACTIVITIES,
+    CONSENT,
+    PROFILES,
+    REDEMPTIONS,
+    SAMPLES,
+    TopicsError,
+)
 from engine.schemas import Redemption
 
 BATCHES_IN_FLIGHT_MAX = 64
 # Inputs whose records are personal and encrypted per person, with the tag that binds
 # each ciphertext to its topic.
-SEALED_INPUTS: dict[str, bytes] = {PROFILES: PROFILES.encode(), SAMPLES: SAMPLES.encode(),
-                                   ACTIVITIES: ACTIVITIES.encode()}
+SEALED_INPUTS: dict[str, bytes] = {name: name.encode()
+                                   for name in (PROFILES, CONSENT, SAMPLES, ACTIVITIES)}
 KEY_CACHE_ENTRIES_MAX = 1_000_000
 
 
@@ -52,6 +59,8 @@ def route(raw: bytes) -> tuple[str, bytes | None]:
     key = user.encode() if isinstance(user, str) and user else None
     if "metric" in body or "values" in body:
         return SAMPLES, key
+    if "change" in body:
+        return CONSENT, key
     if "event_id" in body:
         return ACTIVITIES, key
     if "idempotency_key" in body:
@@ -168,7 +177,7 @@ class Gateway:
     async def __aenter__(self) -> Self:
         await self._producer.start()
         try:
-            for logical in (PROFILES, SAMPLES, ACTIVITIES, REDEMPTIONS):
+            for logical in (PROFILES, CONSENT, SAMPLES, ACTIVITIES, REDEMPTIONS):
                 name = topic_name(self._prefix, logical)
                 self._counts[logical] = len(await self._producer.partitions_for(name))
             if len(set(self._counts.values())) != 1:

@@ -61,9 +61,12 @@ class Expected:
     points: int
 
 
-def verified_requests(values: list[bytes], keys: Keyring | None) -> dict[str, Expected]:
-    """Entry id → what the entry must be, for every authenticated request."""
-    found: dict[str, Expected] = {}
+def verified_requests(values: list[bytes],
+                      keys: Keyring | None) -> dict[str, set[Expected]]:
+    """Entry id → what the entry may be, for every authenticated request (several requests
+    can name one id: the same Idempotency-Key sent with another body, which the owner
+    refused; the entry is the one of the request it applied)."""
+    found: dict[str, set[Expected]] = {}
     for raw in values:
         try:
             request = Redemption.model_validate_json(raw)
@@ -72,11 +75,11 @@ def verified_requests(values: list[bytes], keys: Keyring | None) -> dict[str, Ex
         if verification_failure(request, keys) is not None:
             continue
         if request.kind == RedemptionKind.redeem:
-            found[redeem_id(request.shop_id, request.idempotency_key)] = Expected(
-                request.user_id, EntryKind.redeem.value, -request.points)
+            found.setdefault(redeem_id(request.shop_id, request.idempotency_key), set()).add(
+                Expected(request.user_id, EntryKind.redeem.value, -request.points))
         else:
-            found[refund_id(request.shop_id, request.idempotency_key)] = Expected(
-                request.user_id, EntryKind.refund.value, request.points)
+            found.setdefault(refund_id(request.shop_id, request.idempotency_key), set()).add(
+                Expected(request.user_id, EntryKind.refund.value, request.points))
     return found
 
 
@@ -88,7 +91,7 @@ class RestoreSelection:
     erased: int = 0
 
 
-def select_restorable(records: list[tuple[int, bytes]], requests: dict[str, Expected],
+def select_restorable(records: list[tuple[int, bytes]], requests: dict[str, set[Expected]],
                       keys: PersonKeys | None = None) -> RestoreSelection:
     """The restorable entries of a genki.ledger partition that a verified request backs
     (sealed entries of erased people do not open: they are skipped, counted as erased)."""
@@ -111,11 +114,10 @@ def select_restorable(records: list[tuple[int, bytes]], requests: dict[str, Expe
             continue
         if kind in REQUESTED_KINDS:
             expected = requests.get(entry.entry_id)
-            if expected != Expected(entry.user_id, kind, entry.points):
+            if expected is None or Expected(entry.user_id, kind, entry.points) not in expected:
                 why = "no authenticated request on genki.redemptions made this entry" \
-                    if expected is None else "differs from the authenticated request's " \
-                    f"user, kind or points ({expected.user_id}, {expected.kind}, " \
-                    f"{expected.points})"
+                    if expected is None else "differs from every authenticated request's " \
+                    "user, kind or points with its id"
                 selection.refused.append((offset, reason_text(Reason.unauthenticated,
                                                               "entry_id", why), raw))
                 continue

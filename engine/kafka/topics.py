@@ -25,6 +25,7 @@ DLQ_RETENTION_MS = str(30 * 86_400_000)
 ADMIN_TIMEOUT_MS = 30_000
 
 PROFILES = "genki.profiles"
+CONSENT = "genki.consent"
 SAMPLES = "genki.samples"
 ACTIVITIES = "genki.activities"
 REDEMPTIONS = "genki.redemptions"
@@ -35,8 +36,8 @@ DLQ = "genki.dlq"
 KEYS = "genki.keys"
 # Processing order within one partition and cycle: profiles before the samples
 # they give targets to; redemptions after the awards that pay for them.
-INPUT_TOPICS: tuple[str, ...] = (PROFILES, SAMPLES, ACTIVITIES, REDEMPTIONS)
-LOG_TOPICS: tuple[str, ...] = (PROFILES, SAMPLES, ACTIVITIES)
+INPUT_TOPICS: tuple[str, ...] = (PROFILES, CONSENT, SAMPLES, ACTIVITIES, REDEMPTIONS)
+LOG_TOPICS: tuple[str, ...] = (PROFILES, CONSENT, SAMPLES, ACTIVITIES)
 COPARTITIONED_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, LEDGER, FLAGS, KEYS)
 # A tombstone's predecessors are compacted away within this long (crypto-shredding on the
 # broker's disks), and the tombstone itself is kept this long for readers to see.
@@ -64,6 +65,8 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     TopicSpec(PROFILES, {"cleanup.policy": "compact", "max.message.bytes": str(MESSAGE_BYTES_MAX),
                          "min.compaction.lag.ms": "3600000"},
               "latest profile per user; compacted, so never expires"),
+    TopicSpec(CONSENT, _INPUT, "consent and membership changes with effective times; kept "
+                               "forever (not compacted: the history decides consent periods)"),
     TopicSpec(SAMPLES, _INPUT, "sample segments; kept forever so partitions can be rebuilt"),
     TopicSpec(ACTIVITIES, _INPUT, "activity events; kept forever"),
     TopicSpec(REDEMPTIONS, _INPUT, "shop redemption and refund requests; kept forever"),

@@ -73,6 +73,7 @@ from engine.kafka.restore import (
     verified_requests,
 )
 from engine.kafka.topics import (
+    CONSENT,
     DLQ,
     FLAGS,
     INPUT_TOPICS,
@@ -377,7 +378,7 @@ class Worker:
             done["accepted"] += counts.accepted
             done["rejected"] += counts.rejected
             done["accepted_samples"] += counts.accepted_samples
-            profiles_changed |= logical == PROFILES and counts.accepted > 0
+            profiles_changed |= logical in (PROFILES, CONSENT) and counts.accepted > 0
         crash_point("after_ingest")
         done["awards"] = store.run_pipeline(self.settings.rules_path,
                                             profiles_changed).awards_appended

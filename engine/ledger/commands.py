@@ -94,14 +94,19 @@ def expire_id(user_id: str, lot_entry_id: str) -> str:
 
 
 def redeem_draft(user_id: str, points: int, shop_id: str, terminal_id: str,
-                 idempotency_key: str, ts_ms: int) -> EntryDraft:
+                 idempotency_key: str, ts_ms: int, request: str | None = None) -> EntryDraft:
+    """`request`: a digest of the request that made it (the API's), so a retry with the
+    same key but another request differs in content and is refused."""
     check_id("user_id", user_id)
     check_points(points)
     check_id("shop_id", shop_id)
     check_id("terminal_id", terminal_id)
     check_key("idempotency_key", idempotency_key)
     check_ts_ms(ts_ms)
-    ref = ref_json({"key": idempotency_key, "shop": shop_id, "terminal": terminal_id})
+    fields = {"key": idempotency_key, "shop": shop_id, "terminal": terminal_id}
+    if request is not None:
+        fields["request"] = check_key("request", request)
+    ref = ref_json(fields)
     return EntryDraft(redeem_id(shop_id, idempotency_key), user_id, EntryKind.redeem, -points,
                       day_to_iso(tokyo_day(ts_ms)), ts_ms, RULE_REDEEM, ref, None)
 

@@ -90,3 +90,18 @@ class InvalidRequest(UsageError):
 
     http_status = 400
     code = "invalid_request"
+
+
+class DailyRedeemLimit(LedgerError):
+    """A redemption past the points a person may redeem in one Tokyo day; nothing written."""
+
+    code = "points_per_person_per_day_max_exceeded"
+
+    def __init__(self, user_id: str, day: str, redeemed: int, requested: int,
+                 points_per_day_max: int) -> None:
+        self.user_id = user_id
+        self.day = day
+        super().__init__(
+            f"redemption of {requested} points for user {user_id} on {day} exceeds "
+            f"points_per_person_per_day_max {points_per_day_max} ({redeemed} redeemed already)"
+        )

@@ -25,6 +25,7 @@ from engine.errors import LedgerError, NotFound, RefundExceeds
 from engine.ledger import commands
 from engine.ledger.canonical import GENESIS_HASH, content_digest
 from engine.ledger.errors import (
+    DailyRedeemLimit,
     EntryExistsWithDifferent,
     InvalidEntry,
     InvalidRequest,
@@ -287,22 +288,29 @@ class Ledger:
     # -- shop and staff commands ------------------------------------------------------
 
     def redeem(self, user_id: str, points: int, shop_id: str, terminal_id: str,
-               idempotency_key: str, ts_ms: int) -> Entry:
+               idempotency_key: str, ts_ms: int, *, request: str | None = None,
+               points_per_day_max: int | None = None) -> Entry:
         """Take points at a shop; a retry with the same key returns the original entry.
 
-        The retry check compares user, points and terminal (not ts_ms: a
-        terminal's retry may carry a later clock reading).
+        The retry check compares user, points, terminal and `request` (a digest
+        of the request, see commands.redeem_draft), not ts_ms: a terminal's
+        retry may carry a later clock reading. `points_per_day_max` bounds
+        the points the user redeems per Tokyo day (refunds do not give it back).
         """
         draft = commands.redeem_draft(user_id, points, shop_id, terminal_id, idempotency_key,
-                                      ts_ms)
+                                      ts_ms, request)
         with self._write() as db:
             stored = _entry_locked(db, draft.entry_id)
             if stored is not None:
-                sent = {"user_id": user_id, "points": points, "terminal_id": terminal_id}
+                sent = {"user_id": user_id, "points": points, "terminal_id": terminal_id,
+                        "request": request}
+                fields = commands.ref_fields(stored.ref)
                 known = {"user_id": stored.user_id, "points": -stored.points,
-                         "terminal_id": commands.ref_fields(stored.ref).get("terminal")}
+                         "terminal_id": fields.get("terminal"), "request": fields.get("request")}
                 _raise_if_request_differs("idempotency key", idempotency_key, known, sent)
                 return stored
+            if points_per_day_max is not None:
+                _check_day_redeemed(db, user_id, draft.day, points, points_per_day_max)
             return self._append_locked(db, normalise([draft])).entries[0]
 
     def refund(self, redemption_entry_id: str, points: int, idempotency_key: str, ts_ms: int,
@@ -587,6 +595,15 @@ def _check_refunds(db: sqlite3.Connection, new: list[Content]) -> None:
             refused = tracker.refund(entry_id, user_id, ref, points)
             if refused:
                 raise (RefundExceeds if refused[0] == "exceeds" else InvalidEntry)(refused[1])
+
+
+def _check_day_redeemed(db: sqlite3.Connection, user_id: str, day: str | None, points: int,
+                        points_per_day_max: int) -> None:
+    redeemed = -int(db.execute(
+        "SELECT COALESCE(SUM(points), 0) FROM entries WHERE user_id = ? AND kind = 'redeem' "
+        "AND day = ?", (user_id, day)).fetchone()[0])
+    if redeemed + points > points_per_day_max:
+        raise DailyRedeemLimit(user_id, str(day), redeemed, points, points_per_day_max)
 
 
 def _refunded(db: sqlite3.Connection, redemption_id: str) -> int:

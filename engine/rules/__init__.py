@@ -20,35 +20,37 @@ Semantics (pinned by tests/test_rules_differential.py against tests/rules_refere
 * Flags are evaluated per user per settled day d <= day(samples watermark) -
   settle_days. A sample whose record arrived after its day settled (judged by its
   wm_before_ms) counts for points but never for flags; activities likewise with the
-  activities watermark, and social_isolation is evaluated only on days settled for
-  both streams (so a user without any activity record is never evaluated for it).
-  Too little data in a window leaves the state as it was; an event is written when
-  the state changes (initially not raised). The flag history is then independent of
-  batching.
+  activities watermark. social_isolation also waits for the activities watermark,
+  but at most activity_wait_days behind the samples clock (the person's syncs are
+  the heartbeat), so people without any activity record are judged too. Too little
+  data in a window makes a day unknown; the state moves with hysteresis
+  (raise_after_days / clear_after_days known days in a row) and an event is written
+  when it changes (initially not raised). The flag history is then independent of
+  batching. See engine.rules.flags for the registry of flags.
 """
 
-from engine.rules.batch import (
-    ActivityBatch,
-    ActivityRecord,
-    Profiles,
-    SampleBatch,
-    SampleRecord,
-    WatermarkLog,
-)
-from engine.rules.config import Rules, default_rules, load_rules, parse_rules
-from engine.rules.engine import RulesEngine, RulesOutput
+from __future__ import annotations
 
-__all__ = [
-    "ActivityBatch",
-    "ActivityRecord",
-    "Profiles",
-    "Rules",
-    "RulesEngine",
-    "RulesOutput",
-    "SampleBatch",
-    "SampleRecord",
-    "WatermarkLog",
-    "default_rules",
-    "load_rules",
-    "parse_rules",
-]
+from importlib import import_module
+from typing import Any
+
+# Loaded on first use, so `engine.schemas` can read the flag registry
+# (engine.rules.flags) without importing the whole engine.
+_EXPORTS = {
+    "ActivityBatch": "engine.rules.batch", "ActivityRecord": "engine.rules.batch",
+    "Profiles": "engine.rules.batch", "SampleBatch": "engine.rules.batch",
+    "SampleRecord": "engine.rules.batch", "WatermarkLog": "engine.rules.batch",
+    "Rules": "engine.rules.config", "default_rules": "engine.rules.config",
+    "load_rules": "engine.rules.config", "parse_rules": "engine.rules.config",
+    "RulesEngine": "engine.rules.engine", "RulesOutput": "engine.rules.engine",
+}
+__all__ = ["ActivityBatch", "ActivityRecord", "Profiles", "Rules", "RulesEngine", "RulesOutput",
+           "SampleBatch", "SampleRecord", "WatermarkLog", "default_rules", "load_rules",
+           "parse_rules"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine.rules' has no attribute {name!r}")
+    return getattr(import_module(module), name)

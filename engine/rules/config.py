@@ -12,13 +12,21 @@ import tomllib
 from datetime import date
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from engine.errors import RulesError
-from engine.schemas import ACTIVITY_KINDS, FlagName
+from engine.rules.config_base import (
+    STEPS_MIN_MAX,
+    KeyedValueError,
+    Name,
+    Percent,
+    Strict,
+)
+from engine.rules.flags import FLAG_BY_NAME, FLAGS, FlagConfig, lookback_days
+from engine.schemas import ACTIVITY_KINDS
 
 RULES_DEFAULT_PATH = Path(__file__).resolve().parent.parent.parent / "rules" / "default.toml"
 VERSION_HEX_CHARS = 16
@@ -28,31 +36,10 @@ STREAK_LEVELS_MAX = 7
 BANDS_MAX = 16
 CAMPAIGNS_MAX = 256
 CAMPAIGN_VENUES_MAX = 10_000
-WINDOW_DAYS_MAX = 400
 POINTS_MAX = 10_000
-STEPS_MIN_MAX = 1_000_000
-PERCENT_MAX = 1_000
 
-ActivityKindName = Literal["checkin", "meal", "brain_training", "volunteer", "class"]
-Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,47}$")]
-Severity = Annotated[int, Field(ge=1, le=100)]
-WindowDays = Annotated[int, Field(ge=1, le=WINDOW_DAYS_MAX)]
-CountMin = Annotated[int, Field(ge=1, le=100_000)]
-Percent = Annotated[int, Field(ge=1, le=PERCENT_MAX)]
 Points = Annotated[int, Field(ge=0, le=POINTS_MAX)]
-
-
-class KeyedValueError(ValueError):
-    """A cross-field error that knows which key below the validated model is wrong."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+_Strict = Strict
 
 
 # ---------------------------------------------------------------------------- points
@@ -223,119 +210,45 @@ class Campaign(_Strict):
 # ----------------------------------------------------------------------------- flags
 
 
-class _Flag(_Strict):
-    enabled: bool = True
-    severity: Severity
+class FlagRulesBase(Strict):
+    """[flags]: shared settings; one section per entry of engine.rules.flags.FLAGS."""
 
-
-class StepDecline(_Flag):
-    recent_days: WindowDays = 14
-    baseline_days: WindowDays = 14
-    ratio_max: float = Field(default=0.7, gt=0.0, lt=1.0)
-    days_with_data_min: CountMin = 7
-
-    @model_validator(mode="after")
-    def _fits(self) -> StepDecline:
-        if self.days_with_data_min > min(self.recent_days, self.baseline_days):
-            raise KeyedValueError(
-                "days_with_data_min",
-                f"exceeds the shorter window ({self.days_with_data_min} > "
-                f"{min(self.recent_days, self.baseline_days)})")
-        return self
-
-
-class LowActivity(_Flag):
-    window_days: WindowDays = 14
-    median_steps_per_day_min: int = Field(default=2000, ge=1, le=STEPS_MIN_MAX)
-    days_with_data_min: CountMin = 7
-
-    @model_validator(mode="after")
-    def _fits(self) -> LowActivity:
-        if self.days_with_data_min > self.window_days:
-            raise KeyedValueError("days_with_data_min", f"exceeds window_days "
-                                  f"({self.days_with_data_min} > {self.window_days})")
-        return self
-
-
-class SlowGait(_Flag):
-    window_days: WindowDays = 14
-    gait_speed_median_m_s_min: float = Field(default=1.0, gt=0.0, le=3.0)
-    samples_min: CountMin = 3
-
-
-class WeightLoss(_Flag):
-    recent_days: WindowDays = 7
-    lookback_days: WindowDays = 182
-    loss_kg_min: float = Field(default=2.0, gt=0.0, le=100.0)
-    recent_samples_min: CountMin = 1
-    lookback_samples_min: CountMin = 1
-
-
-class SocialIsolation(_Flag):
-    window_days: WindowDays = 28
-    social_kinds: list[ActivityKindName] = Field(
-        default_factory=lambda: list[ActivityKindName](["checkin", "class", "volunteer"]),
-        min_length=1)
-    conversation_minutes_per_day_min: float = Field(default=30.0, gt=0.0, le=1440.0)
-    conversation_days_fraction_min: float = Field(default=0.5, gt=0.0, le=1.0)
-
-    @property
-    def conversation_days_min(self) -> int:
-        """Days with conversation data needed in the window (rounded up, at least 1)."""
-        needed = self.window_days * self.conversation_days_fraction_min
-        return max(1, int(-(-round(needed * 1e9) // 1_000_000_000)))
-
-
-class LowSpo2(_Flag):
-    window_nights: WindowDays = 14
-    night_end_hour: int = Field(default=6, ge=1, le=12)
-    spo2_night_mean_pct_min: float = Field(default=90.0, gt=50.0, le=100.0)
-    low_nights_min: CountMin = 3
-    nights_with_data_min: CountMin = 7
-
-    @model_validator(mode="after")
-    def _fits(self) -> LowSpo2:
-        for key in ("low_nights_min", "nights_with_data_min"):
-            if getattr(self, key) > self.window_nights:
-                raise KeyedValueError(key, f"exceeds window_nights "
-                                      f"({getattr(self, key)} > {self.window_nights})")
-        return self
-
-
-class RestingHrRise(_Flag):
-    recent_days: WindowDays = 7
-    baseline_days: WindowDays = 28
-    rise_bpm_min: float = Field(default=10.0, gt=0.0, le=200.0)
-    recent_days_with_data_min: CountMin = 4
-    baseline_days_with_data_min: CountMin = 14
-
-    @model_validator(mode="after")
-    def _fits(self) -> RestingHrRise:
-        if self.recent_days_with_data_min > self.recent_days:
-            raise KeyedValueError("recent_days_with_data_min", f"exceeds recent_days "
-                                  f"({self.recent_days_with_data_min} > {self.recent_days})")
-        if self.baseline_days_with_data_min > self.baseline_days:
-            raise KeyedValueError(
-                "baseline_days_with_data_min", f"exceeds baseline_days "
-                f"({self.baseline_days_with_data_min} > {self.baseline_days})")
-        return self
-
-
-class FlagRules(_Strict):
     settle_days: int = Field(default=2, ge=1, le=60)
-    step_decline: StepDecline
-    low_activity: LowActivity
-    slow_gait: SlowGait
-    weight_loss: WeightLoss
-    social_isolation: SocialIsolation
-    low_spo2: LowSpo2
-    resting_hr_rise: RestingHrRise
+    wear_steps_per_day_min: int = Field(default=100, ge=0, le=STEPS_MIN_MAX)
 
-    def severity_of(self, flag: FlagName | str) -> int:
-        return int(getattr(self, str(flag)).severity)
+    if TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any: ...
+
+    def section(self, flag: str) -> FlagConfig:
+        if flag not in FLAG_BY_NAME:
+            raise KeyError(f"unknown flag {flag!r}")
+        section: FlagConfig = getattr(self, flag)
+        return section
+
+    def severity_of(self, flag: str) -> int:
+        return int(self.section(str(flag)).severity)
+
+    def lookback_days(self) -> dict[str, int]:
+        """Days before an evaluated day each enabled flag's windows read."""
+        return lookback_days(self)
+
+
+if TYPE_CHECKING:
+    FlagRules = FlagRulesBase
+else:
+    FlagRules = create_model("FlagRules", __base__=FlagRulesBase,
+                             **{spec.name: (spec.config, ...) for spec in FLAGS})
 
 
 # ----------------------------------------------------------------------------- rules
+
+
+class Leaving(_Strict):
+    """The balance of a person who leaves the programme (docs/privacy.md): "expire" keeps it
+    under the ordinary expiry (`genki ledger expire`); "settle" closes it at the moment of
+    leaving with one `expire` entry (rule leaving.settle) the city can settle."""
+
+    balance: Literal["expire", "settle"] = "expire"
 
 
 class Rules(_Strict):
@@ -344,6 +257,7 @@ class Rules(_Strict):
     points: PointsRules
     campaigns: list[Campaign] = Field(default_factory=list, max_length=CAMPAIGNS_MAX)
     flags: FlagRules
+    leaving: Leaving | None = None  # absent: "expire" (and the version of older files)
 
     @model_validator(mode="after")
     def _campaigns_consistent(self) -> Rules:
@@ -364,7 +278,10 @@ class Rules(_Strict):
         return self
 
     def normalised(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        dumped = self.model_dump(mode="json", by_alias=True)
+        if self.leaving is None:
+            del dumped["leaving"]
+        return dumped
 
     def canonical_json(self) -> bytes:
         return orjson.dumps(self.normalised(), option=orjson.OPT_SORT_KEYS)

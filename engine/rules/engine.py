@@ -9,31 +9,36 @@ touched are re-scored. Flags are re-evaluated for the days that became settled.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import repeat
+from typing import Any
 
 import numpy as np
 
 from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
 from engine.consent import PeriodIndex
 from engine.entries import EntryDraft
+from engine.errors import CapacityError
 from engine.ids import ID_HEX_CHARS, derive_id
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
 from engine.rules.config import Rules
 from engine.rules.flags import (
     FIXED_SCALE,
-    FLAG_ISOLATION,
     FLAG_NAMES,
     FLAG_ROWS_PER_CHUNK,
+    FLAGS,
+    INPUT_BITS,
     NEVER_DAY,
     RAISED,
-    FlagEvaluator,
+    FlagContext,
     GaitStore,
+    apply_hysteresis,
     evidence_of,
     fixed,
-    transitions,
 )
-from engine.rules.grid import Column, Grid
+from engine.rules.grid import Column, Grid, monday_of
 from engine.rules.points import (
     FAMILY_ACTIVITY,
     FAMILY_CAMPAIGN_ACTIVITY,
@@ -67,9 +72,10 @@ FLAG_CHANNEL_OF_METRIC = np.full(128, FLAG_CHANNEL_IGNORED, np.int64)
 for _channel, _code in enumerate(FLAG_METRIC_CODES):
     FLAG_CHANNEL_OF_METRIC[_code] = _channel
 # Which flag inputs a user has ever had (flags skip users without their input).
-SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT, SEEN_TALK, SEEN_SPO2, SEEN_RHR = (1 << i for i in range(6))
-FLAG_DATA_BITS = np.array([SEEN_STEPS, SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT, SEEN_TALK, SEEN_SPO2,
-                           SEEN_RHR], np.int16)
+SEEN_STEPS, SEEN_GAIT, SEEN_WEIGHT = (INPUT_BITS[n] for n in ("steps", "gait_speed", "body_weight"))
+SEEN_TALK, SEEN_SPO2, SEEN_RHR = (INPUT_BITS[n] for n in ("conversation", "spo2",
+                                                           "resting_heart_rate"))
+FLAG_DATA_BITS = np.array([spec.input_bits for spec in FLAGS], np.int16)
 FLAG_COLUMNS = (("rhr_n", "rhr_sum", SEEN_RHR), ("talk_n", "talk_sum", SEEN_TALK),
                 ("spo2_n", "spo2_sum", SEEN_SPO2), ("weight_n", "weight_sum", SEEN_WEIGHT),
                 ("gait_n", None, SEEN_GAIT), ("gait_low_n", None, 0))
@@ -108,7 +114,33 @@ COLUMNS = (
     Column("first_day", np.int32, _NO_DAY, "user"),
     Column("flag_state", np.int8, 0, "user", len(FLAG_NAMES)),
     Column("flag_last", np.int32, NEVER_DAY, "user", len(FLAG_NAMES)),
+    Column("flag_run", np.int16, 0, "user", len(FLAG_NAMES)),  # known days against the state
+    Column("flag_anchor", np.float64, 0, "user", len(FLAG_NAMES)),  # frozen baseline if raised
 )
+
+
+# Days kept on the axis beyond what users need before a lagging user's columns are
+# parked (so users a few days behind are not parked and unparked every run).
+PARK_SLACK_DAYS = 7
+STATE_MARGIN_DAYS = 7
+STATE_FORMAT = 1
+_NEVER_NEEDED = np.iinfo(np.int64).max
+
+StateArrays = dict[str, np.ndarray]
+StateGetter = Callable[[], tuple[StateArrays, dict[str, Any]]]
+StateSetter = Callable[[StateArrays, dict[str, Any]], None]
+
+
+@dataclass
+class EngineState:
+    """Everything a RulesEngine holds, as named arrays and a small JSON-able meta.
+
+    Array names are "<part>/<name>"; meta holds one entry per registered part plus
+    the rules version and format. Written by engine.snapshots, checksummed there.
+    """
+
+    arrays: StateArrays = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class RulesOutput:
@@ -165,15 +197,127 @@ class RulesEngine:
             [self.points.sex_percent[code] for code in ("F", "M", "X")], 100).astype(np.int64)
         self.awarded_keys = np.zeros(0, np.int64)
         self.gait = GaitStore()
-        self.evaluator = FlagEvaluator(rules, self.grid, self.gait)
-        self.evaluator.prepare_gait = self._prepare_gait
+        self.flag_context = FlagContext(rules.flags, self.grid, self.gait)
+        self.flag_context.prepare_gait = self._prepare_gait
         self.gait_low_fixed = fixed(rules.flags.slow_gait.gait_speed_median_m_s_min)
-        self.flags_enabled = np.array(
-            [getattr(rules.flags, name).enabled for name in FLAG_NAMES], bool)
+        self.flags_enabled = np.array([rules.flags.section(name).enabled for name in FLAG_NAMES],
+                                      bool)
+        self.activity_wait_days = np.array(
+            [getattr(rules.flags.section(spec.name), "activity_wait_days", 0) for spec in FLAGS],
+            np.int64)
+        self.social_clock = np.array([spec.clock == "social" for spec in FLAGS], bool)
         kinds = rules.flags.social_isolation.social_kinds
         self.social_kind = np.array([kind in kinds for kind in ACTIVITY_KINDS], bool)
         self.night_minutes_end = rules.flags.low_spo2.night_end_hour * 60
         self._day_iso: dict[int, str] = {}
+        self._state_parts: dict[str, tuple[StateGetter, StateSetter]] = {}
+        self.register_state("grid", self.grid.state, self.grid.load_state)
+        self.register_state("activities", self._activity_state, self._load_activity_state)
+        self.register_state("gait", self.gait.state, self.gait.load_state)
+
+    # -------------------------------------------------------------------- state
+
+    def register_state(self, name: str, get: StateGetter, load: StateSetter) -> None:
+        """A component's arrays and meta join snapshots under `name` (restored by `load`)."""
+        assert name not in self._state_parts and "/" not in name, name
+        self._state_parts[name] = (get, load)
+
+    def state(self) -> EngineState:
+        """The whole engine state (views of live arrays: serialise before the next batch)."""
+        out = EngineState(meta={"format": STATE_FORMAT, "rules_version": self.version,
+                                "parts": {}})
+        for name, (get, _) in self._state_parts.items():
+            arrays, meta = get()
+            out.arrays.update({f"{name}/{key}": array for key, array in arrays.items()})
+            out.meta["parts"][name] = meta
+        return out
+
+    def load_state(self, state: EngineState) -> None:
+        if state.meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"engine state format {state.meta.get('format')} is not "
+                             f"{STATE_FORMAT}")
+        if state.meta.get("rules_version") != self.version:
+            raise ValueError(f"engine state of rules {state.meta.get('rules_version')}, "
+                             f"not {self.version}")
+        parts = state.meta["parts"]
+        if set(parts) != set(self._state_parts):
+            raise ValueError(f"engine state parts {sorted(parts)} are not "
+                             f"{sorted(self._state_parts)}")
+        for name, (_, load) in self._state_parts.items():
+            prefix = f"{name}/"
+            load({key[len(prefix):]: array for key, array in state.arrays.items()
+                  if key.startswith(prefix)}, parts[name])
+
+    @classmethod
+    def from_state(cls, rules: Rules, profiles: Profiles | None, state: EngineState,
+                   **options: Any) -> RulesEngine:
+        engine = cls(rules, profiles, **options)
+        engine.load_state(state)
+        return engine
+
+    def _activity_state(self) -> tuple[StateArrays, dict[str, Any]]:
+        return {"awarded_keys": self.awarded_keys}, {"venues": self.venues}
+
+    def _load_activity_state(self, arrays: StateArrays, meta: dict[str, Any]) -> None:
+        self.awarded_keys = arrays["awarded_keys"].astype(np.int64)
+        self.venues = list(meta["venues"])
+        self._venue_codes = {venue: code for code, venue in enumerate(self.venues)}
+
+    def lookback_days(self) -> int:
+        """Days before an evaluated day that the enabled flags' windows read."""
+        return max([0, *self.rules.flags.lookback_days().values()])
+
+    def needed_from_day(self, late_window_days: int) -> np.ndarray:
+        """Per user, the first day any rule can still read: late data (late window), the
+        week it falls in (streaks), and the windows of flags not yet evaluated."""
+        grid, users = self.grid, self.grid.users
+        need = np.full(users, _NEVER_NEEDED, np.int64)
+        for name in ("samples_day_max", "activities_day_max"):
+            latest = grid[name][:users].astype(np.int64)
+            has = latest != NEVER_DAY
+            need[has] = np.minimum(need[has], latest[has] - late_window_days)
+        last = grid["flag_last"][:users].astype(np.int64)
+        first = grid["first_day"][:users].astype(np.int64)
+        next_day = np.where(last == NEVER_DAY, first[:, None], last + 1)
+        next_day = np.where(self.flags_enabled[None, :], next_day, _NEVER_NEEDED)
+        has = first != _NO_DAY
+        need[has] = np.minimum(need[has], next_day[has].min(axis=1) - self.lookback_days()
+                               - self.settle_days)
+        return np.where(need == _NEVER_NEEDED, need, need - 6 - STATE_MARGIN_DAYS)
+
+    def prune(self, late_window_days: int) -> None:
+        """Drop state no rule can read again: days before every user's need, activity
+        keys older than their user's late window. Users far behind the others have their
+        columns parked aside (restored when they send data), so the axis follows the
+        active users and the state grows with people x lookback, not with history."""
+        grid = self.grid
+        if not grid.days or not grid.users:
+            return
+        need = self.needed_from_day(late_window_days)
+        active = need[need != _NEVER_NEEDED]
+        if not len(active):
+            return
+        target = monday_of(int(active.max()) - PARK_SLACK_DAYS)
+        if target <= grid.day0:
+            return
+        lagging = np.flatnonzero(need < target)
+        latest = np.maximum(grid["samples_day_max"][:grid.users],
+                            grid["activities_day_max"][:grid.users]).astype(np.int64)
+        stop = np.minimum(np.array([monday_of(int(d)) + 7 for d in latest[lagging]], np.int64),
+                          target)
+        first = np.array([monday_of(int(d)) for d in need[lagging]], np.int64)
+        grid.park(lagging, first, np.maximum(stop, first))
+        grid.drop_days_before(target)
+        self._prune_activity_keys(late_window_days)
+
+    def _prune_activity_keys(self, late_window_days: int) -> None:
+        keys = self.awarded_keys
+        if not len(keys):
+            return
+        latest = self.grid["activities_day_max"].astype(np.int64)
+        day = ((keys >> 23) & 0xFFFF) + KEY_DAY_BASE
+        horizon = latest[keys >> 39] - late_window_days - STATE_MARGIN_DAYS
+        self.awarded_keys = keys[(latest[keys >> 39] == NEVER_DAY) | (day >= horizon)]
 
     # ------------------------------------------------------------------ batches
 
@@ -182,6 +326,8 @@ class RulesEngine:
             samples, activities = mask_away(self.away, samples, activities)
         sample_users = self._users(samples.users)
         activity_users = self._users(activities.users)
+        if self.grid.parked:
+            self.grid.unpark(np.concatenate([sample_users, activity_users]))
         self._ensure_days(samples.ts_ms, activities.ts_ms)
         awards = AwardColumns()
         if len(samples):
@@ -219,7 +365,8 @@ class RulesEngine:
         if code is None:
             assert ID_SEPARATOR not in venue, f"venue id {venue!r} holds a unit separator"
             code = len(self.venues)
-            assert code < VENUES_MAX, "too many venues for activity keys"
+            if code >= VENUES_MAX:
+                raise CapacityError(f"the rules state holds at most {VENUES_MAX - 1:,} venues")
             self._venue_codes[venue] = code
             self.venues.append(venue)
         return code
@@ -371,7 +518,9 @@ class RulesEngine:
         for position in np.flatnonzero(codes < 0).tolist():
             codes[position] = self._venue_code(batch.venue_id[position])
         venue = np.where(self.points.activity_per_venue[kind], codes, 0)
-        assert np.all((day >= KEY_DAY_BASE) & (day < KEY_DAY_BASE + (1 << 16)))
+        if not np.all((day >= KEY_DAY_BASE) & (day < KEY_DAY_BASE + (1 << 16))):
+            raise CapacityError(f"activity days must lie in [{day_to_iso(KEY_DAY_BASE)}, "
+                                f"{day_to_iso(KEY_DAY_BASE + (1 << 16) - 1)}]")
         keys = distinct((user << 39) | ((day - KEY_DAY_BASE) << 23) | (kind << 20) | venue)
         slot = np.searchsorted(self.awarded_keys, keys)
         known = np.zeros(len(keys), bool)
@@ -389,13 +538,7 @@ class RulesEngine:
     def _evaluate_flags(self, users: np.ndarray) -> list[FlagEvent]:
         """Evaluate every flag on the days that became settled for these users."""
         grid = self.grid
-        settle = self.settle_days
-        samples_max = grid["samples_day_max"][users].astype(np.int64)
-        horizon = np.where(samples_max == NEVER_DAY, NEVER_DAY, samples_max - settle)
-        horizon = np.repeat(horizon[:, None], len(FLAG_NAMES), axis=1)
-        activities_max = grid["activities_day_max"][users].astype(np.int64)
-        both = np.minimum(horizon[:, FLAG_ISOLATION], activities_max - settle)
-        horizon[:, FLAG_ISOLATION] = np.where(activities_max == NEVER_DAY, NEVER_DAY, both)
+        horizon = self._horizons(users)
         last = grid["flag_last"][users].astype(np.int64)
         start = np.where(last == NEVER_DAY, grid["first_day"][users][:, None], last + 1)
         need = self.flags_enabled[None, :] & (horizon != NEVER_DAY) & (start <= horizon)
@@ -417,6 +560,25 @@ class RulesEngine:
         events.sort(key=lambda e: (e.user_id, e.day, FLAG_NAMES.index(e.flag.value)))
         return events
 
+    def _horizons(self, users: np.ndarray) -> np.ndarray:
+        """Last settled day per (user, flag); NEVER_DAY without samples.
+
+        The samples clock: day(samples watermark) - settle_days. The social clock
+        also waits for the activities watermark, but at most activity_wait_days
+        behind the samples clock (people without activity records included).
+        """
+        grid, settle = self.grid, self.settle_days
+        samples_max = grid["samples_day_max"][users].astype(np.int64)
+        samples = np.where(samples_max == NEVER_DAY, NEVER_DAY, samples_max - settle)
+        horizon = np.repeat(samples[:, None], len(FLAG_NAMES), axis=1)
+        activities_max = grid["activities_day_max"][users].astype(np.int64)
+        activities = np.where(activities_max == NEVER_DAY, NEVER_DAY, activities_max - settle)
+        for index in np.flatnonzero(self.social_clock).tolist():
+            waited = np.maximum(activities, samples - self.activity_wait_days[index])
+            horizon[:, index] = np.where(samples == NEVER_DAY, NEVER_DAY,
+                                         np.minimum(samples, waited))
+        return horizon
+
     def _prepare_gait(self) -> None:
         width = self.rules.flags.slow_gait.window_days
         last = self.grid["flag_last"][:, FLAG_NAMES.index("slow_gait")].astype(np.int64)
@@ -426,17 +588,22 @@ class RulesEngine:
     def _evaluate_rows(self, index: int, users: np.ndarray, start: np.ndarray,
                        horizon: np.ndarray) -> list[FlagEvent]:
         """One flag over users x days [min start, max horizon]; each row its own range."""
-        grid, name = self.grid, FLAG_NAMES[index]
+        grid, spec = self.grid, FLAGS[index]
+        config = self.rules.flags.section(spec.name)
         first, last = int(start.min()), int(horizon.max())
         days = np.arange(first, last + 1)
         valid = (days >= start[:, None]) & (days <= horizon[:, None])
-        result = self.evaluator.functions[name](users, first, last, valid)
-        row, column, value, state_after = transitions(result, valid,
-                                                      grid["flag_state"][users, index])
-        grid["flag_state"][users, index] = state_after
-        evidence = evidence_of(result, row, column)
-        return [self._flag_event(int(users[r]), name, first + c, v, e) for r, c, v, e in
-                zip(row.tolist(), column.tolist(), value.tolist(), evidence, strict=True)]
+        result = spec.evaluate(self.flag_context, config, users, first, last, valid)
+        changes = apply_hysteresis(result, valid, config, grid["flag_state"][users, index],
+                                   grid["flag_run"][users, index],
+                                   grid["flag_anchor"][users, index])
+        grid["flag_state"][users, index] = changes.state_after
+        grid["flag_run"][users, index] = changes.run_after
+        grid["flag_anchor"][users, index] = changes.anchor_after
+        evidence = evidence_of(result, changes.row, changes.column)
+        return [self._flag_event(int(users[r]), spec.name, first + c, v, e) for r, c, v, e in
+                zip(changes.row.tolist(), changes.column.tolist(), changes.state.tolist(),
+                    evidence, strict=True)]
 
     def _flag_event(self, user: int, flag: str, day: int, state: int,
                     evidence: dict[str, float | int | str]) -> FlagEvent:
@@ -501,7 +668,7 @@ class RulesEngine:
         """Sizes of the state (for tests and operators)."""
         return {"users": self.grid.users, "days": self.grid.days, "day0": self.grid.day0,
                 "activity_keys": len(self.awarded_keys), "gait_samples": len(self.gait.keys),
-                "venues": len(self.venues) - 1}
+                "venues": len(self.venues) - 1, "parked_users": len(self.grid.parked)}
 
 
 def mask_away(away: PeriodIndex, samples: SampleBatch, activities: ActivityBatch,

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 from engine.clock import DAY_MS
-from engine.sim.population import VENUE_ACTIVITY_NAMES, Population, Venues, decline_ramp
+from engine.sim.population import VENUE_ACTIVITY_NAMES, Population, Venues
 from engine.sim.segments import RECORDS_PER_EXTEND
 from engine.sim.spill import LineSink
 from engine.sim.vitals import MINUTE_MS
@@ -54,13 +54,13 @@ def _venue_visits(pop: Population, venues: Venues, days: int, start_day: int, da
                   rng: np.random.Generator) -> Activities:
     n = pop.n
     weekday = (start_day + np.arange(days) + 3) % 7
-    ramp = decline_ramp(days)[None, :]
-    attend = REGULAR_ATTENDANCE * (1.0 - 0.5 * pop.decline[:, None] * ramp)
+    decline, alone = pop.level("decline", days), pop.level("isolated", days)
+    attend = REGULAR_ATTENDANCE * (1.0 - 0.5 * decline) * (1.0 - alone)
     regular = ((pop.regular_venue[:, None] >= 0) & (weekday[None, :] == pop.regular_weekday[:, None])
                & (rng.random((n, days)) < attend))
     pick = rng.integers(0, pop.nearby_venues.shape[1], (n, days))
     venue_any = np.take_along_axis(pop.nearby_venues, pick, axis=1)
-    chance = pop.visits_per_week[:, None] / 7.0 * (1.0 - 0.6 * pop.decline[:, None] * ramp)
+    chance = pop.visits_per_week[:, None] / 7.0 * (1.0 - 0.6 * decline) * (1.0 - alone)
     occasional = ~regular & (rng.random((n, days)) < chance)
     occasional &= venues.open_mask[venue_any, weekday[None, :]]
     venue = np.where(regular, pop.regular_venue[:, None], venue_any)

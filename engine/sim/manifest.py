@@ -12,7 +12,10 @@ Key meanings (all counts exact):
 * overlapping_resyncs: records re-sending the tail of an earlier segment under a
   new upload_id, and how many samples they re-send.
 * late_uploads: syncs delivered 1-5 days late, their records, late app events.
-* ground_truth: user ids given each declining pattern (what frailty flags should find).
+* ground_truth: per flag, the people it should find, with the onset day of their
+  condition and the day they began to recover (null if they did not); see
+  engine.sim.truth. ground_truth_unscored: per flag, people whose truth is
+  borderline or not observable in the period (they count neither way).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from engine.sim.config import SimConfig
 from engine.sim.faults import ACTIVITIES_FILE, FAULT_KIND_BY_NAME, SAMPLES_FILE
 from engine.sim.population import Population
 from engine.sim.segments import SegmentStats
+from engine.sim.truth import ground_truth
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -99,6 +103,7 @@ def build_manifest(config: SimConfig, pop: Population, run: RunCounts, day0_ms: 
         reason = FAULT_KIND_BY_NAME[name].reason.value
         by_reason[reason] = by_reason.get(reason, 0) + count
     kinds = np.bincount(acts.kind, minlength=len(KIND_NAMES))
+    truth = ground_truth(pop, config.days, config.start_day)
     files = run.files
     return {
         "v": MANIFEST_VERSION,
@@ -123,19 +128,8 @@ def build_manifest(config: SimConfig, pop: Population, run: RunCounts, day0_ms: 
         "overlapping_resyncs": {"records": seg.resync_records, "samples": seg.resync_samples},
         "late_uploads": {"syncs": seg.late_syncs, "sample_records": seg.late_records,
                          "activities": int(acts.late.sum())},
-        "ground_truth": ground_truth(pop),
+        "ground_truth": truth["flags"],
+        "ground_truth_unscored": truth["unscored"],
     }
 
 
-def ground_truth(pop: Population) -> dict[str, list[str]]:
-    """Who was made to decline, and how."""
-    ids = np.array(pop.user_ids, dtype=object)
-    return {
-        "step_decline": ids[pop.decline].tolist(),
-        "slow_gait": ids[pop.slow_gait].tolist(),
-        "weight_loss": ids[pop.weight_loss].tolist(),
-        "social_isolation": ids[pop.isolated].tolist(),
-        "low_spo2": ids[pop.spo2_hr].tolist(),
-        "resting_hr_rise": ids[pop.spo2_hr].tolist(),
-        "low_activity": ids[pop.low_activity].tolist(),
-    }

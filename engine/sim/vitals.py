@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.clock import DAY_MS
-from engine.sim.population import MINUTES_PER_DAY, Population, decline_ramp
+from engine.sim import calendar
+from engine.sim.population import MINUTES_PER_DAY, Population
 
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
@@ -60,6 +61,13 @@ class Block:
     def trait(self, name: str) -> np.ndarray:
         return getattr(self.pop, name)[self.lo:self.hi]
 
+    def level(self, condition: str) -> np.ndarray:
+        """(users, days): how far into a condition each person is (Population.level)."""
+        return self.pop.level(condition, self.days, self.lo, self.hi)
+
+    def day_numbers(self) -> np.ndarray:
+        return self.start_day + np.arange(self.days)
+
     def weekday(self) -> np.ndarray:
         """Monday = 0 for each simulated day (1970-01-01 was a Thursday)."""
         return (self.start_day + np.arange(self.days) + 3) % 7
@@ -67,7 +75,8 @@ class Block:
     def daily_steps_target(self, rng: np.random.Generator) -> np.ndarray:
         weekend = self.weekday() >= 5
         factor = np.where(weekend[None, :], self.trait("weekend_factor")[:, None], 1.0)
-        decline = 1.0 - self.trait("decline_drop")[:, None] * decline_ramp(self.days)[None, :]
+        factor = factor * calendar.steps_factor(self.day_numbers())[None, :]
+        decline = 1.0 - self.trait("decline_drop")[:, None] * self.level("decline")
         noise = rng.lognormal(0.0, 0.28, (self.users, self.days))
         return self.trait("steps_median")[:, None] * factor * noise * decline
 
@@ -85,18 +94,21 @@ class Block:
 def watch_block(block: Block, rng: np.random.Generator) -> dict[str, Samples]:
     """Every watch metric for a block of trial participants."""
     wear = rng.random((block.users, block.days)) >= NON_WEAR_DAY_FRACTION
-    ramp = decline_ramp(block.days)[None, :]
+    wear &= ~calendar.non_wear_spells(block.users, block.days, rng)
+    partial = rng.random(wear.shape) < calendar.PARTIAL_WEAR_DAY_FRACTION
     wake_d = block.trait("wake_min")[:, None] + rng.normal(0, 20, (block.users, block.days))
     bed_d = block.trait("bed_min")[:, None] + rng.normal(0, 20, (block.users, block.days))
-    steps = minute_steps(block, block.daily_steps_target(rng) * wear, rng)
+    target = block.daily_steps_target(rng) * wear * np.where(partial, 0.01, 1.0)
+    steps = minute_steps(block, target, rng)
+    rhr = block.level("rhr")
     out = {"steps": _emit_minute_steps(block, steps, wear)}
-    out["heart_rate"] = _heart_rate(block, steps, wear, wake_d, bed_d, ramp, rng)
-    out["resting_heart_rate"] = _resting_heart_rate(block, wear, ramp, rng)
+    out["heart_rate"] = _heart_rate(block, steps, wear, wake_d, bed_d, rhr, rng)
+    out["resting_heart_rate"] = _resting_heart_rate(block, wear, rhr, rng)
     out["sleep"] = _sleep(block, wear, wake_d, bed_d, rng)
-    out["spo2"] = _spo2(block, wear, ramp, rng)
-    out.update(_spot_checks(block, wear, ramp, rng))
-    out["conversation"] = _conversation(block, wear, ramp, rng)
-    out["meal_intake"] = _meal_intake(block, wear, ramp, rng)
+    out["spo2"] = _spo2(block, wear, block.level("spo2"), rng)
+    out.update(_spot_checks(block, wear, rng))
+    out["conversation"] = _conversation(block, wear, block.level("isolated"), rng)
+    out["meal_intake"] = _meal_intake(block, wear, block.level("decline"), rng)
     return out
 
 
@@ -153,6 +165,7 @@ def _heart_rate(block: Block, steps: np.ndarray, wear: np.ndarray, wake_d: np.nd
     pace = steps.reshape(block.users, block.days, per, HR_INTERVAL_MIN).mean(axis=3)
     asleep = (minute[None, None, :] < wake_d[:, :, None]) | (minute[None, None, :] >= bed_d[:, :, None])
     base = block.trait("hr_base")[:, None] + block.trait("rhr_rise")[:, None] * ramp
+    base = base + calendar.SEASON_RHR_AMPLITUDE_BPM * calendar.winter(block.day_numbers())[None, :]
     hr = base[:, :, None] + 0.22 * pace - 7.0 * asleep + rng.normal(0, 2.5, pace.shape)
     values = np.clip(np.rint(hr), 38, 185).astype(np.int16)
     return block.emit(values, (minute * MINUTE_MS)[None, None, :], wear[:, :, None])
@@ -162,6 +175,7 @@ def _resting_heart_rate(block: Block, wear: np.ndarray, ramp: np.ndarray,
                         rng: np.random.Generator) -> Samples:
     shape = (block.users, block.days, 1)
     base = block.trait("hr_base")[:, None] - 6.0 + block.trait("rhr_rise")[:, None] * ramp
+    base = base + calendar.SEASON_RHR_AMPLITUDE_BPM * calendar.winter(block.day_numbers())[None, :]
     values = np.clip(np.rint(base[:, :, None] + rng.normal(0, 1.5, shape)), 35, 140).astype(np.int16)
     offset = (300 + rng.integers(0, 60, shape)) * MINUTE_MS
     return block.emit(values, offset, wear[:, :, None])
@@ -181,10 +195,10 @@ def _sleep(block: Block, wear: np.ndarray, wake_d: np.ndarray, bed_d: np.ndarray
 def _spo2(block: Block, wear: np.ndarray, ramp: np.ndarray, rng: np.random.Generator) -> Samples:
     per = SPO2_NIGHT_END_MIN // SPO2_INTERVAL_MIN
     shape = (block.users, block.days, per)
-    base = block.trait("spo2_base")[:, None, None]
-    values = np.clip(base + np.rint(rng.normal(0, 0.8, shape)), 92, 100)
+    base = block.trait("spo2_base")[:, None] - block.trait("spo2_drop")[:, None] * ramp
+    values = np.clip(np.rint(base[:, :, None] + rng.normal(0, 0.8, shape)), 84, 100)
     # Nights with desaturation episodes for the people whose SpO2 declines.
-    dip_night = block.trait("spo2_hr")[:, None] & (rng.random(shape[:2]) < 0.75 * ramp)
+    dip_night = block.trait("spo2_low")[:, None] & (rng.random(shape[:2]) < 0.75 * ramp)
     first = rng.integers(0, per - 6, shape[:2])[:, :, None]
     length = rng.integers(2, 7, shape[:2])[:, :, None]
     slot = np.arange(per)[None, None, :]
@@ -194,16 +208,18 @@ def _spo2(block: Block, wear: np.ndarray, ramp: np.ndarray, rng: np.random.Gener
     return block.emit(values, offset, wear[:, :, None])
 
 
-def _spot_checks(block: Block, wear: np.ndarray, ramp: np.ndarray,
-                 rng: np.random.Generator) -> dict[str, Samples]:
+def _spot_checks(block: Block, wear: np.ndarray, rng: np.random.Generator
+                 ) -> dict[str, Samples]:
     """Gait speed a few times a week, weekly weight, blood pressure some mornings."""
     shape = (block.users, block.days, 1)
     gait_day = wear & (rng.random(wear.shape) < GAIT_DAYS_PER_WEEK / 7)
     base, final = block.trait("gait_base")[:, None], block.trait("gait_final")[:, None]
-    gait = base + (final - base) * ramp + rng.normal(0, 0.03, wear.shape)
+    gait = base + (final - base) * block.level("slow_gait") + rng.normal(0, 0.03, wear.shape)
     gait = np.round(np.clip(gait, 0.3, 1.8), 2)[:, :, None]
     weigh_day = wear & (block.weekday()[None, :] == block.trait("weigh_weekday")[:, None])
-    weight = (block.trait("weight_base")[:, None] - block.trait("weight_loss_kg")[:, None] * ramp
+    weight = (block.trait("weight_base")[:, None]
+              - block.trait("weight_loss_kg")[:, None] * block.level("weight_loss")
+              + calendar.SEASON_WEIGHT_AMPLITUDE_KG * calendar.winter(block.day_numbers())[None, :]
               + rng.normal(0, 0.25, wear.shape))
     weight = np.round(weight, 1)[:, :, None]
     bp_day = wear & (rng.random(wear.shape) < BP_DAY_FRACTION)
@@ -228,10 +244,10 @@ def _conversation(block: Block, wear: np.ndarray, ramp: np.ndarray,
     awake = ((hour[None, :] * 60 >= block.trait("wake_min")[:, None])
              & ((hour[None, :] + 1) * 60 <= block.trait("bed_min")[:, None]))
     time_of_day = np.interp(hour, [5, 9, 12, 15, 19, 23], [0.4, 1.0, 1.3, 1.2, 0.9, 0.3])
-    fading = 1.0 - 0.85 * block.trait("isolated")[:, None] * ramp
+    base = block.trait("conversation_base")[:, None]
+    per_hour = base * (1.0 - ramp) + block.trait("conversation_alone")[:, None] * ramp
     shape = (block.users, block.days, 24)
-    minutes = (block.trait("conversation_base")[:, None, None] * time_of_day[None, None, :]
-               * fading[:, :, None] * rng.gamma(2.0, 0.5, shape))
+    minutes = per_hour[:, :, None] * time_of_day[None, None, :] * rng.gamma(2.0, 0.5, shape)
     values = np.clip(np.rint(minutes), 0, 60).astype(np.int16)
     mask = wear[:, :, None] & awake[:, None, :]
     return block.emit(values, (hour * HOUR_MS)[None, None, :], mask)
@@ -240,7 +256,7 @@ def _conversation(block: Block, wear: np.ndarray, ramp: np.ndarray,
 def _meal_intake(block: Block, wear: np.ndarray, ramp: np.ndarray,
                  rng: np.random.Generator) -> Samples:
     shape = (block.users, block.days, len(MEAL_MINUTES))
-    eaten = (block.trait("meal_base")[:, None] - 0.25 * block.trait("decline")[:, None] * ramp)
+    eaten = block.trait("meal_base")[:, None] - 0.25 * ramp
     values = np.round(np.clip(eaten[:, :, None] + rng.normal(0, 0.08, shape), 0.1, 1.0), 2)
     minute = MEAL_MINUTES[None, None, :] + np.clip(np.rint(rng.normal(0, 20, shape)), -50, 50)
     return block.emit(values, minute.astype(np.int64) * MINUTE_MS, wear[:, :, None])
