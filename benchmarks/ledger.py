@@ -1,5 +1,10 @@
 """Ledger throughput: batched appends, idempotent re-appends, redemptions, verify, head.
 
+References measured in the same run (the machine is shared, so ratios are what
+compare across runs): the same rows inserted into one plain table with the
+version 1 layout (unique entry id, user index), one transaction per batch, and
+one-row transactions on that file (the fsync floor of a redemption).
+
     .venv/bin/python benchmarks/ledger.py --json
     .venv/bin/python benchmarks/ledger.py --drafts 1000000 --batches 1   # one 1M append
 
@@ -23,6 +28,7 @@ from engine.entries import EntryDraft
 from engine.ids import derive_id
 from engine.ledger import Ledger
 from engine.schemas import EntryKind
+from engine.storage import open_sqlite
 
 USERS = 13_000  # Hachioji-sized programme
 TS_MS = 1_714_575_600_000
@@ -37,6 +43,41 @@ def award_drafts(batch: int, count: int) -> list[EntryDraft]:
 
 def rate(count: int, seconds: float) -> float:
     return round(count / seconds, 1) if seconds > 0 else float("inf")
+
+
+def reference(directory: Path, batch_drafts: list[list[EntryDraft]],
+              commits: int) -> dict[str, float]:
+    """Plain SQLite: the rows into a version 1 style table, and one-row commits."""
+    db = open_sqlite(directory / "reference.sqlite", busy_wait_s_max=30.0, cache_kib=65_536)
+    db.execute("CREATE TABLE entries (seq INTEGER PRIMARY KEY, entry_id TEXT NOT NULL UNIQUE, "
+               "user_id TEXT NOT NULL, kind TEXT NOT NULL, points INTEGER NOT NULL, day TEXT, "
+               "ts_ms INTEGER NOT NULL, rule TEXT, ref TEXT, rules_version TEXT, "
+               "prev_hash TEXT NOT NULL, hash TEXT NOT NULL) STRICT")
+    db.execute("CREATE INDEX entries_user ON entries (user_id)")
+    fake_hash = "0" * 64
+    seq = 0
+    started = time.perf_counter()
+    for drafts in batch_drafts:
+        rows = []
+        for d in drafts:
+            seq += 1
+            rows.append((seq, d.entry_id, d.user_id, d.kind.value, d.points, d.day, d.ts_ms,
+                         d.rule, d.ref, d.rules_version, fake_hash, fake_hash))
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(f"INSERT INTO entries VALUES ({', '.join('?' * 12)})", rows)
+        db.execute("COMMIT")
+    inserted = rate(seq, time.perf_counter() - started)
+    started = time.perf_counter()
+    for n in range(commits):
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(f"INSERT INTO entries VALUES ({', '.join('?' * 12)})",
+                   (seq + n + 1, f"r{n}", "P1", "redeem", -1, None, n, None, None, None,
+                    fake_hash, fake_hash))
+        db.execute("COMMIT")
+    committed = rate(commits, time.perf_counter() - started)
+    db.close()
+    return {"reference_plain_insert_rows_per_s": inserted,
+            "reference_one_row_commits_per_s": committed}
 
 
 def run(drafts_per_batch: int, batches: int, redemptions: int,
@@ -83,8 +124,13 @@ def run(drafts_per_batch: int, batches: int, redemptions: int,
             results["expire_seconds"] = round(time.perf_counter() - started, 3)
             results["expired_lots"] = len(expired)
         results["entries"] = head["entries"]
-        results["load_average_1m_after"] = round(os.getloadavg()[0], 2)
         results["ledger_bytes"] = sum(p.stat().st_size for p in Path(directory).iterdir())
+        results.update(reference(Path(directory), batch_drafts, redemptions))
+        results["append_ratio_to_plain_insert"] = round(
+            results["append_entries_per_s"] / results["reference_plain_insert_rows_per_s"], 3)
+        results["redemption_ratio_to_one_row_commit"] = round(
+            results["redemptions_per_s"] / results["reference_one_row_commits_per_s"], 3)
+        results["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     return results
 
 

@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from engine.config import apply_signing_key_arg
 from engine.errors import GenkiError
 from engine.storage import private_umask
 
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         private_umask()  # every file and directory genki writes is private (engine.storage)
+        apply_signing_key_arg(args)
         from engine.kafka.client import apply_security_args
 
         apply_security_args(args)

@@ -117,3 +117,19 @@ def test_kafka_mode_refuses_unenrolled_devices_at_the_edge(
     (letter,) = [x for x in letters if x["source"].startswith(f"http:{record.key_id}:")]
     assert letter["reason"].startswith("not_enrolled: device_id: device kd2 is not enrolled")
     assert orjson.loads(base64.b64decode(letter["raw_b64"]))["device_id"] == "kd2"
+
+
+def test_partition_logs_remember_the_key_that_posted_each_record(posted: Posted) -> None:
+    from engine.ingest.log import EmbeddedLog
+    from engine.kafka.partition import PARTITION_DIR_PREFIX
+
+    received = 0
+    for directory in sorted(posted.worker_dir.glob(f"{PARTITION_DIR_PREFIX}*")):
+        with EmbeddedLog.open(directory, writer=False) as log:
+            by_key = log.counts_by_key()
+            assert set(by_key) <= {posted.key_id}  # nothing attributed to anyone else
+            received += by_key.get(posted.key_id, {}).get("received", 0)
+            positions = log.positions_of_key(posted.key_id)
+            assert sum(b - a + 1 for a, b in positions) == \
+                by_key.get(posted.key_id, {}).get("records", 0) == log.position()
+    assert received == sum(a["accepted"] for a in posted.answers)

@@ -293,3 +293,16 @@ def test_a_bad_tz_offset_is_a_usage_error(offset: str) -> None:
         return
     with pytest.raises(UsageError):
         check_options(ImportOptions(local_offset=offset))
+
+
+def test_a_directory_imports_its_files_in_name_order(tmp_path: Path, data_dir: Path) -> None:
+    folder = tmp_path / "takeout"
+    folder.mkdir()
+    (folder / "a.json").write_bytes((FIXTURES / "fitbit_heart_intraday.json").read_bytes())
+    (folder / "b.json").write_bytes((FIXTURES / "fitbit_steps_intraday.json").read_bytes())
+    with EmbeddedLog.open(data_dir) as log:
+        summary = import_paths(log, "fitbit", [str(folder)], ImportOptions(user_id="U5"),
+                               now_ms=NOW_MS)
+    assert (summary.items, summary.records) == (3 + 6, 3)
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        assert sorted(d.source for d in log.dead_letters()) == ["import:fitbit:b.json"]

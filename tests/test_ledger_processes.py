@@ -132,7 +132,7 @@ def test_kill_9_mid_append_leaves_whole_batches_and_resumes_to_the_same_ledger(
     clean_dir = tmp_path / "clean"
     run_pipeline(str(clean_dir))
     with Ledger.open(killed_dir) as killed, Ledger.open(clean_dir) as clean:
-        assert killed.head() == clean.head()
+        assert killed.content() == clean.content()
         assert killed.verify().ok
 
 
@@ -172,7 +172,7 @@ def test_cli_verify_exits_non_zero_naming_the_first_bad_seq(data_dir: Path) -> N
     ok = subprocess.run(genki_cmd("ledger", "verify", "--json", "--data-dir", str(data_dir)),
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert ok.returncode == 0 and orjson.loads(ok.stdout)["ok"] is True
-    tamper(data_dir / "ledger.sqlite", "UPDATE entries SET points = 2 WHERE seq = 2")
+    tamper(data_dir / "ledger.sqlite", "UPDATE journal SET points = 2 WHERE seq = 2")
     bad = subprocess.run(genki_cmd("ledger", "verify", "--data-dir", str(data_dir)),
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 6
@@ -183,5 +183,8 @@ def test_raw_sqlite_sees_the_documented_tables(data_dir: Path) -> None:
     Ledger.open(data_dir).close()
     raw = sqlite3.connect(data_dir / "ledger.sqlite")
     tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    views = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type='view'")}
     raw.close()
-    assert tables == {"entries", "balances", "chain", "flags", "meta"}
+    assert tables == {"journal", "entry_links", "person_keys", "flag_journal", "flags",
+                      "erasures", "erasing", "commits", "balances", "meta"}
+    assert views == {"entries"}

@@ -239,9 +239,6 @@ def test_the_report_shows_aggregates_and_the_risk_list_is_a_separate_staff_file(
 
 # -- erasure ----------------------------------------------------------------------------
 
-needs_ledger_erasure = pytest.mark.skipif(not hasattr(Ledger, "erase_user"),
-                                          reason="Ledger.erase_user has not landed yet")
-
 @pytest.fixture(scope="module")
 def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """A copy of the world, its settlement and head before, then `genki erase` on it."""
@@ -260,7 +257,6 @@ def erased(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     yield {"dir": data_dir, "settlement": before, "result": orjson.loads(result.stdout)}
 
 
-@needs_ledger_erasure
 def test_erasure_removes_the_person_from_the_log_files(erased: dict[str, object]) -> None:
     data_dir = erased["dir"]
     assert isinstance(data_dir, Path)
@@ -284,7 +280,6 @@ def test_erasure_removes_the_person_from_the_log_files(erased: dict[str, object]
     assert removed["genki-data/p3"]["samples"] == DAYS
 
 
-@needs_ledger_erasure
 def test_erasure_is_audited_without_naming_the_person(erased: dict[str, object]) -> None:
     data_dir = erased["dir"]
     assert isinstance(data_dir, Path)
@@ -306,7 +301,6 @@ def test_erasure_is_audited_without_naming_the_person(erased: dict[str, object])
     assert other.returncode == 1
 
 
-@needs_ledger_erasure
 def test_erasure_again_finds_nothing_left(erased: dict[str, object], tmp_path: Path) -> None:
     data_dir = erased["dir"]
     assert isinstance(data_dir, Path)
@@ -315,7 +309,6 @@ def test_erasure_again_finds_nothing_left(erased: dict[str, object], tmp_path: P
     assert all(v == 0 for kinds in result.removed.values() for v in kinds.values())
 
 
-@needs_ledger_erasure
 def test_replay_after_erasure_lacks_the_person(erased: dict[str, object], tmp_path: Path) -> None:
     data_dir = erased["dir"]
     assert isinstance(data_dir, Path)
@@ -327,7 +320,6 @@ def test_replay_after_erasure_lacks_the_person(erased: dict[str, object], tmp_pa
         assert ERASED.encode() not in path.read_bytes()
 
 
-@needs_ledger_erasure
 def test_the_pipeline_runs_on_after_erasure(erased: dict[str, object]) -> None:
     data_dir = erased["dir"]
     assert isinstance(data_dir, Path)
@@ -363,7 +355,6 @@ def test_settle_closes_the_balance_at_leaving_and_runs_once(tmp_path: Path) -> N
     assert again.awards_appended == 0
 
 
-@needs_ledger_erasure
 def test_the_staff_endpoint_erases_and_the_api_answers_404(world: Path, tmp_path: Path) -> None:
     from engine.api.store import Role
     from tests.test_api import Server, make_key
@@ -401,7 +392,6 @@ def test_the_staff_endpoint_erases_and_the_api_answers_404(world: Path, tmp_path
         audit.close()
 
 
-@needs_ledger_erasure
 def test_after_erasure_the_ledger_verifies_and_settlement_is_unchanged(
         erased: dict[str, object]) -> None:
     data_dir = erased["dir"]

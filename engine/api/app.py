@@ -192,7 +192,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     _add_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.fast_reads = service if fast_reads else None
-    app.erased = ErasedGate(Path(data_dir))
+    app.erased = ErasedGate(Path(data_dir), partitions_dir)
     add_privacy_routes(app, service)
     _add_read_routes(app, service)
     _add_write_routes(app, service)

@@ -25,6 +25,7 @@ from engine.api.store import ApiStore, Role
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
 from engine.kafka.client import add_security_args
+from engine.ledger.cli import register_signing_keys
 
 HOST_DEFAULT = "127.0.0.1"
 PORT_DEFAULT = 8080
@@ -230,7 +231,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_serve)
 
-    keys = subparsers.add_parser("keys", help="API keys: create, revoke, list")
+    keys = subparsers.add_parser("keys", help="API keys: create, revoke, list; ledger signing keys")
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create a key (printed once)")
     create.add_argument("--role", required=True, choices=[role.value for role in Role])
@@ -251,3 +252,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true")
     add_data_dir_arg(listing)
     listing.set_defaults(func=_cmd_keys_list)
+    register_signing_keys(actions)

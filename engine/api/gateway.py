@@ -216,7 +216,7 @@ class KafkaSink:
         source = f"http:{principal.key_id}:{now_ms}"
         async with self._lock:
             gateway = await self._started()
-            await gateway.send_lines(accepted)
+            await gateway.send_lines(accepted, submitted_by=principal.key_id)
             await send_dead_letters(gateway, self.prefix, source, letters)
             await gateway.flush()
         by_reason: dict[str, int] = {}
@@ -297,14 +297,16 @@ def add_gateway_routes(app: FastAPI, service: ApiService | KafkaApiService,
     async def ingest_format(request: Request, format_name: str,
                             user: Annotated[str | None, Query(max_length=64)] = None,
                             device: Annotated[str | None, Query(max_length=64)] = None,
+                            user_id: Annotated[str | None, Query(max_length=64)] = None,
+                            device_id: Annotated[str | None, Query(max_length=64)] = None,
                             tz_offset: str = LOCAL_OFFSET_DEFAULT,
                             units: str = "metric") -> Response:
         """A vendor export (engine.importers.FORMATS) mapped to wire records, as `genki
         import`; the query mirrors its options."""
         principal, policy = gateway_principal(request)
         name = format_named(format_name)
-        options = ImportOptions(user_id=user, device_id=device, local_offset=tz_offset,
-                                units=units)
+        options = ImportOptions(user_id=user or user_id, device_id=device or device_id,
+                                local_offset=tz_offset, units=units)
         body = await request_body(request)
         return answer(await sink.submit(principal, lambda: screened(batch_of_import(
             import_source(name, io.BytesIO(body), options,

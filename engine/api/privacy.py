@@ -11,7 +11,9 @@ idempotent (200 again, nothing left to remove).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import sqlite3
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -26,7 +28,14 @@ from starlette.types import Receive, Scope, Send
 from engine.api.problems import problem_response
 from engine.api.service import ApiService, Principal, require_role
 from engine.api.store import Role
-from engine.erasure import REASON_CHARS_MAX, ErasureAudit, ErasureError, erase_person
+from engine.erasure import (
+    AUDIT_FILE_NAME,
+    KEY_FILE_NAME,
+    REASON_CHARS_MAX,
+    ErasureAudit,
+    ErasureError,
+    erase_person,
+)
 from engine.schemas import ID_CHARS_MAX
 
 if TYPE_CHECKING:
@@ -35,6 +44,7 @@ if TYPE_CHECKING:
 _ID_CHAR = r"[A-Za-z0-9_.:\-]"
 _USER_PATH = re.compile(rf"/v1/users/({_ID_CHAR}{{1,{ID_CHARS_MAX}}})/([a-z\-]+)")
 ERASE_ROUTE = "erase"
+_log = logging.getLogger("genki.api")
 UserId = Annotated[str, PathParam(min_length=1, max_length=ID_CHARS_MAX,
                                   pattern=rf"^{_ID_CHAR}+$")]
 
@@ -52,18 +62,26 @@ class EraseOut(BaseModel):
 
 
 class ErasedGate:
-    """Answers 404 for `/v1/users/{id}/...` of people whose erasure finished."""
+    """Answers 404 for `/v1/users/{id}/...` of people whose erasure finished: erased through
+    this data directory, or (Kafka mode) by `genki erase` on the workers' directory."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self._audit = ErasureAudit.open(data_dir)
+    def __init__(self, data_dir: Path, partitions_dir: Path | None = None) -> None:
+        self._audits = [ErasureAudit.open(data_dir)]
+        if partitions_dir is not None and (partitions_dir / AUDIT_FILE_NAME).exists() \
+                and (partitions_dir / KEY_FILE_NAME).exists():
+            try:
+                self._audits.append(ErasureAudit.open(partitions_dir))
+            except sqlite3.Error as error:  # e.g. a read-only volume without the WAL index
+                _log.warning("erasures in %s are not checked: %s", partitions_dir, error)
 
     def close(self) -> None:
-        self._audit.close()
+        for audit in self._audits:
+            audit.close()
 
     def blocks(self, path: str) -> bool:
         match = _USER_PATH.fullmatch(path)
         return match is not None and match.group(2) != ERASE_ROUTE \
-            and self._audit.is_erased(match.group(1))
+            and any(audit.is_erased(match.group(1)) for audit in self._audits)
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         await problem_response(404, "not_found", "no such person")(scope, receive, send)

@@ -25,7 +25,7 @@ from typing import Any, Self
 from engine.errors import GenkiError, NotFound, UsageError
 from engine.ingest.log import OPERATOR_KEY_ID
 from engine.schemas import ID_CHARS_MAX
-from engine.storage import open_sqlite
+from engine.storage import open_sqlite, private_dir
 
 DEVICES_FILE_NAME = "devices.sqlite"
 DEVICES_WAIT_S_MAX = 30.0
@@ -145,7 +145,7 @@ class DeviceRegistry:
 
     @classmethod
     def open(cls, data_dir: Path) -> DeviceRegistry:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
         db = open_sqlite(data_dir / DEVICES_FILE_NAME, busy_wait_s_max=DEVICES_WAIT_S_MAX)
         db.executescript(_SCHEMA)
         return cls(db)

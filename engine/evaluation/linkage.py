@@ -85,7 +85,11 @@ def read_key_file(path: Path | None, command: str) -> bytes:
     except OSError as error:
         raise UsageError(f"{command}: cannot read the pseudonym key file {path}: "
                          f"{error.strerror}") from None
-    pseudonymiser(key)  # checks the length
+    from replay.export import PSEUDONYM_KEY_BYTES_MIN
+
+    if len(key) < PSEUDONYM_KEY_BYTES_MIN:
+        raise UsageError(f"{command}: the pseudonym key in {path} must be at least "
+                         f"{PSEUDONYM_KEY_BYTES_MIN} bytes")
     return key
 
 

@@ -127,6 +127,8 @@ def map_record(attrs: dict[str, str], item: int) -> Sample:
     if metric != "steps":
         return Sample(None, device, metric, ts_ms, round(value, 6), item)
     start = apple_ms(attrs.get("startDate"), "startDate")
+    if start > ts_ms:
+        raise Unmappable(Reason.bad_field, "endDate", "before startDate")
     return Sample(None, device, metric, ts_ms, round(value, 6), item, start)
 
 

@@ -56,6 +56,21 @@ def ingest_result(log: EmbeddedLog, result: ImportResult, source: str, now_ms: i
         rejected = []
 
 
+def _expand(paths: list[str]) -> list[Path]:
+    """Files as given; a directory becomes its files (not hidden ones) in name order."""
+    expanded: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            expanded.extend(p for p in sorted(path.iterdir())
+                            if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            expanded.append(path)
+        else:
+            raise UsageError(f"no such file or directory: {text}")
+    return expanded
+
+
 def _ingest_part(log: EmbeddedLog, source: str, now_ms: int, summary: ImportSummary,
                  part: ImportResult) -> None:
     ingest_result(log, part, source, now_ms, summary)
@@ -65,10 +80,7 @@ def import_paths(log: EmbeddedLog, format_name: str, paths: list[str], options: 
                  now_ms: int | None = None, resolver: Resolver | None = None) -> ImportSummary:
     name = format_named(format_name)
     summary = ImportSummary()
-    for text in paths:
-        path = Path(text)
-        if not path.is_file():
-            raise UsageError(f"no such file: {text}")
+    for path in _expand(paths):
         clock_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         source = f"import:{name}:{path.name}"
         with open(path, "rb") as stream:
@@ -108,7 +120,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "import", help="map vendor exports (Apple Health, Health Connect, Google Fit, Fitbit, "
                        "Garmin, Open mHealth) to wire records and ingest them")
     parser.add_argument("format", help=f"one of {', '.join(FORMATS)}")
-    parser.add_argument("paths", nargs="+", help="export files")
+    parser.add_argument("paths", nargs="+", help="export files, or directories of them")
     parser.add_argument("--user", default=None,
                         help="genki user id for every sample (formats without one need it)")
     parser.add_argument("--device", default=None, help="genki device id for every sample")

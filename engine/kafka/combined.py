@@ -9,16 +9,13 @@ same number.
 from __future__ import annotations
 
 import itertools
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.kafka.partition import PARTITION_DIR_PREFIX
 from engine.ledger import LEDGER_FILE_NAME
 from engine.ledger.canonical import content_bytes, content_digest
-
-_CONTENT_SQL = ("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version "
-                "FROM entries")
+from engine.ledger.store import read_contents
 
 
 @dataclass(frozen=True)
@@ -53,13 +50,11 @@ def combined_ledger(data_dir: Path) -> CombinedLedger:
 def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> CombinedLedger:
     """Ledgers holding disjoint users as one (an embedded data dir alone: that ledger)."""
     rows: list[tuple] = []
+    erased: list[bytes] = []
     owner: dict[str, Path] = {}
     for directory in ledger_dirs:
-        db = sqlite3.connect(f"file:{directory / LEDGER_FILE_NAME}?mode=ro", uri=True)
-        try:
-            part = db.execute(_CONTENT_SQL).fetchall()
-        finally:
-            db.close()
+        part, part_erased = read_contents(directory / LEDGER_FILE_NAME)
+        erased.extend(part_erased)
         for row in part:
             previous = owner.setdefault(row[1], directory)
             assert previous == directory, f"user {row[1]} has entries in {previous} and " \
@@ -70,6 +65,6 @@ def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> Combin
     balances: dict[str, int] = {}
     for row in rows:
         balances[row[1]] = balances.get(row[1], 0) + row[3]
-    digest = content_digest(content_bytes(*row) for row in rows)
-    return CombinedLedger(numbers or [], len(rows), digest, dict(sorted(balances.items())),
+    digest = content_digest([content_bytes(*row) for row in rows] + sorted(erased))
+    return CombinedLedger(numbers or [], len(rows) + len(erased), digest, dict(sorted(balances.items())),
                           sum(balances.values()))

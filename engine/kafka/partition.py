@@ -32,7 +32,13 @@ from pydantic import ValidationError
 
 from engine.entries import EntryDraft
 from engine.errors import GenkiError
-from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, IngestCounts, exclusive_lock
+from engine.ingest.log import (
+    LOG_FILE_NAME,
+    OPERATOR_KEY_ID,
+    EmbeddedLog,
+    IngestCounts,
+    exclusive_lock,
+)
 from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
 from engine.kafka.keys import Keyring
@@ -171,16 +177,34 @@ class PartitionStore:
     # -- inputs ------------------------------------------------------------------------
 
     def ingest(self, topic: str, offsets: list[int], values: list[bytes],
-               now_ms: int, next_offset: int | None = None) -> IngestCounts:
-        """Store one topic's records of this partition; their next offset commits with them
-        (next_offset: the fetch's, when records of erased people were left out)."""
+               now_ms: int, key_ids: list[str] | None = None,
+               next_offset: int | None = None) -> IngestCounts:
+        """Store one topic's records of this partition; their next offset commits with them.
+
+        `key_ids` (provenance, from the records' headers) splits the records into runs
+        of one submitting key, each stored with its own next offset in one transaction.
+        `next_offset`: the fetch's end, when records of erased people were left out
+        (engine.kafka.personal); it commits with the last run (or alone).
+        """
         assert len(offsets) == len(values) and (offsets or next_offset is not None)
         assert all(b > a for a, b in itertools.pairwise(offsets)), "offsets ascend"
-        end = offsets[-1] + 1 if next_offset is None else next_offset
-        assert not offsets or end > offsets[-1]
-        meta = {offset_meta_key(topic, self.number): str(end)}
-        return self.log.ingest_lines(values, topic, offsets[0] if offsets else end, now_ms,
-                                     partition=self.number, offsets=offsets, meta=meta)
+        assert key_ids is None or len(key_ids) == len(offsets)
+        assert next_offset is None or not offsets or next_offset > offsets[-1]
+        offset_key = offset_meta_key(topic, self.number)
+        if not offsets:
+            return self.log.ingest_lines([], topic, int(next_offset or 0), now_ms,
+                                         partition=self.number, offsets=[],
+                                         meta={offset_key: str(next_offset)},
+                                         key_id=OPERATOR_KEY_ID)
+        runs = [(0, len(offsets), OPERATOR_KEY_ID)] if key_ids is None else _runs(key_ids)
+        total = IngestCounts()
+        for lo, hi, key_id in runs:
+            end = next_offset if hi == len(offsets) and next_offset is not None \
+                else offsets[hi - 1] + 1
+            total.add(self.log.ingest_lines(values[lo:hi], topic, offsets[lo], now_ms,
+                                            partition=self.number, offsets=offsets[lo:hi],
+                                            meta={offset_key: str(end)}, key_id=key_id))
+        return total
 
     def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> RunSummary:
         from engine.pipeline import RULES_DEFAULT_PATH, Pipeline
@@ -337,3 +361,14 @@ def entry_wire(row: dict[str, Any]) -> bytes:
 
 def decode_entry(raw: bytes) -> LedgerEntry:
     return LedgerEntry.model_validate_json(raw)
+
+
+def _runs(key_ids: list[str]) -> list[tuple[int, int, str]]:
+    """[lo, hi) runs of equal consecutive key ids."""
+    runs: list[tuple[int, int, str]] = []
+    lo = 0
+    for i in range(1, len(key_ids) + 1):
+        if i == len(key_ids) or key_ids[i] != key_ids[lo]:
+            runs.append((lo, i, key_ids[lo]))
+            lo = i
+    return runs

@@ -16,7 +16,7 @@ import asyncio
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -44,6 +44,7 @@ BATCHES_IN_FLIGHT_MAX = 64
 # each ciphertext to its topic.
 SEALED_INPUTS: dict[str, bytes] = {name: name.encode()
                                    for name in (PROFILES, CONSENT, SAMPLES, ACTIVITIES)}
+PROVENANCE_HEADER = "genki-key"  # the API key that submitted a record (HTTP gateway)
 KEY_CACHE_ENTRIES_MAX = 1_000_000
 
 
@@ -107,14 +108,15 @@ class BatchSender:
         # topic → partition → next offset after what was acknowledged
         self.end_offsets: dict[str, dict[int, int]] = {}
 
-    async def append(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
+    async def append(self, topic: str, partition: int, key: bytes | None, value: bytes,
+                     headers: Sequence[tuple[str, bytes]] = ()) -> None:
         batch = self._batches.get((topic, partition))
         if batch is None:
             batch = self._batches[(topic, partition)] = self._producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None) is None:
+        if batch.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
             await self._send(topic, partition)
             batch = self._batches[(topic, partition)] = self._producer.create_batch()
-            appended = batch.append(key=key, value=value, timestamp=None)
+            appended = batch.append(key=key, value=value, timestamp=None, headers=list(headers))
             assert appended is not None, "a record larger than an empty batch"
 
     async def _send(self, topic: str, partition: int) -> None:
@@ -202,8 +204,12 @@ class Gateway:
             if self._key_topic is not None:
                 await self._key_topic.stop()
 
-    async def send_lines(self, lines: Iterable[bytes]) -> None:
+    async def send_lines(self, lines: Iterable[bytes], submitted_by: str | None = None) -> None:
+        """Route and send; `submitted_by` (an API key id) travels in the PROVENANCE_HEADER
+        of every record, so the partition's log can keep who submitted it."""
         summary = self.summary
+        headers = () if submitted_by is None else ((PROVENANCE_HEADER,
+                                                     submitted_by.encode()),)
         lines = list(lines)
         routed = [route(raw) if len(raw) <= MESSAGE_BYTES_MAX else None for raw in lines]
         person_keys = self.person_keys
@@ -228,7 +234,8 @@ class Gateway:
                 partition = partition_of(key, raw, count)
                 if key is not None and len(self._keys) < KEY_CACHE_ENTRIES_MAX:
                     self._keys[key] = partition
-            await self._sender.append(topic_name(self._prefix, logical), partition, key, raw)
+            await self._sender.append(topic_name(self._prefix, logical), partition, key, raw,
+                                      headers)
             summary.records += 1
             summary.by_topic[logical] = summary.by_topic.get(logical, 0) + 1
 

@@ -40,7 +40,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from engine.faults import crash_point
-from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
+from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, OPERATOR_KEY_ID
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
 from engine.kafka.keys import (
@@ -66,7 +66,7 @@ from engine.kafka.personal import (
     require_wrap_keys,
     seal_entry,
 )
-from engine.kafka.publish import SEALED_INPUTS, BatchSender, route
+from engine.kafka.publish import PROVENANCE_HEADER, SEALED_INPUTS, BatchSender, route
 from engine.kafka.restore import (
     read_partition,
     select_restorable,
@@ -373,7 +373,10 @@ class Worker:
                 self.person_keys, SEALED_INPUTS[logical], [r.offset for r in records],
                 [r.key for r in records], [r.value or b"" for r in records])
             done["erased_records"] += erased
+            kept = set(offsets) if erased else None
             counts = store.ingest(self.topics[logical], offsets, values, now_ms(),
+                                  key_ids=[submitted_by(r) for r in records
+                                           if kept is None or r.offset in kept],
                                   next_offset=records[-1].offset + 1)
             done["accepted"] += counts.accepted
             done["rejected"] += counts.rejected
@@ -658,3 +661,12 @@ async def run_worker(settings: WorkerSettings,
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def submitted_by(record: ConsumerRecord) -> str:
+    """The API key id in a record's provenance header; `operator` without one (`genki
+    publish` and other operator tools)."""
+    for name, value in record.headers or ():
+        if name == PROVENANCE_HEADER:
+            return bytes(value).decode("utf-8", "replace")
+    return OPERATOR_KEY_ID

@@ -5,22 +5,32 @@
         ledger.append(drafts, meta={"log_position": "1234"})
         ledger.redeem("P00017", 300, "S01", "T1", "key-1", ts_ms)
 
-Canonical form (full text in `engine.ledger.canonical`): an entry's bytes are
-the compact, key-sorted UTF-8 JSON of {day, entry_id, kind, points, ref, rule,
-rules_version, seq, ts_ms, user_id} (= orjson OPT_SORT_KEYS = Python json.dumps
-sort_keys, separators=(",", ":"), ensure_ascii=False); hash = SHA-256(prev_hash
-as 64 ASCII hex chars ‖ those bytes), genesis prev_hash = "0" * 64. The
-content digest is SHA-256 over the same JSON without seq, each followed by
-a newline byte, for all entries sorted by entry_id.
+Canonical form version 2 (full text in `engine.ledger.canonical`): hashed
+bytes carry no user id: each person has a random key (table person_keys);
+entries are hashed with subject = HMAC(key, ...) and a keyed entry tag, the
+plain entry_id/user_id live in mutable link tables. `erase_user` destroys
+the key and links (crypto-shredding) and `verify` still passes. A commits
+chain covers entries, flags, erasures and meta (the processed position);
+commits are Ed25519-signed when a signing key is configured. The content
+digest is over logical content (entry_id, user_id, ...), so it is the same
+for the same input whatever the runtime, batching or keys.
 
 Modules: `canonical` (the canonical bytes and hash chain other runtimes must
 reproduce), `journal` (validation, sequencing, chain check),
 `commands` (pure draft builders for redeem/refund/adjust), `lots` (FIFO lots
-and expiry), `store` (the SQLite Ledger), `schema` (table layout), `cli`.
+and expiry), `store` (the SQLite Ledger), `schema` (table layout), `audit`
+(verify), `signing` (Ed25519 head keys), `cli`.
 """
 
 from engine.ledger.canonical import GENESIS_HASH, canonical_bytes, chain_hash, content_bytes
-from engine.ledger.model import AppendResult, Entry, RebuildResult, Settlement, VerifyResult
+from engine.ledger.model import (
+    AppendResult,
+    Entry,
+    ErasureReceipt,
+    RebuildResult,
+    Settlement,
+    VerifyResult,
+)
 from engine.ledger.store import HISTORY_LIMIT_MAX, LEDGER_FILE_NAME, Ledger
 
 __all__ = [
@@ -29,6 +39,7 @@ __all__ = [
     "LEDGER_FILE_NAME",
     "AppendResult",
     "Entry",
+    "ErasureReceipt",
     "Ledger",
     "RebuildResult",
     "Settlement",

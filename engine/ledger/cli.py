@@ -6,14 +6,16 @@ import argparse
 import csv
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from engine.config import add_data_dir_arg, data_dir_of
-from engine.errors import ChainBroken, LedgerError
+from engine.config import SIGNING_KEY_ENV, add_data_dir_arg, data_dir_of
+from engine.errors import ChainBroken, LedgerError, UsageError
 from engine.ledger.commands import describe
 from engine.ledger.model import Entry, Settlement
+from engine.ledger.signing import create_key_pair, load_verifier
 from engine.ledger.store import HISTORY_LIMIT_MAX, Ledger
 from engine.progress import progress_bar
 
@@ -90,32 +92,104 @@ def _bar_enabled(args: argparse.Namespace) -> bool:
     return sys.stdout.isatty() and not getattr(args, "json", False)
 
 
+def _witness_of(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        value = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as error:
+        raise UsageError(f"--witness {path}: not readable JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise UsageError(f"--witness {path}: expected the JSON object of "
+                         "`genki ledger head --signed`")
+    return value
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
+    verifier = load_verifier(args.public_key) if args.public_key is not None else None
+    witness = _witness_of(args.witness)
     with Ledger.open(data_dir_of(args)) as ledger:
         total = ledger.head_seq()
         with progress_bar("verifying", total, _bar_enabled(args)) as advance:
-            result = ledger.verify(progress=lambda n: advance(n, "entries"))
+            result = ledger.verify(progress=lambda n: advance(n, "entries"),
+                                   public_key=verifier, witness=witness)
     if args.json:
         _print_json(result.to_dict())
     elif result.ok:
-        print(f"ok: {result.entries_checked} entries, {result.users_checked} balances, "
-              f"head {result.chain_head}")
+        signed = (f", {result.signatures_checked} signatures by key {result.key_id}"
+                  if verifier is not None else "")
+        print(f"ok: {result.entries_checked} entries ({result.erased_entries} erased), "
+              f"{result.users_checked} balances, {result.flags_checked} flag events, "
+              f"{result.erasures_checked} erasures, {result.commits_checked} commits{signed}, "
+              f"head {result.chain_head}" + (" (witnessed head found)" if witness else ""))
     if result.ok:
         return 0
     where = f"first bad seq {result.first_bad_seq}: " if result.first_bad_seq else ""
+    if result.first_bad_commit is not None:
+        where += f"first bad commit {result.first_bad_commit}: "
     print(f"genki: ledger verify failed: {where}{result.problem}", file=sys.stderr)
     return ChainBroken.exit_code
 
 
 def _cmd_head(args: argparse.Namespace) -> int:
     with Ledger.open(data_dir_of(args)) as ledger:
-        head = ledger.head()
-    if args.json:
+        head = ledger.signed_head() if args.signed else ledger.head()
+    if args.json or args.signed:
         _print_json(head)
     else:
         for key, value in head.items():
             print(f"{key}: {value}")
     return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from engine.ledger.migrate import migrate_v1
+
+    result = migrate_v1(data_dir_of(args))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"migrated {result['entries']} entries and {result['flag_events']} flag events "
+              f"to canonical version {result['canonical_version']}; content digest unchanged "
+              f"({result['content_digest']}); old file kept as {result['old_file']}")
+    return 0
+
+
+def _cmd_erasures(args: argparse.Namespace) -> int:
+    with Ledger.open(data_dir_of(args)) as ledger:
+        log = ledger.erasures()
+    if args.json:
+        _print_json(log)
+        return 0
+    for record in log:
+        print(f"{record['seq']:>6}  {record['ts_ms']}  subject {record['subject']}  "
+              f"{record['entries']} entries, {record['flags']} flag events  {record['reason']}")
+    print(f"{len(log)} erasures", file=sys.stderr)
+    return 0
+
+
+def _cmd_keys_signing_create(args: argparse.Namespace) -> int:
+    private_path, public_path, key_id = create_key_pair(args.out)
+    result = {"private_key": str(private_path), "public_key": str(public_path), "key_id": key_id}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"signing key {key_id}: private {private_path} (mode 0600; keep it outside the "
+              f"data directory, give it to the writers with --signing-key or "
+              f"${SIGNING_KEY_ENV}), public {public_path} (for `genki ledger verify "
+              "--public-key`)")
+    return 0
+
+
+def register_signing_keys(actions: argparse._SubParsersAction) -> None:
+    """`genki keys signing create --out PATH` (hooked into the `genki keys` group)."""
+    signing = actions.add_parser("signing", help="Ed25519 keys that sign ledger heads")
+    commands = signing.add_subparsers(dest="signing_command", metavar="ACTION", required=True)
+    create = commands.add_parser("create", help="make a key pair: PATH (private) and PATH.pub")
+    create.add_argument("--out", type=Path, required=True,
+                        help="where to write the private key (outside the data directory)")
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(func=_cmd_keys_signing_create)
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
@@ -205,9 +279,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ledger = subparsers.add_parser("ledger", help="verify, inspect and repair the ledger")
     commands = ledger.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND",
                                      required=True)
-    p = _sub(commands, "verify", "recompute the hash chain and every balance", _cmd_verify)
+    p = _sub(commands, "verify", "recompute every chain, link, balance, commit and signature",
+             _cmd_verify)
     p.add_argument("--json", action="store_true")
-    p = _sub(commands, "head", "entry count, points outstanding, chain head, digest", _cmd_head)
+    p.add_argument("--public-key", type=Path, default=None, metavar="PUB",
+                   help="Ed25519 public key (PATH.pub of `genki keys signing create`): every "
+                        "signature must verify and the newest commit must be signed")
+    p.add_argument("--witness", type=Path, default=None, metavar="HEAD.json",
+                   help="a head saved from `genki ledger head --signed`: the ledger must still "
+                        "contain it (needs --public-key)")
+    p = _sub(commands, "head", "entry count, points outstanding, chain heads, digest", _cmd_head)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--signed", action="store_true",
+                   help="the newest commit with its Ed25519 signature, as JSON for an external "
+                        "witness (with --signing-key, seals an unsigned head first)")
+    p = _sub(commands, "migrate", "rewrite a canonical version 1 ledger as version 2",
+             _cmd_migrate)
+    p.add_argument("--json", action="store_true")
+    p = _sub(commands, "erasures", "the erasure log (subjects, reasons, times; no user ids)",
+             _cmd_erasures)
     p.add_argument("--json", action="store_true")
     _sub(commands, "rebuild", "recompute balances from the journal", _cmd_rebuild)
     p = _sub(commands, "expire", "expire points older than N months", _cmd_expire)

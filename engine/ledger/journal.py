@@ -1,20 +1,27 @@
 """Pure hot loops of the journal: validate drafts, sequence and hash them, check a chain.
 
 These run over a million entries per call, so they work on plain tuples and
-keep per-entry work to a few dict lookups, one orjson.dumps and one SHA-256.
+keep per-entry work to a few dict lookups, two orjson.dumps, one keyed tag
+(two SHA-256 state copies, see canonical.PersonKey) and one SHA-256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
 
 from engine.entries import EntryDraft
-from engine.ledger.canonical import GENESIS_HASH, HASH_HEX_CHARS
+from engine.ledger.canonical import (
+    GENESIS_HASH,
+    HASH_HEX_CHARS,
+    SHOP_KINDS,
+    TAG_BYTES,
+    PersonKey,
+)
 from engine.ledger.commands import ref_fields
 from engine.ledger.errors import InvalidEntry
 from engine.schemas import POINTS_PER_ENTRY_MAX, is_id
@@ -122,34 +129,49 @@ def _check_ref(kind: str, ref: object, entry_id: str) -> None:
         raise InvalidEntry(f"entry {entry_id}: a refund needs ref JSON naming refund_of")
 
 
-def chain(contents: Iterable[Content], seq_head: int, hash_head: str) -> list[tuple]:
-    """Stored rows (see model.ENTRY_COLUMNS) for new entries after (seq_head, hash_head).
+def chain(contents: Iterable[Content], seq_head: int, hash_head: str,
+          keys: Mapping[str, PersonKey]) -> tuple[list[tuple], list[tuple]]:
+    """Entry rows (model.ENTRY_COLUMNS) and journal rows (JOURNAL_COLUMNS) after a head.
 
-    Inlines canonical.canonical_bytes and canonical.chain_hash; a test holds
-    them equal.
+    Every user of `contents` must have a key. Inlines canonical.entry_tag
+    (PersonKey.tag), canonical_bytes and chain_hash; a test holds them equal.
     """
     assert len(hash_head) == HASH_HEX_CHARS
     dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
+    pads = {user: key.pads() for user, key in keys.items()}
     rows: list[tuple] = []
-    append = rows.append
+    journal: list[tuple] = []
+    append, append_journal = rows.append, journal.append
     seq, prev, prev_bytes = seq_head, hash_head, hash_head.encode("ascii")
     entry_id = ""
     try:
         for entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version in contents:
             seq += 1
+            inner, outer, subject = pads[user_id]
+            if kind in SHOP_KINDS:
+                public, link = ref, dumps([entry_id, user_id, None])
+            else:
+                public, link = None, dumps([entry_id, user_id, ref])
+            mac = inner.copy()
+            mac.update(link)
+            tag_mac = outer.copy()
+            tag_mac.update(mac.digest())
+            tag = tag_mac.digest()[:TAG_BYTES].hex()
             canonical = dumps(
-                {"day": day, "entry_id": entry_id, "kind": kind, "points": points, "ref": ref,
-                 "rule": rule, "rules_version": rules_version, "seq": seq, "ts_ms": ts_ms,
-                 "user_id": user_id},
+                {"day": day, "entry": tag, "kind": kind, "points": points, "ref": public,
+                 "rule": rule, "rules_version": rules_version, "seq": seq, "subject": subject,
+                 "ts_ms": ts_ms},
                 option=sort,
             )
             digest = sha256(prev_bytes + canonical).hexdigest()
             append((seq, entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version,
                     prev, digest))
+            append_journal((seq, subject, tag, kind, points, day, ts_ms, rule, public,
+                            rules_version, prev, digest))
             prev, prev_bytes = digest, digest.encode("ascii")
     except orjson.JSONEncodeError as error:
         raise InvalidEntry(f"entry {entry_id}: not encodable as UTF-8 JSON: {error}") from error
-    return rows
+    return rows, journal
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,48 +213,82 @@ class RefundTracker:
 
 
 class ChainChecker:
-    """Walks stored rows in seq order, recomputing hashes, balances and refund bounds."""
+    """Walks journal rows (with their links) in seq order: hashes, links, balances, refunds.
 
-    def __init__(self) -> None:
+    Rows are JOURNAL_COLUMNS followed by the link's entry_id, user_id and
+    private ref (all None once erased). `keys` maps live users to their key,
+    `erased` holds the subjects of the erasure log. Balances are per subject,
+    so they are checked never to go below zero for erased people too.
+    """
+
+    def __init__(self, keys: Mapping[str, PersonKey] | None = None,
+                 erased: Iterable[str] = ()) -> None:
         self.seq = 0
         self.prev = GENESIS_HASH
-        self.balances: dict[str, int] = {}
+        self.keys: Mapping[str, PersonKey] = keys or {}
+        self.live = {key.subject: user for user, key in self.keys.items()}
+        self.erased = set(erased)
+        self.balances: dict[str, int] = {}  # by subject
         self.counts: dict[str, int] = {}
+        self.linked = 0
         self.refunds = RefundTracker()
 
     def feed(self, rows: Iterable[Sequence]) -> ChainProblem | None:
         dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
-        balances, counts = self.balances, self.counts
+        balances, counts, keys, live, erased = (
+            self.balances, self.counts, self.keys, self.live, self.erased)
         for row in rows:
-            (seq, entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version,
-             prev_hash, stored_hash) = row
+            (seq, subject, tag, kind, points, day, ts_ms, rule, public, rules_version,
+             prev_hash, stored_hash, entry_id, user_id, private) = row
             if seq != self.seq + 1:
                 return ChainProblem(self.seq + 1, f"seq {self.seq + 1} missing (next is {seq})")
             if prev_hash != self.prev:
                 return ChainProblem(seq, f"prev_hash {prev_hash!r:.20} does not match the hash "
                                          f"of seq {self.seq} ({self.prev:.16}…)")
             canonical = dumps(
-                {"day": day, "entry_id": entry_id, "kind": kind, "points": points, "ref": ref,
-                 "rule": rule, "rules_version": rules_version, "seq": seq, "ts_ms": ts_ms,
-                 "user_id": user_id},
+                {"day": day, "entry": tag, "kind": kind, "points": points, "ref": public,
+                 "rule": rule, "rules_version": rules_version, "seq": seq, "subject": subject,
+                 "ts_ms": ts_ms},
                 option=sort,
             )
             digest = sha256(prev_hash.encode("ascii") + canonical).hexdigest()
             if digest != stored_hash:
                 return ChainProblem(seq, f"hash mismatch (stored {stored_hash:.16}…, recomputed "
                                          f"{digest:.16}…): the entry's content was altered")
-            problem = _entry_problem(kind, points, balances.get(user_id, 0), user_id)
+            if user_id is not None:
+                key = keys.get(user_id)
+                if key is None or key.subject != subject or tag != key.tag(
+                        dumps([entry_id, user_id, private])):
+                    return ChainProblem(seq, f"the link of seq {seq} (entry {entry_id}, user "
+                                             f"{user_id}) does not match its hashed entry")
+                self.linked += 1
+            elif subject in live:
+                return ChainProblem(seq, f"seq {seq} of a person who is not erased has lost "
+                                         "its link (entry id and user id)")
+            elif subject not in erased:
+                return ChainProblem(seq, f"seq {seq} names subject {subject:.12}… which is "
+                                         "neither a person's nor in the erasure log")
+            balance = balances.get(subject, 0)
+            problem = _entry_problem(kind, points, balance, user_id or f"subject {subject}")
             if problem:
                 return ChainProblem(seq, problem)
-            if kind == "redeem":
-                self.refunds.redeemed(entry_id, user_id, ref, points)
-            elif kind == "refund":
-                refused = self.refunds.refund(entry_id, user_id, ref, points)
-                if refused:
-                    return ChainProblem(seq, refused[1])
-            balances[user_id] = balances.get(user_id, 0) + points
-            counts[user_id] = counts.get(user_id, 0) + 1
+            if user_id is not None:
+                problem = self._refund_problem(entry_id, user_id, kind, public, points)
+                if problem:
+                    return ChainProblem(seq, problem)
+            balances[subject] = balance + points
+            counts[subject] = counts.get(subject, 0) + 1
             self.seq, self.prev = seq, stored_hash
+        return None
+
+    def _refund_problem(self, entry_id: str, user_id: str, kind: str, ref: str | None,
+                        points: int) -> str | None:
+        if kind == "redeem":
+            self.refunds.redeemed(entry_id, user_id, ref, points)
+        elif kind == "refund":
+            refused = self.refunds.refund(entry_id, user_id, ref, points)
+            if refused:
+                return refused[1]
         return None
 
 

@@ -14,6 +14,11 @@ ENTRY_COLUMNS: tuple[str, ...] = (
     "seq", "entry_id", "user_id", "kind", "points", "day", "ts_ms", "rule", "ref",
     "rules_version", "prev_hash", "hash",
 )
+# Column order of a journal row (the hashed part of an entry, see canonical.py).
+JOURNAL_COLUMNS: tuple[str, ...] = (
+    "seq", "subject", "entry", "kind", "points", "day", "ts_ms", "rule", "ref",
+    "rules_version", "prev_hash", "hash",
+)
 _KIND_BY_NAME: dict[str, EntryKind] = {kind.value: kind for kind in EntryKind}
 EntryRow = tuple[int, str, str, str, int, str | None, int, str | None, str | None, str | None,
                  str, str]
@@ -97,6 +102,13 @@ class VerifyResult:
     first_bad_seq: int | None = None
     problem: str | None = None
     balance_problems: tuple[str, ...] = ()
+    erased_entries: int = 0
+    flags_checked: int = 0
+    erasures_checked: int = 0
+    commits_checked: int = 0
+    signatures_checked: int = 0
+    key_id: str | None = None
+    first_bad_commit: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,7 +116,46 @@ class VerifyResult:
             "users_checked": self.users_checked, "chain_head": self.chain_head,
             "first_bad_seq": self.first_bad_seq, "problem": self.problem,
             "balance_problems": list(self.balance_problems),
+            "erased_entries": self.erased_entries, "flags_checked": self.flags_checked,
+            "erasures_checked": self.erasures_checked, "commits_checked": self.commits_checked,
+            "signatures_checked": self.signatures_checked, "key_id": self.key_id,
+            "first_bad_commit": self.first_bad_commit,
         }
+
+
+@dataclass(frozen=True)
+class ErasureReceipt:
+    """What `Ledger.erase_user` did; `erased` is False when nothing linked the user.
+
+    The receipt names the user (for the caller's own audit trail); the
+    ledger's erasure log keeps only the subject, reason, time and counts.
+    """
+
+    user_id: str
+    erased: bool
+    subject: str | None
+    entries_unlinked: int
+    flags_unlinked: int
+    points_forfeited: int
+    reason: str
+    ts_ms: int
+    erasure_seq: int | None
+    erasure_hash: str | None
+
+    @property
+    def entries(self) -> int:
+        return self.entries_unlinked
+
+    @property
+    def flags(self) -> int:
+        return self.flags_unlinked
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "erased": self.erased, "subject": self.subject,
+                "entries_unlinked": self.entries_unlinked, "flags_unlinked": self.flags_unlinked,
+                "points_forfeited": self.points_forfeited, "reason": self.reason,
+                "ts_ms": self.ts_ms, "erasure_seq": self.erasure_seq,
+                "erasure_hash": self.erasure_hash}
 
 
 @dataclass(frozen=True)

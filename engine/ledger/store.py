@@ -3,16 +3,22 @@
 Writes take SQLite's write lock up front (BEGIN IMMEDIATE), so balance checks
 and the entries they allow are atomic across threads and processes. Readers
 never block writers (WAL). One Ledger object may be shared by threads (an
-HTTP server's pool); calls are serialised on its lock.
+HTTP server's pool); calls are serialised on its lock. Every write
+transaction that changes the chains or meta ends with one commit record
+(signed when a signing key is configured); see canonical.py for the bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import operator
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -20,10 +26,22 @@ from typing import Any, Self
 import orjson
 
 from engine.clock import TOKYO, iso_to_day
+from engine.config import SIGNING_KEY_ENV
 from engine.entries import EntryDraft
 from engine.errors import LedgerError, NotFound, RefundExceeds
 from engine.ledger import commands
-from engine.ledger.canonical import GENESIS_HASH, content_digest
+from engine.ledger.audit import commit_hashes, verify_ledger
+from engine.ledger.canonical import (
+    GENESIS_HASH,
+    PERSON_KEY_BYTES,
+    PersonKey,
+    chain_hash,
+    commit_bytes,
+    content_digest,
+    erasure_bytes,
+    flag_bytes,
+    meta_digest,
+)
 from engine.ledger.errors import (
     DailyRedeemLimit,
     EntryExistsWithDifferent,
@@ -37,7 +55,6 @@ from engine.ledger.errors import (
 )
 from engine.ledger.journal import (
     CONTENT_FIELDS,
-    ChainChecker,
     Content,
     RefundTracker,
     chain,
@@ -46,14 +63,17 @@ from engine.ledger.journal import (
 from engine.ledger.lots import EXPIRY_MONTHS_MAX, JournalItem, expiry_drafts, open_lots
 from engine.ledger.model import (
     ENTRY_COLUMNS,
+    JOURNAL_COLUMNS,
     AppendResult,
     BalanceDifference,
     Entry,
+    ErasureReceipt,
     RebuildResult,
     Settlement,
     VerifyResult,
 )
-from engine.ledger.schema import DDL, SCHEMA_VERSION, SHOP_KINDS_SQL
+from engine.ledger.schema import DDL, LEGACY_SCHEMA_VERSIONS, SCHEMA_VERSION, SHOP_KINDS_SQL
+from engine.ledger.signing import Signer, Verifier, check_witness, signer_for
 from engine.schemas import FlagEvent
 from engine.storage import open_sqlite
 
@@ -69,10 +89,16 @@ LOCK_WAIT_S_MAX = 30.0
 ID_LOOKUP_CHUNK_IDS = 50_000
 EXPIRY_USERS_PER_TRANSACTION = 500
 WAL_BYTES_MAX = 64 * 1024 * 1024
-VERIFY_FETCH_ROWS = 10_000
 CACHE_KIB = 65_536
+KEY_CACHE_USERS_MAX = 200_000
+REASON_CHARS_MAX = 500
 _COLUMNS_SQL = ", ".join(ENTRY_COLUMNS)
-_INSERT_SQL = f"INSERT INTO entries ({_COLUMNS_SQL}) VALUES ({', '.join('?' * 12)})"
+_JOURNAL_SQL = ", ".join(JOURNAL_COLUMNS)
+_INSERT_SQL = f"INSERT INTO journal ({_JOURNAL_SQL}) VALUES ({', '.join('?' * 12)})"
+# Links from the entry rows (seq, entry_id, user_id, kind, ref): private refs only.
+_LINK_SQL = ("INSERT INTO entry_links (seq, entry_id, user_id, ref) VALUES "
+             "(?1, ?2, ?3, CASE WHEN ?4 = 'redeem' OR ?4 = 'refund' THEN NULL ELSE ?5 END)")
+_LINK_FIELDS = operator.itemgetter(0, 1, 2, 3, 8)
 _FLAG_FIELDS: tuple[str, ...] = (
     "flag_id", "user_id", "flag", "state", "day", "evidence", "rules_version",
 )
@@ -81,17 +107,32 @@ _FLAG_FIELDS: tuple[str, ...] = (
 class Ledger:
     """The points journal and its projections. Open with `Ledger.open(data_dir)`."""
 
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path,
+                 signer: Signer | None = None) -> None:
         self._db = connection
         self._lock = threading.RLock()
         self.path = path
+        self._signer = signer
+        self._keys: dict[str, tuple[bytes, PersonKey]] = {}
+
+    @property
+    def signing_key_id(self) -> str | None:
+        return None if self._signer is None else self._signer.key_id
 
     # -- lifecycle -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, data_dir: Path) -> Ledger:
+    def open(cls, data_dir: Path, *, signing_key: Path | None = None) -> Ledger:
+        """Open (or create) `data_dir`/ledger.sqlite.
+
+        The one place a ledger learns its signing key: `signing_key`, else the
+        file named by $GENKI_SIGNING_KEY_FILE (the CLI's `--signing-key` sets
+        it), else none (commits are then unsigned). A key inside `data_dir` is
+        refused.
+        """
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        signer = signer_for(data_dir, signing_key)
         path = data_dir / LEDGER_FILE_NAME
         try:
             connection = open_sqlite(path, busy_wait_s_max=LOCK_WAIT_S_MAX, cache_kib=CACHE_KIB)
@@ -100,7 +141,9 @@ class Ledger:
         try:
             connection.execute("PRAGMA temp_store = MEMORY")
             connection.execute(f"PRAGMA journal_size_limit = {WAL_BYTES_MAX}")
-            ledger = cls(connection, path)
+            # Erased keys and links are overwritten with zeros, not left in free pages.
+            connection.execute("PRAGMA secure_delete = ON")
+            ledger = cls(connection, path, signer)
             ledger._create_schema()
         except sqlite3.DatabaseError as error:
             connection.close()
@@ -113,6 +156,13 @@ class Ledger:
     def _create_schema(self) -> None:
         with self._write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version in LEGACY_SCHEMA_VERSIONS:
+                raise LedgerError(
+                    f"{self.path} is a canonical version {version} ledger (demo data; this "
+                    f"genki writes version {SCHEMA_VERSION}, erasure-compatible and signed). "
+                    f"Run `genki ledger migrate --data-dir {self.path.parent}` to rewrite it "
+                    "as version 2 (the old file is kept beside it), or start a new data "
+                    "directory")
             if version not in (0, SCHEMA_VERSION):
                 raise LedgerError(f"{self.path}: ledger schema version {version} is not "
                                   f"{SCHEMA_VERSION}; use the genki version that wrote it")
@@ -185,6 +235,8 @@ class Ledger:
             if meta_items:
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
                                "DO UPDATE SET value = excluded.value", meta_items)
+            if result.appended or flags_appended or meta_items:
+                self._commit_locked(db, dict(meta_items))
         return AppendResult(result.appended, result.existing, result.seq_first, result.seq_last,
                             result.chain_head, flags_appended, flags_existing,
                             result.rows, result.existing_rows)
@@ -201,13 +253,12 @@ class Ledger:
                                 existing_rows=existing)
         self._check_debits(db, new)
         _check_refunds(db, new)
-        rows = chain(new, seq_head, hash_head)
-        db.executemany(_INSERT_SQL, rows)
+        keys = self._keys_locked(db, {content[1] for content in new})
+        rows, journal = chain(new, seq_head, hash_head, keys)
+        db.executemany(_INSERT_SQL, journal)
+        db.executemany(_LINK_SQL, map(_LINK_FIELDS, rows))
         _apply_balances(db, rows)
         seq_last, chain_head = rows[-1][0], rows[-1][11]
-        db.execute("INSERT INTO chain (one, seq, hash) VALUES (1, ?, ?) ON CONFLICT (one) "
-                   "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                   (seq_last, chain_head))
         return AppendResult(len(rows), len(existing) + duplicates, rows[0][0], seq_last,
                             chain_head, rows=rows, existing_rows=existing)
 
@@ -276,9 +327,69 @@ class Ledger:
                 continue
             _raise_if_different("flag", known, row, _FLAG_FIELDS)
             existing += 1
-        db.executemany(f"INSERT INTO flags ({', '.join(_FLAG_FIELDS)}) VALUES "
-                       f"({', '.join('?' * len(_FLAG_FIELDS))})", list(fresh.values()))
+        if not fresh:
+            return 0, existing
+        rows = list(fresh.values())
+        keys = self._keys_locked(db, {row[1] for row in rows})
+        seq, prev = _flag_head(db)
+        journal: list[tuple] = []
+        links: list[tuple] = []
+        dumps = orjson.dumps
+        for row in rows:
+            seq += 1
+            key = keys[row[1]]
+            tag = key.tag(dumps(row))  # = canonical.flag_tag
+            digest = chain_hash(prev, flag_bytes(seq, key.subject, tag))
+            journal.append((seq, key.subject, tag, prev, digest))
+            links.append((seq, *row))
+            prev = digest
+        db.executemany("INSERT INTO flag_journal (seq, subject, event, prev_hash, hash) "
+                       "VALUES (?, ?, ?, ?, ?)", journal)
+        db.executemany(f"INSERT INTO flags (seq, {', '.join(_FLAG_FIELDS)}) VALUES "
+                       f"({', '.join('?' * (1 + len(_FLAG_FIELDS)))})", links)
         return len(fresh), existing
+
+    def _keys_locked(self, db: sqlite3.Connection, users: Iterable[str]) -> dict[str, PersonKey]:
+        """Each user's person key, creating (and storing) a random one for new users."""
+        wanted = list(users)
+        stored: dict[str, bytes] = dict(db.execute(
+            "SELECT k.user_id, k.key FROM json_each(?) AS j "
+            "JOIN person_keys AS k ON k.user_id = j.value", (orjson.dumps(wanted).decode(),)))
+        cache = self._keys
+        if len(cache) > KEY_CACHE_USERS_MAX:
+            cache.clear()
+        keys: dict[str, PersonKey] = {}
+        fresh: list[tuple[str, bytes, str]] = []
+        for user in wanted:
+            raw = stored.get(user)
+            cached = cache.get(user)
+            if raw is None:
+                raw = os.urandom(PERSON_KEY_BYTES)
+                key = PersonKey(raw)
+                fresh.append((user, raw, key.subject))
+            elif cached is not None and cached[0] == raw:
+                key = cached[1]
+            else:
+                key = PersonKey(raw)
+            cache[user] = (raw, key)
+            keys[user] = key
+        if fresh:
+            db.executemany("INSERT INTO person_keys (user_id, key, subject) VALUES (?, ?, ?)",
+                           fresh)
+        return keys
+
+    def _commit_locked(self, db: sqlite3.Connection, meta_written: dict[str, str]) -> None:
+        """Close a write transaction with one commit record over every chain head and meta."""
+        seq, prev = _chain_head(db, "commits")
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        body = commit_bytes(seq + 1, _now_ms(), _head(db), _flag_head(db),
+                            _chain_head(db, "erasures"), meta_written, meta_digest(meta))
+        digest = chain_hash(prev, body)
+        signer = self._signer
+        db.execute("INSERT INTO commits (seq, body, prev_hash, hash, key_id, signature) "
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   (seq + 1, body.decode(), prev, digest, signer and signer.key_id,
+                    signer and signer.sign(digest)))
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
@@ -311,7 +422,7 @@ class Ledger:
                 return stored
             if points_per_day_max is not None:
                 _check_day_redeemed(db, user_id, draft.day, points, points_per_day_max)
-            return self._append_locked(db, normalise([draft])).entries[0]
+            return self._append_one_locked(db, draft)
 
     def refund(self, redemption_entry_id: str, points: int, idempotency_key: str, ts_ms: int,
                shop_id: str | None = None) -> Entry:
@@ -339,7 +450,7 @@ class Ledger:
             refunded = _refunded(db, redemption_entry_id)
             if refunded + points > -redemption.points:
                 raise RefundTooLarge(redemption_entry_id, points, -redemption.points, refunded)
-            return self._append_locked(db, normalise([draft])).entries[0]
+            return self._append_one_locked(db, draft)
 
     def adjust(self, user_id: str, points: int, reason: str, staff_id: str, key: str,
                ts_ms: int) -> Entry:
@@ -353,7 +464,12 @@ class Ledger:
                 sent = {"user_id": user_id, "points": points, "reason": reason.strip()}
                 _raise_if_request_differs("adjustment key", key, known, sent)
                 return stored
-            return self._append_locked(db, normalise([draft])).entries[0]
+            return self._append_one_locked(db, draft)
+
+    def _append_one_locked(self, db: sqlite3.Connection, draft: EntryDraft) -> Entry:
+        entry = self._append_locked(db, normalise([draft])).entries[0]
+        self._commit_locked(db, {})
+        return entry
 
     def expire(self, as_of_day: str, months: int,
                progress: Callable[[int], object] | None = None) -> list[Entry]:
@@ -384,6 +500,7 @@ class Ledger:
                     drafts.extend(expiry_drafts(user_id, open_lots(items), as_of_day, months))
                 if drafts:
                     expired.extend(self._append_locked(db, normalise(drafts)).entries)
+                    self._commit_locked(db, {})
             if progress is not None:
                 progress(len(chunk))
         return expired
@@ -395,6 +512,12 @@ class Ledger:
             row = self._db.execute("SELECT points FROM balances WHERE user_id = ?",
                                    (user_id,)).fetchone()
         return 0 if row is None else int(row[0])
+
+    def has_user(self, user_id: str) -> bool:
+        """Whether the ledger links anything to this user (False once erased: answer 404)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM person_keys WHERE user_id = ?",
+                                    (user_id,)).fetchone() is not None
 
     def history(self, user_id: str, cursor: int | None = None,
                 limit: int = 50) -> tuple[list[Entry], int | None]:
@@ -441,7 +564,7 @@ class Ledger:
         start_ms, end_ms = _month_range_ms(month)
         with self._lock:
             rows = self._db.execute(
-                "SELECT kind, COUNT(*), COALESCE(SUM(points), 0) FROM entries "
+                "SELECT kind, COUNT(*), COALESCE(SUM(points), 0) FROM journal "
                 f"WHERE {SHOP_KINDS_SQL} AND json_extract(ref, '$.shop') = ? "
                 "AND ts_ms >= ? AND ts_ms < ? GROUP BY kind", (shop_id, start_ms, end_ms))
             totals = {kind: (count, points) for kind, count, points in rows}
@@ -473,57 +596,90 @@ class Ledger:
             return _head(self._db)[0]
 
     def head(self) -> dict[str, Any]:
-        """Size, points outstanding, chain head and the order-independent content digest.
+        """Size, points outstanding, chain heads and the order-independent content digest.
 
         Reads every entry (in entry_id order) for the digest: O(entries), about
-        a second per few hundred thousand entries.
+        a second per few hundred thousand entries. chain_head and commit_hash
+        differ between data directories (random person keys); content_digest
+        does not (canonical.py).
         """
         with self._read() as db:
             seq, chain_head = _head(db)
             outstanding = db.execute("SELECT COALESCE(SUM(points), 0) FROM balances").fetchone()[0]
-            cursor = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
+            linked = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
                                 "rules_version FROM entries ORDER BY entry_id")
-            digest = content_digest(_content_bytes(cursor))
+            contents = list(_content_bytes(linked))
+            erased = _erased_contents(db) if len(contents) < seq else []
+            flags_seq, flags_head = _flag_head(db)
+            erasures = _chain_head(db, "erasures")[0]
+            commit = db.execute("SELECT seq, hash, key_id FROM commits ORDER BY seq DESC "
+                                "LIMIT 1").fetchone()
+        commit_seq, commit_hash, key_id = commit or (0, GENESIS_HASH, None)
         return {"entries": seq, "points_outstanding": outstanding, "chain_head": chain_head,
-                "content_digest": digest}
+                "content_digest": content_digest(contents + erased),
+                "canonical_version": SCHEMA_VERSION, "erased_entries": len(erased),
+                "flag_events": flags_seq, "flags_head": flags_head, "erasures": erasures,
+                "commit_seq": commit_seq, "commit_hash": commit_hash, "signed_by": key_id}
+
+    def content(self) -> dict[str, Any]:
+        """The part of head() every runtime and data directory agrees on for the same input."""
+        head = self.head()
+        return {key: head[key] for key in ("entries", "points_outstanding", "content_digest",
+                                           "erased_entries", "flag_events", "erasures")}
+
+    def signed_head(self, seal: bool = True) -> dict[str, Any]:
+        """The newest commit as JSON for an external witness (canonical.py, "Signed heads").
+
+        When the newest commit is unsigned and this ledger has a signing key
+        (and `seal`), an empty signed commit is appended first. Raises
+        LedgerError when there is no signed head to give.
+        """
+        if seal and self._signer is not None:
+            with self._write() as db:
+                row = db.execute("SELECT signature FROM commits ORDER BY seq DESC LIMIT 1"
+                                 ).fetchone()
+                if row is None or row[0] is None:
+                    self._commit_locked(db, {})
+        with self._read() as db:
+            row = db.execute("SELECT seq, body, prev_hash, hash, key_id, signature FROM commits "
+                             "ORDER BY seq DESC LIMIT 1").fetchone()
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+        if row is None or row[5] is None:
+            raise LedgerError(f"{self.path}: the newest commit is not signed; run the writers "
+                              "(or this command) with --signing-key FILE or "
+                              f"${SIGNING_KEY_ENV}")
+        seq, body, prev_hash, digest, key_id, signature = row
+        return {"canonical_version": SCHEMA_VERSION, "seq": seq, "hash": digest,
+                "prev_hash": prev_hash, "body": body, "commit": orjson.loads(body),
+                "meta": meta, "key_id": key_id, "signature": signature}
 
     # -- verification and repair ------------------------------------------------------
 
-    def verify(self, progress: Callable[[int], object] | None = None) -> VerifyResult:
-        """Recompute the hash chain and every balance; report the first bad seq.
+    def verify(self, progress: Callable[[int], object] | None = None,
+               public_key: Verifier | None = None,
+               witness: Mapping[str, Any] | None = None) -> VerifyResult:
+        """Recompute every chain, link and balance; report the first bad seq or commit.
 
-        `progress(n)` is called after each n entries checked (for a progress bar).
+        With `public_key`, every signature must verify and the newest commit
+        must be signed (a consistent rewrite by someone without the private
+        key fails here even when plain verify passes). With `witness` (a
+        signed_head() kept elsewhere), the chain must still contain that
+        commit. `progress(n)` is called after each n entries checked.
         """
-        checker = ChainChecker()
+        witnessed: list[int] = []
+        if witness is not None:
+            witnessed = [check_witness(witness, public_key)]
         with self._read() as db:
-            cursor = db.execute(f"SELECT {_COLUMNS_SQL} FROM entries ORDER BY seq")
-            problem = None
-            while problem is None:
-                rows = cursor.fetchmany(VERIFY_FETCH_ROWS)
-                if not rows:
-                    break
-                problem = checker.feed(rows)
-                if progress is not None:
-                    progress(len(rows))
-            cursor.close()
-            if problem is not None:
-                return VerifyResult(False, checker.seq, len(checker.balances), checker.prev,
-                                    problem.seq, problem.problem)
-            tail = db.execute("SELECT seq, hash FROM chain WHERE one = 1").fetchone()
-            live = {user: (points, count) for user, points, count in
-                    db.execute("SELECT user_id, points, entries FROM balances")}
-        result = VerifyResult(True, checker.seq, len(checker.balances), checker.prev)
-        recorded = (0, GENESIS_HASH) if tail is None else (tail[0], tail[1])
-        if recorded != (checker.seq, checker.prev):
-            return VerifyResult(False, checker.seq, len(checker.balances), checker.prev,
-                                min(checker.seq, recorded[0]) + 1,
-                                f"journal ends at seq {checker.seq} but the recorded chain head "
-                                f"is seq {recorded[0]}: entries were removed or added outside "
-                                "the ledger")
-        problems = _balance_problems(live, checker.balances, checker.counts)
-        if problems:
-            return VerifyResult(False, result.entries_checked, result.users_checked,
-                                result.chain_head, None, problems[0], tuple(problems))
+            result = verify_ledger(db, progress, public_key, witnessed)
+            hashes = commit_hashes(db) if witnessed else {}
+        if result.ok and witness is not None:
+            stored = hashes.get(witnessed[0])
+            if stored != witness["hash"]:
+                return replace(result, ok=False, first_bad_commit=witnessed[0], problem=(
+                    f"the witnessed head (commit {witnessed[0]}, hash {witness['hash']:.16}…) "
+                    "is not in this ledger" + ("" if stored is None else
+                                               f": commit {witnessed[0]} now has hash "
+                                               f"{stored:.16}…, the ledger was rewritten")))
         return result
 
     def rebuild(self) -> RebuildResult:
@@ -548,13 +704,96 @@ class Ledger:
         return RebuildResult(len(rebuilt), sum(points for points, _ in rebuilt.values()),
                              differences)
 
+    # -- erasure ----------------------------------------------------------------------
+
+    def erase_user(self, user_id: str, reason: str, ts_ms: int | None = None) -> ErasureReceipt:
+        """Crypto-shred a person's link to the ledger (idempotent, audited).
+
+        In one transaction: deletes the person's key, the links of all their
+        entries (entry id, user id, private ref), their flag events and their
+        balance row, and appends an erasure record (subject, reason, time,
+        counts; no user id) and a commit. Afterwards balance() is 0,
+        history() and flag_history() are empty, entry(id) raises NotFound,
+        `verify` still passes, settlement totals per shop are unchanged (the
+        journal keeps kind, points, day, ts_ms and the shop ref) and the
+        content digest counts the entries as erased. Remaining points are
+        forfeited (points_forfeited). A user the ledger does not know (never
+        seen, or already erased) gets a receipt with erased=False and nothing
+        is written: nothing links them to the ledger any more.
+
+        Erase the person's inputs first: entries appended later for the same
+        user id get a new key and subject, as for a new person. Deleted pages
+        are zeroed (secure_delete) and the WAL is truncated after the commit
+        when no reader holds it; copies outside this file (backups, Kafka
+        topics) are not reached from here.
+        """
+        commands.check_id("user_id", user_id)
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidRequest("reason: an erasure needs a non-empty reason")
+        reason = reason.strip()
+        if len(reason) > REASON_CHARS_MAX:
+            raise InvalidRequest(f"reason: at most {REASON_CHARS_MAX} characters, "
+                                 f"got {len(reason)}")
+        ts_ms = _now_ms() if ts_ms is None else commands.check_ts_ms(ts_ms)
+        with self._write() as db:
+            row = db.execute("SELECT subject FROM person_keys WHERE user_id = ?",
+                             (user_id,)).fetchone()
+            if row is None:
+                return ErasureReceipt(user_id, False, None, 0, 0, 0, reason, ts_ms, None, None)
+            subject = row[0]
+            balance = db.execute("SELECT points FROM balances WHERE user_id = ?",
+                                 (user_id,)).fetchone()
+            db.execute("INSERT INTO erasing (user_id) VALUES (?)", (user_id,))
+            entries = db.execute("DELETE FROM entry_links WHERE user_id = ?", (user_id,)).rowcount
+            flags = db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,)).rowcount
+            db.execute("DELETE FROM erasing WHERE user_id = ?", (user_id,))
+            db.execute("DELETE FROM balances WHERE user_id = ?", (user_id,))
+            db.execute("DELETE FROM person_keys WHERE user_id = ?", (user_id,))
+            seq, prev = _chain_head(db, "erasures")
+            digest = chain_hash(prev, erasure_bytes(seq + 1, subject, reason, ts_ms, entries,
+                                                    flags))
+            db.execute("INSERT INTO erasures (seq, subject, reason, ts_ms, entries, flags, "
+                       "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (seq + 1, subject, reason, ts_ms, entries, flags, prev, digest))
+            self._commit_locked(db, {})
+        self._keys.pop(user_id, None)
+        self.checkpoint()
+        return ErasureReceipt(user_id, True, subject, entries, flags,
+                              0 if balance is None else balance[0], reason, ts_ms, seq + 1,
+                              digest)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the file and truncate it (best effort: readers may hold it)."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def erasures(self) -> list[dict[str, Any]]:
+        """The erasure log (no user ids): seq, subject, reason, ts_ms, counts, hash."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, subject, reason, ts_ms, entries, flags, hash "
+                                    "FROM erasures ORDER BY seq").fetchall()
+        return [dict(zip(("seq", "subject", "reason", "ts_ms", "entries", "flags", "hash"), row,
+                         strict=True)) for row in rows]
+
 
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _head(db: sqlite3.Connection) -> tuple[int, str]:
-    row = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+def _chain_head(db: sqlite3.Connection, table: str) -> tuple[int, str]:
+    row = db.execute(f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1").fetchone()
     return (0, GENESIS_HASH) if row is None else (row[0], row[1])
+
+
+def _head(db: sqlite3.Connection) -> tuple[int, str]:
+    return _chain_head(db, "journal")
+
+
+def _flag_head(db: sqlite3.Connection) -> tuple[int, str]:
+    return _chain_head(db, "flag_journal")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _entry_locked(db: sqlite3.Connection, entry_id: str) -> Entry | None:
@@ -608,7 +847,7 @@ def _check_day_redeemed(db: sqlite3.Connection, user_id: str, day: str | None, p
 
 def _refunded(db: sqlite3.Connection, redemption_id: str) -> int:
     return int(db.execute(
-        "SELECT COALESCE(SUM(points), 0) FROM entries WHERE kind = 'refund' "
+        "SELECT COALESCE(SUM(points), 0) FROM journal WHERE kind = 'refund' "
         "AND json_extract(ref, '$.refund_of') = ?", (redemption_id,)).fetchone()[0])
 
 
@@ -717,12 +956,27 @@ def _month_range_ms(month: str) -> tuple[int, int]:
     return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
-def _balance_problems(live: dict[str, tuple[int, int]], balances: dict[str, int],
-                      counts: dict[str, int]) -> list[str]:
-    problems = []
-    for user in sorted(set(live) | set(balances)):
-        expected = (balances.get(user, 0), counts.get(user, 0))
-        if live.get(user, (0, 0)) != expected:
-            problems.append(f"balance of user {user}: table says {live.get(user)}, journal "
-                            f"says {expected} (points, entries); run `genki ledger rebuild`")
-    return problems
+def read_contents(path: Path) -> tuple[list[tuple], list[bytes]]:
+    """A ledger file's linked content rows (entry_id, user_id, kind, points, day, ts_ms,
+    rule, ref, rules_version) and its erased entries' content bytes, read only.
+
+    For digests over several ledgers (engine.kafka.combined): the content
+    digest is canonical.content_bytes of the rows sorted by entry_id, then the
+    erased contents sorted bytewise (canonical.py).
+    """
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
+                          "rules_version FROM entries").fetchall()
+        erased = _erased_contents(db) if len(rows) < _head(db)[0] else []
+    finally:
+        db.close()
+    return rows, erased
+
+
+def _erased_contents(db: sqlite3.Connection) -> list[bytes]:
+    """Content bytes of entries whose link was erased, sorted (canonical.py)."""
+    return sorted(_content_bytes(db.execute(
+        "SELECT NULL, NULL, j.kind, j.points, j.day, j.ts_ms, j.rule, j.ref, j.rules_version "
+        "FROM journal AS j WHERE NOT EXISTS (SELECT 1 FROM entry_links AS l "
+        "WHERE l.seq = j.seq)")))
