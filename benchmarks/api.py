@@ -278,7 +278,7 @@ def breakdown(data_dir: Path, keys: dict[str, str]) -> dict[str, float]:
         return round((time.perf_counter() - started) / IN_PROCESS_CALLS * 1e6, 1)
 
     result = {
-        "sqlite_balance_lookup_us": per_call_us(lambda: service.read_ledger.balance("U000001")),
+        "sqlite_balance_lookup_us": per_call_us(lambda: service.reads.balance("U000001")),
         "auth_key_lookup_us": per_call_us(lambda: service.authenticate(auth)),
         "service_auth_and_balance_us": per_call_us(
             lambda: (service.authenticate(auth), service.balance("U000001"))),

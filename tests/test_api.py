@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import re
 import select
 import subprocess
 import tempfile
@@ -209,8 +210,13 @@ def test_flags_of_a_user_and_the_staff_risk_list(server: Server, home: Path,
     with server.client(keys["app"]) as app:
         mine = app.get(f"/v1/users/{user}/flags").json()
     with server.client(keys["staff"]) as staff:
-        everyone = staff.get("/v1/flags").json()["flags"]
+        listed = staff.get("/v1/flags").json()
+        everyone = listed["flags"]
     assert [f["flag"] for f in mine["current"]] == ["low_activity"]
+    assert mine["frailty_status"] == "pre-frail"  # one revised J-CHS criterion raised
+    assert [p for p in listed["people"] if p["user_id"] == user] == [
+        {"user_id": user, "frailty_status": "pre-frail", "severity": 2,
+         "flags": ["low_activity"]}]
     assert [(f["flag"], f["state"]) for f in mine["history"]] == [
         ("low_activity", "raised"), ("slow_gait", "raised"), ("slow_gait", "cleared")]
     assert [(f["flag"], f["evidence"]) for f in everyone if f["user_id"] == user] == [
@@ -538,6 +544,58 @@ def test_a_claim_left_by_a_dead_server_is_taken_over(
         response = redeem(shop, token_for(server, keys, user), 9, key)
     assert response.status_code == 201, response.text
     assert balance(server, keys, user) == 41
+
+
+def json_values(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in json_values(item)]
+    if isinstance(value, list):
+        return [v for item in value for v in json_values(item)]
+    return [value]
+
+
+def test_no_shop_facing_answer_holds_a_user_id_or_a_balance(
+        server: Server, home: Path, keys: dict[str, str]) -> None:
+    """Every status a shop key can get, for a person with distinctive balances."""
+    user = unique("citizen-zq")
+    award(home, user, 4_321)
+    balances = {4_321, 4_321 - 17, 4_321 - 17 + 5}
+    tokens = [token_for(server, keys, user) for _ in range(3)]
+    other = unique("other-zq")
+    award(home, other, 60)
+    award_id = derive_id("test-award", user, 0, 4_321)
+    answers: list[httpx.Response] = []
+    with server.client(keys["shop_a"]) as shop:
+        sale = redeem(shop, tokens[0], 17, unique("sale"))
+        answers += [sale, redeem(shop, tokens[0], 17, sale.request.headers["Idempotency-Key"]),
+                    redeem(shop, tokens[1], 18, sale.request.headers["Idempotency-Key"]),
+                    redeem(shop, tokens[0], 3, unique("sale")),  # token used
+                    redeem(shop, tokens[1], 9_999, unique("sale")),  # insufficient
+                    redeem(shop, tokens[2][:-4] + "AAAA", 1, unique("sale"))]  # invalid
+        for body in ({"redemption_entry_id": sale.json()["entry_id"], "points": 5},
+                     {"redemption_entry_id": sale.json()["entry_id"], "points": 13},
+                     {"redemption_entry_id": award_id, "points": 1},
+                     {"redemption_entry_id": "f" * 32, "points": 1}):
+            answers.append(shop.post("/v1/refunds", json=body,
+                                     headers={"Idempotency-Key": unique("refund")}))
+        month = time.strftime("%Y-%m", time.gmtime(sale.json()["ts_ms"] / 1000 + 9 * 3600))
+        answers += [shop.get("/v1/shops/SHOP_A/settlement", params={"month": month}),
+                    shop.get(f"/v1/users/{user}/balance"),
+                    shop.get(f"/v1/users/{user}/history"),
+                    shop.post(f"/v1/users/{user}/redeem-tokens")]
+    with server.client(keys["shop_b"]) as shop_b:
+        answers.append(shop_b.post("/v1/refunds", headers={"Idempotency-Key": unique("r")},
+                                   json={"redemption_entry_id": sale.json()["entry_id"],
+                                         "points": 1}))
+    assert [a.status_code for a in answers] == [201, 201, 422, 409, 409, 401, 201, 409, 404,
+                                               404, 200, 403, 403, 403, 404]
+    assert balance(server, keys, user) == 4_321 - 17 + 5
+    for answer in answers:
+        values = json_values(answer.json())
+        texts = [v for v in values if isinstance(v, str)]
+        assert not [v for v in values if v in balances or v == user], answer.text
+        assert not [t for t in texts if user in t or other in t], answer.text
+        assert not [t for t in texts for b in balances if re.search(rf"\b{b}\b", t)], answer.text
 
 
 # -- refunds, adjustments, settlement ------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sqlite3
@@ -281,3 +282,43 @@ def test_ledger_refusals_become_fixed_shop_texts() -> None:
 def test_every_refusal_code_has_one_status() -> None:
     assert {r.value for r in REFUSAL_STATUS} == {r.value for r in Refusal}
     assert all(400 <= status < 600 for status in REFUSAL_STATUS.values())
+
+
+def test_a_ledger_batch_keeps_each_command_atomic_and_commits_once(tmp_path: Path) -> None:
+    """Group commit: a refused command inside a batch writes nothing, the others stand."""
+    with Ledger.open(tmp_path) as ledger:
+        ledger.append([EntryDraft("award-1", "U1", EntryKind.award, 10, "2026-01-01", NOW_MS,
+                                  "steps_tier_1", None, "t")])
+        refused = []
+        with ledger.batch():
+            ledger.redeem("U1", 6, "S1", "T1", "k1", NOW_MS)
+            try:
+                ledger.redeem("U1", 6, "S1", "T1", "k2", NOW_MS)  # 4 left: overdraft
+            except Overdraft as error:
+                refused.append(error.requested)
+            ledger.redeem("U1", 4, "S1", "T1", "k3", NOW_MS)
+        assert refused == [6]
+        assert ledger.balance("U1") == 0
+        assert [e.points for e in ledger.history("U1")[0]] == [-4, -6, 10]
+        assert ledger.verify().ok
+
+
+async def test_concurrent_redemptions_are_batched_and_never_overdraw(
+        flow: tuple[ApiService, Clock, Ledger]) -> None:
+    service, _, ledger = flow
+    tokens = [service.issue_token("U1")["token"] for _ in range(12)]
+
+    async def attempt(index: int) -> str:
+        try:
+            reply = await service.redeem(SHOP, f"k{index}", tokens[index], 7, "T1")
+        except Refused as refused:
+            return refused.code
+        return str(reply.status)
+
+    daily = "points_per_person_per_day_max_exceeded"
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(12)))
+    assert sorted(outcomes) == ["201"] * 5 + [daily] * 7  # at most 40 a day: 5 x 7 = 35
+    assert ledger.balance("U1") == 15
+    refused = outcomes.index(daily)
+    again = await service.redeem(SHOP, "k-again", tokens[refused], 5, "T1")  # still usable
+    assert (again.status, ledger.balance("U1")) == (201, 10)

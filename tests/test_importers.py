@@ -98,7 +98,7 @@ def test_apple_export_dead_letters_what_it_cannot_map_with_reasons(data_dir: Pat
     ]
 
 
-def test_apple_export_is_streamed_and_clears_handled_elements() -> None:
+def test_many_apple_records_of_one_source_pack_into_one_segment() -> None:
     records = b"".join(
         b'<Record type="HKQuantityTypeIdentifierHeartRate" sourceName="W" unit="count/min" '
         b'startDate="2026-05-01 07:%02d:00 +0900" endDate="2026-05-01 07:%02d:00 +0900" '

@@ -42,7 +42,7 @@ from engine.devices import DeviceRegistry, KeyPolicy
 from engine.devices.screen import enrolment_resolver, screen_lines
 from engine.importers import ImportOptions, ImportResult, format_named, import_source
 from engine.importers.core import LOCAL_OFFSET_DEFAULT
-from engine.ingest.decode import decode_lines
+from engine.ingest.decode import DecodedBatch, decode_lines
 from engine.ingest.log import IngestCounts
 
 if TYPE_CHECKING:
@@ -126,7 +126,11 @@ def ingest_lines(body: bytes, content_type: str) -> list[bytes]:
 
 
 async def request_body(request: Request) -> bytes:
-    return decompressed(await request.body(), request.headers.get("content-encoding"))
+    """The decoded body; decompression (up to 128 MiB) runs off the event loop."""
+    body, encoding = await request.body(), request.headers.get("content-encoding")
+    if (encoding or "identity").strip().lower() == "identity":
+        return body
+    return await asyncio.get_running_loop().run_in_executor(None, decompressed, body, encoding)
 
 
 # -- what a request hands to a runtime ---------------------------------------------------------
@@ -205,9 +209,13 @@ class KafkaSink:
 
     async def submit(self, principal: Principal, make: Callable[[], Batch]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        batch = await loop.run_in_executor(None, make)
         now_ms = self.service.clock()
-        decoded = decode_lines(batch.lines, now_ms)
+
+        def validated() -> tuple[Batch, DecodedBatch]:  # off the event loop: batches are large
+            batch = make()
+            return batch, decode_lines(batch.lines, now_ms)
+
+        batch, decoded = await loop.run_in_executor(None, validated)
         refused = {r.index for r in decoded.rejected}
         accepted = [line for i, line in enumerate(batch.lines) if i not in refused]
         offsets = batch.offsets or list(range(1, len(batch.lines) + 1))

@@ -21,6 +21,7 @@ has no copy of the balances to answer from.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,9 @@ class KafkaRedeemer:
 
     def apply(self, command: Command) -> Entry:
         raise AssertionError("the Kafka redeemer is awaited on the event loop (submit)")
+
+    def batch(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     async def submit(self, command: Command) -> Entry:
         outcome = await self.bridge.submit(record_of(command))

@@ -33,3 +33,6 @@ KEY_CLAIM_LEASE_S = 60
 # variables below); None: no limit beyond the ledger's POINTS_PER_ENTRY_MAX.
 POINTS_PER_REDEMPTION_MAX_ENV = "GENKI_API_POINTS_PER_REDEMPTION_MAX"
 POINTS_PER_PERSON_PER_DAY_MAX_ENV = "GENKI_API_POINTS_PER_PERSON_PER_DAY_MAX"
+
+# Group commit: shop commands applied in one ledger transaction at most.
+COMMANDS_PER_BATCH_MAX = 256

@@ -32,8 +32,10 @@ import asyncio
 import hashlib
 import os
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,6 +44,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from engine.api.limits import (
+    COMMANDS_PER_BATCH_MAX,
     KEY_CLAIM_LEASE_S,
     PRUNE_EVERY_WRITES,
     RESPONSES_KEPT_DAYS,
@@ -72,6 +75,8 @@ from engine.ingest.log import EmbeddedLog
 from engine.ledger.commands import describe, redeem_id, ref_fields, refund_id
 from engine.ledger.model import Entry, Settlement
 from engine.ledger.store import Ledger
+from engine.rules.flags import frailty_status
+from engine.rules.risk import person_summaries, risk_rows, shipped_book
 from engine.schemas import POINTS_PER_ENTRY_MAX, EntryKind, FlagEvent
 from engine.storage import private_dir
 
@@ -161,6 +166,7 @@ class Redeemer(Protocol):
     synchronous: bool
 
     def apply(self, command: Command) -> Entry: ...
+    def batch(self) -> AbstractContextManager[None]: ...
     async def submit(self, command: Command) -> Entry: ...
     def close(self) -> None: ...
 
@@ -218,6 +224,10 @@ class DirectRedeemer:
         return self.ledger.refund(command.refund_of, command.points, command.ledger_key,
                                   command.ts_ms, shop_id=command.shop_id)
 
+    def batch(self) -> AbstractContextManager[None]:
+        """Commands applied inside share one ledger transaction (group commit)."""
+        return self.ledger.batch()
+
     async def submit(self, command: Command) -> Entry:
         raise AssertionError("the direct redeemer runs on the writer thread (apply)")
 
@@ -263,6 +273,56 @@ def _pid_alive(owner: str) -> bool:
     return True
 
 
+class WriteBatcher:
+    """Group commit: requests queue while a batch is written; the writer thread takes
+    everything queued (at most COMMANDS_PER_BATCH_MAX) as the next batch. Under load a
+    batch holds about the requests in flight; alone, a request is a batch of one."""
+
+    def __init__(self, executor: ThreadPoolExecutor,
+                 run: Callable[[list[Callable[[], Reply | Command]]],
+                               list[Reply | BaseException]]) -> None:
+        self._executor = executor
+        self._run = run
+        self._lock = threading.Lock()
+        self._queued: list[tuple[Callable[[], Reply | Command], asyncio.Future[Reply]]] = []
+        self._draining = False
+
+    async def submit(self, prepare: Callable[[], Reply | Command]) -> Reply:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        with self._lock:
+            self._queued.append((prepare, future))
+            start = not self._draining
+            self._draining = True
+        if start:
+            loop.run_in_executor(self._executor, self._drain, loop)
+        return await future
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            with self._lock:
+                batch = self._queued[:COMMANDS_PER_BATCH_MAX]
+                del self._queued[:COMMANDS_PER_BATCH_MAX]
+                if not batch:
+                    self._draining = False
+                    return
+            try:
+                results = self._run([prepare for prepare, _ in batch])
+            except BaseException as error:  # noqa: BLE001 - every request of it gets it
+                results = [error] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_resolve, future, result)
+
+
+def _resolve(future: asyncio.Future[Reply], result: Reply | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
 class ApiService:
     def __init__(self, data_dir: Path, reads: Reads, redeemer: Redeemer, *,
                  settings: ApiSettings | None = None, clock: Clock | None = None,
@@ -281,6 +341,7 @@ class ApiService:
         self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
         self.owner = f"{os.getpid()}:{secrets.token_hex(6)}"
         self._in_flight: set[tuple[str, str]] = set()
+        self.batcher = WriteBatcher(self.writer, self._carry_out_batch)
         self._ingest_log: EmbeddedLog | None = None
         self._writes = 0
 
@@ -339,11 +400,13 @@ class ApiService:
         latest = {event.flag: event for event in events}  # ordered by day, seq
         current = [e.model_dump(mode="json") for e in latest.values() if e.state == "raised"]
         return {"user_id": user_id, "current": current,
-                "history": [e.model_dump(mode="json") for e in events]}
+                "history": [e.model_dump(mode="json") for e in events],
+                "frailty_status": frailty_status({e["flag"] for e in current})}
 
     def current_flags(self, day: str | None) -> dict[str, Any]:
         flags = self.reads.current_flags(day)
-        return {"day": day, "flags": [f.model_dump(mode="json") for f in flags]}
+        return {"day": day, "flags": [f.model_dump(mode="json") for f in flags],
+                "people": person_summaries(risk_rows(flags, shipped_book()))}
 
     def settlement(self, shop_id: str, month: str) -> dict[str, Any]:
         return self.reads.settlement(shop_id, month)
@@ -371,7 +434,7 @@ class ApiService:
 
     async def _carry_out(self, prepare: Callable[[], Reply | Command]) -> Reply:
         if self.redeemer.synchronous:
-            return await self._on_writer(self._carry_out_now, prepare)
+            return await self.batcher.submit(prepare)
         prepared = await self._on_writer(prepare)
         if isinstance(prepared, Reply):
             return prepared
@@ -388,21 +451,57 @@ class ApiService:
             raise
         return await self._on_writer(self._finish, prepared, entry)
 
-    def _carry_out_now(self, prepare: Callable[[], Reply | Command]) -> Reply:
-        prepared = prepare()
-        if isinstance(prepared, Reply):
-            return prepared
+    def _carry_out_batch(self, prepares: list[Callable[[], Reply | Command]],
+                         ) -> list[Reply | BaseException]:
+        """On the writer thread: the shop commands that queued up while the last batch
+        was committed, checked and claimed one by one, then applied in one ledger
+        transaction (each command atomic on its own: one fsync for the batch)."""
+        results: list[Reply | BaseException] = []
+        commands: list[tuple[int, Command]] = []
         try:
-            entry = self.redeemer.apply(prepared)
-        except GenkiError as error:
-            self.store.release(prepared.claim)  # one ledger transaction: nothing written
-            if _is_refusal(error):
-                raise refusal_of_ledger_code(error.code) from None
-            raise
-        finally:
-            self._in_flight.discard(_claim_key(prepared.claim))
-        self._count_write()
-        return self._reply(prepared.kind, entry, prepared.claim.fingerprint)
+            with self.store.batch():  # the claims: committed before the ledger is written
+                for prepare in prepares:
+                    prepared: Reply | Command | BaseException
+                    try:
+                        prepared = prepare()
+                    except BaseException as error:  # noqa: BLE001 - that request's answer
+                        prepared = error
+                    if isinstance(prepared, Command):
+                        commands.append((len(results), prepared))
+                        prepared = Reply(0, b"")  # replaced by its outcome below
+                    results.append(prepared)
+        except BaseException as error:  # noqa: BLE001 - no claim was taken
+            for _, command in commands:
+                self._in_flight.discard(_claim_key(command.claim))
+            return [error] * len(prepares)
+        if not commands:
+            return results
+        outcomes: list[Entry | BaseException] = []
+        try:
+            with self.redeemer.batch():
+                for _, command in commands:
+                    try:
+                        outcomes.append(self.redeemer.apply(command))
+                    except GenkiError as error:
+                        outcomes.append(error)
+        except BaseException as error:  # noqa: BLE001 - the batch did not commit
+            outcomes = [error] * len(commands)
+        for (index, command), outcome in zip(commands, outcomes, strict=True):
+            self._in_flight.discard(_claim_key(command.claim))
+            results[index] = self._settle(command, outcome)
+        return results
+
+    def _settle(self, command: Command, outcome: Entry | BaseException) -> Reply | BaseException:
+        if isinstance(outcome, Entry):
+            self._count_write()
+            try:
+                return self._reply(command.kind, outcome, command.claim.fingerprint)
+            except Refused as refused:
+                return refused
+        self.store.release(command.claim)  # its savepoint rolled back: nothing written
+        if isinstance(outcome, GenkiError) and _is_refusal(outcome):
+            return refusal_of_ledger_code(outcome.code)
+        return outcome
 
     def _finish(self, command: Command, entry: Entry) -> Reply:
         """Kafka mode: the owner's entry; the key stays bound to it with its answer."""

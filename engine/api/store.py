@@ -166,7 +166,8 @@ class ApiStore:
 
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db = connection
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._batching = False
         self.path = path
 
     @classmethod
@@ -195,8 +196,29 @@ class ApiStore:
         self.close()
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Several writes (claims, releases) in one transaction, each atomic on its own
+        (a savepoint: one that raises took nothing); committed together at the end."""
+        with self._write():
+            self._batching = True
+            try:
+                yield
+            finally:
+                self._batching = False
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._batching:
+                self._db.execute("SAVEPOINT request")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK TO request")
+                    self._db.execute("RELEASE request")
+                    raise
+                self._db.execute("RELEASE request")
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
