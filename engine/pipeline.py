@@ -29,6 +29,7 @@ from engine.ledger import Ledger
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
 from engine.rules.config import Rules, load_rules
 from engine.rules.engine import RulesEngine, RulesOutput
+from engine.rules.risk import META_RULES_JSON
 from engine.snapshots import SnapshotInfo, iter_valid, write_snapshot
 
 log_line = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class Pipeline:
                  snapshot_at_end: bool = True) -> None:
         assert chunk_records > 0 and snapshot_records > 0
         self.rules = rules
+        self._rules_json = rules.canonical_json().decode()  # in the ledger meta: severities
         self.chunk_records = chunk_records
         self.snapshot_records = snapshot_records
         self.snapshot_at_end = snapshot_at_end
@@ -131,7 +133,8 @@ class Pipeline:
             self._position = -1  # unknown until the append below commits
             crash_point("pipeline_before_append")
             ledger.append(output.awards, flags=output.flags,
-                          meta={META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version})
+                          meta={META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version,
+                                META_RULES_JSON: self._rules_json})
             self._position = hi
             crash_point("pipeline_after_append")
             _count(summary, samples, activities, output)

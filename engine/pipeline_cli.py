@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
@@ -13,8 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from engine.config import add_data_dir_arg, data_dir_of
-from engine.pipeline import LOG_RECORDS_PER_CHUNK, RULES_DEFAULT_PATH, run_pipeline
+from engine.errors import UsageError
+from engine.pipeline import LOG_RECORDS_PER_CHUNK, run_pipeline
 from engine.progress import progress_bar
+from engine.rules.flags import FRAILTY_STATUSES
+from engine.rules.risk import RiskRow, SeverityBook, risk_rows
 
 RISK_LIST_ROWS_DEFAULT = 50
 
@@ -35,39 +37,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
-class RiskFlag:
-    flag: str
-    since: str
-    evidence: dict[str, object]
-
-
-@dataclass
-class RiskRow:
-    """One person on the care-prevention risk list."""
-
-    user_id: str
-    severity: int = 0
-    flags: list[RiskFlag] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
 def risk_list(data_dir: Path, day: str | None = None) -> list[RiskRow]:
-    """People with raised flags, most severe first (severity = sum of the flags' weights)."""
+    """People with raised flags: frail, pre-frail, then robust (revised J-CHS criteria
+    wearables measure), most severe first within each (severity = sum of the flags'
+    weights, from the rules that built the ledger)."""
     from engine.ledger import Ledger
-    from engine.rules.config import load_rules
 
-    flag_rules = load_rules(RULES_DEFAULT_PATH).flags
-    by_user: dict[str, RiskRow] = {}
     with Ledger.open(data_dir) as ledger:
         flags = ledger.current_flags(day)
-    for flag in flags:
-        row = by_user.setdefault(flag.user_id, RiskRow(flag.user_id))
-        row.severity += flag_rules.severity_of(flag.flag)
-        row.flags.append(RiskFlag(str(flag.flag), flag.day, dict(flag.evidence)))
-    return sorted(by_user.values(), key=lambda r: (-r.severity, r.user_id))
+        book = SeverityBook(ledger.get_meta)
+    return risk_rows(flags, book)
 
 
 def _evidence_text(evidence: dict[str, object]) -> str:
@@ -76,32 +55,57 @@ def _evidence_text(evidence: dict[str, object]) -> str:
 
 def print_risk_list(data_dir: Path, console: Console, limit: int, day: str | None = None) -> None:
     rows = risk_list(data_dir, day)
-    table = Table(title=f"frailty risk list: {len(rows)} people with raised flags"
+    counts = {status: sum(r.frailty_status == status for r in rows) for status in FRAILTY_STATUSES}
+    table = Table(title=f"frailty risk list: {len(rows)} people with raised flags "
+                        f"({', '.join(f'{n} {s}' for s, n in counts.items())})"
                         + (f" (top {limit})" if len(rows) > limit else ""))
-    for column in ("user", "severity", "flag", "since", "evidence"):
+    for column in ("user", "status", "severity", "flag", "since", "evidence"):
         table.add_column(column)
     for row in rows[:limit]:
         for i, flag in enumerate(row.flags):
-            table.add_row(row.user_id if i == 0 else "", str(row.severity) if i == 0 else "",
+            table.add_row(row.user_id if i == 0 else "", row.frailty_status if i == 0 else "",
+                          str(row.severity) if i == 0 else "",
                           flag.flag, flag.since, _evidence_text(flag.evidence))
     console.print(table)
 
 
 def _cmd_flags(args: argparse.Namespace) -> int:
+    if getattr(args, "flags_command", None) == "evaluate":
+        return _cmd_flags_evaluate(args)
     data_dir = data_dir_of(args)
     if args.json:
         for row in risk_list(data_dir, args.day):
             sys.stdout.write(orjson.dumps(row.as_dict()).decode() + "\n")
     elif args.csv:
         writer = csv.writer(sys.stdout)
-        writer.writerow(["user_id", "severity", "flag", "since", "evidence"])
+        writer.writerow(["user_id", "severity", "flag", "since", "evidence", "frailty_status"])
         for row in risk_list(data_dir, args.day):
             for flag in row.flags:
                 writer.writerow([row.user_id, row.severity, flag.flag, flag.since,
-                                 _evidence_text(flag.evidence)])
+                                 _evidence_text(flag.evidence), row.frailty_status])
     else:
         print_risk_list(data_dir, Console(width=None if sys.stdout.isatty() else 120), args.limit,
                         args.day)
+    return 0
+
+
+def _cmd_flags_evaluate(args: argparse.Namespace) -> int:
+    """Score the ledger's flag events against a simulation's ground truth."""
+    from engine.ledger import Ledger
+    from engine.sim.truth import FlagChange, format_table, score_manifest
+
+    try:
+        manifest = orjson.loads(args.truth.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as error:
+        raise UsageError(f"flags evaluate: cannot read --truth {args.truth}: {error}") from None
+    with Ledger.open(data_dir_of(args)) as ledger:
+        changes = [FlagChange(e.user_id, e.flag.value, e.state.value, e.day)
+                   for e in ledger.all_flag_events()]
+    scores = score_manifest(changes, manifest)
+    if args.json:
+        sys.stdout.write(orjson.dumps({"scores": [s.as_dict() for s in scores]}).decode() + "\n")
+    else:
+        print(format_table(scores))
     return 0
 
 
@@ -167,3 +171,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, default=RISK_LIST_ROWS_DEFAULT)
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_flags)
+    commands = parser.add_subparsers(dest="flags_command", metavar="{evaluate}")
+    evaluate = commands.add_parser(
+        "evaluate", help="recall, precision, alert burden and time to detection of the "
+                         "ledger's flags against a simulation's ground truth")
+    evaluate.add_argument("--truth", type=Path, required=True,
+                          help="manifest.json of the simulation (its ground_truth)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS,
+                          help="data directory (as for genki flags)")

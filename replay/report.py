@@ -35,6 +35,7 @@ from engine.clock import day_to_iso, iso_to_day, tokyo_days, week_of_day, week_s
 from engine.errors import UsageError
 from engine.ingest.log import EmbeddedLog
 from engine.pipeline_cli import RiskRow, risk_list
+from engine.rules.flags import FRAILTY_STATUSES
 from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME
 
 LOG_RECORDS_PER_CHUNK = 20_000
@@ -254,11 +255,11 @@ def write_report(data_dir: Path, out: Path, month: str | None = None,
     csv_path = out.with_name(out.stem + STAFF_RISK_LIST_SUFFIX)
     with csv_path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["user_id", "severity", "flag", "since", "evidence"])
+        writer.writerow(["user_id", "severity", "flag", "since", "evidence", "frailty_status"])
         for row in risks:
             for flag in row.flags:
                 writer.writerow([row.user_id, row.severity, flag.flag, flag.since,
-                                 orjson.dumps(flag.evidence).decode()])
+                                 orjson.dumps(flag.evidence).decode(), row.frailty_status])
     out.parent.mkdir(parents=True, exist_ok=True)
     from engine.evaluation.report import evaluation_section
 
@@ -292,6 +293,7 @@ def _html(data: ReportData, risks: list[RiskRow], month: str | None, k: int) -> 
     period = f"month {month}" if month else "the whole programme period"
     by_flag: Counter[str] = Counter(f.flag for r in risks for f in r.flags)
     by_severity: Counter[str] = Counter(str(r.severity) for r in risks)
+    by_status: Counter[str] = Counter(r.frailty_status for r in risks)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>genki programme report</title>
 <style>
@@ -327,6 +329,8 @@ th {{ background: #f4efe9; }} td:first-child {{ text-align: left; }}
 <h2>Frailty risk</h2>
 <p>{len(risks):,} people have raised frailty flags. This report shows counts only; the
 identifiable list is a separate staff-only output.</p>
+{_table(["frailty status (revised J-CHS, wearable criteria)", "people"],
+        [[s, f"{by_status[s]:,}"] for s in FRAILTY_STATUSES if by_status[s]])}
 {_table(["flag", "people"], [[f, f"{n:,}"] for f, n in by_flag.most_common()])}
 {_table(["severity", "people"], [[s, f"{n:,}"] for s, n in sorted(by_severity.items())])}
 <p>Aggregates only: no person is named, and groups of fewer than {k} people are

@@ -210,8 +210,13 @@ def test_flags_of_a_user_and_the_staff_risk_list(server: Server, home: Path,
     with server.client(keys["app"]) as app:
         mine = app.get(f"/v1/users/{user}/flags").json()
     with server.client(keys["staff"]) as staff:
-        everyone = staff.get("/v1/flags").json()["flags"]
+        listed = staff.get("/v1/flags").json()
+        everyone = listed["flags"]
     assert [f["flag"] for f in mine["current"]] == ["low_activity"]
+    assert mine["frailty_status"] == "pre-frail"  # one revised J-CHS criterion raised
+    assert [p for p in listed["people"] if p["user_id"] == user] == [
+        {"user_id": user, "frailty_status": "pre-frail", "severity": 2,
+         "flags": ["low_activity"]}]
     assert [(f["flag"], f["state"]) for f in mine["history"]] == [
         ("low_activity", "raised"), ("slow_gait", "raised"), ("slow_gait", "cleared")]
     assert [(f["flag"], f["evidence"]) for f in everyone if f["user_id"] == user] == [

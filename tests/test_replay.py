@@ -192,7 +192,7 @@ def test_report_renders_with_plots_and_a_risk_list(live: Path, tmp_path: Path) -
     assert all(src.startswith("data:image/png;base64,") and len(src) > 1000 for src in parser.images)
     assert parser.tables >= 4
     rows = csv_path.read_text(encoding="utf-8").splitlines()
-    assert rows[0] == "user_id,severity,flag,since,evidence" and len(rows) > 1
+    assert rows[0] == "user_id,severity,flag,since,evidence,frailty_status" and len(rows) > 1
 
 
 def test_report_for_one_month_counts_only_that_month(live: Path, tmp_path: Path) -> None:

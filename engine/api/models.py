@@ -86,11 +86,23 @@ class UserFlagsOut(BaseModel):
     user_id: str
     current: list[FlagOut]
     history: list[FlagOut]
+    frailty_status: str = Field(description="robust, pre-frail or frail: how many of the revised "
+                                "J-CHS criteria wearables measure (weight loss, slow gait, low "
+                                "activity) are raised now")
+
+
+class RiskPersonOut(BaseModel):
+    user_id: str
+    frailty_status: str = Field(description="robust, pre-frail or frail")
+    severity: int = Field(description="sum of the raised flags' severities")
+    flags: list[str]
 
 
 class FlagsOut(BaseModel):
     day: str | None
     flags: list[FlagOut]
+    people: list[RiskPersonOut] = Field(description="the risk list: frail, pre-frail, robust, "
+                                        "most severe first within each")
 
 
 class RedeemTokenOut(BaseModel):

@@ -75,6 +75,8 @@ from engine.ingest.log import EmbeddedLog
 from engine.ledger.commands import describe, redeem_id, ref_fields, refund_id
 from engine.ledger.model import Entry, Settlement
 from engine.ledger.store import Ledger
+from engine.rules.flags import frailty_status
+from engine.rules.risk import person_summaries, risk_rows, shipped_book
 from engine.schemas import POINTS_PER_ENTRY_MAX, EntryKind, FlagEvent
 from engine.storage import private_dir
 
@@ -398,11 +400,13 @@ class ApiService:
         latest = {event.flag: event for event in events}  # ordered by day, seq
         current = [e.model_dump(mode="json") for e in latest.values() if e.state == "raised"]
         return {"user_id": user_id, "current": current,
-                "history": [e.model_dump(mode="json") for e in events]}
+                "history": [e.model_dump(mode="json") for e in events],
+                "frailty_status": frailty_status({e["flag"] for e in current})}
 
     def current_flags(self, day: str | None) -> dict[str, Any]:
         flags = self.reads.current_flags(day)
-        return {"day": day, "flags": [f.model_dump(mode="json") for f in flags]}
+        return {"day": day, "flags": [f.model_dump(mode="json") for f in flags],
+                "people": person_summaries(risk_rows(flags, shipped_book()))}
 
     def settlement(self, shop_id: str, month: str) -> dict[str, Any]:
         return self.reads.settlement(shop_id, month)

@@ -29,6 +29,7 @@ from engine.clock import TOKYO, iso_to_day
 from engine.config import SIGNING_KEY_ENV
 from engine.entries import EntryDraft
 from engine.errors import LedgerError, NotFound, RefundExceeds
+from engine.faults import crash_point
 from engine.ledger import commands
 from engine.ledger.audit import commit_hashes, verify_ledger
 from engine.ledger.canonical import (
@@ -99,6 +100,7 @@ _INSERT_SQL = f"INSERT INTO journal ({_JOURNAL_SQL}) VALUES ({', '.join('?' * 12
 _LINK_SQL = ("INSERT INTO entry_links (seq, entry_id, user_id, ref) VALUES "
              "(?1, ?2, ?3, CASE WHEN ?4 = 'redeem' OR ?4 = 'refund' THEN NULL ELSE ?5 END)")
 _LINK_FIELDS = operator.itemgetter(0, 1, 2, 3, 8)
+_first = operator.itemgetter(0)
 _FLAG_FIELDS: tuple[str, ...] = (
     "flag_id", "user_id", "flag", "state", "day", "evidence", "rules_version",
 )
@@ -262,8 +264,11 @@ class Ledger:
             if meta_items:
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
                                "DO UPDATE SET value = excluded.value", meta_items)
-            if result.appended or flags_appended or meta_items:
+            changed = bool(result.appended or flags_appended or meta_items)
+            if changed:
                 self._commit_locked(db, dict(meta_items))
+        if changed:
+            crash_point("ledger_after_commit")
         return AppendResult(result.appended, result.existing, result.seq_first, result.seq_last,
                             result.chain_head, flags_appended, flags_existing,
                             result.rows, result.existing_rows)
@@ -421,6 +426,7 @@ class Ledger:
                    "VALUES (?, ?, ?, ?, ?, ?)",
                    (seq + 1, body.decode(), prev, digest, signer and signer.key_id,
                     signer and signer.sign(digest)))
+        crash_point("ledger_before_commit")
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
@@ -637,8 +643,11 @@ class Ledger:
         with self._read() as db:
             seq, chain_head = _head(db)
             outstanding = db.execute("SELECT COALESCE(SUM(points), 0) FROM balances").fetchone()[0]
+            # In seq order (both tables are read front to back), sorted here: str order is
+            # code point order, which is UTF-8 byte order.
             linked = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
-                                "rules_version FROM entries ORDER BY entry_id")
+                                "rules_version FROM entries").fetchall()
+            linked.sort(key=_first)
             contents = list(_content_bytes(linked))
             erased = _erased_contents(db) if len(contents) < seq else []
             flags_seq, flags_head = _flag_head(db)
@@ -767,28 +776,34 @@ class Ledger:
                                  f"got {len(reason)}")
         ts_ms = _now_ms() if ts_ms is None else commands.check_ts_ms(ts_ms)
         with self._write() as db:
-            row = db.execute("SELECT subject FROM person_keys WHERE user_id = ?",
+            receipt = self._erase_locked(db, user_id, reason, ts_ms)
+        if receipt.erased:
+            self._keys.pop(user_id, None)
+            crash_point("ledger_erase_before_checkpoint")
+        self.checkpoint()  # also finishes an erasure interrupted before its checkpoint
+        return receipt
+
+    def _erase_locked(self, db: sqlite3.Connection, user_id: str, reason: str,
+                      ts_ms: int) -> ErasureReceipt:
+        row = db.execute("SELECT subject FROM person_keys WHERE user_id = ?",
+                         (user_id,)).fetchone()
+        if row is None:
+            return ErasureReceipt(user_id, False, None, 0, 0, 0, reason, ts_ms, None, None)
+        subject = row[0]
+        balance = db.execute("SELECT points FROM balances WHERE user_id = ?",
                              (user_id,)).fetchone()
-            if row is None:
-                return ErasureReceipt(user_id, False, None, 0, 0, 0, reason, ts_ms, None, None)
-            subject = row[0]
-            balance = db.execute("SELECT points FROM balances WHERE user_id = ?",
-                                 (user_id,)).fetchone()
-            db.execute("INSERT INTO erasing (user_id) VALUES (?)", (user_id,))
-            entries = db.execute("DELETE FROM entry_links WHERE user_id = ?", (user_id,)).rowcount
-            flags = db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,)).rowcount
-            db.execute("DELETE FROM erasing WHERE user_id = ?", (user_id,))
-            db.execute("DELETE FROM balances WHERE user_id = ?", (user_id,))
-            db.execute("DELETE FROM person_keys WHERE user_id = ?", (user_id,))
-            seq, prev = _chain_head(db, "erasures")
-            digest = chain_hash(prev, erasure_bytes(seq + 1, subject, reason, ts_ms, entries,
-                                                    flags))
-            db.execute("INSERT INTO erasures (seq, subject, reason, ts_ms, entries, flags, "
-                       "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (seq + 1, subject, reason, ts_ms, entries, flags, prev, digest))
-            self._commit_locked(db, {})
-        self._keys.pop(user_id, None)
-        self.checkpoint()
+        db.execute("INSERT INTO erasing (user_id) VALUES (?)", (user_id,))
+        entries = db.execute("DELETE FROM entry_links WHERE user_id = ?", (user_id,)).rowcount
+        flags = db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,)).rowcount
+        db.execute("DELETE FROM erasing WHERE user_id = ?", (user_id,))
+        db.execute("DELETE FROM balances WHERE user_id = ?", (user_id,))
+        db.execute("DELETE FROM person_keys WHERE user_id = ?", (user_id,))
+        seq, prev = _chain_head(db, "erasures")
+        digest = chain_hash(prev, erasure_bytes(seq + 1, subject, reason, ts_ms, entries, flags))
+        db.execute("INSERT INTO erasures (seq, subject, reason, ts_ms, entries, flags, "
+                   "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (seq + 1, subject, reason, ts_ms, entries, flags, prev, digest))
+        self._commit_locked(db, {})
         return ErasureReceipt(user_id, True, subject, entries, flags,
                               0 if balance is None else balance[0], reason, ts_ms, seq + 1,
                               digest)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from engine.clock import day_to_iso, iso_to_day
+from engine.errors import UsageError
 from engine.rules.flags import FLAG_NAMES
 from engine.sim import calendar
 from engine.sim.population import CONDITIONS, Population
@@ -231,6 +232,17 @@ def _raised_from(events: list[tuple[int, str]], onset: int) -> int | None:
                 return day
         state = new
     return onset if state == "raised" else None
+
+
+def score_manifest(changes: Iterable[FlagChange], manifest: Mapping[str, Any]) -> list[FlagScore]:
+    """score_flags against a simulation's manifest.json (its ground truth and period)."""
+    if "ground_truth_unscored" not in manifest or "period" not in manifest:
+        raise UsageError("flags evaluate: the --truth file is not a manifest.json of "
+                         "`genki simulate` with per-flag onsets (ground_truth_unscored missing)")
+    truth = {"flags": manifest["ground_truth"], "unscored": manifest["ground_truth_unscored"]}
+    period = manifest["period"]
+    return score_flags(changes, truth, int(manifest["users"]["total"]), period["first_day"],
+                       period["last_day"])
 
 
 def format_table(scores: Sequence[FlagScore]) -> str:
