@@ -13,7 +13,6 @@ from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
 from engine.kafka.client import add_security_args
 
-
 ROW_KINDS = frozenset(("samples", "activities", "profile_records", "profiles", "consent_records",
                        "watermarks", "dead_letters", "device_enrolments",
                        "ledger_entries_unlinked", "ledger_flags_unlinked"))
