@@ -227,6 +227,7 @@ class ChainChecker:
         self.prev = GENESIS_HASH
         self.keys: Mapping[str, PersonKey] = keys or {}
         self.live = {key.subject: user for user, key in self.keys.items()}
+        self.pads = {user: key.pads() for user, key in self.keys.items()}
         self.erased = set(erased)
         self.balances: dict[str, int] = {}  # by subject
         self.counts: dict[str, int] = {}
@@ -235,8 +236,8 @@ class ChainChecker:
 
     def feed(self, rows: Iterable[Sequence]) -> ChainProblem | None:
         dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
-        balances, counts, keys, live, erased = (
-            self.balances, self.counts, self.keys, self.live, self.erased)
+        balances, counts, pads, live, erased = (
+            self.balances, self.counts, self.pads, self.live, self.erased)
         for row in rows:
             (seq, subject, tag, kind, points, day, ts_ms, rule, public, rules_version,
              prev_hash, stored_hash, entry_id, user_id, private) = row
@@ -256,9 +257,15 @@ class ChainChecker:
                 return ChainProblem(seq, f"hash mismatch (stored {stored_hash:.16}…, recomputed "
                                          f"{digest:.16}…): the entry's content was altered")
             if user_id is not None:
-                key = keys.get(user_id)
-                if key is None or key.subject != subject or tag != key.tag(
-                        dumps([entry_id, user_id, private])):
+                key_pads = pads.get(user_id)
+                if key_pads is None or key_pads[2] != subject:
+                    return ChainProblem(seq, f"the link of seq {seq} (entry {entry_id}, user "
+                                             f"{user_id}) does not match its hashed entry")
+                mac = key_pads[0].copy()
+                mac.update(dumps([entry_id, user_id, private]))
+                tag_mac = key_pads[1].copy()
+                tag_mac.update(mac.digest())
+                if tag_mac.digest()[:TAG_BYTES].hex() != tag:  # = PersonKey.tag
                     return ChainProblem(seq, f"the link of seq {seq} (entry {entry_id}, user "
                                              f"{user_id}) does not match its hashed entry")
                 self.linked += 1
