@@ -254,6 +254,7 @@ def write_report(data_dir: Path, out: Path, month: str | None = None,
     suppress_small_groups(data, k)
     risks = risk_list(data_dir) if (data_dir / "ledger.sqlite").exists() else []
     csv_path = out.with_name(out.stem + STAFF_RISK_LIST_SUFFIX)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["user_id", "severity", "flag", "since", "evidence", "frailty_status"])

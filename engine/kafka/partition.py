@@ -170,22 +170,33 @@ class PartitionStore:
     # -- inputs ------------------------------------------------------------------------
 
     def ingest(self, topic: str, offsets: list[int], values: list[bytes],
-               now_ms: int, key_ids: list[str] | None = None) -> IngestCounts:
+               now_ms: int, key_ids: list[str] | None = None,
+               next_offset: int | None = None) -> IngestCounts:
         """Store one topic's records of this partition; their next offset commits with them.
 
         `key_ids` (provenance, from the records' headers) splits the records into runs
         of one submitting key, each stored with its own next offset in one transaction.
+        `next_offset`: the fetch's end, when records of erased people were left out
+        (engine.kafka.personal); it commits with the last run (or alone).
         """
-        assert offsets and len(offsets) == len(values)
+        assert len(offsets) == len(values) and (offsets or next_offset is not None)
         assert all(b > a for a, b in itertools.pairwise(offsets)), "offsets ascend"
         assert key_ids is None or len(key_ids) == len(offsets)
+        assert next_offset is None or not offsets or next_offset > offsets[-1]
+        offset_key = offset_meta_key(topic, self.number)
+        if not offsets:
+            return self.log.ingest_lines([], topic, int(next_offset or 0), now_ms,
+                                         partition=self.number, offsets=[],
+                                         meta={offset_key: str(next_offset)},
+                                         key_id=OPERATOR_KEY_ID)
         runs = [(0, len(offsets), OPERATOR_KEY_ID)] if key_ids is None else _runs(key_ids)
         total = IngestCounts()
         for lo, hi, key_id in runs:
-            meta = {offset_meta_key(topic, self.number): str(offsets[hi - 1] + 1)}
+            end = next_offset if hi == len(offsets) and next_offset is not None \
+                else offsets[hi - 1] + 1
             total.add(self.log.ingest_lines(values[lo:hi], topic, offsets[lo], now_ms,
                                             partition=self.number, offsets=offsets[lo:hi],
-                                            meta=meta, key_id=key_id))
+                                            meta={offset_key: str(end)}, key_id=key_id))
         return total
 
     def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> RunSummary:

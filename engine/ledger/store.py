@@ -116,6 +116,7 @@ class Ledger:
         self._db = connection
         self._lock = threading.RLock()
         self._batching = False
+        self._batch_meta: dict[str, str] = {}
         self.path = path
         self._signer = signer
         self._keys: dict[str, tuple[bytes, PersonKey]] = {}
@@ -191,13 +192,16 @@ class Ledger:
         """Several commands (redeem, refund, adjust, append) in one transaction: one
         fsync for all (group commit). Each command stays atomic on its own (a savepoint):
         one that raises wrote nothing and the others go on; all are durable together
-        when the block ends, none if it raises."""
-        with self._write():
-            self._batching = True
+        when the block ends, none if it raises. One commit record covers the batch."""
+        with self._write() as db:
+            heads = _heads(db)
+            self._batching, self._batch_meta = True, {}
             try:
                 yield
             finally:
                 self._batching = False
+            if self._batch_meta or _heads(db) != heads:
+                self._commit_locked(db, self._batch_meta)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -205,7 +209,12 @@ class Ledger:
         (inside `batch`, a savepoint of the batch's transaction)."""
         with self._lock:
             if self._batching:
-                yield from _savepoint(self._db)
+                meta = dict(self._batch_meta)
+                try:
+                    yield from _savepoint(self._db)
+                except BaseException:
+                    self._batch_meta = meta  # that command's meta was rolled back too
+                    raise
                 return
             assert not self._db.in_transaction, "write transactions do not nest"
             try:
@@ -404,7 +413,11 @@ class Ledger:
         return keys
 
     def _commit_locked(self, db: sqlite3.Connection, meta_written: dict[str, str]) -> None:
-        """Close a write transaction with one commit record over every chain head and meta."""
+        """Close a write transaction with one commit record over every chain head and meta
+        (inside `batch`, the batch's one record at its end)."""
+        if self._batching:
+            self._batch_meta.update(meta_written)
+            return
         seq, prev = _chain_head(db, "commits")
         meta = dict(db.execute("SELECT key, value FROM meta"))
         body = commit_bytes(seq + 1, _now_ms(), _head(db), _flag_head(db),
@@ -873,6 +886,10 @@ class Ledger:
 def _chain_head(db: sqlite3.Connection, table: str) -> tuple[int, str]:
     row = db.execute(f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1").fetchone()
     return (0, GENESIS_HASH) if row is None else (row[0], row[1])
+
+
+def _heads(db: sqlite3.Connection) -> tuple[object, ...]:
+    return _head(db), _flag_head(db), _chain_head(db, "erasures")
 
 
 def _savepoint(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
