@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -322,3 +324,54 @@ async def test_concurrent_redemptions_are_batched_and_never_overdraw(
     refused = outcomes.index(daily)
     again = await service.redeem(SHOP, "k-again", tokens[refused], 5, "T1")  # still usable
     assert (again.status, ledger.balance("U1")) == (201, 10)
+
+
+async def redemption_answers(data_dir: Path, fast: bool) -> list[tuple[int, object]]:
+    with ApiStore.open(data_dir) as store:
+        shop = store.create_key(Role.shop, "S1", None, NOW_MS)[0]
+        app_key = store.create_key(Role.app, None, None, NOW_MS)[0]
+    with Ledger.open(data_dir) as ledger:
+        ledger.append([EntryDraft("award-1", "U1", EntryKind.award, 50, "2026-01-01", NOW_MS,
+                                  "steps_tier_1", None, "t")])
+    app = create_app(data_dir, fast_reads=fast)
+    token = app.state.service.issue_token("U1")["token"]
+    other = app.state.service.issue_token("U1")["token"]
+    good = {"token": token, "points": 5, "terminal_id": "T1"}
+    cases: list[tuple[str | None, dict[str, str], object]] = [
+        (shop, {"Idempotency-Key": "a"}, good),
+        (shop, {"Idempotency-Key": "a"}, good),  # replay
+        (shop, {"Idempotency-Key": "a"}, {**good, "token": other}),  # 422
+        (shop, {"Idempotency-Key": "b"}, {**good, "token": other, "points": 99}),  # 409
+        (shop, {"Idempotency-Key": "c"}, good),  # token used
+        ("nope", {"Idempotency-Key": "d"}, good), (app_key, {"Idempotency-Key": "d"}, good),
+        (None, {"Idempotency-Key": "d"}, good), (shop, {}, good),
+        (shop, {"Idempotency-Key": "has space"}, good),
+        (shop, {"Idempotency-Key": "e"}, {**good, "points": "5"}),
+        (shop, {"Idempotency-Key": "e"}, {**good, "extra": 1}),
+        (shop, {"Idempotency-Key": "e", "Content-Type": "text/plain"}, good),
+        (shop, {"Idempotency-Key": "e"}, {**good, "terminal_id": "x" * 70_000}),
+    ]
+    answers: list[tuple[int, object]] = []
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for key, headers, body in cases:
+            auth = {"Authorization": f"Bearer {key}"} if key else {}
+            content = orjson.dumps(body)
+            response = await client.post("/v1/redemptions", content=content,
+                                          headers={"Content-Type": "application/json",
+                                                   **auth, **headers})
+            answer = orjson.loads(re.sub(rb"k[0-9a-f]{12}", b"KEY", response.content))
+            if response.status_code == 201:
+                answer = {k: v for k, v in answer.items() if k not in ("entry_id", "ts_ms")}
+            answers.append((response.status_code, answer,
+                            response.headers.get("idempotent-replayed")))
+    app.state.service.close()
+    return answers
+
+
+async def test_fast_redemption_path_answers_as_fastapi_does(tmp_path: Path) -> None:
+    fast = await redemption_answers(tmp_path / "fast", True)
+    slow = await redemption_answers(tmp_path / "slow", False)
+    assert [status for status, *_ in fast] == [201, 201, 422, 409, 409, 401, 403, 401, 400,
+                                               400, 400, 400, 400, 413]
+    assert fast == slow

@@ -21,6 +21,7 @@ from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
 from engine.kafka.client import consumer_settings
 from engine.kafka.keys import Keyring
+from engine.kafka.personal import PersonKeys, open_entry
 from engine.ledger.commands import redeem_id, refund_id
 from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
 
@@ -87,15 +88,21 @@ class RestoreSelection:
     trusted: list[LedgerEntry] = field(default_factory=list)
     # (offset, reason, raw) of entries refused
     refused: list[tuple[int, str, bytes]] = field(default_factory=list)
+    erased: int = 0
 
 
-def select_restorable(records: list[tuple[int, bytes]],
-                      requests: dict[str, set[Expected]]) -> RestoreSelection:
-    """The restorable entries of a genki.ledger partition that a verified request backs."""
+def select_restorable(records: list[tuple[int, bytes]], requests: dict[str, set[Expected]],
+                      keys: PersonKeys | None = None) -> RestoreSelection:
+    """The restorable entries of a genki.ledger partition that a verified request backs
+    (sealed entries of erased people do not open: they are skipped, counted as erased)."""
     selection = RestoreSelection()
     for offset, raw in records:
+        opened = open_entry(keys, raw)
+        if opened is None:
+            selection.erased += 1
+            continue
         try:
-            entry = LedgerEntry.model_validate_json(raw)
+            entry = LedgerEntry.model_validate_json(opened)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "record"
