@@ -29,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -55,6 +56,9 @@ DATA_KEYS_PER_PERSON_MAX = 64
 POLL_MS = 200
 # A reader at the end of genki.keys should not wait for news: it reads to the end and stops.
 KEYS_FETCH_WAIT_MS = 20
+# Long-running readers (workers, the HTTP gateway) look for new keys and tombstones at
+# least this often, so an erasure takes effect on them without a restart.
+KEYS_REFRESH_S_MAX = 10.0
 FETCH_RECORDS_MAX = 50_000
 ENCRYPTION_ENV = "GENKI_KAFKA_ENCRYPTION"
 
@@ -242,6 +246,7 @@ class KeyTopic:
         self._bootstrap = bootstrap
         self._client_id = client_id
         self._positions: dict[int, int] = {}
+        self._refreshed_s = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.partitions = 0
@@ -278,6 +283,7 @@ class KeyTopic:
         for tp in tps:
             consumer.seek(tp, self._positions.get(tp.partition, 0))
         read = 0
+        self._refreshed_s = time.monotonic()
         pending = set(tps)
         while pending:
             got = await consumer.getmany(*pending, timeout_ms=POLL_MS,
@@ -293,6 +299,11 @@ class KeyTopic:
                     self._positions[tp.partition] = position
                     pending.discard(tp)
         return read
+
+    async def refresh_if_due(self, numbers: Iterable[int] | None = None) -> None:
+        """catch_up when the last one is older than KEYS_REFRESH_S_MAX."""
+        if time.monotonic() - self._refreshed_s >= KEYS_REFRESH_S_MAX:
+            await self.catch_up(numbers)
 
     def partition_of(self, user: bytes) -> int:
         from engine.kafka.publish import partition_of

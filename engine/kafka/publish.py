@@ -214,6 +214,7 @@ class Gateway:
         routed = [route(raw) if len(raw) <= MESSAGE_BYTES_MAX else None for raw in lines]
         person_keys = self.person_keys
         if person_keys is not None and self._key_topic is not None:
+            await self._key_topic.refresh_if_due()
             new = {key for r in routed if r is not None and r[0] in SEALED_INPUTS
                    and (key := r[1]) is not None and not person_keys.knows(key)}
             if new:

@@ -331,6 +331,7 @@ class Worker:
                 counts[logical] = counts.get(logical, 0) + len(records)
                 self._check_contiguous(self._parts[number], logical, records)
         if self._key_topic is not None and self.person_keys is not None:
+            await self._key_topic.refresh_if_due(self._parts)
             for number, batch in by_number.items():
                 if self.person_keys.missing((r.key, r.value) for t in LOG_TOPICS
                                             for r in batch.get(t, ())):
