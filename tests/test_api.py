@@ -157,7 +157,7 @@ def test_openapi_and_docs_list_every_endpoint(server: Server) -> None:
         "/v1/users/{user_id}/flags", "/v1/flags", "/v1/ingest", "/v1/redemptions",
         "/v1/refunds", "/v1/adjustments", "/v1/shops/{shop_id}/settlement",
         "/v1/users/{user_id}/redeem-tokens", "/v1/ingest/{format_name}", "/v1/push/garmin",
-        "/v1/push/garmin/{summary_type}", "/v1/devices", "/v1/devices/enroll",
+        "/v1/push/garmin/{summary_type}", "/v1/devices", "/v1/devices/enroll", "/v1/devices/{device_id}",
         "/v1/devices/unenroll", "/v1/gateway-keys/{key_id}/scope", "/v1/users/{user_id}/erase"}
 
 
