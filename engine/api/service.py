@@ -365,7 +365,7 @@ class ApiService:
         return await asyncio.get_running_loop().run_in_executor(self.writer, partial(fn, *args))
 
     def health(self) -> dict[str, Any]:
-        """What /healthz adds to its answer for operators (the Kafka bridge's counters)."""
+        """What /healthz adds for operators (Kafka mode: the bridge's skipped records)."""
         return {}
 
     # -- authentication ------------------------------------------------------------
