@@ -331,6 +331,23 @@ class PartitionStore:
         return [row[1:] for page in self.ledger.iter_entry_rows(columns) for row in page]
 
 
+def erase_dead_letters(directory: Path, user_id: str) -> int:
+    """Delete the dead letters naming a person from a partition's kafka.sqlite (published or
+    not; engine.erasure). Run only while no worker owns the partition."""
+    path = directory / STATE_FILE_NAME
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0)
+    try:
+        db.execute("PRAGMA secure_delete = ON")
+        removed = db.execute("DELETE FROM outbox_dlq WHERE instr(raw, ?) > 0",
+                             (orjson.dumps(user_id),)).rowcount
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return int(removed)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
