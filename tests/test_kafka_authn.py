@@ -181,16 +181,41 @@ def test_key_files_are_private_and_kept_out_of_data_directories(tmp_path: Path) 
         load_keyring(path)
 
 
-def test_the_api_refuses_to_start_in_kafka_mode_without_record_keys(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_without_key_settings_one_default_file_per_host_is_created_and_shared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.kafka.keys import (
+        WRAP_KEYS_ENV,
+        configure_key_paths,
+        resolve_keyring,
+        wrap_keys,
+    )
 
-    from tests.kafka_fixtures import REPO_ROOT
+    monkeypatch.setenv("GENKI_KEYS_DIR", str(tmp_path / "keys"))
+    monkeypatch.delenv(RECORD_KEYS_ENV, raising=False)
+    monkeypatch.delenv(WRAP_KEYS_ENV, raising=False)
+    configure_key_paths(None, None)
+    try:
+        api = record_keys()
+        worker = resolve_keyring(RECORD_KEYS_ENV, None, (tmp_path / "data",))
+        assert api == worker and api.current == load_keyring(
+            tmp_path / "keys" / "record-keys.json").current
+        assert wrap_keys().current != api.current
+        assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [
+            "record-keys.json", "wrap-keys.json"]
+        assert os.stat(tmp_path / "keys" / "record-keys.json").st_mode & 0o777 == 0o600
+        with pytest.raises(KeyFileError, match="inside the data directory"):
+            resolve_keyring(RECORD_KEYS_ENV, None, (tmp_path,))
+    finally:
+        configure_key_paths(None, None)
 
-    env = {k: v for k, v in os.environ.items() if k != RECORD_KEYS_ENV}
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--bootstrap",
-                             "127.0.0.1:1", "--data-dir", str(tmp_path), "--port", "0"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=60,
-                            check=False)
-    assert result.returncode == 2
-    assert "record keys" in result.stderr
+
+def test_kafka_keys_add_rotates_and_list_shows_ids_only(tmp_path: Path) -> None:
+    from tests.kafka_fixtures import genki
+
+    path = tmp_path / "keys" / "record.json"
+    first = genki("kafka-keys", "add", str(path)).stdout.split("added key ")[1].split(",")[0]
+    second = genki("kafka-keys", "add", str(path)).stdout.split("added key ")[1].split(",")[0]
+    listing = genki("kafka-keys", "list", str(path)).stdout.splitlines()
+    assert sorted(listing) == sorted([first, f"{second} (current)"])
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_keyring(path).current == second
