@@ -29,7 +29,7 @@ from engine.kafka.keys import (
 )
 from engine.kafka.publish import partition_of
 from engine.kafka.worker import WorkerSettings, WorkerSummary, run_worker
-from engine.ledger.commands import redeem_id, refund_id
+from engine.ledger.commands import expire_id, redeem_id, refund_id
 from engine.schemas import Redemption
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
@@ -130,18 +130,23 @@ def test_a_takeover_does_not_restore_a_forged_ledger_entry(
               "ref": orjson.dumps({"key": "minted", "refund_of": redeem_id(SHOP, "genuine"),
                                    "shop": SHOP, "terminal": "T1"}).decode(),
               "rules_version": None, "prev_hash": "0" * 64, "hash": "0" * 64}
-    asyncio.run(_send(kafka_module, "genki.ledger", [(user.encode(), orjson.dumps(minted))]))
+    lot = "0" * 64  # no such award
+    burnt = {**minted, "entry_id": expire_id(user, lot), "kind": "expire",
+             "points": -forgery.after[user], "rule": "expire",
+             "ref": orjson.dumps({"lot": lot, "lot_day": "2026-01-01", "months": 6}).decode()}
+    asyncio.run(_send(kafka_module, "genki.ledger", [(user.encode(), orjson.dumps(minted)),
+                                                     (user.encode(), orjson.dumps(burnt))]))
     new_host = tmp_path_factory.mktemp("new-host")
     summary = work(kafka_module, new_host)
-    assert summary.restore_refused == 1
+    assert summary.restore_refused == 2
     assert summary.restored_entries == 1  # the genuine redemption
     rebuilt = combined_ledger(new_host)
     assert rebuilt.balances == forgery.after
     letters = [orjson.loads(v) for *_, v in read_topic(kafka_module, "genki.dlq")]
     refused = [x for x in letters if x["source"] == kafka_module.topic("genki.ledger")]
-    assert [x["reason"].split(":")[0] for x in refused] == ["unauthenticated"]
-    assert orjson.loads(base64.b64decode(refused[0]["raw_b64"]))["entry_id"] == \
-        minted["entry_id"]
+    assert [x["reason"].split(":")[0] for x in refused] == ["unauthenticated"] * 2
+    assert sorted(orjson.loads(base64.b64decode(x["raw_b64"]))["entry_id"] for x in refused) \
+        == sorted([minted["entry_id"], burnt["entry_id"]])
 
 
 # -- authenticators and key files --------------------------------------------------------
