@@ -123,6 +123,19 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _seconds_env(name: str, seconds_max: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return seconds_max
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= seconds_max:
+        raise UsageError(f"{name}={text!r}: seconds, more than 0 and at most {seconds_max:g}")
+    return value
+
+
 def _int_env(name: str) -> int | None:
     text = os.environ.get(name)
     if not text:
@@ -165,9 +178,8 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
         from engine.api.kafka_service import KafkaApiService
         from engine.kafka.api_bridge import OUTCOME_WAIT_S_MAX, RedemptionBridge
 
-        wait_s = float(os.environ.get(OUTCOME_WAIT_ENV) or OUTCOME_WAIT_S_MAX)
-        bridge = RedemptionBridge(bootstrap, topic_prefix,
-                                  outcome_wait_s=min(wait_s, OUTCOME_WAIT_S_MAX))
+        wait_s = _seconds_env(OUTCOME_WAIT_ENV, OUTCOME_WAIT_S_MAX)
+        bridge = RedemptionBridge(bootstrap, topic_prefix, outcome_wait_s=wait_s)
         service = KafkaApiService(Path(data_dir), bridge, partitions_dir, settings=settings,
                                   clock=clock)
 

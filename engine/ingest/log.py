@@ -615,13 +615,17 @@ class EmbeddedLog:
         return max(self.late_window_days, int(self.get_meta(META_SEEN_WINDOW_DAYS) or 0))
 
     def profiles_digest(self) -> str:
-        """SHA-256 over every profile and consent record (what step targets and the periods
-        people are in the programme depend on): rules state built under other ones is stale."""
+        """SHA-256 over every profile and consent record and the excluded submitter keys (what
+        step targets, programme periods and log reads depend on): rules state built under
+        other ones is stale."""
         digest = hashlib.sha256()
         for table in ("profile_records", "consent_records"):
             digest.update(table.encode())
             for seq, body in self._db.execute(f"SELECT seq, body FROM {table} ORDER BY seq"):
                 digest.update(str(seq).encode() + b"\x1f" + bytes(body) + b"\x1e")
+        digest.update(b"excluded_keys")  # reads leave their records out
+        for key_id in self.excluded_keys():
+            digest.update(key_id.encode() + b"\x1e")
         return digest.hexdigest()
 
     def get_meta(self, key: str) -> str | None:
@@ -690,6 +694,12 @@ class EmbeddedLog:
         if limit is not None:
             query += f" LIMIT {int(limit)}"
         return [StoredDeadLetter(*row) for row in self._db.execute(query)]
+
+    def dead_letters_after(self, after_id: int, limit: int) -> list[StoredDeadLetter]:
+        """Dead letters with id > after_id in id order (readers page by position)."""
+        return [StoredDeadLetter(*row) for row in self._db.execute(
+            "SELECT id, source, partition, offset, reason, raw FROM dlq WHERE id > ? ORDER BY id"
+            " LIMIT ?", (after_id, limit))]
 
     def profiles(self) -> list[bytes]:
         return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]

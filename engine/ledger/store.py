@@ -100,6 +100,8 @@ _INSERT_SQL = f"INSERT INTO journal ({_JOURNAL_SQL}) VALUES ({', '.join('?' * 12
 _LINK_SQL = ("INSERT INTO entry_links (seq, entry_id, user_id, ref) VALUES "
              "(?1, ?2, ?3, CASE WHEN ?4 = 'redeem' OR ?4 = 'refund' THEN NULL ELSE ?5 END)")
 _LINK_FIELDS = operator.itemgetter(0, 1, 2, 3, 8)
+_FLAG_STORED_COLUMNS: tuple[str, ...] = ("seq", "flag_id", "user_id", "flag", "state", "day",
+                                         "evidence", "rules_version")
 _first = operator.itemgetter(0)
 _FLAG_FIELDS: tuple[str, ...] = (
     "flag_id", "user_id", "flag", "state", "day", "evidence", "rules_version",
@@ -619,6 +621,62 @@ class Ledger:
                 f"SELECT {_COLUMNS_SQL} FROM entries WHERE seq > ? AND seq <= ? ORDER BY seq",
                 (after_seq, upto_seq)).fetchall()
         return [Entry.from_row(row) for row in rows]
+
+    # -- read-only access by position for other packages (no SQL outside engine.ledger) --
+
+    @classmethod
+    def open_read_only(cls, data_dir: Path) -> Ledger:
+        """A reader on an existing ledger (another process may be writing it)."""
+        path = Path(data_dir) / LEDGER_FILE_NAME
+        if not path.exists():
+            raise NotFound(f"no ledger at {path}")
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                     timeout=LOCK_WAIT_S_MAX, check_same_thread=False)
+        return cls(connection, path)
+
+    def entry_rows(self, columns: Sequence[str] = ENTRY_COLUMNS, *, after_seq: int = 0,
+                   limit: int = READ_ENTRIES_MAX,
+                   kinds: Iterable[str] | None = None) -> list[tuple[Any, ...]]:
+        """Entry rows with seq > after_seq in seq order (chosen columns; bounded page)."""
+        return self._rows("entries", ENTRY_COLUMNS, columns, after_seq, limit, "kind", kinds)
+
+    def flag_rows(self, columns: Sequence[str] = _FLAG_STORED_COLUMNS, *, after_seq: int = 0,
+                  limit: int = READ_ENTRIES_MAX) -> list[tuple[Any, ...]]:
+        """Flag event rows with seq > after_seq in seq order (evidence as stored JSON text)."""
+        return self._rows("flags", _FLAG_STORED_COLUMNS, columns, after_seq, limit, None, None)
+
+    def iter_entry_rows(self, columns: Sequence[str] = ENTRY_COLUMNS, *,
+                        kinds: Iterable[str] | None = None) -> Iterator[list[tuple[Any, ...]]]:
+        """Every entry row in pages (columns must include "seq" first)."""
+        assert columns[0] == "seq", "pages continue from the last seq"
+        after = 0
+        while rows := self.entry_rows(columns, after_seq=after, kinds=kinds):
+            yield rows
+            after = rows[-1][0]
+
+    def iter_flag_rows(self, columns: Sequence[str] = _FLAG_STORED_COLUMNS,
+                       ) -> Iterator[list[tuple[Any, ...]]]:
+        assert columns[0] == "seq", "pages continue from the last seq"
+        after = 0
+        while rows := self.flag_rows(columns, after_seq=after):
+            yield rows
+            after = rows[-1][0]
+
+    def _rows(self, table: str, known: Sequence[str], columns: Sequence[str], after_seq: int,
+              limit: int, kind_column: str | None,
+              kinds: Iterable[str] | None) -> list[tuple[Any, ...]]:
+        unknown = [c for c in columns if c not in known]
+        if unknown or not 0 < limit <= READ_ENTRIES_MAX:
+            raise InvalidRequest(f"{table}: unknown columns {unknown} or page size {limit}")
+        where = "seq > ?"
+        args: list[Any] = [after_seq]
+        if kinds is not None and kind_column is not None:
+            wanted = sorted(set(kinds))
+            where += f" AND {kind_column} IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        with self._lock:
+            return self._db.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE {where} "
+                                    "ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
 
     def all_flag_events(self) -> list[FlagEvent]:
         """Every flag event in append order (flags change state rarely: a small table)."""
