@@ -227,6 +227,7 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
     """Erase one person from one data directory's log and ledger (opened here unless given)."""
     from engine.devices import DEVICES_FILE_NAME, DeviceRegistry
     from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, LogLocked
+    from engine.kafka.partition import erase_dead_letters
     from engine.ledger import LEDGER_FILE_NAME, Ledger
 
     removed: dict[str, int] = {}
@@ -245,6 +246,7 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
             removed.update(log.erase_user(user_id))
     from engine.snapshots import remove_snapshots  # rules state holds the person's rows
     removed["engine_snapshots"] = remove_snapshots(directory)
+    removed["partition_dead_letters"] = erase_dead_letters(directory, user_id)
     if (directory / DEVICES_FILE_NAME).exists():
         with DeviceRegistry.open(directory) as registry:
             removed["device_enrolments"] = registry.erase_user(user_id)

@@ -250,3 +250,20 @@ def test_simulate_cli_writes_care_data_with_its_key(tmp_path: Path) -> None:
     assert truth["true_risk_ratio"] == 0.7
     assert truth["treatment"] == {"kind": "class", "attendances_min": 1, "since": "2026-09-03",
                                   "until": "2026-09-04"}
+
+
+def test_report_has_the_evaluation_section_with_aggregates_only(linked: Path, fleet: Path,
+                                                                tmp_path: Path) -> None:
+    from replay.report import write_report
+
+    evaluate(linked, KEY, EvaluationSpec(bootstrap=5), None)
+    html_path, _ = write_report(linked, tmp_path / "report.html", k=1)
+    page = html_path.read_text(encoding="utf-8")
+    section = page[page.index("<h2>Indicators</h2>"):]
+    assert "<h2>Programme evaluation</h2>" in section
+    assert section.count("<svg") == 3  # participation, balance, effect
+    assert "risk difference" in section and "care cost difference" in section
+    pseudo = pseudonymiser(KEY)
+    for profile in _profiles(fleet):
+        assert profile["user_id"] not in section
+        assert pseudo("user", profile["user_id"]) not in section

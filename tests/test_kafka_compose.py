@@ -121,7 +121,8 @@ def test_only_the_api_may_write_redemptions_and_only_workers_the_outputs(
     assert writers["genki.ledger"] == writers["genki.flags"] == writers["genki.dlq"] \
         == {"User:worker"}
     assert writers["genki.samples"] == writers["genki.activities"] \
-        == writers["genki.profiles"] == {"User:gateway"}
+        == writers["genki.profiles"] == writers["genki.consent"] == {"User:gateway"}
+    assert writers["genki.keys"] == {"User:gateway", "User:worker", "User:privacy"}
 
 
 def test_passwords_come_from_compose_secrets_not_the_file(services: dict[str, dict]) -> None:

@@ -30,7 +30,7 @@ from engine.kafka.client import (
 from engine.kafka.combined import combined_ledger
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
-from tests.kafka_fixtures import REPO_ROOT, Fleet, free_port, genki, tansu_broker
+from tests.kafka_fixtures import REPO_ROOT, Fleet, free_port, genki, kafka_keys, tansu_broker
 from tests.kafka_tls import Pki, make_pki, tls_front
 
 pytest_plugins = ["tests.kafka_fixtures"]
@@ -57,7 +57,8 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     directory = tmp_path_factory.mktemp("tls")
     pki = make_pki(directory)
     front = free_port()
-    with tansu_broker(directory / "tansu.log", advertised_port=front) as plain, \
+    with kafka_keys(tmp_path_factory.mktemp("kafka-keys")), \
+            tansu_broker(directory / "tansu.log", advertised_port=front) as plain, \
             tls_front(pki, front, int(plain.rsplit(":", 1)[1]), require_client_cert=True):
         yield TlsBroker(f"127.0.0.1:{front}", pki)
 

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -408,3 +409,21 @@ def test_after_erasure_the_ledger_verifies_and_settlement_is_unchanged(
         assert ledger.flag_history(ERASED) == []
     removed = erased["result"]["removed"]["data_dir"]  # type: ignore[index]
     assert removed["ledger_entries_unlinked"] > DAYS
+
+
+def test_the_period_index_agrees_with_the_periods_at_their_edges() -> None:
+    from engine.consent import PeriodIndex
+    from engine.schemas import TS_MS_MIN
+
+    at = day_start_ms(iso_to_day("2026-01-01"))
+    periods = {"a": [(TS_MS_MIN - DAY_MS, TS_MS_MIN + 5), (at, at + 10)],
+               "b": [(at + 5, TS_OPEN_END_MS)], "c": [(0, TS_MS_MIN)]}
+    index = PeriodIndex(periods)
+    users = ["a", "b", "c", "d"]
+    probes = [(0, TS_MS_MIN), (0, TS_MS_MIN + 5), (0, at - 1), (0, at), (0, at + 9),
+              (0, at + 10), (1, at + 4), (1, at + 5), (1, 4_000_000_000_000), (2, TS_MS_MIN),
+              (3, at)]
+    got = index.contains(users, np.array([p[0] for p in probes], np.int32),
+                         np.array([p[1] for p in probes], np.int64))
+    assert got.tolist() == [True, False, False, True, True, False, False, True, True, False,
+                            False]

@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from engine.errors import GenkiError
+from engine.errors import GenkiError, UsageError
 from engine.kafka.authn import authenticated_value, require_record_keys
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
 from engine.kafka.keys import Keyring
@@ -96,7 +96,9 @@ def entry_id_of(record: Redemption) -> str:
 class RedemptionBridge:
     def __init__(self, bootstrap: str, prefix: str = "", client_id: str = "api",
                  outcome_wait_s: float = OUTCOME_WAIT_S_MAX) -> None:
-        assert 0 < outcome_wait_s <= OUTCOME_WAIT_S_MAX
+        if not 0 < outcome_wait_s <= OUTCOME_WAIT_S_MAX:
+            raise UsageError(f"outcome wait: more than 0 and at most {OUTCOME_WAIT_S_MAX:g} s, "
+                             f"got {outcome_wait_s:g}")
         self.bootstrap = bootstrap
         self.outcome_wait_s = outcome_wait_s
         self.topics = {name: topic_name(prefix, name) for name in (REDEMPTIONS, LEDGER, DLQ)}
