@@ -427,3 +427,40 @@ def test_the_period_index_agrees_with_the_periods_at_their_edges() -> None:
                          np.array([p[1] for p in probes], np.int64))
     assert got.tolist() == [True, False, False, True, True, False, False, True, True, False,
                             False]
+
+
+@pytest.mark.parametrize("point", ["erasure_after_log", "erasure_before_done"])
+def test_an_erasure_killed_midway_is_finished_by_running_it_again(
+        world: Path, tmp_path: Path, point: str) -> None:
+    import os
+
+    data_dir = tmp_path / "genki-data"
+    shutil.copytree(world, data_dir)
+    command = genki_cmd("erase", ERASED, "--reason", "request ref 3", "--data-dir", str(data_dir))
+    killed = subprocess.run(command, capture_output=True, check=False,
+                            env={**os.environ, "GENKI_CRASH_AT": point})
+    assert killed.returncode == -9
+    audit = ErasureAudit.open(data_dir)
+    try:
+        assert [r.state for r in audit.rows()] == ["started"]
+        assert not audit.is_erased(ERASED)
+    finally:
+        audit.close()
+    with Ledger.open(data_dir) as ledger:
+        linked = len(ledger.history(ERASED, None, 1000)[0])
+    assert (linked > 0) == (point == "erasure_after_log")
+    finished = subprocess.run(command, capture_output=True, check=False)
+    assert finished.returncode == 0, finished.stderr
+    audit = ErasureAudit.open(data_dir)
+    try:
+        assert [r.state for r in audit.rows()] == ["started", "started", "done"]
+        assert audit.is_erased(ERASED) and audit.verify() == 3
+    finally:
+        audit.close()
+    with Ledger.open(data_dir) as ledger:
+        assert ledger.history(ERASED, None, 10)[0] == []
+    verify = subprocess.run(genki_cmd("ledger", "verify", "--data-dir", str(data_dir)),
+                            capture_output=True, check=False)
+    assert verify.returncode == 0
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
