@@ -45,6 +45,7 @@ from typing import Any
 import orjson
 
 from engine.errors import GenkiError, UsageError
+from engine.faults import crash_point
 from engine.storage import open_sqlite
 
 AUDIT_FILE_NAME = "privacy.sqlite"
@@ -250,6 +251,7 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
     if (directory / DEVICES_FILE_NAME).exists():
         with DeviceRegistry.open(directory) as registry:
             removed["device_enrolments"] = registry.erase_user(user_id)
+    crash_point("erasure_after_log")
     if ledger is not None or (directory / LEDGER_FILE_NAME).exists():
         if ledger is None:
             with Ledger.open(directory) as opened_ledger:
@@ -311,6 +313,7 @@ def erase_person(data_dir: Path, user_id: str, reason: str, actor: str, *,
                 result.removed[str(directory.relative_to(root.parent))] = erase_store(
                     directory, user_id, reason)
         result.seconds = round(time.perf_counter() - started, 3)
+        crash_point("erasure_before_done")
         totals = {store: {k: v for k, v in kinds.items() if v}
                   for store, kinds in result.removed.items()}
         audit.record(subject, "done", reason, actor, time.time_ns() // 1_000_000,
