@@ -247,3 +247,15 @@ def test_the_records_of_an_excluded_key_are_left_out_of_later_reads(tmp_path: Pa
     shown = orjson.loads(genki("provenance", "k-leaked", "--exclude", "--json", "--data-dir",
                                str(tmp_path)).stdout)
     assert shown["excluded"] and shown["positions"] == [[2, 3]]
+
+
+def test_devices_can_be_enrolled_and_unenrolled_restfully(
+        server: Server, keys: dict[str, tuple[str, str]]) -> None:
+    with server.client(keys["staff"][0]) as client:
+        created = client.post("/v1/devices", json={"user_id": "E8", "device_id": "d8"})
+        listed = client.get("/v1/devices", params={"user_id": "E8"}).json()["devices"]
+        removed = client.delete("/v1/devices/d8")
+        again = client.delete("/v1/devices/d8")
+    assert created.status_code == 201 and [d["device_id"] for d in listed] == ["d8"]
+    assert removed.status_code == 200 and removed.json()["user_id"] == "E8"
+    assert again.status_code == 404

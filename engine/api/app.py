@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -123,6 +124,30 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _warn_if_shared(data_dir: Path) -> None:
+    """genki makes new data directories private; an older one may still be readable."""
+    try:
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        _log.warning("data directory %s has mode %o: other accounts on this host can reach "
+                     "health records and keys; chmod 700 %s", data_dir, mode, data_dir)
+
+
+def _seconds_env(name: str, seconds_max: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return seconds_max
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= seconds_max:
+        raise UsageError(f"{name}={text!r}: seconds, more than 0 and at most {seconds_max:g}")
+    return value
+
+
 def _int_env(name: str) -> int | None:
     text = os.environ.get(name)
     if not text:
@@ -146,6 +171,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     redemptions go to the partition owners, reads to `partitions_dir`.
     """
     private_umask()
+    _warn_if_shared(Path(data_dir))
     if token_ttl_s is None:
         token_ttl_s = int(os.environ.get(TOKEN_TTL_ENV) or TOKEN_TTL_S_DEFAULT)
     if clock_offset_ms is None:
@@ -165,9 +191,8 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
         from engine.api.kafka_service import KafkaApiService
         from engine.kafka.api_bridge import OUTCOME_WAIT_S_MAX, RedemptionBridge
 
-        wait_s = float(os.environ.get(OUTCOME_WAIT_ENV) or OUTCOME_WAIT_S_MAX)
-        bridge = RedemptionBridge(bootstrap, topic_prefix,
-                                  outcome_wait_s=min(wait_s, OUTCOME_WAIT_S_MAX))
+        wait_s = _seconds_env(OUTCOME_WAIT_ENV, OUTCOME_WAIT_S_MAX)
+        bridge = RedemptionBridge(bootstrap, topic_prefix, outcome_wait_s=wait_s)
         service = KafkaApiService(Path(data_dir), bridge, partitions_dir, settings=settings,
                                   clock=clock)
 
