@@ -14,7 +14,7 @@ from engine.errors import UsageError
 from engine.kafka.client import add_security_args
 
 ROW_KINDS = frozenset(("samples", "activities", "profile_records", "profiles", "consent_records",
-                       "watermarks", "dead_letters", "device_enrolments",
+                       "watermarks", "dead_letters", "device_enrolments", "partition_dead_letters",
                        "ledger_entries_unlinked", "ledger_flags_unlinked"))
 
 

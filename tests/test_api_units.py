@@ -28,13 +28,21 @@ from engine.api.problems import (
     error_response,
     refusal_of_ledger_code,
 )
-from engine.api.service import ApiService, ApiSettings, DirectRedeemer, LedgerReads, Principal
+from engine.api.service import (
+    ApiService,
+    ApiSettings,
+    Command,
+    DirectRedeemer,
+    LedgerReads,
+    Principal,
+)
 from engine.api.store import ApiStore, Claim, Role, StoredResponse
 from engine.api.tokens import SECRET_FILE_NAME, TokenBox, load_or_create_secret
 from engine.clock import DAY_MS
 from engine.entries import EntryDraft
 from engine.errors import GenkiError, UsageError
 from engine.ledger.errors import LedgerBusy, Overdraft
+from engine.ledger.model import Entry
 from engine.ledger.store import Ledger
 from engine.schemas import EntryKind
 from tests.conftest import REPO_ROOT
@@ -375,3 +383,50 @@ async def test_fast_redemption_path_answers_as_fastapi_does(tmp_path: Path) -> N
     assert [status for status, *_ in fast] == [201, 201, 422, 409, 409, 401, 403, 401, 400,
                                                400, 400, 400, 400, 413]
     assert fast == slow
+
+
+class HeldRedeemer(DirectRedeemer):
+    """An asynchronous backend (like Kafka's) whose answers wait until released."""
+
+    synchronous = False
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(ledger)
+        self.release = asyncio.Event()
+        self.submitted = asyncio.Event()
+
+    async def submit(self, command: Command) -> Entry:
+        self.submitted.set()
+        await self.release.wait()
+        return self.apply(command)
+
+
+async def test_a_duplicate_while_the_first_is_in_flight_is_409_in_progress(
+        tmp_path: Path) -> None:
+    reads = LedgerReads(tmp_path)
+    held = HeldRedeemer(reads.writer_ledger)
+    service = ApiService(tmp_path, reads, held, clock=Clock())
+    reads.writer_ledger.append([EntryDraft("award-1", "U1", EntryKind.award, 50, "2026-01-01",
+                                           NOW_MS, "steps_tier_1", None, "t")])
+    try:
+        token, other = (service.issue_token("U1")["token"] for _ in range(2))
+        first = asyncio.create_task(service.redeem(SHOP, "k1", token, 5, "T1"))
+        await held.submitted.wait()
+        refusals = []
+        for body_token, points in ((token, 5), (other, 6)):
+            with pytest.raises(Refused) as refused:
+                await service.redeem(SHOP, "k1", body_token, points, "T1")
+            refusals.append((refused.value.http_status, refused.value.code,
+                             refused.value.headers.get("Retry-After")))
+        held.release.set()
+        done = await first
+        replay = await service.redeem(SHOP, "k1", token, 5, "T1")
+        with pytest.raises(Refused) as conflict:
+            await service.redeem(SHOP, "k1", other, 6, "T1")
+    finally:
+        service.close()
+    assert refusals == [(409, "in_progress", None)] * 2
+    assert error_response(Refused(Refusal.in_progress, "x")).headers["retry-after"] == "1"
+    assert (done.status, replay.status, replay.body, replay.replayed) == (201, 201, done.body,
+                                                                         True)
+    assert (conflict.value.http_status, conflict.value.code) == (422, "idempotency_conflict")

@@ -115,3 +115,13 @@ def test_publish_routes_keys_and_copartitions_every_line(kafka: KafkaTarget,
     assert sum(value[:4] == b"\x00gk1" for _, _, _, value in by_topic["genki.samples"]) == 2
     ends = summary["end_offsets"][kafka.topic("genki.samples")]
     assert sum(ends.values()) == 3
+
+
+def test_publish_with_no_encryption_sends_plain_json_and_makes_no_keys(
+        kafka: KafkaTarget, tmp_path: Path) -> None:
+    genki("topics", "create", *kafka.args(), "--partitions", "2")
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(orjson.dumps(SEGMENT) + b"\n")
+    genki("publish", str(path), *kafka.args(), "--no-encryption")
+    assert [value for *_, value in read_topic(kafka, "genki.samples")] == [orjson.dumps(SEGMENT)]
+    assert read_topic(kafka, "genki.keys") == []

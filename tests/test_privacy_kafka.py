@@ -72,11 +72,15 @@ def test_consent_leaving_and_erasure_through_the_topics(kafka: KafkaTarget,
     assert len(days) == iso_to_day(WITHDRAWN_ON) - FIRST_DAY
 
     home = _partition_of(worker_dir, ERASED)
-    genki("erase", ERASED, "--reason", "request ref 5", "--data-dir", str(worker_dir))
+    result = orjson.loads(genki("erase", ERASED, "--reason", "request ref 5", "--data-dir",
+                                str(worker_dir), "--json").stdout)
+    removed = result["removed"][f"worker/{home.name}"]
+    assert (removed["samples"], removed["dead_letters"]) == (DAYS, 1)
     with EmbeddedLog.open(home, writer=False) as log:
         assert ERASED not in log.read_activities(0, log.position()).users
         assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
-    assert ERASED.encode() not in (home / "log.sqlite").read_bytes()
+    for name in ("log.sqlite", "kafka.sqlite"):
+        assert ERASED.encode() not in (home / name).read_bytes(), name
     # The topics keep everything: erasure destroys the person's data keys, and a host that
     # rebuilds the partitions from the topics does not bring them back.
     genki("erase", ERASED, "--reason", "request ref 5", "--data-dir", str(worker_dir),

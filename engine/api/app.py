@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -123,6 +124,17 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _warn_if_shared(data_dir: Path) -> None:
+    """genki makes new data directories private; an older one may still be readable."""
+    try:
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        _log.warning("data directory %s has mode %o: other accounts on this host can reach "
+                     "health records and keys; chmod 700 %s", data_dir, mode, data_dir)
+
+
 def _seconds_env(name: str, seconds_max: float) -> float:
     text = os.environ.get(name)
     if not text:
@@ -159,6 +171,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     redemptions go to the partition owners, reads to `partitions_dir`.
     """
     private_umask()
+    _warn_if_shared(Path(data_dir))
     if token_ttl_s is None:
         token_ttl_s = int(os.environ.get(TOKEN_TTL_ENV) or TOKEN_TTL_S_DEFAULT)
     if clock_offset_ms is None:

@@ -31,7 +31,7 @@ import orjson
 from pydantic import ValidationError
 
 from engine.entries import EntryDraft
-from engine.errors import GenkiError
+from engine.errors import GenkiError, NotFound
 from engine.ingest.log import (
     OPERATOR_KEY_ID,
     EmbeddedLog,
@@ -41,9 +41,10 @@ from engine.ingest.log import (
 from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
 from engine.kafka.keys import Keyring
-from engine.kafka.restore import RESTORED_KINDS, RestoreSelection
+from engine.kafka.restore import RESTORED_KINDS, RestoreSelection, expiry_failure
 from engine.ledger import Ledger
-from engine.ledger.model import ENTRY_COLUMNS
+from engine.ledger.commands import ref_fields
+from engine.ledger.model import ENTRY_COLUMNS, Entry
 from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
 
 if TYPE_CHECKING:
@@ -272,20 +273,37 @@ class PartitionStore:
         Called after the inputs are caught up to what that owner had processed, so
         the awards that paid for them are back; entry ids make repeats no-ops.
         """
+        trusted = [e for e in selection.trusted if e.kind.value in RESTORED_KINDS]
+        refused = list(selection.refused)
+        for offset, raw, expiry in selection.expiries:
+            reason = expiry_failure(expiry, self._lot_of(expiry))
+            if reason is None:
+                trusted.append(expiry)
+            else:
+                refused.append((offset, reason, raw))
+        selection.refused = refused
         drafts = [EntryDraft(e.entry_id, e.user_id, EntryKind(e.kind), e.points, e.day, e.ts_ms,
-                             e.rule, e.ref, e.rules_version)
-                  for e in selection.trusted if e.kind.value in RESTORED_KINDS]
-        if selection.refused:
+                             e.rule, e.ref, e.rules_version) for e in trusted]
+        if refused:
             self._state.execute("BEGIN IMMEDIATE")
             self._state.executemany(
                 "INSERT INTO outbox_dlq (source, partition, offset, reason, raw) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(ledger_topic, self.number, offset, reason, raw)
-                 for offset, reason, raw in selection.refused])
+                 for offset, reason, raw in refused])
             self._state.execute("COMMIT")
         if not drafts:
             return 0
         return self.ledger.append(drafts).appended
+
+    def _lot_of(self, expiry: LedgerEntry) -> Entry | None:
+        lot_id = ref_fields(expiry.ref).get("lot")
+        if not lot_id:
+            return None
+        try:
+            return self.ledger.entry(str(lot_id))
+        except NotFound:
+            return None
 
     # -- outputs -----------------------------------------------------------------------
 
@@ -329,6 +347,23 @@ class PartitionStore:
         columns = ("seq", "entry_id", "user_id", "kind", "points", "day", "ts_ms", "rule", "ref",
                    "rules_version")
         return [row[1:] for page in self.ledger.iter_entry_rows(columns) for row in page]
+
+
+def erase_dead_letters(directory: Path, user_id: str) -> int:
+    """Delete the dead letters naming a person from a partition's kafka.sqlite (published or
+    not; engine.erasure). Run only while no worker owns the partition."""
+    path = directory / STATE_FILE_NAME
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0)
+    try:
+        db.execute("PRAGMA secure_delete = ON")
+        removed = db.execute("DELETE FROM outbox_dlq WHERE instr(raw, ?) > 0",
+                             (orjson.dumps(user_id),)).rowcount
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return int(removed)
 
 
 def now_ms() -> int:

@@ -75,13 +75,9 @@ def encryption_enabled() -> bool:
 
 
 def require_wrap_keys(what: str) -> Keyring:
-    keys = wrap_keys()
-    if keys is None:
-        raise UsageError(f"{what} encrypts personal payloads per person (the default in Kafka "
-                         f"mode) and needs the wrap keys: --wrap-keys FILE or ${WRAP_KEYS_ENV} "
-                         "(create one with `genki kafka-keys add FILE`), or opt out with "
-                         f"--no-encryption / {ENCRYPTION_ENV}=off")
-    return keys
+    """The wrap keys `what` encrypts with (--wrap-keys / $GENKI_WRAP_KEYS / the default
+    file, created on first use)."""
+    return wrap_keys()
 
 
 def is_sealed(value: bytes | None) -> bool:
@@ -424,13 +420,9 @@ def open_entry(keys: PersonKeys | None, value: bytes) -> bytes | None:
     return keys.open(LEDGER_TAG, str(body["user_id"]).encode(), base64.b64decode(body["sealed"]))
 
 
-async def load_person_keys(bootstrap: str, prefix: str = "") -> PersonKeys | None:
-    """Every data key on genki.keys, for a reader of whole topics (replay); None when this
-    process has no wrap keys (sealed records then count as unreadable)."""
-    wrap = wrap_keys()
-    if wrap is None:
-        return None
-    keys = PersonKeys(wrap)
+async def load_person_keys(bootstrap: str, prefix: str = "") -> PersonKeys:
+    """Every data key on genki.keys, for a reader of whole topics (replay)."""
+    keys = PersonKeys(wrap_keys())
     topic = KeyTopic(bootstrap, prefix, keys, "replay-keys")
     await topic.start()
     try:

@@ -47,8 +47,7 @@ from engine.kafka.keys import (
     RECORD_KEYS_ENV,
     WRAP_KEYS_ENV,
     Keyring,
-    configured_path,
-    load_keyring,
+    resolve_keyring,
 )
 from engine.kafka.partition import (
     Outputs,
@@ -63,7 +62,6 @@ from engine.kafka.personal import (
     PersonKeys,
     encryption_enabled,
     open_inputs,
-    require_wrap_keys,
     seal_entry,
 )
 from engine.kafka.publish import PROVENANCE_HEADER, SEALED_INPUTS, BatchSender, route
@@ -205,14 +203,12 @@ class Worker:
         self.summary = WorkerSummary()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        wrap_path = settings.wrap_keys or configured_path(WRAP_KEYS_ENV)
-        self.person_keys: PersonKeys | None = None if wrap_path is None else \
-            PersonKeys(load_keyring(wrap_path, (settings.data_dir,)))
+        self.person_keys: PersonKeys = PersonKeys(resolve_keyring(
+            WRAP_KEYS_ENV, settings.wrap_keys, (settings.data_dir,)))
         self._seal_outputs = settings.encryption and encryption_enabled()
         self._key_topic: KeyTopic | None = None
-        keys_path = settings.record_keys or configured_path(RECORD_KEYS_ENV)
-        self.record_keys: Keyring | None = None if keys_path is None else \
-            load_keyring(keys_path, (settings.data_dir,))
+        self.record_keys: Keyring = resolve_keyring(RECORD_KEYS_ENV, settings.record_keys,
+                                                    (settings.data_dir,))
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,12 +233,9 @@ class Worker:
     async def run(self) -> WorkerSummary:
         started = time.perf_counter()
         s = self.settings
-        if self._seal_outputs and self.person_keys is None:
-            require_wrap_keys("genki worker")
         await self._check_topics()
-        if self.person_keys is not None:
-            self._key_topic = KeyTopic(s.bootstrap, s.prefix, self.person_keys, s.client_id)
-            await self._key_topic.start()
+        self._key_topic = KeyTopic(s.bootstrap, s.prefix, self.person_keys, s.client_id)
+        await self._key_topic.start()
         consumer = self.consumer = AIOKafkaConsumer(
             **consumer_settings(s.bootstrap, s.client_id), group_id=s.group,
             partition_assignment_strategy=(self._assignor,),
@@ -330,7 +323,7 @@ class Worker:
                 counts = self.summary.records_by_topic
                 counts[logical] = counts.get(logical, 0) + len(records)
                 self._check_contiguous(self._parts[number], logical, records)
-        if self._key_topic is not None and self.person_keys is not None:
+        if self._key_topic is not None:
             await self._key_topic.refresh_if_due(self._parts)
             for number, batch in by_number.items():
                 if self.person_keys.missing((r.key, r.value) for t in LOG_TOPICS

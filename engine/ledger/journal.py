@@ -2,7 +2,7 @@
 
 These run over a million entries per call, so they work on plain tuples and
 keep per-entry work to a few dict lookups, two orjson.dumps, one keyed tag
-(two SHA-256 state copies, see canonical.PersonKey) and one SHA-256.
+(a copied keyed BLAKE2b state, see canonical.PersonKey) and one SHA-256.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from engine.ledger.canonical import (
     GENESIS_HASH,
     HASH_HEX_CHARS,
     SHOP_KINDS,
-    TAG_BYTES,
     PersonKey,
 )
 from engine.ledger.commands import ref_fields
@@ -147,16 +146,14 @@ def chain(contents: Iterable[Content], seq_head: int, hash_head: str,
     try:
         for entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version in contents:
             seq += 1
-            inner, outer, subject = pads[user_id]
+            keyed, subject = pads[user_id]
             if kind in SHOP_KINDS:
                 public, link = ref, dumps([entry_id, user_id, None])
             else:
                 public, link = None, dumps([entry_id, user_id, ref])
-            mac = inner.copy()
+            mac = keyed.copy()
             mac.update(link)
-            tag_mac = outer.copy()
-            tag_mac.update(mac.digest())
-            tag = tag_mac.digest()[:TAG_BYTES].hex()
+            tag = mac.hexdigest()
             canonical = dumps(
                 {"day": day, "entry": tag, "kind": kind, "points": points, "ref": public,
                  "rule": rule, "rules_version": rules_version, "seq": seq, "subject": subject,
@@ -258,14 +255,12 @@ class ChainChecker:
                                          f"{digest:.16}…): the entry's content was altered")
             if user_id is not None:
                 key_pads = pads.get(user_id)
-                if key_pads is None or key_pads[2] != subject:
+                if key_pads is None or key_pads[1] != subject:
                     return ChainProblem(seq, f"the link of seq {seq} (entry {entry_id}, user "
                                              f"{user_id}) does not match its hashed entry")
                 mac = key_pads[0].copy()
                 mac.update(dumps([entry_id, user_id, private]))
-                tag_mac = key_pads[1].copy()
-                tag_mac.update(mac.digest())
-                if tag_mac.digest()[:TAG_BYTES].hex() != tag:  # = PersonKey.tag
+                if mac.hexdigest() != tag:  # = PersonKey.tag
                     return ChainProblem(seq, f"the link of seq {seq} (entry {entry_id}, user "
                                              f"{user_id}) does not match its hashed entry")
                 self.linked += 1
