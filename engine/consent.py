@@ -26,14 +26,22 @@ import numpy as np
 import orjson
 
 from engine.clock import day_start_ms, iso_to_day
-from engine.schemas import ConsentChange
+from engine.errors import GenkiError
+from engine.schemas import EFFECTIVE_TS_MS_MAX, TS_MS_MIN, ConsentChange
 
-# Periods are half-open [start_ms, end_ms); an open end is TS_OPEN_END_MS.
-TS_OPEN_END_MS = (1 << 45) - 1
-USERS_PER_KEY_MAX = 1 << 18  # user rows packed with ts into one int64 key
+# Periods are half-open [start_ms, end_ms); an open end is TS_OPEN_END_MS. A period
+# index packs (person row, ms since TS_MS_MIN) into one int64 key: 42 bits of time
+# (to 2159, beyond EFFECTIVE_TS_MS_MAX) and 21 bits of people.
+TS_OPEN_END_MS = EFFECTIVE_TS_MS_MAX + 1
+_TS_BITS = 42
+PEOPLE_PER_PERIOD_INDEX_MAX = 1 << 21
 _PROTECTIVE_RANK = {ConsentChange.consent_withdrawn: 0, ConsentChange.left: 0,
                     ConsentChange.consent_given: 1, ConsentChange.enrolled: 1}
 _RESEARCH = (ConsentChange.consent_given, ConsentChange.consent_withdrawn)
+
+
+class CapacityError(GenkiError):
+    code = "capacity"
 
 
 @dataclass(frozen=True)
@@ -150,9 +158,16 @@ class PeriodIndex:
 
     def __init__(self, periods: Mapping[str, list[Period]]) -> None:
         self._row = {user: row for row, user in enumerate(sorted(periods))}
-        assert len(self._row) < USERS_PER_KEY_MAX, "too many people for one period index"
-        bounds = [(row << 45) + edge for user, row in self._row.items()
-                  for period in periods[user] for edge in period]
+        if len(self._row) >= PEOPLE_PER_PERIOD_INDEX_MAX:
+            raise CapacityError(f"{len(self._row):,} people with consent or membership periods; "
+                                f"a period index holds at most {PEOPLE_PER_PERIOD_INDEX_MAX:,}")
+        bounds = []  # periods clipped to the times the wire records allow, empty ones dropped
+        for user, row in self._row.items():
+            for start, end in periods[user]:
+                start, end = max(start, TS_MS_MIN), min(end, TS_OPEN_END_MS)
+                if start < end:
+                    bounds += [(row << _TS_BITS) + start - TS_MS_MIN,
+                               (row << _TS_BITS) + end - TS_MS_MIN]
         self._bounds = np.array(bounds, np.int64)
         assert np.all(np.diff(self._bounds) > 0), "periods overlap or are unordered"
 
@@ -162,6 +177,7 @@ class PeriodIndex:
 
     def contains(self, users: list[str], user_idx: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
         row = self.rows(users)[user_idx]
-        keys = (np.maximum(row, 0) << 45) + np.clip(ts_ms, 0, TS_OPEN_END_MS - 1)
+        keys = (np.maximum(row, 0) << _TS_BITS) + (
+            np.clip(ts_ms, TS_MS_MIN, TS_OPEN_END_MS - 1) - TS_MS_MIN)
         inside = (np.searchsorted(self._bounds, keys, side="right") & 1) == 1
         return inside & (row >= 0)

@@ -45,6 +45,7 @@ from typing import Any
 import orjson
 
 from engine.errors import GenkiError, UsageError
+from engine.faults import crash_point
 from engine.storage import open_sqlite
 
 AUDIT_FILE_NAME = "privacy.sqlite"
@@ -227,6 +228,7 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
     """Erase one person from one data directory's log and ledger (opened here unless given)."""
     from engine.devices import DEVICES_FILE_NAME, DeviceRegistry
     from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, LogLocked
+    from engine.kafka.partition import erase_dead_letters
     from engine.ledger import LEDGER_FILE_NAME, Ledger
 
     removed: dict[str, int] = {}
@@ -245,9 +247,11 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
             removed.update(log.erase_user(user_id))
     from engine.snapshots import remove_snapshots  # rules state holds the person's rows
     removed["engine_snapshots"] = remove_snapshots(directory)
+    removed["partition_dead_letters"] = erase_dead_letters(directory, user_id)
     if (directory / DEVICES_FILE_NAME).exists():
         with DeviceRegistry.open(directory) as registry:
             removed["device_enrolments"] = registry.erase_user(user_id)
+    crash_point("erasure_after_log")
     if ledger is not None or (directory / LEDGER_FILE_NAME).exists():
         if ledger is None:
             with Ledger.open(directory) as opened_ledger:
@@ -309,6 +313,7 @@ def erase_person(data_dir: Path, user_id: str, reason: str, actor: str, *,
                 result.removed[str(directory.relative_to(root.parent))] = erase_store(
                     directory, user_id, reason)
         result.seconds = round(time.perf_counter() - started, 3)
+        crash_point("erasure_before_done")
         totals = {store: {k: v for k, v in kinds.items() if v}
                   for store, kinds in result.removed.items()}
         audit.record(subject, "done", reason, actor, time.time_ns() // 1_000_000,

@@ -13,6 +13,10 @@ from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
 from engine.kafka.client import add_security_args
 
+ROW_KINDS = frozenset(("samples", "activities", "profile_records", "profiles", "consent_records",
+                       "watermarks", "dead_letters", "device_enrolments", "partition_dead_letters",
+                       "ledger_entries_unlinked", "ledger_flags_unlinked"))
+
 
 def _cmd_erase(args: argparse.Namespace) -> int:
     from engine.erasure import ErasureAudit, erase_person
@@ -52,7 +56,8 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps(result.as_dict()).decode() + "\n")
         return 0
-    removed = sum(v for kinds in result.removed.values() for v in kinds.values())
+    removed = sum(v for kinds in result.removed.values() for kind, v in kinds.items()
+                  if kind in ROW_KINDS)
     stores = len(result.removed)
     again = " (already erased before; nothing was left)" if result.already_erased and \
         not removed else ""

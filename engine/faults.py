@@ -22,6 +22,16 @@ POINTS: dict[str, str] = {
     # Embedded pipeline (engine/pipeline.py)
     "pipeline_before_append": "a chunk evaluated by the rules, ledger not yet written",
     "pipeline_after_append": "a chunk's entries and log position committed to the ledger",
+    # Ledger (engine/ledger/store.py)
+    "ledger_before_commit": "a ledger transaction's rows and commit record written, not committed",
+    "ledger_after_commit": "an append's transaction committed (entries, flags, meta, commit)",
+    "ledger_erase_before_checkpoint": "an erasure committed, WAL not yet truncated",
+    # Erasure of a person (engine/erasure.py)
+    "erasure_after_log": "a person's log rows deleted (and device enrolments), ledger not yet",
+    "erasure_before_done": "every store erased, the audit log's done row not yet written",
+    # HTTP API shop commands (engine/api/service.py)
+    "api_after_claims": "a batch of shop requests claimed (api.sqlite), ledger not written",
+    "api_after_ledger": "a batch's ledger transaction committed, no answer sent",
     # Engine snapshots (engine/snapshots.py)
     "snapshot_mid_write": "a snapshot's header written to its temporary file, arrays not",
     "snapshot_before_rename": "a snapshot's temporary file complete and fsynced, not renamed",

@@ -164,6 +164,7 @@ class Cohort(StrEnum):
 
 
 CONSENT_SEQ_MAX = 2**53 - 1
+EFFECTIVE_TS_MS_MAX = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 
 
 class Profile(Wire):
@@ -182,7 +183,7 @@ class Profile(Wire):
     cohort: Cohort
     enrolled_on: IsoDate
     research_consent: bool
-    updated_ts_ms: int | None = Field(default=None, ge=TS_MS_MIN)
+    updated_ts_ms: int | None = Field(default=None, ge=TS_MS_MIN, le=EFFECTIVE_TS_MS_MAX)
     consent_seq: int | None = Field(default=None, ge=1, le=CONSENT_SEQ_MAX)
 
     @model_validator(mode="after")
@@ -211,7 +212,7 @@ class ConsentEvent(Wire):
     v: Literal[1]
     user_id: IdText
     change: ConsentChange
-    effective_ts_ms: int = Field(ge=TS_MS_MIN)
+    effective_ts_ms: int = Field(ge=TS_MS_MIN, le=EFFECTIVE_TS_MS_MAX)
     consent_seq: int = Field(ge=1, le=CONSENT_SEQ_MAX)
     source: Annotated[str, Field(min_length=1, max_length=ID_CHARS_MAX)]
 

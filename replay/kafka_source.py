@@ -24,6 +24,13 @@ from engine.entries import EntryDraft
 from engine.errors import UsageError
 from engine.ingest.log import EmbeddedLog
 from engine.kafka.client import consumer_settings, topic_name
+from engine.kafka.personal import (
+    FLAGS_TAG,
+    LEDGER_TAG,
+    load_person_keys,
+    open_inputs,
+    open_output,
+)
 from engine.ledger import Ledger
 from engine.schemas import FlagEvent, LedgerEntry
 from replay.anonymise import ExportPolicy
@@ -35,8 +42,9 @@ INPUT_TOPICS = ("genki.profiles", "genki.consent", "genki.samples", "genki.activ
 
 
 async def _partition_batches(consumer: AIOKafkaConsumer, topic: str,
-                             ) -> AsyncIterator[tuple[int, list[int], list[bytes]]]:
-    """(partition, offsets, values) batches of a whole topic, partition by partition."""
+                             ) -> AsyncIterator[tuple[int, list[int], list[bytes | None],
+                                                      list[bytes]]]:
+    """(partition, offsets, keys, values) batches of a whole topic, partition by partition."""
     cluster = await consumer._client.fetch_all_metadata()  # aiokafka has no public call for it
     partitions = cluster.partitions_for_topic(topic)
     if not partitions:
@@ -49,7 +57,8 @@ async def _partition_batches(consumer: AIOKafkaConsumer, topic: str,
             got = await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=FETCH_RECORDS_MAX)
             records = got.get(tp, [])
             if records:
-                yield number, [r.offset for r in records], [r.value or b"" for r in records]
+                yield (number, [r.offset for r in records], [r.key for r in records],
+                       [r.value or b"" for r in records])
             end = consumer.highwater(tp)  # tansu's end_offsets() is not the high watermark
             if end is not None and await consumer.position(tp) >= end:
                 break
@@ -57,25 +66,34 @@ async def _partition_batches(consumer: AIOKafkaConsumer, topic: str,
 
 async def _rebuild(bootstrap: str, prefix: str, scratch: Path, ends: dict[str, int],
                    tick: Callable[[int], None]) -> None:
+    # Personal payloads are sealed per person (engine.kafka.personal): what no key opens
+    # belongs to an erased person and is left out.
+    keys = await load_person_keys(bootstrap, prefix)
     consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "replay"))
     await consumer.start()
     try:
         with EmbeddedLog.open(scratch) as log:
             for name in INPUT_TOPICS:
                 topic = topic_name(prefix, name)
-                async for number, offsets, values in _partition_batches(consumer, topic):
-                    log.ingest_lines(values, topic, offsets[0], int(time.time() * 1000),
-                                     partition=number, offsets=offsets)
+                async for number, offsets, users, values in _partition_batches(consumer, topic):
+                    kept, opened, _ = open_inputs(keys, name.encode(), offsets, users, values)
+                    if kept:
+                        log.ingest_lines(opened, topic, kept[0], int(time.time() * 1000),
+                                         partition=number, offsets=kept)
                     ends[f"{topic}/{number}"] = offsets[-1] + 1
                     tick(len(values))
         with Ledger.open(scratch) as ledger:
             topic = topic_name(prefix, "genki.ledger")
-            async for number, offsets, values in _partition_batches(consumer, topic):
-                ledger.append([_draft(LedgerEntry.model_validate_json(v)) for v in values])
+            async for number, offsets, users, values in _partition_batches(consumer, topic):
+                entries = [open_output(keys, LEDGER_TAG, u, v) for u, v in zip(users, values)]
+                ledger.append([_draft(LedgerEntry.model_validate_json(e))
+                               for e in entries if e is not None])
                 ends[f"{topic}/{number}"] = offsets[-1] + 1
             topic = topic_name(prefix, "genki.flags")
-            async for number, offsets, values in _partition_batches(consumer, topic):
-                ledger.append([], flags=[FlagEvent.model_validate_json(v) for v in values])
+            async for number, offsets, users, values in _partition_batches(consumer, topic):
+                flags = [open_output(keys, FLAGS_TAG, u, v) for u, v in zip(users, values)]
+                ledger.append([], flags=[FlagEvent.model_validate_json(f)
+                                         for f in flags if f is not None])
                 ends[f"{topic}/{number}"] = offsets[-1] + 1
     finally:
         await consumer.stop()

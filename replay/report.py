@@ -19,7 +19,6 @@ import csv
 import datetime as dt
 import html
 import io
-import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import orjson
 from engine.clock import day_to_iso, iso_to_day, tokyo_days, week_of_day, week_start_day
 from engine.errors import UsageError
 from engine.ingest.log import EmbeddedLog
+from engine.ledger import LEDGER_FILE_NAME, Ledger
 from engine.pipeline_cli import RiskRow, risk_list
 from engine.rules.flags import FRAILTY_STATUSES
 from engine.schemas import ACTIVITY_KINDS, METRIC_BY_NAME
@@ -132,12 +132,12 @@ def _group_sum(users: np.ndarray, days: np.ndarray, values: np.ndarray) -> tuple
 
 
 def _collect_ledger(data_dir: Path, data: ReportData, window: tuple[int | None, int | None]) -> None:
-    path = data_dir / "ledger.sqlite"
-    if not path.exists():
+    if not (data_dir / LEDGER_FILE_NAME).exists():
         return
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        for kind, points, day, ts_ms, rule, ref in db.execute(
-                "SELECT kind, points, day, ts_ms, rule, ref FROM entries"):
+    with Ledger.open_read_only(data_dir) as ledger:
+        rows = (row[1:] for page in ledger.iter_entry_rows(
+            ("seq", "kind", "points", "day", "ts_ms", "rule", "ref")) for row in page)
+        for kind, points, day, ts_ms, rule, ref in rows:
             entry_day = iso_to_day(day) if day else int(tokyo_days(np.array([ts_ms]))[0])
             if not _in(entry_day, window):
                 continue
@@ -154,7 +154,8 @@ def _collect_ledger(data_dir: Path, data: ReportData, window: tuple[int | None, 
                     totals[2] += 1
                 else:
                     totals[1] += points
-        for state, day in db.execute("SELECT state, day FROM flags"):
+        for state, day in (row[1:] for page in ledger.iter_flag_rows(("seq", "state", "day"))
+                           for row in page):
             flag_day = iso_to_day(day)
             if _in(flag_day, window):
                 key = (int(week_of_day(flag_day)), state)
@@ -253,6 +254,7 @@ def write_report(data_dir: Path, out: Path, month: str | None = None,
     suppress_small_groups(data, k)
     risks = risk_list(data_dir) if (data_dir / "ledger.sqlite").exists() else []
     csv_path = out.with_name(out.stem + STAFF_RISK_LIST_SUFFIX)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["user_id", "severity", "flag", "since", "evidence", "frailty_status"])

@@ -7,7 +7,6 @@ live ledger's awards and flags. Nothing is written to the data directory.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.ingest.log import EmbeddedLog
+from engine.ledger import LEDGER_FILE_NAME, Ledger
 from engine.pipeline import LOG_RECORDS_PER_CHUNK, chunks, open_engine, read_batches
 from engine.rules.config import load_rules
 from replay.export import Pseudonymiser, parse_window
@@ -54,17 +54,17 @@ def _live(data_dir: Path, window: tuple[str | None, str | None]) -> tuple[Counte
     points: Counter = Counter()
     raised: Counter = Counter()
     cleared: Counter = Counter()
-    path = data_dir / "ledger.sqlite"
-    if not path.exists():
+    if not (data_dir / LEDGER_FILE_NAME).exists():
         return points, raised, cleared
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        for user, day, amount in db.execute(
-                "SELECT user_id, day, points FROM entries WHERE kind = 'award'"):
-            if _in_window(day, window):
-                points[user] += amount
-        for user, day, state in db.execute("SELECT user_id, day, state FROM flags"):
-            if _in_window(day, window):
-                (raised if state == "raised" else cleared)[user] += 1
+    with Ledger.open_read_only(data_dir) as ledger:
+        for rows in ledger.iter_entry_rows(("seq", "user_id", "day", "points"), kinds=["award"]):
+            for _, user, day, amount in rows:
+                if _in_window(day, window):
+                    points[user] += amount
+        for rows in ledger.iter_flag_rows(("seq", "user_id", "day", "state")):
+            for _, user, day, state in rows:
+                if _in_window(day, window):
+                    (raised if state == "raised" else cleared)[user] += 1
     return points, raised, cleared
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -280,3 +281,25 @@ def committed_offsets(target: KafkaTarget, ends: dict[str, dict[int, int]]) -> d
     """The group's committed offset of every (topic, partition) named in ends."""
     tps = [TopicPartition(topic, int(p)) for topic, parts in ends.items() for p in parts]
     return asyncio.run(_committed(target.bootstrap, target.group, tps))
+
+
+def person_keys_of(target: KafkaTarget) -> Any:
+    """The per-person data keys on the target's genki.keys (engine.kafka.personal),
+    opened with the test's wrap keys: to read what the workers and gateways sealed."""
+    from engine.kafka.keys import wrap_keys
+    from engine.kafka.personal import KeyTopic, PersonKeys
+
+    wrap = wrap_keys()
+    assert wrap is not None, "kafka_keys() names the wrap keys"
+    keys = PersonKeys(wrap)
+
+    async def load() -> None:
+        topic = KeyTopic(target.bootstrap, target.prefix, keys, "test")
+        await topic.start()
+        try:
+            await topic.catch_up()
+        finally:
+            await topic.stop()
+
+    asyncio.run(load())
+    return keys

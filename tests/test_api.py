@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 import select
+import signal
 import subprocess
 import tempfile
 import threading
@@ -157,7 +158,7 @@ def test_openapi_and_docs_list_every_endpoint(server: Server) -> None:
         "/v1/users/{user_id}/flags", "/v1/flags", "/v1/ingest", "/v1/redemptions",
         "/v1/refunds", "/v1/adjustments", "/v1/shops/{shop_id}/settlement",
         "/v1/users/{user_id}/redeem-tokens", "/v1/ingest/{format_name}", "/v1/push/garmin",
-        "/v1/push/garmin/{summary_type}", "/v1/devices", "/v1/devices/enroll",
+        "/v1/push/garmin/{summary_type}", "/v1/devices", "/v1/devices/enroll", "/v1/devices/{device_id}",
         "/v1/devices/unenroll", "/v1/gateway-keys/{key_id}/scope", "/v1/users/{user_id}/erase"}
 
 
@@ -596,6 +597,75 @@ def test_no_shop_facing_answer_holds_a_user_id_or_a_balance(
         assert not [v for v in values if v in balances or v == user], answer.text
         assert not [t for t in texts if user in t or other in t], answer.text
         assert not [t for t in texts for b in balances if re.search(rf"\b{b}\b", t)], answer.text
+
+
+def crashing_redemption(data_dir: Path, point: str, monkeypatch: pytest.MonkeyPatch,
+                        keys: dict[str, str], token: str, points: int, key: str) -> None:
+    """A server that SIGKILLs itself at `point` while carrying out this redemption."""
+    monkeypatch.setenv("GENKI_CRASH_AT", f"{point}:1")
+    doomed = Server(data_dir)
+    monkeypatch.delenv("GENKI_CRASH_AT")
+    try:
+        with doomed.client(keys["shop"]) as shop, pytest.raises(httpx.TransportError):
+            redeem(shop, token, points, key)
+        assert doomed.process.wait(timeout=SERVER_STOP_S_MAX) == -signal.SIGKILL
+    finally:
+        doomed.stop()
+
+
+@pytest.fixture
+def crash_home(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    keys = {"app": make_key(tmp_path, Role.app), "shop": make_key(tmp_path, Role.shop, "S1")}
+    award(tmp_path, "U1", 40)
+    return tmp_path, keys
+
+
+def test_killed_after_the_ledger_commit_a_retry_gets_the_redemption_once(
+        crash_home: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    home, keys = crash_home
+    issuer = Server(home)
+    try:
+        token, other = token_for(issuer, keys, "U1"), token_for(issuer, keys, "U1")
+    finally:
+        issuer.stop()
+    crashing_redemption(home, "api_after_ledger", monkeypatch, keys, token, 15, "sale-1")
+    restarted = Server(home)
+    try:
+        with restarted.client(keys["shop"]) as shop:
+            retry = redeem(shop, token, 15, "sale-1")
+            other_body = redeem(shop, other, 15, "sale-1")
+            other_key = redeem(shop, token, 15, "sale-2")
+        after = balance(restarted, keys, "U1")
+    finally:
+        restarted.stop()
+    assert (retry.status_code, retry.json()["points"]) == (201, 15)
+    assert [(a.status_code, a.json()["code"]) for a in (other_body, other_key)] == [
+        (422, "idempotency_conflict"), (409, "token_used")]
+    assert after == 25
+
+
+def test_killed_after_the_claim_a_retry_goes_ahead_and_charges_once(
+        crash_home: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim of a dead server does not block its key: the retry (here with another
+    token, as a terminal that rescanned the code would send) is carried out."""
+    home, keys = crash_home
+    issuer = Server(home)
+    try:
+        token, other = token_for(issuer, keys, "U1"), token_for(issuer, keys, "U1")
+    finally:
+        issuer.stop()
+    crashing_redemption(home, "api_after_claims", monkeypatch, keys, token, 15, "sale-1")
+    restarted = Server(home)
+    try:
+        with restarted.client(keys["shop"]) as shop:
+            retry = redeem(shop, other, 12, "sale-1")
+            again = redeem(shop, other, 12, "sale-1")
+        after = balance(restarted, keys, "U1")
+    finally:
+        restarted.stop()
+    assert (retry.status_code, retry.json()["points"]) == (201, 12)
+    assert (again.status_code, again.content) == (201, retry.content)
+    assert after == 28
 
 
 # -- refunds, adjustments, settlement ------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,32 @@ def test_the_same_key_with_two_bodies_at_two_kafka_mode_servers_redeems_once(
                 201, answers[winner].content)
     finally:
         second.stop()
+
+
+def test_redemption_limits_hold_in_kafka_mode(scenario: Scenario, tmp_path: Path) -> None:
+    """The daily limit travels in the record and the owner's ledger enforces it."""
+    user = scenario.users[1]
+    today = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 9 * 3600))
+    with scenario.server.client(scenario.keys["app"]) as app:
+        entries = app.get(f"/v1/users/{user}/history", params={"limit": 500}).json()["entries"]
+    redeemed_today = -sum(e["points"] for e in entries
+                          if e["kind"] == "redeem" and e["day"] == today)
+    keys = {"app": make_key(tmp_path, Role.app), "shop": make_key(tmp_path, Role.shop, SHOP)}
+    server = Server(tmp_path, *scenario.target.args(), "--partitions-dir",
+                    str(scenario.worker_dir), "--points-per-redemption-max", "4",
+                    "--points-per-person-per-day-max", str(redeemed_today + 5))
+    try:
+        limited = Scenario(scenario.target, tmp_path, server, scenario.worker_dir, keys,
+                           scenario.users)
+        before = balance(limited, user)
+        answers = [redeem(limited, token_for(limited, user), points, f"limited-{i}")
+                   for i, points in enumerate((5, 3, 3, 2))]
+        assert [(a.status_code, a.json().get("code")) for a in answers] == [
+            (422, "points_per_redemption_max_exceeded"), (201, None),
+            (409, "points_per_person_per_day_max_exceeded"), (201, None)]
+        assert balance(limited, user) == before - 5
+    finally:
+        server.stop()
 
 
 def test_without_the_partitions_dir_reads_are_503_and_redemptions_work(

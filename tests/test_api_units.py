@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,13 +28,21 @@ from engine.api.problems import (
     error_response,
     refusal_of_ledger_code,
 )
-from engine.api.service import ApiService, ApiSettings, DirectRedeemer, LedgerReads, Principal
+from engine.api.service import (
+    ApiService,
+    ApiSettings,
+    Command,
+    DirectRedeemer,
+    LedgerReads,
+    Principal,
+)
 from engine.api.store import ApiStore, Claim, Role, StoredResponse
 from engine.api.tokens import SECRET_FILE_NAME, TokenBox, load_or_create_secret
 from engine.clock import DAY_MS
 from engine.entries import EntryDraft
 from engine.errors import GenkiError, UsageError
 from engine.ledger.errors import LedgerBusy, Overdraft
+from engine.ledger.model import Entry
 from engine.ledger.store import Ledger
 from engine.schemas import EntryKind
 from tests.conftest import REPO_ROOT
@@ -322,3 +332,101 @@ async def test_concurrent_redemptions_are_batched_and_never_overdraw(
     refused = outcomes.index(daily)
     again = await service.redeem(SHOP, "k-again", tokens[refused], 5, "T1")  # still usable
     assert (again.status, ledger.balance("U1")) == (201, 10)
+
+
+async def redemption_answers(data_dir: Path, fast: bool) -> list[tuple[int, object]]:
+    with ApiStore.open(data_dir) as store:
+        shop = store.create_key(Role.shop, "S1", None, NOW_MS)[0]
+        app_key = store.create_key(Role.app, None, None, NOW_MS)[0]
+    with Ledger.open(data_dir) as ledger:
+        ledger.append([EntryDraft("award-1", "U1", EntryKind.award, 50, "2026-01-01", NOW_MS,
+                                  "steps_tier_1", None, "t")])
+    app = create_app(data_dir, fast_reads=fast)
+    token = app.state.service.issue_token("U1")["token"]
+    other = app.state.service.issue_token("U1")["token"]
+    good = {"token": token, "points": 5, "terminal_id": "T1"}
+    cases: list[tuple[str | None, dict[str, str], object]] = [
+        (shop, {"Idempotency-Key": "a"}, good),
+        (shop, {"Idempotency-Key": "a"}, good),  # replay
+        (shop, {"Idempotency-Key": "a"}, {**good, "token": other}),  # 422
+        (shop, {"Idempotency-Key": "b"}, {**good, "token": other, "points": 99}),  # 409
+        (shop, {"Idempotency-Key": "c"}, good),  # token used
+        ("nope", {"Idempotency-Key": "d"}, good), (app_key, {"Idempotency-Key": "d"}, good),
+        (None, {"Idempotency-Key": "d"}, good), (shop, {}, good),
+        (shop, {"Idempotency-Key": "has space"}, good),
+        (shop, {"Idempotency-Key": "e"}, {**good, "points": "5"}),
+        (shop, {"Idempotency-Key": "e"}, {**good, "extra": 1}),
+        (shop, {"Idempotency-Key": "e", "Content-Type": "text/plain"}, good),
+        (shop, {"Idempotency-Key": "e"}, {**good, "terminal_id": "x" * 70_000}),
+    ]
+    answers: list[tuple[int, object]] = []
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for key, headers, body in cases:
+            auth = {"Authorization": f"Bearer {key}"} if key else {}
+            content = orjson.dumps(body)
+            response = await client.post("/v1/redemptions", content=content,
+                                          headers={"Content-Type": "application/json",
+                                                   **auth, **headers})
+            answer = orjson.loads(re.sub(rb"k[0-9a-f]{12}", b"KEY", response.content))
+            if response.status_code == 201:
+                answer = {k: v for k, v in answer.items() if k not in ("entry_id", "ts_ms")}
+            answers.append((response.status_code, answer,
+                            response.headers.get("idempotent-replayed")))
+    app.state.service.close()
+    return answers
+
+
+async def test_fast_redemption_path_answers_as_fastapi_does(tmp_path: Path) -> None:
+    fast = await redemption_answers(tmp_path / "fast", True)
+    slow = await redemption_answers(tmp_path / "slow", False)
+    assert [status for status, *_ in fast] == [201, 201, 422, 409, 409, 401, 403, 401, 400,
+                                               400, 400, 400, 400, 413]
+    assert fast == slow
+
+
+class HeldRedeemer(DirectRedeemer):
+    """An asynchronous backend (like Kafka's) whose answers wait until released."""
+
+    synchronous = False
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(ledger)
+        self.release = asyncio.Event()
+        self.submitted = asyncio.Event()
+
+    async def submit(self, command: Command) -> Entry:
+        self.submitted.set()
+        await self.release.wait()
+        return self.apply(command)
+
+
+async def test_a_duplicate_while_the_first_is_in_flight_is_409_in_progress(
+        tmp_path: Path) -> None:
+    reads = LedgerReads(tmp_path)
+    held = HeldRedeemer(reads.writer_ledger)
+    service = ApiService(tmp_path, reads, held, clock=Clock())
+    reads.writer_ledger.append([EntryDraft("award-1", "U1", EntryKind.award, 50, "2026-01-01",
+                                           NOW_MS, "steps_tier_1", None, "t")])
+    try:
+        token, other = (service.issue_token("U1")["token"] for _ in range(2))
+        first = asyncio.create_task(service.redeem(SHOP, "k1", token, 5, "T1"))
+        await held.submitted.wait()
+        refusals = []
+        for body_token, points in ((token, 5), (other, 6)):
+            with pytest.raises(Refused) as refused:
+                await service.redeem(SHOP, "k1", body_token, points, "T1")
+            refusals.append((refused.value.http_status, refused.value.code,
+                             refused.value.headers.get("Retry-After")))
+        held.release.set()
+        done = await first
+        replay = await service.redeem(SHOP, "k1", token, 5, "T1")
+        with pytest.raises(Refused) as conflict:
+            await service.redeem(SHOP, "k1", other, 6, "T1")
+    finally:
+        service.close()
+    assert refusals == [(409, "in_progress", None)] * 2
+    assert error_response(Refused(Refusal.in_progress, "x")).headers["retry-after"] == "1"
+    assert (done.status, replay.status, replay.body, replay.replayed) == (201, 201, done.body,
+                                                                         True)
+    assert (conflict.value.http_status, conflict.value.code) == (422, "idempotency_conflict")

@@ -183,7 +183,7 @@ def test_every_record_remembers_the_key_that_submitted_it(
         assert sum(last - first + 1 for first, last in positions) == by_key[acme]["records"]
         assert not log.positions_of_key("k-never-used")
     shown = orjson.loads(genki("provenance", acme, "--json", "--data-dir", str(home)).stdout)
-    assert shown == {"key_id": acme, "counts": by_key[acme],
+    assert shown == {"key_id": acme, "counts": by_key[acme], "excluded": False,
                      "positions": [list(p) for p in positions]}
 
 
@@ -226,3 +226,36 @@ def test_an_unbound_gateway_key_writes_enrolled_pairs_only(tmp_path: Path) -> No
     assert policy.device_problem("E2", "d2") == (
         "device d2 is enrolled for key k-fitbit, outside the scope of key k-plain "
         "(vendors: none)")
+
+
+def test_the_records_of_an_excluded_key_are_left_out_of_later_reads(tmp_path: Path) -> None:
+    with EmbeddedLog.open(tmp_path) as log:
+        log.ingest_lines([orjson.dumps(segment("E1", [TS_MS], [100.0]))], "t", 1, TS_MS,
+                         key_id="k-good")
+        log.ingest_lines([orjson.dumps(segment("E2", [TS_MS], [900.0])),
+                          orjson.dumps(activity("E2", "ev-leak"))], "t", 1, TS_MS,
+                         key_id="k-leaked")
+        log.ingest_lines([orjson.dumps(segment("E1", [TS_MS + 60_000], [50.0]))], "t", 1,
+                         TS_MS, key_id="k-good")
+        assert log.read_samples(0, log.position()).value.tolist() == [100.0, 900.0, 50.0]
+        log.exclude_key("k-leaked", TS_MS)
+        samples = log.read_samples(0, log.position())
+        assert (samples.users, samples.value.tolist()) == (["E1"], [100.0, 50.0])
+        assert log.read_activities(0, log.position()).event_id == []
+        log.exclude_key("k-leaked", TS_MS, excluded=False)
+        assert len(log.read_samples(0, log.position()).value) == 3
+    shown = orjson.loads(genki("provenance", "k-leaked", "--exclude", "--json", "--data-dir",
+                               str(tmp_path)).stdout)
+    assert shown["excluded"] and shown["positions"] == [[2, 3]]
+
+
+def test_devices_can_be_enrolled_and_unenrolled_restfully(
+        server: Server, keys: dict[str, tuple[str, str]]) -> None:
+    with server.client(keys["staff"][0]) as client:
+        created = client.post("/v1/devices", json={"user_id": "E8", "device_id": "d8"})
+        listed = client.get("/v1/devices", params={"user_id": "E8"}).json()["devices"]
+        removed = client.delete("/v1/devices/d8")
+        again = client.delete("/v1/devices/d8")
+    assert created.status_code == 201 and [d["device_id"] for d in listed] == ["d8"]
+    assert removed.status_code == 200 and removed.json()["user_id"] == "E8"
+    assert again.status_code == 404

@@ -49,14 +49,25 @@ def dead_letters(data_dir: Path) -> list[tuple[int | None, str]]:
                       for d in log.dead_letters())
 
 
-def test_every_wire_record_an_importer_writes_is_a_valid_sample_segment() -> None:
-    for fmt, name, options in (("apple", "apple_export.xml", {"user_id": "U1"}),
-                               ("garmin", "garmin_push.json", {}),
-                               ("omh", "omh_datapoints.json", {})):
-        with open(FIXTURES / name, "rb") as stream:
-            result = import_source(fmt, stream, ImportOptions(**options))
-        for line in result.lines:
-            SampleSegment.model_validate_json(line)
+UNITS = {"steps": "count", "heart_rate": "bpm", "resting_heart_rate": "bpm", "spo2": "%",
+         "sleep": "min", "gait_speed": "m/s", "body_weight": "kg", "systolic_bp": "mmHg",
+         "diastolic_bp": "mmHg"}
+SOURCES = (("apple", "apple_export.xml", {"user_id": "U1"}),
+           ("garmin", "garmin_push.json", {}), ("omh", "omh_datapoints.json", {}),
+           ("fitbit", "fitbit_more.ndjson", {"user_id": "U1", "units": "en_US"}),
+           ("health-connect", "health_connect_records.json", {"user_id": "U1"}),
+           ("google-fit", "google_fit_all_data.json", {"user_id": "U1"}))
+
+
+@pytest.mark.parametrize(("fmt", "name", "options"), SOURCES)
+def test_every_wire_record_carries_the_unit_of_its_metric(fmt: str, name: str,
+                                                          options: dict) -> None:
+    with open(FIXTURES / name, "rb") as stream:
+        result = import_source(fmt, stream, ImportOptions(**options))
+    assert result.lines
+    for line in result.lines:
+        segment = SampleSegment.model_validate_json(line)
+        assert segment.unit == UNITS[segment.metric.value]
 
 
 # -- Apple Health ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from engine.kafka.keys import (
 )
 from engine.kafka.publish import partition_of
 from engine.kafka.worker import WorkerSettings, WorkerSummary, run_worker
-from engine.ledger.commands import redeem_id, refund_id
+from engine.ledger.commands import expire_id, redeem_id, refund_id
 from engine.schemas import Redemption
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
@@ -130,18 +130,23 @@ def test_a_takeover_does_not_restore_a_forged_ledger_entry(
               "ref": orjson.dumps({"key": "minted", "refund_of": redeem_id(SHOP, "genuine"),
                                    "shop": SHOP, "terminal": "T1"}).decode(),
               "rules_version": None, "prev_hash": "0" * 64, "hash": "0" * 64}
-    asyncio.run(_send(kafka_module, "genki.ledger", [(user.encode(), orjson.dumps(minted))]))
+    lot = "0" * 64  # no such award
+    burnt = {**minted, "entry_id": expire_id(user, lot), "kind": "expire",
+             "points": -forgery.after[user], "rule": "expire",
+             "ref": orjson.dumps({"lot": lot, "lot_day": "2026-01-01", "months": 6}).decode()}
+    asyncio.run(_send(kafka_module, "genki.ledger", [(user.encode(), orjson.dumps(minted)),
+                                                     (user.encode(), orjson.dumps(burnt))]))
     new_host = tmp_path_factory.mktemp("new-host")
     summary = work(kafka_module, new_host)
-    assert summary.restore_refused == 1
+    assert summary.restore_refused == 2
     assert summary.restored_entries == 1  # the genuine redemption
     rebuilt = combined_ledger(new_host)
     assert rebuilt.balances == forgery.after
     letters = [orjson.loads(v) for *_, v in read_topic(kafka_module, "genki.dlq")]
     refused = [x for x in letters if x["source"] == kafka_module.topic("genki.ledger")]
-    assert [x["reason"].split(":")[0] for x in refused] == ["unauthenticated"]
-    assert orjson.loads(base64.b64decode(refused[0]["raw_b64"]))["entry_id"] == \
-        minted["entry_id"]
+    assert [x["reason"].split(":")[0] for x in refused] == ["unauthenticated"] * 2
+    assert sorted(orjson.loads(base64.b64decode(x["raw_b64"]))["entry_id"] for x in refused) \
+        == sorted([minted["entry_id"], burnt["entry_id"]])
 
 
 # -- authenticators and key files --------------------------------------------------------
@@ -181,16 +186,41 @@ def test_key_files_are_private_and_kept_out_of_data_directories(tmp_path: Path) 
         load_keyring(path)
 
 
-def test_the_api_refuses_to_start_in_kafka_mode_without_record_keys(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_without_key_settings_one_default_file_per_host_is_created_and_shared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.kafka.keys import (
+        WRAP_KEYS_ENV,
+        configure_key_paths,
+        resolve_keyring,
+        wrap_keys,
+    )
 
-    from tests.kafka_fixtures import REPO_ROOT
+    monkeypatch.setenv("GENKI_KEYS_DIR", str(tmp_path / "keys"))
+    monkeypatch.delenv(RECORD_KEYS_ENV, raising=False)
+    monkeypatch.delenv(WRAP_KEYS_ENV, raising=False)
+    configure_key_paths(None, None)
+    try:
+        api = record_keys()
+        worker = resolve_keyring(RECORD_KEYS_ENV, None, (tmp_path / "data",))
+        assert api == worker and api.current == load_keyring(
+            tmp_path / "keys" / "record-keys.json").current
+        assert wrap_keys().current != api.current
+        assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == [
+            "record-keys.json", "wrap-keys.json"]
+        assert os.stat(tmp_path / "keys" / "record-keys.json").st_mode & 0o777 == 0o600
+        with pytest.raises(KeyFileError, match="inside the data directory"):
+            resolve_keyring(RECORD_KEYS_ENV, None, (tmp_path,))
+    finally:
+        configure_key_paths(None, None)
 
-    env = {k: v for k, v in os.environ.items() if k != RECORD_KEYS_ENV}
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--bootstrap",
-                             "127.0.0.1:1", "--data-dir", str(tmp_path), "--port", "0"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=60,
-                            check=False)
-    assert result.returncode == 2
-    assert "record keys" in result.stderr
+
+def test_kafka_keys_add_rotates_and_list_shows_ids_only(tmp_path: Path) -> None:
+    from tests.kafka_fixtures import genki
+
+    path = tmp_path / "keys" / "record.json"
+    first = genki("kafka-keys", "add", str(path)).stdout.split("added key ")[1].split(",")[0]
+    second = genki("kafka-keys", "add", str(path)).stdout.split("added key ")[1].split(",")[0]
+    listing = genki("kafka-keys", "list", str(path)).stdout.splitlines()
+    assert sorted(listing) == sorted([first, f"{second} (current)"])
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_keyring(path).current == second

@@ -120,8 +120,11 @@ def test_only_the_api_may_write_redemptions_and_only_workers_the_outputs(
     assert writers["genki.redemptions"] == {"User:api"}
     assert writers["genki.ledger"] == writers["genki.flags"] == writers["genki.dlq"] \
         == {"User:worker"}
+    # the API's HTTP gateway (POST /v1/ingest) publishes inputs as a gateway does
     assert writers["genki.samples"] == writers["genki.activities"] \
-        == writers["genki.profiles"] == {"User:gateway"}
+        == writers["genki.profiles"] == writers["genki.consent"] \
+        == {"User:gateway", "User:api"}
+    assert writers["genki.keys"] == {"User:gateway", "User:api", "User:worker", "User:privacy"}
 
 
 def test_passwords_come_from_compose_secrets_not_the_file(services: dict[str, dict]) -> None:

@@ -14,7 +14,7 @@ from engine.kafka.publish import partition_of, route
 from engine.kafka.topics import COPARTITIONED_TOPICS, TOPIC_SPECS, TopicsError, create_topics
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
-from tests.kafka_fixtures import KafkaTarget, genki, read_topic
+from tests.kafka_fixtures import KafkaTarget, genki, person_keys_of, read_topic
 
 pytest_plugins = ["tests.kafka_fixtures"]
 
@@ -108,7 +108,20 @@ def test_publish_routes_keys_and_copartitions_every_line(kafka: KafkaTarget,
                        for partition, _, key, _ in records if key is not None}
     w1 = {p for name, key, p in user_partitions if key == b"W00001"}
     assert w1 == {partition_of(b"W00001", b"", 4)}  # one partition number on all four topics
-    samples = [value for _, _, _, value in by_topic["genki.samples"]]
+    keys = person_keys_of(kafka)  # personal payloads are sealed per person
+    samples = [keys.open(b"genki.samples", key, value)
+               for _, _, key, value in by_topic["genki.samples"]]
     assert sorted(samples) == sorted([lines[1], lines[2], b"{broken"])
+    assert sum(value[:4] == b"\x00gk1" for _, _, _, value in by_topic["genki.samples"]) == 2
     ends = summary["end_offsets"][kafka.topic("genki.samples")]
     assert sum(ends.values()) == 3
+
+
+def test_publish_with_no_encryption_sends_plain_json_and_makes_no_keys(
+        kafka: KafkaTarget, tmp_path: Path) -> None:
+    genki("topics", "create", *kafka.args(), "--partitions", "2")
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(orjson.dumps(SEGMENT) + b"\n")
+    genki("publish", str(path), *kafka.args(), "--no-encryption")
+    assert [value for *_, value in read_topic(kafka, "genki.samples")] == [orjson.dumps(SEGMENT)]
+    assert read_topic(kafka, "genki.keys") == []

@@ -30,7 +30,7 @@ from engine.kafka.client import (
 from engine.kafka.combined import combined_ledger
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
-from tests.kafka_fixtures import REPO_ROOT, Fleet, free_port, genki, tansu_broker
+from tests.kafka_fixtures import REPO_ROOT, Fleet, free_port, genki, kafka_keys, tansu_broker
 from tests.kafka_tls import Pki, make_pki, tls_front
 
 pytest_plugins = ["tests.kafka_fixtures"]
@@ -57,7 +57,8 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     directory = tmp_path_factory.mktemp("tls")
     pki = make_pki(directory)
     front = free_port()
-    with tansu_broker(directory / "tansu.log", advertised_port=front) as plain, \
+    with kafka_keys(tmp_path_factory.mktemp("kafka-keys")), \
+            tansu_broker(directory / "tansu.log", advertised_port=front) as plain, \
             tls_front(pki, front, int(plain.rsplit(":", 1)[1]), require_client_cert=True):
         yield TlsBroker(f"127.0.0.1:{front}", pki)
 
@@ -163,3 +164,21 @@ def test_incomplete_or_contradictory_settings_are_usage_errors(security: KafkaSe
                                                                names: str) -> None:
     with pytest.raises(KafkaSecurityError, match=names):
         security.check()
+
+
+@pytest.mark.parametrize("command", [
+    ["worker", "--data-dir", "d"], ["publish", "x.ndjson"], ["topics", "create"],
+    ["serve", "--bootstrap", "b:9093"], ["replay", "--source", "kafka", "--to", "out"],
+])
+def test_every_kafka_command_takes_the_tls_and_sasl_flags(command: list[str]) -> None:
+    from engine.cli import build_parser
+
+    flags = ["--security-protocol", "SASL_SSL", "--sasl-mechanism", "SCRAM-SHA-256",
+             "--sasl-username", "u", "--sasl-password-file", "/p", "--ssl-cafile", "/ca.pem",
+             "--ssl-certfile", "/c.pem", "--ssl-keyfile", "/k.pem",
+             "--record-keys", "/r.json", "--wrap-keys", "/w.json"]
+    args = build_parser().parse_args([*command, *flags])
+    assert (args.security_protocol, args.sasl_mechanism, args.sasl_username,
+            args.sasl_password_file, args.ssl_cafile, args.ssl_certfile, args.ssl_keyfile) == (
+        "SASL_SSL", "SCRAM-SHA-256", "u", "/p", "/ca.pem", "/c.pem", "/k.pem")
+    assert (str(args.record_keys), str(args.wrap_keys)) == ("/r.json", "/w.json")

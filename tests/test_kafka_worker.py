@@ -24,7 +24,14 @@ from engine.ledger.commands import redeem_id
 from engine.schemas import FlagEvent
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
-from tests.kafka_fixtures import Fleet, KafkaTarget, create_topics, genki, read_topic
+from tests.kafka_fixtures import (
+    Fleet,
+    KafkaTarget,
+    create_topics,
+    genki,
+    person_keys_of,
+    read_topic,
+)
 
 pytest_plugins = ["tests.kafka_fixtures"]
 
@@ -89,14 +96,30 @@ def test_rejected_records_land_on_dlq_with_reason_and_origin(
         kafka_module: KafkaTarget, first_run: FirstRun) -> None:
     letters = [orjson.loads(value) for *_, value in read_topic(kafka_module, "genki.dlq")]
     assert len(letters) == first_run.summary.rejected
-    inputs = {(kafka_module.topic(name), p, offset): value
+    keys = person_keys_of(kafka_module)
+    inputs = {(kafka_module.topic(name), p, offset): keys.open(name.encode(), key, value)
               for name in ("genki.profiles", "genki.samples", "genki.activities")
-              for p, offset, _, value in read_topic(kafka_module, name)}
-    for letter in letters:
+              for p, offset, key, value in read_topic(kafka_module, name)}
+    for _, _, key, value in read_topic(kafka_module, "genki.dlq"):
+        letter = orjson.loads(value)
         assert letter["v"] == 1 and letter["reason"].split(":")[0].isidentifier()
         origin = inputs[(letter["source"], letter["partition"], letter["offset"])]
-        assert base64.b64decode(letter["raw_b64"]) == origin[:len(base64.b64decode(
-            letter["raw_b64"]))]
+        raw = keys.open(b"genki.dlq", key, base64.b64decode(letter["raw_b64"]))
+        assert raw == origin[:len(raw)]
+
+
+def test_personal_payloads_on_the_topics_are_sealed_per_person(
+        kafka_module: KafkaTarget, first_run: FirstRun) -> None:
+    for name in ("genki.profiles", "genki.samples", "genki.activities"):
+        records = read_topic(kafka_module, name)
+        assert records and {value[:4] for _, _, key, value in records if key} == {b"\x00gk1"}
+    flags = read_topic(kafka_module, "genki.flags")
+    assert all(value[:4] == b"\x00gk1" for *_, value in flags)
+    kinds = {}
+    for _, _, _, value in read_topic(kafka_module, "genki.ledger"):
+        body = orjson.loads(value)
+        kinds.setdefault(body["kind"], set()).add("sealed" in body)
+    assert kinds == {"award": {True}}
 
 
 def test_every_ledger_entry_is_published_once_on_its_users_partition(
@@ -126,9 +149,10 @@ def test_flag_changes_are_published_as_flag_events_once(kafka_module: KafkaTarge
         embedded = {flag.flag_id: flag for user in fleet.embedded.balances
                     for flag in ledger.flag_history(user)}
     records = read_topic(kafka_module, "genki.flags")
+    keys = person_keys_of(kafka_module)
     published = {}
     for _, _, key, value in records:
-        flag = FlagEvent.model_validate_json(value)
+        flag = FlagEvent.model_validate_json(keys.open(b"genki.flags", key, value))
         assert key == flag.user_id.encode()
         published[flag.flag_id] = flag
     assert len(records) == len(published) == first_run.summary.published_flags > 0

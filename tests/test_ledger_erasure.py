@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine.errors import NotFound
+from engine.faults import CRASH_ENV
 from engine.ledger import Ledger
 from engine.ledger.errors import InvalidRequest
+from tests.conftest import REPO_ROOT
 from tests.test_ledger import TS_MS, award, flag
 
 SETTLEMENT_MONTH = "2024-05"
@@ -151,3 +157,34 @@ def test_rebuild_after_erasure_leaves_the_erased_out(ledger: Ledger) -> None:
     ledger.erase_user("P00017", "request")
     result = ledger.rebuild()
     assert result.matched and result.users == 1 and result.points_outstanding == 30
+
+
+def erase_in_a_process(data_dir: Path, crash_spec: str) -> int:
+    code = ("from pathlib import Path; from engine.ledger import Ledger\n"
+            f"with Ledger.open(Path({str(data_dir)!r})) as ledger:\n"
+            "    ledger.erase_user('P00017', 'request')\n")
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, timeout=60,
+                           env={**os.environ, CRASH_ENV: crash_spec}, check=False)
+    return child.returncode
+
+
+def test_a_kill_inside_the_erasure_leaves_the_person_whole(data_dir: Path) -> None:
+    with Ledger.open(data_dir) as ledger:
+        populate(ledger)
+        before = ledger.head()
+    assert erase_in_a_process(data_dir, "ledger_before_commit:1") == -signal.SIGKILL
+    with Ledger.open(data_dir) as ledger:
+        assert ledger.head() == before and ledger.balance("P00017") == 36
+        assert ledger.verify().ok
+
+
+def test_a_kill_after_the_erasure_commit_is_finished_by_running_it_again(
+        data_dir: Path) -> None:
+    with Ledger.open(data_dir) as ledger:
+        populate(ledger)
+    assert erase_in_a_process(data_dir, "ledger_erase_before_checkpoint:1") == -signal.SIGKILL
+    with Ledger.open(data_dir) as ledger:
+        assert not ledger.has_user("P00017") and ledger.verify().ok
+        assert not ledger.erase_user("P00017", "request").erased
+        assert [e["seq"] for e in ledger.erasures()] == [1]
+    assert b"P00017" not in (data_dir / "ledger.sqlite").read_bytes()

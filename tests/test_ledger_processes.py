@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -16,6 +15,7 @@ import pytest
 
 from engine.cli import main
 from engine.errors import InsufficientPoints
+from engine.faults import CRASH_ENV
 from engine.ledger import Ledger
 from tests.conftest import REPO_ROOT, genki_cmd
 from tests.test_ledger import TS_MS, award, tamper
@@ -94,37 +94,29 @@ def run_pipeline(data_dir: str) -> None:
             print(batch, flush=True)
 
 
-def pipeline_process(data_dir: Path) -> subprocess.Popen:
+def pipeline_process(data_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     code = f"from tests.test_ledger_processes import run_pipeline; run_pipeline({str(data_dir)!r})"
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
 
 
-# Seconds between seeing a commit and SIGKILL: 0 hits the gap between batches,
-# 0.015 lands inside the next batch's transaction (a batch takes ~0.04 s).
-KILL_DELAYS_S = (0.015, 0.0)
-
-
-def kill_after_commits(data_dir: Path, commits: int, delay_s: float) -> None:
-    child = pipeline_process(data_dir)
-    assert child.stdout is not None
-    for _ in range(commits):
-        assert child.stdout.readline().strip()
-    time.sleep(delay_s)  # fault injection point, not synchronisation
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait(timeout=30)
+def crash_at(data_dir: Path, spec: str) -> None:
+    """Run the pipeline until the deterministic crash point kills it (engine/faults.py)."""
+    child = pipeline_process(data_dir, {CRASH_ENV: spec})
+    child.communicate(timeout=120)
     assert child.returncode == -signal.SIGKILL
 
 
 def test_kill_9_mid_append_leaves_whole_batches_and_resumes_to_the_same_ledger(
         tmp_path: Path) -> None:
     killed_dir = tmp_path / "killed"
-    for delay_s in KILL_DELAYS_S:
-        kill_after_commits(killed_dir, 2, delay_s)
+    # Killed inside the 3rd batch's transaction, then right after the 2nd commit of a resume.
+    for spec, position_after in (("ledger_before_commit:3", 1), ("ledger_after_commit:2", 3)):
+        crash_at(killed_dir, spec)
         with Ledger.open(killed_dir) as ledger:
-            position = int(ledger.get_meta("log_position") or -1)
-            assert position >= 1
-            assert ledger.head()["entries"] == (position + 1) * PIPELINE_BATCH_DRAFTS
+            assert int(ledger.get_meta("log_position") or -1) == position_after
+            assert ledger.head()["entries"] == (position_after + 1) * PIPELINE_BATCH_DRAFTS
+            assert ledger.head()["commit_seq"] == position_after + 1
             assert ledger.verify().ok
     resumed = pipeline_process(killed_dir)
     resumed.communicate(timeout=120)

@@ -214,3 +214,10 @@ def test_a_signing_key_inside_the_data_directory_is_refused(data_dir: Path) -> N
     private, _, _ = create_key_pair(data_dir / "signing")
     with pytest.raises(LedgerError, match="inside the data directory"):
         Ledger.open(data_dir, signing_key=private)
+
+
+def test_keys_signing_create_refuses_a_path_inside_the_data_directory(data_dir: Path) -> None:
+    out = data_dir / "signing"
+    assert main(["keys", "signing", "create", "--out", str(out), "--data-dir",
+                 str(data_dir)]) == UsageError.exit_code
+    assert not out.exists()

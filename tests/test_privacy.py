@@ -8,10 +8,13 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.clock import DAY_MS, day_start_ms, day_to_iso, iso_to_day, tokyo_day
 from engine.consent import TS_OPEN_END_MS, LifecycleEvent, lifecycle
@@ -408,3 +411,85 @@ def test_after_erasure_the_ledger_verifies_and_settlement_is_unchanged(
         assert ledger.flag_history(ERASED) == []
     removed = erased["result"]["removed"]["data_dir"]  # type: ignore[index]
     assert removed["ledger_entries_unlinked"] > DAYS
+
+
+def test_the_period_index_agrees_with_the_periods_at_their_edges() -> None:
+    from engine.consent import PeriodIndex
+    from engine.schemas import TS_MS_MIN
+
+    at = day_start_ms(iso_to_day("2026-01-01"))
+    periods = {"a": [(TS_MS_MIN - DAY_MS, TS_MS_MIN + 5), (at, at + 10)],
+               "b": [(at + 5, TS_OPEN_END_MS)], "c": [(0, TS_MS_MIN)]}
+    index = PeriodIndex(periods)
+    users = ["a", "b", "c", "d"]
+    probes = [(0, TS_MS_MIN), (0, TS_MS_MIN + 5), (0, at - 1), (0, at), (0, at + 9),
+              (0, at + 10), (1, at + 4), (1, at + 5), (1, 4_000_000_000_000), (2, TS_MS_MIN),
+              (3, at)]
+    got = index.contains(users, np.array([p[0] for p in probes], np.int32),
+                         np.array([p[1] for p in probes], np.int64))
+    assert got.tolist() == [True, False, False, True, True, False, False, True, True, False,
+                            False]
+
+
+@pytest.mark.parametrize("point", ["erasure_after_log", "erasure_before_done"])
+def test_an_erasure_killed_midway_is_finished_by_running_it_again(
+        world: Path, tmp_path: Path, point: str) -> None:
+    import os
+
+    data_dir = tmp_path / "genki-data"
+    shutil.copytree(world, data_dir)
+    command = genki_cmd("erase", ERASED, "--reason", "request ref 3", "--data-dir", str(data_dir))
+    killed = subprocess.run(command, capture_output=True, check=False,
+                            env={**os.environ, "GENKI_CRASH_AT": point})
+    assert killed.returncode == -9
+    audit = ErasureAudit.open(data_dir)
+    try:
+        assert [r.state for r in audit.rows()] == ["started"]
+        assert not audit.is_erased(ERASED)
+    finally:
+        audit.close()
+    with Ledger.open(data_dir) as ledger:
+        linked = len(ledger.history(ERASED, None, 1000)[0])
+    assert (linked > 0) == (point == "erasure_after_log")
+    finished = subprocess.run(command, capture_output=True, check=False)
+    assert finished.returncode == 0, finished.stderr
+    audit = ErasureAudit.open(data_dir)
+    try:
+        assert [r.state for r in audit.rows()] == ["started", "started", "done"]
+        assert audit.is_erased(ERASED) and audit.verify() == 3
+    finally:
+        audit.close()
+    with Ledger.open(data_dir) as ledger:
+        assert ledger.history(ERASED, None, 10)[0] == []
+    verify = subprocess.run(genki_cmd("ledger", "verify", "--data-dir", str(data_dir)),
+                            capture_output=True, check=False)
+    assert verify.returncode == 0
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
+
+
+_CHANGES = [ConsentChange.consent_given, ConsentChange.consent_withdrawn]
+_BASE_MS = day_start_ms(iso_to_day("2026-01-01"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_CHANGES), st.integers(0, 6), st.integers(0, 4)),
+                max_size=8))
+def test_consent_periods_match_the_newest_effective_decision(
+        events: list[tuple[ConsentChange, int, int]]) -> None:
+    """Reference model: at time t, of the events effective by t, the greatest consent_seq
+    decides, withdrawn on a tie; no event effective yet means no consent."""
+    from engine.consent import PeriodIndex
+
+    items = [LifecycleEvent("u", change, _BASE_MS + at * DAY_MS, seq)
+             for change, at, seq in events]
+    index = PeriodIndex({"u": lifecycle(items).research.get("u", [])})
+    probes = [_BASE_MS + (half * DAY_MS) // 2 for half in range(16)]
+    expected = []
+    for t in probes:
+        effective = [e for e in items if e.effective_ts_ms <= t]
+        best = max(effective, default=None, key=lambda e: (
+            e.consent_seq, e.change == ConsentChange.consent_withdrawn))
+        expected.append(best is not None and best.change == ConsentChange.consent_given)
+    got = index.contains(["u"], np.zeros(len(probes), np.int32), np.array(probes, np.int64))
+    assert got.tolist() == expected

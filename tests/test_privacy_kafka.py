@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from replay.kafka_source import export_kafka
 pytest.register_assert_rewrite("tests.kafka_fixtures")
 from tests.kafka_fixtures import KafkaTarget, create_topics, genki
 from tests.test_privacy import (
+    DAYS,
     ERASED,
     FIRST_DAY,
     KEY,
@@ -72,19 +72,28 @@ def test_consent_leaving_and_erasure_through_the_topics(kafka: KafkaTarget,
     assert len(days) == iso_to_day(WITHDRAWN_ON) - FIRST_DAY
 
     home = _partition_of(worker_dir, ERASED)
-    genki("erase", ERASED, "--reason", "request ref 5", "--data-dir", str(worker_dir))
+    result = orjson.loads(genki("erase", ERASED, "--reason", "request ref 5", "--data-dir",
+                                str(worker_dir), "--json").stdout)
+    removed = result["removed"][f"worker/{home.name}"]
+    assert (removed["samples"], removed["dead_letters"]) == (DAYS, 1)
     with EmbeddedLog.open(home, writer=False) as log:
         assert ERASED not in log.read_activities(0, log.position()).users
         assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
-    assert ERASED.encode() not in (home / "log.sqlite").read_bytes()
-    if importlib.util.find_spec("engine.kafka.personal") is None:
-        return  # per-person topic encryption has not landed: the topics still hold them
+    for name in ("log.sqlite", "kafka.sqlite"):
+        assert ERASED.encode() not in (home / name).read_bytes(), name
+    # The topics keep everything: erasure destroys the person's data keys, and a host that
+    # rebuilds the partitions from the topics does not bring them back.
     genki("erase", ERASED, "--reason", "request ref 5", "--data-dir", str(worker_dir),
           *kafka.args())
     rebuilt = tmp_path / "rebuilt"
     _worker(kafka, rebuilt)
-    with EmbeddedLog.open(_partition_of(rebuilt, PEOPLE[4]), writer=False) as log:
-        assert ERASED not in [orjson.loads(p)["user_id"] for p in log.profiles()]
-    for directory in rebuilt.glob("p*"):
+    for directory in sorted(rebuilt.glob("p*")):
         with EmbeddedLog.open(directory, writer=False) as log:
+            assert ERASED not in [orjson.loads(p)["user_id"] for p in log.profiles()]
             assert ERASED not in log.read_activities(0, log.position()).users
+            assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
+        with Ledger.open(directory) as ledger:
+            assert ledger.history(ERASED, None, 10)[0] == []
+    with EmbeddedLog.open(_partition_of(rebuilt, PEOPLE[4]), writer=False) as log:
+        kept = [k for k in log.stored_sample_keys().items() if k[0][0] == PEOPLE[4]]
+    assert sum(len(samples) for _, samples in kept) == 3 * DAYS

@@ -234,8 +234,9 @@ SHORT_WINDOW_DAYS = 10
 def short_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Rules whose longest lookback is weeks, not months, so 70 days get pruned."""
     text = RULES_DEFAULT_PATH.read_text(encoding="utf-8")
-    short = re.sub(r"^(lookback_days|baseline_days|recent_days|window_days) = \d+", r"\1 = 14", text,
-                   flags=re.MULTILINE)
+    short = re.sub(r"^(lookback_days|baseline_days|window_days|recent_days) = \d+", r"\1 = 7",
+                   text, flags=re.MULTILINE)
+    short = re.sub(r"^(\w*days_with_data_min) = \d+", r"\1 = 4", short, flags=re.MULTILINE)
     assert short != text
     path = tmp_path_factory.mktemp("rules") / "short.toml"
     path.write_text(short, encoding="utf-8")

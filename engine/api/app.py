@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -24,6 +25,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -75,6 +77,7 @@ TOKEN_TTL_ENV = "GENKI_API_TOKEN_TTL_S"
 CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
 OUTCOME_WAIT_ENV = "GENKI_API_OUTCOME_WAIT_S"  # Kafka mode; at most OUTCOME_WAIT_S_MAX
 JSON = "application/json"
+REDEMPTIONS_PATH = "/v1/redemptions"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
 _T = TypeVar("_T")
 Service = ApiService
@@ -121,6 +124,30 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _warn_if_shared(data_dir: Path) -> None:
+    """genki makes new data directories private; an older one may still be readable."""
+    try:
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        _log.warning("data directory %s has mode %o: other accounts on this host can reach "
+                     "health records and keys; chmod 700 %s", data_dir, mode, data_dir)
+
+
+def _seconds_env(name: str, seconds_max: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return seconds_max
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= seconds_max:
+        raise UsageError(f"{name}={text!r}: seconds, more than 0 and at most {seconds_max:g}")
+    return value
+
+
 def _int_env(name: str) -> int | None:
     text = os.environ.get(name)
     if not text:
@@ -144,6 +171,7 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
     redemptions go to the partition owners, reads to `partitions_dir`.
     """
     private_umask()
+    _warn_if_shared(Path(data_dir))
     if token_ttl_s is None:
         token_ttl_s = int(os.environ.get(TOKEN_TTL_ENV) or TOKEN_TTL_S_DEFAULT)
     if clock_offset_ms is None:
@@ -163,9 +191,8 @@ def create_app(data_dir: Path | str, *, token_ttl_s: int | None = None,
         from engine.api.kafka_service import KafkaApiService
         from engine.kafka.api_bridge import OUTCOME_WAIT_S_MAX, RedemptionBridge
 
-        wait_s = float(os.environ.get(OUTCOME_WAIT_ENV) or OUTCOME_WAIT_S_MAX)
-        bridge = RedemptionBridge(bootstrap, topic_prefix,
-                                  outcome_wait_s=min(wait_s, OUTCOME_WAIT_S_MAX))
+        wait_s = _seconds_env(OUTCOME_WAIT_ENV, OUTCOME_WAIT_S_MAX)
+        bridge = RedemptionBridge(bootstrap, topic_prefix, outcome_wait_s=wait_s)
         service = KafkaApiService(Path(data_dir), bridge, partitions_dir, settings=settings,
                                   clock=clock)
 
@@ -285,7 +312,7 @@ def _add_write_routes(app: FastAPI, service: ApiService) -> None:
     async def redeem_token(user_id: UserId, _: Principal = app_role) -> Response:
         return json_response(service.issue_token(user_id), 201)
 
-    @app.post("/v1/redemptions", tags=["shops"], status_code=201,
+    @app.post(REDEMPTIONS_PATH, tags=["shops"], status_code=201,
               response_model=models.RedemptionOut)
     async def redeem(body: models.RedemptionIn, idempotency_key: IdempotencyHeader = None,
                      principal: Principal = shop) -> Response:
@@ -399,14 +426,15 @@ async def _send_too_large(send: Send, limit: int) -> None:
 
 
 class GenkiAPI(FastAPI):
-    """FastAPI with a fast path in front of Starlette's middleware stack.
+    """FastAPI with fast paths in front of Starlette's middleware stack.
 
-    GET /v1/users/{id}/balance, the hot path of app backends, is answered here
-    with the same auth and service code as the FastAPI route (a test holds the
-    answers equal). FastAPI's per-request dependency solving and middleware
-    layers cost several times the lookup itself (benchmarks/api.py measures
-    both); everything else, and anything this path does not recognise, goes
-    through FastAPI.
+    GET /v1/users/{id}/balance (app backends) and POST /v1/redemptions (shop
+    terminals), the hot paths, are answered here with the same auth, body model
+    and service code as the FastAPI routes (a test holds the answers equal).
+    FastAPI's per-request dependency solving and middleware layers cost several
+    times the work itself (benchmarks/api.py measures both); everything else,
+    and any request these paths do not recognise as well formed (they then hand
+    it on with its body), goes through FastAPI.
     """
 
     fast_reads: Service | None = None
@@ -423,7 +451,77 @@ class GenkiAPI(FastAPI):
             if match is not None:
                 await _fast_balance(self.fast_reads, match.group(1), scope, receive, send)
                 return
+        if self.fast_reads is not None and scope["type"] == "http" \
+                and scope["method"] == "POST" and scope["path"] == REDEMPTIONS_PATH:
+            await self._fast_redeem(self.fast_reads, scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
+
+    async def _fast_redeem(self, service: Service, scope: Scope, receive: Receive,
+                           send: Send) -> None:
+        headers = dict(scope["headers"])
+        body, more = await _read_body(receive, COMMAND_BODY_BYTES_MAX)
+        request = _well_formed_redemption(headers, body, more)
+        if request is None:  # FastAPI gives the precise answer (400, 413, ...)
+            await super().__call__(scope, _replaying(body, more, receive), send)
+            return
+        try:
+            principal = require_role(service.authenticate(
+                headers.get(b"authorization", b"").decode("latin-1") or None), Role.shop)
+            key = _idempotency_key(headers[b"idempotency-key"].decode("latin-1"))
+            reply = await service.redeem(principal, key, request.token, request.points,
+                                         request.terminal_id)
+        except GenkiError as error:
+            await error_response(error)(scope, receive, send)
+            return
+        except Exception:  # noqa: BLE001 - logged, answered as FastAPI would
+            _log.exception("redemption failed")
+            await refusal_response(Refusal.internal, "internal error; see the server log")(
+                scope, receive, send)
+            return
+        await reply_response(reply)(scope, receive, send)
+
+
+async def _read_body(receive: Receive, limit_bytes: int) -> tuple[bytes, bool]:
+    """The request body, up to just past `limit_bytes`; True when more is left unread."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        more = bool(message.get("more_body", False))
+        if not more or size > limit_bytes:
+            return b"".join(chunks), more
+
+
+def _replaying(body: bytes, more: bool, receive: Receive) -> Receive:
+    """A receive that gives the body already read first, then the rest."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": more}
+    return replay
+
+
+def _well_formed_redemption(headers: dict[bytes, bytes], body: bytes,
+                            more: bool) -> models.RedemptionIn | None:
+    """The body of a request the fast path can answer exactly as FastAPI would."""
+    content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    if more or len(body) > COMMAND_BODY_BYTES_MAX or content_type != b"application/json" \
+            or b"idempotency-key" not in headers or b"authorization" not in headers:
+        return None
+    try:
+        return models.RedemptionIn.model_validate_json(body)
+    except ValidationError:
+        return None
 
 
 async def _fast_balance(service: Service, user_id: str, scope: Scope, receive: Receive,

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from engine.api.service import ApiService, Principal, require_role
 from engine.api.store import Role
 from engine.devices import DeviceRegistry
+from engine.errors import NotFound
 from engine.schemas import IdText
 
 if TYPE_CHECKING:
@@ -58,6 +59,24 @@ def add_device_routes(app: FastAPI, service: ApiService | KafkaApiService,
         enrolment = registry.enroll(body.user_id, body.device_id, body.vendor,
                                     service.clock(), f"key:{principal.key_id}", body.key_id)
         return _json(enrolment.to_dict(), 201)
+
+    @app.post(DEVICES_PATH, tags=["staff"], status_code=201)
+    async def enroll_here(body: EnrolIn, request: Request) -> Response:
+        """The same as POST /v1/devices/enroll."""
+        return await enroll(body, request)
+
+    @app.delete(DEVICES_PATH + "/{device_id}", tags=["staff"])
+    async def unenroll_device(device_id: str, request: Request,
+                              user_id: Annotated[str | None, Query(max_length=64)] = None,
+                              ) -> Response:
+        """End a device's enrolment (to `user_id` if given, else to whoever wears it)."""
+        principal = staff(request)
+        current = registry.enrolment(device_id)
+        if current is None:
+            raise NotFound(f"device {device_id} is not enrolled")
+        enrolment = registry.unenroll(user_id or current.user_id, device_id, service.clock(),
+                                      f"key:{principal.key_id}")
+        return _json(enrolment.to_dict())
 
     @app.post(DEVICES_PATH + "/unenroll", tags=["staff"])
     async def unenroll(body: UnenrolIn, request: Request) -> Response:

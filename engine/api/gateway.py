@@ -21,25 +21,35 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import io
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import orjson
 import zstandard
+from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Query, Request
 from starlette.responses import Response
 
 from engine.api.devices import add_device_routes
 from engine.api.limits import INGEST_BODY_BYTES_MAX, INGEST_RECORDS_PER_BATCH_MAX
-from engine.api.problems import ApiError, BadRequest, BodyTooLarge, Refusal, TooManyRecords
+from engine.api.problems import (
+    RETRY_AFTER,
+    ApiError,
+    BadRequest,
+    BodyTooLarge,
+    Refusal,
+    TooManyRecords,
+)
 from engine.api.service import ApiService, Principal, require_role
 from engine.api.store import Role
 from engine.devices import DeviceRegistry, KeyPolicy
 from engine.devices.screen import enrolment_resolver, screen_lines
+from engine.errors import GenkiError
 from engine.importers import ImportOptions, ImportResult, format_named, import_source
 from engine.importers.core import LOCAL_OFFSET_DEFAULT
 from engine.ingest.decode import DecodedBatch, decode_lines
@@ -61,6 +71,11 @@ GARMIN_SUMMARY_TYPES = ("dailies", "epochs", "sleeps", "pulseox", "bodyComps")
 
 class UnsupportedEncoding(ApiError):
     refusal = Refusal.unsupported_content_encoding
+
+
+class GatewayUnavailable(ApiError):
+    refusal = Refusal.kafka_unavailable
+    headers: ClassVar[dict[str, str]] = RETRY_AFTER
 
 
 class BadEncoding(ApiError):
@@ -203,9 +218,31 @@ class KafkaSink:
             from engine.kafka.publish import Gateway
 
             gateway = Gateway(self.bootstrap, self.prefix, client_id="http-gateway")
-            await gateway.__aenter__()
+            try:
+                await gateway.__aenter__()
+            except (KafkaError, GenkiError, OSError) as error:
+                raise GatewayUnavailable(f"cannot publish to Kafka at {self.bootstrap}: "
+                                         f"{error}; retry later") from None
             self._gateway = gateway
         return self._gateway
+
+    async def _publish(self, principal: Principal, accepted: list[bytes], source: str,
+                       letters: list[tuple[int, str, bytes]]) -> None:
+        """Records and dead letters, acknowledged by the broker; on a broker error the
+        producer is dropped (the next request starts a new one) and the client retries:
+        what was published twice is a duplicate the partition owner drops."""
+        async with self._lock:
+            gateway = await self._started()
+            try:
+                await gateway.send_lines(accepted, submitted_by=principal.key_id)
+                await send_dead_letters(gateway, self.prefix, source, letters)
+                await gateway.flush()
+            except KafkaError as error:
+                self._gateway = None
+                with contextlib.suppress(Exception):
+                    await gateway.__aexit__(None, None, None)
+                raise GatewayUnavailable(f"publishing to Kafka failed: {error}; retry the "
+                                         "request") from None
 
     async def submit(self, principal: Principal, make: Callable[[], Batch]) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -222,11 +259,7 @@ class KafkaSink:
         letters = [(offsets[r.index], r.reason, r.raw) for r in decoded.rejected]
         letters.extend(batch.rejected_before)
         source = f"http:{principal.key_id}:{now_ms}"
-        async with self._lock:
-            gateway = await self._started()
-            await gateway.send_lines(accepted, submitted_by=principal.key_id)
-            await send_dead_letters(gateway, self.prefix, source, letters)
-            await gateway.flush()
+        await self._publish(principal, accepted, source, letters)
         by_reason: dict[str, int] = {}
         for _, reason, _ in letters:
             code = reason.split(":", 1)[0]

@@ -20,7 +20,6 @@ has no copy of the balances to answer from.
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,7 @@ class PartitionReads:
             raise ReadsUnavailable(f"partition {number}'s ledger is not in {self.partitions_dir} "
                                    "(its worker runs on another host, or has not started); "
                                    "ask the API on that host")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        ledger = self._ledgers[number] = Ledger(db, path)
+        ledger = self._ledgers[number] = Ledger.open_read_only(path.parent)
         return ledger
 
     def _of(self, user_id: str) -> Ledger:

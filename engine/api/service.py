@@ -24,6 +24,11 @@ A shop request (redemption or refund), with Idempotency-Key K of shop S:
 
 Threads: reads run on the event loop, shop commands on one writer thread
 (its own SQLite connections), ingest on its own thread, reports on the pool.
+The direct backend commits in groups (WriteBatcher): the requests that queued
+while the previous batch was written are claimed in one api.sqlite
+transaction, then applied in one ledger transaction with a savepoint each
+(Ledger.batch), so a redemption is still answered only once it is durable, but
+one fsync serves many.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ from engine.api.store import (
 from engine.api.tokens import TokenBox, fingerprint, load_or_create_secret
 from engine.clock import DAY_MS
 from engine.errors import GenkiError, UsageError
+from engine.faults import crash_point
 from engine.ingest.log import EmbeddedLog
 from engine.ledger.commands import describe, redeem_id, ref_fields, refund_id
 from engine.ledger.model import Entry, Settlement
@@ -365,7 +371,7 @@ class ApiService:
         return await asyncio.get_running_loop().run_in_executor(self.writer, partial(fn, *args))
 
     def health(self) -> dict[str, Any]:
-        """What /healthz adds to its answer for operators (the Kafka bridge's counters)."""
+        """What /healthz adds for operators (Kafka mode: the bridge's skipped records)."""
         return {}
 
     # -- authentication ------------------------------------------------------------
@@ -476,6 +482,7 @@ class ApiService:
             return [error] * len(prepares)
         if not commands:
             return results
+        crash_point("api_after_claims")
         outcomes: list[Entry | BaseException] = []
         try:
             with self.redeemer.batch():
@@ -486,6 +493,8 @@ class ApiService:
                         outcomes.append(error)
         except BaseException as error:  # noqa: BLE001 - the batch did not commit
             outcomes = [error] * len(commands)
+        else:
+            crash_point("api_after_ledger")
         for (index, command), outcome in zip(commands, outcomes, strict=True):
             self._in_flight.discard(_claim_key(command.claim))
             results[index] = self._settle(command, outcome)
@@ -576,7 +585,9 @@ class ApiService:
         key = _claim_key(claim)
 
         def live(owner: str) -> bool:
-            return key in self._in_flight if owner == self.owner else _pid_alive(owner)
+            if owner == self.owner:
+                return key in self._in_flight
+            return not owner.startswith(f"{os.getpid()}:") and _pid_alive(owner)
 
         try:
             stored = self.store.claim(claim, live)

@@ -207,8 +207,13 @@ class ApiStore:
                 self._batching = False
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, savepoint: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; inside `batch`, a savepoint of the batch's (none for a write
+        that checks everything before its first change)."""
         with self._lock:
+            if self._batching and not savepoint:
+                yield self._db
+                return
             if self._batching:
                 self._db.execute("SAVEPOINT request")
                 try:
@@ -302,7 +307,7 @@ class ApiStore:
         `live` (its process died) or whose lease ran out is taken over: the
         ledger's (shop, key) entry id still decides between the two.
         """
-        with self._write() as db:
+        with self._write(savepoint=False) as db:  # checks first: a refusal wrote nothing
             row = db.execute("SELECT fingerprint, state, owner, lease_until_ms, response FROM "
                              "key_claims WHERE scope = ? AND idempotency_key = ?",
                              (claim.scope, claim.idempotency_key)).fetchone()
@@ -314,21 +319,22 @@ class ApiStore:
                     return None if response is None else bytes(response)
                 if lease_until_ms > claim.now_ms and live(owner):
                     raise ClaimRefused("in_progress")
+            if claim.nonce is not None:
+                holder = db.execute("SELECT shop_id, idempotency_key FROM token_uses WHERE "
+                                    "nonce = ?", (claim.nonce,)).fetchone()
+                if holder is not None and tuple(holder) != (claim.shop_id,
+                                                            claim.idempotency_key):
+                    raise ClaimRefused("token_used")
+                if holder is None:
+                    db.execute("INSERT INTO token_uses VALUES (?, ?, ?, ?, ?, ?)",
+                               (claim.nonce, claim.user_id, claim.shop_id,
+                                claim.idempotency_key, claim.entry_id, claim.now_ms))
             db.execute("INSERT INTO key_claims VALUES (?, ?, ?, 'pending', ?, ?, NULL, ?) "
                        "ON CONFLICT (scope, idempotency_key) DO UPDATE SET "
                        "fingerprint = excluded.fingerprint, owner = excluded.owner, "
                        "lease_until_ms = excluded.lease_until_ms",
                        (claim.scope, claim.idempotency_key, claim.fingerprint, claim.owner,
                         claim.lease_until_ms, claim.now_ms))
-            if claim.nonce is None:
-                return None
-            db.execute("INSERT OR IGNORE INTO token_uses VALUES (?, ?, ?, ?, ?, ?)",
-                       (claim.nonce, claim.user_id, claim.shop_id, claim.idempotency_key,
-                        claim.entry_id, claim.now_ms))
-            holder = db.execute("SELECT shop_id, idempotency_key FROM token_uses WHERE "
-                                "nonce = ?", (claim.nonce,)).fetchone()
-            if tuple(holder) != (claim.shop_id, claim.idempotency_key):
-                raise ClaimRefused("token_used")  # rolls the key claim back too
         return None
 
     def release(self, claim: Claim) -> None:

@@ -84,16 +84,21 @@ def _cmd_provenance(args: argparse.Namespace) -> int:
     data_dir = data_dir_of(args)
     if not (data_dir / LOG_FILE_NAME).exists():
         raise NotFound(f"no log in {data_dir}")
+    if args.exclude or args.include:
+        with EmbeddedLog.open(data_dir) as log:
+            log.exclude_key(args.key_id, _now_ms(), excluded=args.exclude)
     with EmbeddedLog.open(data_dir, writer=False) as log:
         positions = log.positions_of_key(args.key_id)
         counts = log.counts_by_key().get(args.key_id, {})
-    result = {"key_id": args.key_id, "counts": counts,
+        excluded = args.key_id in log.excluded_keys()
+    result = {"key_id": args.key_id, "counts": counts, "excluded": excluded,
               "positions": [[first, last] for first, last in positions]}
     if args.json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
         return 0
     print(f"key {args.key_id}: " + (", ".join(f"{n} {v:,}" for n, v in counts.items())
-                                    or "nothing submitted"))
+                                    or "nothing submitted")
+          + ("; EXCLUDED from runs, rebuilds and what-if" if excluded else ""))
     for first, last in positions:
         print(f"  log positions {first}..{last}")
     return 0
@@ -104,6 +109,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "provenance", help="what one API key submitted: counts and log positions")
     parser.add_argument("key_id", help="a key id (`genki keys list`), or 'operator' for the CLI")
     parser.add_argument("--json", action="store_true")
+    switch = parser.add_mutually_exclusive_group()
+    switch.add_argument("--exclude", action="store_true",
+                        help="leave this key's records out of later runs (a leaked key)")
+    switch.add_argument("--include", action="store_true", help="undo --exclude")
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_provenance)
 

@@ -292,7 +292,7 @@ class SegmentBuilder:
             previous = last.get((user, metric))
             if previous is None or start >= previous[4] or previous[2:6] == row[2:6]:
                 kept.append(row)
-                if previous is None or end >= previous[4]:
+                if previous is None or end > previous[4]:
                     last[(user, metric)] = row
                 continue
             self.result.samples -= 1

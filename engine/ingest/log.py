@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS record_keys (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, key_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS record_keys_by_key ON record_keys (key_id);
+CREATE TABLE IF NOT EXISTS excluded_keys (key_id TEXT PRIMARY KEY, excluded_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS key_stats (
     key_id TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (key_id, name));
@@ -562,6 +563,34 @@ class EmbeddedLog:
                 ("rejected", counts.rejected), ("records", last_seq - first_seq + 1),
                 ("accepted_samples", counts.accepted_samples))])
 
+    def exclude_key(self, key_id: str, now_ms: int, *, excluded: bool = True) -> None:
+        """Leave (or, with excluded=False, take back) the records a key submitted out of
+        every later read of samples and activities (runs, rebuilds, what-if). What the
+        ledger already awarded from them stays: entries are only reversed explicitly."""
+        assert self._lock_file is not None, "log opened read-only"
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if excluded:
+                self._db.execute("INSERT OR IGNORE INTO excluded_keys VALUES (?, ?)",
+                                 (key_id, now_ms))
+            else:
+                self._db.execute("DELETE FROM excluded_keys WHERE key_id = ?", (key_id,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def excluded_keys(self) -> list[str]:
+        return [str(k) for (k,) in self._db.execute("SELECT key_id FROM excluded_keys ORDER BY 1")]
+
+    def _not_excluded(self, seq_column: str) -> str:
+        """A WHERE clause dropping records of excluded keys ("" when none is excluded)."""
+        if self._db.execute("SELECT 1 FROM excluded_keys LIMIT 1").fetchone() is None:
+            return ""
+        return (" AND coalesce((SELECT CASE WHEN k.last_seq >= " + seq_column + " THEN k.key_id"
+                " END FROM record_keys k WHERE k.first_seq <= " + seq_column +
+                " ORDER BY k.first_seq DESC LIMIT 1), '') NOT IN (SELECT key_id FROM excluded_keys)")
+
     def positions_of_key(self, key_id: str) -> list[tuple[int, int]]:
         """Log positions (first, last, inclusive) of every record `key_id` submitted."""
         return [(int(a), int(b)) for a, b in self._db.execute(
@@ -586,13 +615,17 @@ class EmbeddedLog:
         return max(self.late_window_days, int(self.get_meta(META_SEEN_WINDOW_DAYS) or 0))
 
     def profiles_digest(self) -> str:
-        """SHA-256 over every profile and consent record (what step targets and the periods
-        people are in the programme depend on): rules state built under other ones is stale."""
+        """SHA-256 over every profile and consent record and the excluded submitter keys (what
+        step targets, programme periods and log reads depend on): rules state built under
+        other ones is stale."""
         digest = hashlib.sha256()
         for table in ("profile_records", "consent_records"):
             digest.update(table.encode())
             for seq, body in self._db.execute(f"SELECT seq, body FROM {table} ORDER BY seq"):
                 digest.update(str(seq).encode() + b"\x1f" + bytes(body) + b"\x1e")
+        digest.update(b"excluded_keys")  # reads leave their records out
+        for key_id in self.excluded_keys():
+            digest.update(key_id.encode() + b"\x1e")
         return digest.hexdigest()
 
     def get_meta(self, key: str) -> str | None:
@@ -662,6 +695,12 @@ class EmbeddedLog:
             query += f" LIMIT {int(limit)}"
         return [StoredDeadLetter(*row) for row in self._db.execute(query)]
 
+    def dead_letters_after(self, after_id: int, limit: int) -> list[StoredDeadLetter]:
+        """Dead letters with id > after_id in id order (readers page by position)."""
+        return [StoredDeadLetter(*row) for row in self._db.execute(
+            "SELECT id, source, partition, offset, reason, raw FROM dlq WHERE id > ? ORDER BY id"
+            " LIMIT ?", (after_id, limit))]
+
     def profiles(self) -> list[bytes]:
         return [body for (body,) in self._db.execute("SELECT body FROM profiles ORDER BY user_id")]
 
@@ -679,13 +718,15 @@ class EmbeddedLog:
         rows = self._db.execute(
             "SELECT s.user_id, s.metric, r.base_ts_ms, r.ts_offsets, r.vals, r.vals_f64,"
             " r.wm_before_ms FROM sample_records r JOIN streams s USING (stream_id)"
-            " WHERE r.seq > ? AND r.seq <= ? ORDER BY r.seq", (after_seq, upto_seq)).fetchall()
+            " WHERE r.seq > ? AND r.seq <= ?" + self._not_excluded("r.seq") + " ORDER BY r.seq",
+            (after_seq, upto_seq)).fetchall()
         return _sample_columns(rows)
 
     def read_activities(self, after_seq: int, upto_seq: int) -> ActivityColumns:
         rows = self._db.execute(
             "SELECT user_id, event_id, kind, ts_ms, venue_id, wm_before_ms FROM activity_records"
-            " WHERE seq > ? AND seq <= ? ORDER BY seq", (after_seq, upto_seq)).fetchall()
+            " WHERE seq > ? AND seq <= ?" + self._not_excluded("seq") + " ORDER BY seq",
+            (after_seq, upto_seq)).fetchall()
         user_index: dict[str, int] = {}
         user_idx = np.fromiter((user_index.setdefault(r[0], len(user_index)) for r in rows),
                                dtype=np.int32, count=len(rows))

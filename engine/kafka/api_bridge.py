@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from engine.errors import GenkiError
+from engine.errors import GenkiError, UsageError
 from engine.kafka.authn import authenticated_value, require_record_keys
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
 from engine.kafka.keys import Keyring
@@ -96,7 +96,9 @@ def entry_id_of(record: Redemption) -> str:
 class RedemptionBridge:
     def __init__(self, bootstrap: str, prefix: str = "", client_id: str = "api",
                  outcome_wait_s: float = OUTCOME_WAIT_S_MAX) -> None:
-        assert 0 < outcome_wait_s <= OUTCOME_WAIT_S_MAX
+        if not 0 < outcome_wait_s <= OUTCOME_WAIT_S_MAX:
+            raise UsageError(f"outcome wait: more than 0 and at most {OUTCOME_WAIT_S_MAX:g} s, "
+                             f"got {outcome_wait_s:g}")
         self.bootstrap = bootstrap
         self.outcome_wait_s = outcome_wait_s
         self.topics = {name: topic_name(prefix, name) for name in (REDEMPTIONS, LEDGER, DLQ)}
@@ -182,11 +184,13 @@ class RedemptionBridge:
                 await self._publish(entry_id, record)
             return await asyncio.wait_for(asyncio.shield(future), self.outcome_wait_s)
         except TimeoutError:
+            # The partition is named in the log only: it is a hash of the person's id.
+            log.warning("no outcome from the owner of partition %d within %g s",
+                        self.partition_of_user(record.user_id), self.outcome_wait_s)
             raise OutcomeTimeout(
-                f"no answer from the owner of partition {self.partition_of_user(record.user_id)}"
-                f" within {self.outcome_wait_s:g} s (is a `genki worker` running?); the request"
-                " was published and may still be applied: retry with the same Idempotency-Key "
-                "to get its outcome") from None
+                f"no answer from the partition owner within {self.outcome_wait_s:g} s (is a "
+                "`genki worker` running?); the request was published and may still be "
+                "applied: retry with the same Idempotency-Key to get its outcome") from None
         finally:
             self._waiting -= 1
             if future is not None and future.done():

@@ -20,9 +20,8 @@ import hmac
 
 import orjson
 
-from engine.errors import UsageError
 from engine.ingest.reasons import Reason, reason_text
-from engine.kafka.keys import RECORD_KEYS_ENV, Keyring, record_keys
+from engine.kafka.keys import Keyring, record_keys
 from engine.schemas import RecordAuth, Redemption
 
 DOMAIN_TAG = b"genki.redemptions.v1\n"
@@ -46,13 +45,8 @@ def authenticate(record: Redemption, keys: Keyring) -> Redemption:
 
 
 def require_record_keys() -> Keyring:
-    """The API's signing keys (--record-keys / $GENKI_RECORD_KEYS), or a usage error."""
-    keys = record_keys()
-    if keys is None:
-        raise UsageError(f"Kafka mode needs the record keys: --record-keys FILE or "
-                         f"${RECORD_KEYS_ENV} (create one with `genki kafka-keys add FILE`; "
-                         "the workers need the same file)")
-    return keys
+    """The API's signing keys (--record-keys / $GENKI_RECORD_KEYS / the default file)."""
+    return record_keys()
 
 
 def authenticated_value(record: Redemption, keys: Keyring | None) -> bytes:

@@ -15,6 +15,7 @@ import orjson
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.errors import UsageError
 from engine.kafka.client import add_security_args
+from engine.kafka.keys import Keyring
 
 BOOTSTRAP_ENV = "GENKI_BOOTSTRAP"
 TOPIC_PREFIX_ENV = "GENKI_TOPIC_PREFIX"
@@ -64,9 +65,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         from engine.kafka.authn import require_record_keys
 
         sign_with = require_record_keys()
+    encrypt_with = _wrap_keys_unless_opted_out(args, "genki publish")
     with progress_bar("publish", enabled=not args.json and sys.stderr.isatty()) as advance:
         summary = asyncio.run(publish_paths(_bootstrap(args), args.paths, args.topic_prefix,
-                                            args.compression, advance, sign_with))
+                                            args.compression, advance, sign_with,
+                                            encrypt_with))
     topics = ", ".join(f"{topic} {count:,}" for topic, count in sorted(summary.by_topic.items()))
     text = f"published {summary.records:,} records ({summary.bytes:,} bytes) in " \
            f"{summary.seconds:.1f} s: {topics}"
@@ -74,6 +77,20 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         text += f"; refused {summary.refused_oversized:,} records over the broker's size limit"
     _emit(args, summary.as_dict(), text)
     return 0
+
+
+def _wrap_keys_unless_opted_out(args: argparse.Namespace, what: str) -> Keyring | None:
+    from engine.kafka.personal import encryption_enabled, require_wrap_keys
+
+    if args.no_encryption or not encryption_enabled():
+        return None
+    return require_wrap_keys(what)
+
+
+def _add_no_encryption(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-encryption", action="store_true",
+                        help="opt out of per-person encryption of personal payloads (default "
+                             "on in Kafka mode; also $GENKI_KAFKA_ENCRYPTION=off)")
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -85,7 +102,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         prefix=args.topic_prefix, until_idle=args.until_idle, rules_path=args.rules,
         late_window_days=args.late_window_days, fetch_records_max=args.fetch_records,
         compression=args.compression, client_id=args.client_id,
-        session_timeout_ms=args.session_timeout_ms)
+        session_timeout_ms=args.session_timeout_ms,
+        encryption=not args.no_encryption)
     show = not args.json and sys.stderr.isatty()
     logging.basicConfig(level=logging.WARNING if show else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -134,6 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_bootstrap(publish)
     publish.add_argument("--compression", choices=COMPRESSIONS, default="auto",
                          help="auto: lz4 or zstd when installed, else none (default)")
+    _add_no_encryption(publish)
     publish.add_argument("--sign-redemptions", action="store_true",
                          help="authenticate redemption lines with the record keys (operators "
                               "only: whoever holds them can move points; gateways never do)")
@@ -156,6 +175,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--client-id", default="worker")
     worker.add_argument("--session-timeout-ms", type=int, default=10_000,
                         help="how long before a silent worker's partitions move (default 10000)")
+    _add_no_encryption(worker)
     worker.add_argument("--json", action="store_true", help="print the summary as JSON at exit")
     worker.set_defaults(func=_cmd_worker)
 

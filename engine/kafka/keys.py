@@ -7,7 +7,9 @@ Two keyrings, each its own file, so that each principal holds only what it needs
   data keys on genki.keys; gateways, workers and replay hold them.
 
 File: `{"v": 1, "current": "<kid>", "keys": {"<kid>": "<base64 32 bytes>", ...}}`,
-mode 0600. Rotation: `genki kafka-keys add FILE` adds a key and makes it current;
+mode 0600. Without a flag or variable, `record-keys.json` / `wrap-keys.json` in
+$GENKI_KEYS_DIR (default ~/.config/genki) are used, created on first use: enough
+for one host; several hosts must share the same files. Rotation: `genki kafka-keys add FILE` adds a key and makes it current;
 older keys stay to verify and unwrap what they made, until removed by hand.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import logging
 import os
 import secrets
 import stat
@@ -31,6 +34,11 @@ KEY_FILE_BYTES_MAX = 64 * 1_024
 KID_CHARS = 8
 RECORD_KEYS_ENV = "GENKI_RECORD_KEYS"
 WRAP_KEYS_ENV = "GENKI_WRAP_KEYS"
+KEYS_DIR_ENV = "GENKI_KEYS_DIR"
+DEFAULT_KEY_FILES: dict[str, str] = {RECORD_KEYS_ENV: "record-keys.json",
+                                     WRAP_KEYS_ENV: "wrap-keys.json"}
+
+log = logging.getLogger("genki.kafka.keys")
 
 
 class KeyFileError(GenkiError):
@@ -133,31 +141,66 @@ def configure_key_paths(record: Path | None, wrap: Path | None) -> None:
     _rings.clear()
 
 
-def configured_path(env: str) -> Path | None:
-    """The file the flag (or else the environment variable `env`) names, or None."""
+def default_keys_dir() -> Path:
+    """$GENKI_KEYS_DIR, else $XDG_CONFIG_HOME/genki, else ~/.config/genki."""
+    explicit = os.environ.get(KEYS_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "genki"
+
+
+def configured_path(env: str) -> Path:
+    """The file the flag, else the environment variable `env`, else the default key
+    directory names."""
     path = _paths.get(env)
     if path is not None:
         return path
     value = os.environ.get(env)
-    return Path(value) if value else None
+    return Path(value) if value else default_keys_dir() / DEFAULT_KEY_FILES[env]
 
 
-def configured_keyring(env: str) -> Keyring | None:
-    """The keyring named by the flag or environment variable `env`, or None."""
-    path = configured_path(env)
-    if path is None:
-        return None
+def _create_if_absent(path: Path) -> None:
+    """A new key file at the default place, unless one is there (two processes starting
+    at once both end up with the same file: the second link fails, it reads the first)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    add_key(temporary)
+    try:
+        os.link(temporary, path)
+        log.warning("created the key file %s (0600); every process of this installation "
+                    "must use the same file (copy it to other hosts, or set %s)", path,
+                    " / ".join(DEFAULT_KEY_FILES))
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+
+
+def resolve_keyring(env: str, explicit: Path | None = None,
+                    data_dirs: tuple[Path, ...] = ()) -> Keyring:
+    """The keyring of `explicit`, else of the flag / environment / default file (the
+    default one is created on first use); refused inside a data directory."""
+    path = explicit or configured_path(env)
+    if explicit is None and path == default_keys_dir() / DEFAULT_KEY_FILES[env]:
+        _create_if_absent(path)
     ring = _rings.get(path)
-    if ring is None:
-        ring = _rings[path] = load_keyring(path)
+    if ring is None or data_dirs:
+        ring = _rings[path] = load_keyring(path, data_dirs)
     return ring
 
 
-def record_keys() -> Keyring | None:
+def configured_keyring(env: str) -> Keyring:
+    return resolve_keyring(env)
+
+
+def record_keys() -> Keyring:
     return configured_keyring(RECORD_KEYS_ENV)
 
 
-def wrap_keys() -> Keyring | None:
+def wrap_keys() -> Keyring:
     return configured_keyring(WRAP_KEYS_ENV)
 
 

@@ -31,9 +31,8 @@ import orjson
 from pydantic import ValidationError
 
 from engine.entries import EntryDraft
-from engine.errors import GenkiError
+from engine.errors import GenkiError, NotFound
 from engine.ingest.log import (
-    LOG_FILE_NAME,
     OPERATOR_KEY_ID,
     EmbeddedLog,
     IngestCounts,
@@ -42,9 +41,10 @@ from engine.ingest.log import (
 from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
 from engine.kafka.keys import Keyring
-from engine.kafka.restore import RESTORED_KINDS, RestoreSelection
-from engine.ledger import LEDGER_FILE_NAME, Ledger
-from engine.ledger.model import ENTRY_COLUMNS
+from engine.kafka.restore import RESTORED_KINDS, RestoreSelection, expiry_failure
+from engine.ledger import Ledger
+from engine.ledger.commands import ref_fields
+from engine.ledger.model import ENTRY_COLUMNS, Entry
 from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
 
 if TYPE_CHECKING:
@@ -107,8 +107,7 @@ class PartitionStore:
     """Open with `PartitionStore.open(data_dir, number)`; one owner process at a time."""
 
     def __init__(self, number: int, path: Path, existed: bool, lock_file: Any,
-                 log: EmbeddedLog, ledger: Ledger, state: sqlite3.Connection,
-                 ledger_reader: sqlite3.Connection, log_reader: sqlite3.Connection) -> None:
+                 log: EmbeddedLog, ledger: Ledger, state: sqlite3.Connection) -> None:
         self.number = number
         self.path = path
         self.existed = existed
@@ -116,8 +115,6 @@ class PartitionStore:
         self.log = log
         self.ledger = ledger
         self._state = state
-        self._ledger_reader = ledger_reader
-        self._log_reader = log_reader
         self._pipeline: Any = None
         # Verifies the authenticators of point-moving records; None refuses them all.
         self.record_keys: Keyring | None = None
@@ -138,17 +135,14 @@ class PartitionStore:
             state.execute("PRAGMA journal_mode=WAL")
             state.execute("PRAGMA synchronous=FULL")
             state.executescript(_STATE_SCHEMA)
-            ledger_reader = _read_only(path / LEDGER_FILE_NAME)
-            log_reader = _read_only(path / LOG_FILE_NAME)
         except BaseException:
             lock_file.close()
             raise
-        return cls(number, path, existed, lock_file, log, ledger, state, ledger_reader,
-                   log_reader)
+        return cls(number, path, existed, lock_file, log, ledger, state)
 
     def close(self) -> None:
-        self._ledger_reader.close()
-        self._log_reader.close()
+        if self._pipeline is not None:
+            self._pipeline.snapshot(self.log)  # the next owner on this host starts from it
         self._state.close()
         self.ledger.close()
         self.log.close()
@@ -177,22 +171,33 @@ class PartitionStore:
     # -- inputs ------------------------------------------------------------------------
 
     def ingest(self, topic: str, offsets: list[int], values: list[bytes],
-               now_ms: int, key_ids: list[str] | None = None) -> IngestCounts:
+               now_ms: int, key_ids: list[str] | None = None,
+               next_offset: int | None = None) -> IngestCounts:
         """Store one topic's records of this partition; their next offset commits with them.
 
         `key_ids` (provenance, from the records' headers) splits the records into runs
         of one submitting key, each stored with its own next offset in one transaction.
+        `next_offset`: the fetch's end, when records of erased people were left out
+        (engine.kafka.personal); it commits with the last run (or alone).
         """
-        assert offsets and len(offsets) == len(values)
+        assert len(offsets) == len(values) and (offsets or next_offset is not None)
         assert all(b > a for a, b in itertools.pairwise(offsets)), "offsets ascend"
         assert key_ids is None or len(key_ids) == len(offsets)
+        assert next_offset is None or not offsets or next_offset > offsets[-1]
+        offset_key = offset_meta_key(topic, self.number)
+        if not offsets:
+            return self.log.ingest_lines([], topic, int(next_offset or 0), now_ms,
+                                         partition=self.number, offsets=[],
+                                         meta={offset_key: str(next_offset)},
+                                         key_id=OPERATOR_KEY_ID)
         runs = [(0, len(offsets), OPERATOR_KEY_ID)] if key_ids is None else _runs(key_ids)
         total = IngestCounts()
         for lo, hi, key_id in runs:
-            meta = {offset_meta_key(topic, self.number): str(offsets[hi - 1] + 1)}
+            end = next_offset if hi == len(offsets) and next_offset is not None \
+                else offsets[hi - 1] + 1
             total.add(self.log.ingest_lines(values[lo:hi], topic, offsets[lo], now_ms,
                                             partition=self.number, offsets=offsets[lo:hi],
-                                            meta=meta, key_id=key_id))
+                                            meta={offset_key: str(end)}, key_id=key_id))
         return total
 
     def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> RunSummary:
@@ -268,20 +273,37 @@ class PartitionStore:
         Called after the inputs are caught up to what that owner had processed, so
         the awards that paid for them are back; entry ids make repeats no-ops.
         """
+        trusted = [e for e in selection.trusted if e.kind.value in RESTORED_KINDS]
+        refused = list(selection.refused)
+        for offset, raw, expiry in selection.expiries:
+            reason = expiry_failure(expiry, self._lot_of(expiry))
+            if reason is None:
+                trusted.append(expiry)
+            else:
+                refused.append((offset, reason, raw))
+        selection.refused = refused
         drafts = [EntryDraft(e.entry_id, e.user_id, EntryKind(e.kind), e.points, e.day, e.ts_ms,
-                             e.rule, e.ref, e.rules_version)
-                  for e in selection.trusted if e.kind.value in RESTORED_KINDS]
-        if selection.refused:
+                             e.rule, e.ref, e.rules_version) for e in trusted]
+        if refused:
             self._state.execute("BEGIN IMMEDIATE")
             self._state.executemany(
                 "INSERT INTO outbox_dlq (source, partition, offset, reason, raw) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(ledger_topic, self.number, offset, reason, raw)
-                 for offset, reason, raw in selection.refused])
+                 for offset, reason, raw in refused])
             self._state.execute("COMMIT")
         if not drafts:
             return 0
         return self.ledger.append(drafts).appended
+
+    def _lot_of(self, expiry: LedgerEntry) -> Entry | None:
+        lot_id = ref_fields(expiry.ref).get("lot")
+        if not lot_id:
+            return None
+        try:
+            return self.ledger.entry(str(lot_id))
+        except NotFound:
+            return None
 
     # -- outputs -----------------------------------------------------------------------
 
@@ -291,23 +313,16 @@ class PartitionStore:
                       flag_seq=self._get("published_flag_seq") or 0,
                       dlq_id=self._get("published_dlq_id") or 0,
                       outbox_id=self._get("published_outbox_id") or 0)
-        db = self._ledger_reader
-        db.execute("BEGIN")
-        try:
-            rows = db.execute(f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries WHERE seq > ? "
-                              "ORDER BY seq LIMIT ?", (out.ledger_seq, OUTPUT_ROWS_PER_READ_MAX))
-            out.entries = [dict(zip(ENTRY_COLUMNS, row, strict=True)) for row in rows]
-            rows = db.execute(f"SELECT {', '.join(_FLAG_COLUMNS)} FROM flags WHERE seq > ? "
-                              "ORDER BY seq LIMIT ?", (out.flag_seq, OUTPUT_ROWS_PER_READ_MAX))
-            out.flags = [dict(zip(_FLAG_COLUMNS, row, strict=True)) for row in rows]
-        finally:
-            db.execute("COMMIT")
-        for row in self._log_reader.execute(
-                "SELECT id, source, partition, offset, reason, raw FROM dlq WHERE id > ?"
-                " ORDER BY id LIMIT ?", (out.dlq_id, OUTPUT_ROWS_PER_READ_MAX)):
-            out.dead_letters.append({"id": row[0], "source": row[1], "partition": row[2],
-                                     "offset": row[3], "reason": row[4], "raw": row[5],
-                                     "table": "dlq"})
+        out.entries = [dict(zip(ENTRY_COLUMNS, row, strict=True)) for row in
+                       self.ledger.entry_rows(ENTRY_COLUMNS, after_seq=out.ledger_seq,
+                                              limit=OUTPUT_ROWS_PER_READ_MAX)]
+        out.flags = [dict(zip(_FLAG_COLUMNS, row, strict=True)) for row in
+                     self.ledger.flag_rows(_FLAG_COLUMNS, after_seq=out.flag_seq,
+                                           limit=OUTPUT_ROWS_PER_READ_MAX)]
+        for letter in self.log.dead_letters_after(out.dlq_id, OUTPUT_ROWS_PER_READ_MAX):
+            out.dead_letters.append({"id": letter.id, "source": letter.source,
+                                     "partition": letter.partition, "offset": letter.offset,
+                                     "reason": letter.reason, "raw": letter.raw, "table": "dlq"})
         for row in self._state.execute(
                 "SELECT id, source, partition, offset, reason, raw FROM outbox_dlq WHERE id > ?"
                 " ORDER BY id LIMIT ?", (out.outbox_id, OUTPUT_ROWS_PER_READ_MAX)):
@@ -329,15 +344,26 @@ class PartitionStore:
 
     def all_entry_contents(self) -> list[tuple]:
         """Every entry's content columns (for digests across partitions)."""
-        return self._ledger_reader.execute(
-            "SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version "
-            "FROM entries").fetchall()
+        columns = ("seq", "entry_id", "user_id", "kind", "points", "day", "ts_ms", "rule", "ref",
+                   "rules_version")
+        return [row[1:] for page in self.ledger.iter_entry_rows(columns) for row in page]
 
 
-def _read_only(path: Path) -> sqlite3.Connection:
-    """A reader on another component's file: outputs are read by position, which
-    neither the ledger nor the log offers yet (see docs/kafka.md)."""
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=60.0)
+def erase_dead_letters(directory: Path, user_id: str) -> int:
+    """Delete the dead letters naming a person from a partition's kafka.sqlite (published or
+    not; engine.erasure). Run only while no worker owns the partition."""
+    path = directory / STATE_FILE_NAME
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path, isolation_level=None, timeout=60.0)
+    try:
+        db.execute("PRAGMA secure_delete = ON")
+        removed = db.execute("DELETE FROM outbox_dlq WHERE instr(raw, ?) > 0",
+                             (orjson.dumps(user_id),)).rowcount
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+    return int(removed)
 
 
 def now_ms() -> int:

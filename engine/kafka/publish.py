@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from engine.kafka.authn import authenticated_value
 from engine.kafka.client import MESSAGE_BYTES_MAX, producer_settings, topic_name
 from engine.kafka.keys import Keyring
+from engine.kafka.personal import KeyTopic, PersonKeys, encryption_enabled, require_wrap_keys
 from engine.kafka.topics import (
     ACTIVITIES,
     CONSENT,
@@ -39,6 +40,10 @@ from engine.kafka.topics import (
 from engine.schemas import Redemption
 
 BATCHES_IN_FLIGHT_MAX = 64
+# Inputs whose records are personal and encrypted per person, with the tag that binds
+# each ciphertext to its topic.
+SEALED_INPUTS: dict[str, bytes] = {name: name.encode()
+                                   for name in (PROFILES, CONSENT, SAMPLES, ACTIVITIES)}
 PROVENANCE_HEADER = "genki-key"  # the API key that submitted a record (HTTP gateway)
 KEY_CACHE_ENTRIES_MAX = 1_000_000
 
@@ -139,11 +144,20 @@ class BatchSender:
             await self._settle_oldest()
 
 
+class Configured:
+    """Gateway(encrypt_with=CONFIGURED): the wrap keys of --wrap-keys / $GENKI_WRAP_KEYS,
+    required unless encryption is switched off ($GENKI_KAFKA_ENCRYPTION=off)."""
+
+
+CONFIGURED = Configured()
+
+
 class Gateway:
     """Routes and keys wire records onto one producer. Use as an async context."""
 
     def __init__(self, bootstrap: str, prefix: str = "", compression: str = "auto",
-                 client_id: str = "gateway", sign_with: Keyring | None = None) -> None:
+                 client_id: str = "gateway", sign_with: Keyring | None = None,
+                 encrypt_with: Keyring | None | Configured = CONFIGURED) -> None:
         self._producer = AIOKafkaProducer(**producer_settings(bootstrap, client_id, compression))
         self._sender = BatchSender(self._producer)
         self._prefix = prefix
@@ -152,6 +166,13 @@ class Gateway:
         # Record keys to authenticate redemption lines with (an operator holding the API's
         # keys); None: they go out as they are, and workers refuse them (unauthenticated).
         self._sign_with = sign_with
+        # Wrap keys: profiles, samples and activities are encrypted per person
+        # (engine.kafka.personal); None: they go out in plain text.
+        if isinstance(encrypt_with, Configured):  # on by default, as the CLI decides
+            encrypt_with = require_wrap_keys("the gateway") if encryption_enabled() else None
+        self.person_keys = PersonKeys(encrypt_with) if encrypt_with is not None else None
+        self._key_topic = KeyTopic(bootstrap, prefix, self.person_keys, client_id) \
+            if self.person_keys is not None else None
         self.summary = PublishSummary()
         self.summary.end_offsets = self._sender.end_offsets
 
@@ -164,8 +185,13 @@ class Gateway:
             if len(set(self._counts.values())) != 1:
                 raise TopicsError(f"input topics must have the same partition count (users are "
                                   f"co-partitioned by user_id); found {self._counts}")
+            if self._key_topic is not None:
+                await self._key_topic.start()
+                await self._key_topic.catch_up()
         except BaseException:
             await self._producer.stop()
+            if self._key_topic is not None:
+                await self._key_topic.stop()
             raise
         return self
 
@@ -175,6 +201,8 @@ class Gateway:
                 await self.flush()
         finally:
             await self._producer.stop()
+            if self._key_topic is not None:
+                await self._key_topic.stop()
 
     async def send_lines(self, lines: Iterable[bytes], submitted_by: str | None = None) -> None:
         """Route and send; `submitted_by` (an API key id) travels in the PROVENANCE_HEADER
@@ -182,13 +210,25 @@ class Gateway:
         summary = self.summary
         headers = () if submitted_by is None else ((PROVENANCE_HEADER,
                                                      submitted_by.encode()),)
-        for raw in lines:
-            if len(raw) > MESSAGE_BYTES_MAX:
+        lines = list(lines)
+        routed = [route(raw) if len(raw) <= MESSAGE_BYTES_MAX else None for raw in lines]
+        person_keys = self.person_keys
+        if person_keys is not None and self._key_topic is not None:
+            await self._key_topic.refresh_if_due()
+            new = {key for r in routed if r is not None and r[0] in SEALED_INPUTS
+                   and (key := r[1]) is not None and not person_keys.knows(key)}
+            if new:
+                await self._key_topic.publish_new_keys(sorted(new))
+        for raw, routing in zip(lines, routed, strict=True):
+            if routing is None:
                 summary.refused_oversized += 1
                 continue
-            logical, key = route(raw)
+            logical, key = routing
             if logical == REDEMPTIONS and self._sign_with is not None:
                 raw = _signed(raw, self._sign_with)
+            summary.bytes += len(raw)
+            if person_keys is not None and key is not None and logical in SEALED_INPUTS:
+                raw = person_keys.seal(SEALED_INPUTS[logical], key, raw)
             count = self._counts[logical]
             partition = self._keys.get(key) if key is not None else None
             if partition is None or partition >= count:
@@ -198,7 +238,6 @@ class Gateway:
             await self._sender.append(topic_name(self._prefix, logical), partition, key, raw,
                                       headers)
             summary.records += 1
-            summary.bytes += len(raw)
             summary.by_topic[logical] = summary.by_topic.get(logical, 0) + 1
 
     async def flush(self) -> None:
@@ -218,13 +257,15 @@ def _signed(raw: bytes, keys: Keyring) -> bytes:
 async def publish_paths(bootstrap: str, paths: list[str], prefix: str = "",
                         compression: str = "auto",
                         advance: Callable[[int, str], None] | None = None,
-                        sign_with: Keyring | None = None) -> PublishSummary:
+                        sign_with: Keyring | None = None,
+                        encrypt_with: Keyring | None = None) -> PublishSummary:
     """Publish NDJSON files (in name order; each file flushed before the next, so
     profiles written first reach the broker before the samples that need them)."""
     from engine.ingest.reader import expand_paths, iter_sources
 
     started = time.perf_counter()
-    async with Gateway(bootstrap, prefix, compression, sign_with=sign_with) as gateway:
+    async with Gateway(bootstrap, prefix, compression, sign_with=sign_with,
+                       encrypt_with=encrypt_with) as gateway:
         for path in expand_paths(paths):
             for batch in iter_sources([path]):
                 await gateway.send_lines(batch.lines)

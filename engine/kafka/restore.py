@@ -21,7 +21,9 @@ from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
 from engine.kafka.client import consumer_settings
 from engine.kafka.keys import Keyring
-from engine.ledger.commands import redeem_id, refund_id
+from engine.kafka.personal import PersonKeys, open_entry
+from engine.ledger.commands import expire_id, redeem_id, ref_fields, refund_id
+from engine.ledger.model import Entry
 from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
 
 POLL_MS = 500
@@ -87,15 +89,24 @@ class RestoreSelection:
     trusted: list[LedgerEntry] = field(default_factory=list)
     # (offset, reason, raw) of entries refused
     refused: list[tuple[int, str, bytes]] = field(default_factory=list)
+    # (offset, raw, entry) of expiry entries: checked against the rebuilt ledger's lots
+    # by the partition store (engine.kafka.partition.PartitionStore.restore_entries)
+    expiries: list[tuple[int, bytes, LedgerEntry]] = field(default_factory=list)
+    erased: int = 0
 
 
-def select_restorable(records: list[tuple[int, bytes]],
-                      requests: dict[str, set[Expected]]) -> RestoreSelection:
-    """The restorable entries of a genki.ledger partition that a verified request backs."""
+def select_restorable(records: list[tuple[int, bytes]], requests: dict[str, set[Expected]],
+                      keys: PersonKeys | None = None) -> RestoreSelection:
+    """The restorable entries of a genki.ledger partition that a verified request backs
+    (sealed entries of erased people do not open: they are skipped, counted as erased)."""
     selection = RestoreSelection()
     for offset, raw in records:
+        opened = open_entry(keys, raw)
+        if opened is None:
+            selection.erased += 1
+            continue
         try:
-            entry = LedgerEntry.model_validate_json(raw)
+            entry = LedgerEntry.model_validate_json(opened)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "record"
@@ -114,5 +125,24 @@ def select_restorable(records: list[tuple[int, bytes]],
                 selection.refused.append((offset, reason_text(Reason.unauthenticated,
                                                               "entry_id", why), raw))
                 continue
+        if kind == EntryKind.expire.value:
+            selection.expiries.append((offset, raw, entry))
+            continue
         selection.trusted.append(entry)
     return selection
+
+
+def expiry_failure(entry: LedgerEntry, lot: Entry | None) -> str | None:
+    """None when an expiry entry ends (part of) an award lot of its own person under the id
+    the ledger derives for it; else the dead-letter reason. (Expiry has no request to
+    check against; this stops a forged one from burning more than a real lot.)"""
+    lot_id = ref_fields(entry.ref).get("lot")
+    if not lot_id or entry.entry_id != expire_id(entry.user_id, str(lot_id)):
+        why = "an expiry's id must be derived from its person and lot"
+    elif lot is None or lot.kind != EntryKind.award or lot.user_id != entry.user_id:
+        why = f"names no award lot {lot_id} of {entry.user_id} in the rebuilt ledger"
+    elif not 0 < -entry.points <= lot.points:
+        why = f"takes {-entry.points} points from a lot of {lot.points}"
+    else:
+        return None
+    return reason_text(Reason.unauthenticated, "entry_id", why)

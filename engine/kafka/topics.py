@@ -32,11 +32,18 @@ REDEMPTIONS = "genki.redemptions"
 LEDGER = "genki.ledger"
 FLAGS = "genki.flags"
 DLQ = "genki.dlq"
+# Per-person data keys (engine.kafka.personal): compacted, key = user id, tombstone = erased.
+KEYS = "genki.keys"
 # Processing order within one partition and cycle: profiles before the samples
 # they give targets to; redemptions after the awards that pay for them.
 INPUT_TOPICS: tuple[str, ...] = (PROFILES, CONSENT, SAMPLES, ACTIVITIES, REDEMPTIONS)
 LOG_TOPICS: tuple[str, ...] = (PROFILES, CONSENT, SAMPLES, ACTIVITIES)
-COPARTITIONED_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, LEDGER, FLAGS)
+COPARTITIONED_TOPICS: tuple[str, ...] = (*INPUT_TOPICS, LEDGER, FLAGS, KEYS)
+# A tombstone's predecessors are compacted away within this long (crypto-shredding on the
+# broker's disks), and the tombstone itself is kept this long for readers to see.
+KEYS_COMPACTION_LAG_MS_MAX = str(86_400_000)
+KEYS_SEGMENT_MS = str(3_600_000)
+KEYS_TOMBSTONE_RETENTION_MS = str(7 * 86_400_000)
 
 
 class TopicsError(GenkiError):
@@ -68,6 +75,11 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
               "the journal: changelog of balances, restores redemptions on takeover"),
     TopicSpec(FLAGS, {"retention.ms": FLAGS_RETENTION_MS, "cleanup.policy": "delete"},
               "frailty flag changes (the ledger keeps them too)"),
+    TopicSpec(KEYS, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
+                     "max.compaction.lag.ms": KEYS_COMPACTION_LAG_MS_MAX,
+                     "segment.ms": KEYS_SEGMENT_MS, "min.cleanable.dirty.ratio": "0.01",
+                     "delete.retention.ms": KEYS_TOMBSTONE_RETENTION_MS},
+              "per-person data keys, wrapped; a tombstone erases a person (compacted)"),
     TopicSpec(DLQ, {"retention.ms": DLQ_RETENTION_MS, "cleanup.policy": "delete",
                     "max.message.bytes": str(2 * MESSAGE_BYTES_MAX)},
               "rejected inputs with reasons (each partition log keeps its own too)"),

@@ -43,14 +43,28 @@ from engine.faults import crash_point
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, OPERATOR_KEY_ID
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
-from engine.kafka.keys import RECORD_KEYS_ENV, Keyring, configured_path, load_keyring
+from engine.kafka.keys import (
+    RECORD_KEYS_ENV,
+    WRAP_KEYS_ENV,
+    Keyring,
+    resolve_keyring,
+)
 from engine.kafka.partition import (
     Outputs,
     PartitionBusy,
     PartitionStore,
     now_ms,
 )
-from engine.kafka.publish import PROVENANCE_HEADER, BatchSender
+from engine.kafka.personal import (
+    DLQ_TAG,
+    FLAGS_TAG,
+    KeyTopic,
+    PersonKeys,
+    encryption_enabled,
+    open_inputs,
+    seal_entry,
+)
+from engine.kafka.publish import PROVENANCE_HEADER, SEALED_INPUTS, BatchSender, route
 from engine.kafka.restore import (
     read_partition,
     select_restorable,
@@ -61,6 +75,7 @@ from engine.kafka.topics import (
     DLQ,
     FLAGS,
     INPUT_TOPICS,
+    KEYS,
     LEDGER,
     LOG_TOPICS,
     PROFILES,
@@ -106,6 +121,11 @@ class WorkerSettings:
     session_timeout_ms: int = SESSION_TIMEOUT_MS_DEFAULT
     # Record authenticator keys (engine.kafka.authn); None: --record-keys / $GENKI_RECORD_KEYS.
     record_keys: Path | None = None
+    # Per-person encryption (engine.kafka.personal): wrap keys (None: --wrap-keys /
+    # $GENKI_WRAP_KEYS); encryption=False (or GENKI_KAFKA_ENCRYPTION=off) publishes
+    # outputs in plain text.
+    wrap_keys: Path | None = None
+    encryption: bool = True
 
     def __post_init__(self) -> None:
         assert 0 < self.fetch_records_max <= FETCH_RECORDS_LIMIT
@@ -129,6 +149,8 @@ class WorkerSummary:
     restored_entries: int = 0
     # genki.ledger entries a takeover did not restore: no authenticated request backs them.
     restore_refused: int = 0
+    # Input records (and restored entries) no data key opens: their person was erased.
+    erased_records: int = 0
     rebalances: int = 0
     # Records skipped on a topic that keeps everything: a bug or an operator's
     # retention change; the partition's ledger may lack what they carried.
@@ -165,7 +187,7 @@ class Worker:
                  on_progress: Callable[[int, str], None] | None = None) -> None:
         self.settings = settings
         self.topics = {name: topic_name(settings.prefix, name)
-                       for name in (*INPUT_TOPICS, LEDGER, FLAGS, DLQ)}
+                       for name in (*INPUT_TOPICS, LEDGER, FLAGS, DLQ, KEYS)}
         self._logical = {actual: logical for logical, actual in self.topics.items()}
         self._threads: dict[int, ThreadPoolExecutor] = {}
         self._parallel = asyncio.Semaphore(PARTITIONS_IN_PARALLEL_MAX)
@@ -181,9 +203,12 @@ class Worker:
         self.summary = WorkerSummary()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        keys_path = settings.record_keys or configured_path(RECORD_KEYS_ENV)
-        self.record_keys: Keyring | None = None if keys_path is None else \
-            load_keyring(keys_path, (settings.data_dir,))
+        self.person_keys: PersonKeys = PersonKeys(resolve_keyring(
+            WRAP_KEYS_ENV, settings.wrap_keys, (settings.data_dir,)))
+        self._seal_outputs = settings.encryption and encryption_enabled()
+        self._key_topic: KeyTopic | None = None
+        self.record_keys: Keyring = resolve_keyring(RECORD_KEYS_ENV, settings.record_keys,
+                                                    (settings.data_dir,))
 
     def stop(self) -> None:
         self._stop.set()
@@ -209,6 +234,8 @@ class Worker:
         started = time.perf_counter()
         s = self.settings
         await self._check_topics()
+        self._key_topic = KeyTopic(s.bootstrap, s.prefix, self.person_keys, s.client_id)
+        await self._key_topic.start()
         consumer = self.consumer = AIOKafkaConsumer(
             **consumer_settings(s.bootstrap, s.client_id), group_id=s.group,
             partition_assignment_strategy=(self._assignor,),
@@ -230,6 +257,8 @@ class Worker:
                     await self._in_store(number, self._parts.pop(number).store.close)
             await consumer.stop()
             await producer.stop()
+            if self._key_topic is not None:
+                await self._key_topic.stop()
             for thread in self._threads.values():
                 thread.shutdown(wait=True)
         self.summary.seconds = round(time.perf_counter() - started, 3)
@@ -294,6 +323,12 @@ class Worker:
                 counts = self.summary.records_by_topic
                 counts[logical] = counts.get(logical, 0) + len(records)
                 self._check_contiguous(self._parts[number], logical, records)
+        if self._key_topic is not None:
+            await self._key_topic.refresh_if_due(self._parts)
+            for number, batch in by_number.items():
+                if self.person_keys.missing((r.key, r.value) for t in LOG_TOPICS
+                                            for r in batch.get(t, ())):
+                    await self._key_topic.catch_up([number])
         await asyncio.gather(*(self._process_one(number, batch)
                                for number, batch in sorted(by_number.items())))
 
@@ -322,15 +357,21 @@ class Worker:
                            batch: dict[str, list[ConsumerRecord]]) -> dict[str, int]:
         """Partition thread: ingest in topic order, run the rules, apply redemptions."""
         done = {"accepted": 0, "rejected": 0, "accepted_samples": 0, "awards": 0,
-                "redemptions_applied": 0, "redemptions_rejected": 0}
+                "redemptions_applied": 0, "redemptions_rejected": 0, "erased_records": 0}
         profiles_changed = False
         for logical in LOG_TOPICS:
             records = batch.get(logical)
             if not records:
                 continue
-            counts = store.ingest(self.topics[logical], [r.offset for r in records],
-                                  [r.value or b"" for r in records], now_ms(),
-                                  key_ids=[submitted_by(r) for r in records])
+            offsets, values, erased = open_inputs(
+                self.person_keys, SEALED_INPUTS[logical], [r.offset for r in records],
+                [r.key for r in records], [r.value or b"" for r in records])
+            done["erased_records"] += erased
+            kept = set(offsets) if erased else None
+            counts = store.ingest(self.topics[logical], offsets, values, now_ms(),
+                                  key_ids=[submitted_by(r) for r in records
+                                           if kept is None or r.offset in kept],
+                                  next_offset=records[-1].offset + 1)
             done["accepted"] += counts.accepted
             done["rejected"] += counts.rejected
             done["accepted_samples"] += counts.accepted_samples
@@ -366,19 +407,29 @@ class Worker:
 
     async def _send_outputs(self, sender: BatchSender, number: int, out: Outputs) -> None:
         ledger, flags, dlq = self.topics[LEDGER], self.topics[FLAGS], self.topics[DLQ]
+        keys = self.person_keys if self._seal_outputs else None
         for entry in out.entries:
-            await sender.append(ledger, number, entry["user_id"].encode(), orjson.dumps(entry))
+            value = orjson.dumps(entry) if keys is None else seal_entry(keys, entry)
+            await sender.append(ledger, number, entry["user_id"].encode(), value)
         for flag in out.flags:
             body = {"v": 1, "flag_id": flag["flag_id"], "user_id": flag["user_id"],
                     "flag": flag["flag"], "state": flag["state"], "day": flag["day"],
                     "evidence": orjson.loads(flag["evidence"]),
                     "rules_version": flag["rules_version"]}
-            await sender.append(flags, number, flag["user_id"].encode(), orjson.dumps(body))
+            user = flag["user_id"].encode()
+            value = orjson.dumps(body)
+            if keys is not None:
+                value = keys.seal_if_known(FLAGS_TAG, user, value)
+            await sender.append(flags, number, user, value)
         for letter in out.dead_letters:
+            raw, user = letter["raw"], None
+            if keys is not None and self._logical.get(letter["source"]) in SEALED_INPUTS:
+                user = route(raw)[1]  # the person whose rejected record this is, if any
+                raw = keys.seal_if_known(DLQ_TAG, user, raw)
             body = {"v": 1, "source": letter["source"], "partition": letter["partition"],
                     "offset": letter["offset"], "reason": letter["reason"],
-                    "raw_b64": _b64(letter["raw"])}
-            await sender.append(dlq, number % self._dlq_partitions, None, orjson.dumps(body))
+                    "raw_b64": _b64(raw)}
+            await sender.append(dlq, number % self._dlq_partitions, user, orjson.dumps(body))
         self.summary.published_entries += len(out.entries)
         self.summary.published_flags += len(out.flags)
         self.summary.published_dead_letters += len(out.dead_letters)
@@ -441,6 +492,8 @@ class Worker:
             store.record_keys = self.record_keys
             tps = {t: TopicPartition(self.topics[t], number) for t in INPUT_TOPICS}
             part = self._parts[number] = PartitionState(number, store, tps)
+        if self._key_topic is not None:
+            await self._key_topic.catch_up([number])
         stored = await self._in_store(part.number, self._stored_offsets, part.store)
         committed = {t: await consumer.committed(tp) for t, tp in part.tps.items()}
         part.committed = {tp: committed[t] for t, tp in part.tps.items()
@@ -517,11 +570,12 @@ class Worker:
         requests = await read_partition(bootstrap, self.topics[REDEMPTIONS], number)
         selection = select_restorable([(offset, value) for offset, _, value in ledger],
                                       verified_requests([v for *_, v in requests],
-                                                        self.record_keys))
+                                                        self.record_keys), self.person_keys)
         restored = await self._in_store(number, part.store.restore_entries, selection,
                                         self.topics[LEDGER])
         self.summary.restored_entries += restored
         self.summary.restore_refused += len(selection.refused)
+        self.summary.erased_records += selection.erased
         if selection.refused:
             log.error("partition %d: %d entries on %s are not backed by an authenticated "
                       "request; not restored, dead-lettered as unauthenticated", number,

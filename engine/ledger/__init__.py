@@ -7,7 +7,7 @@
 
 Canonical form version 2 (full text in `engine.ledger.canonical`): hashed
 bytes carry no user id: each person has a random key (table person_keys);
-entries are hashed with subject = HMAC(key, ...) and a keyed entry tag, the
+entries are hashed with subject = MAC(key, ...) and a keyed entry tag, the
 plain entry_id/user_id live in mutable link tables. `erase_user` destroys
 the key and links (crypto-shredding) and `verify` still passes. A commits
 chain covers entries, flags, erasures and meta (the processed position);

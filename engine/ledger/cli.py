@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from engine.config import SIGNING_KEY_ENV, add_data_dir_arg, data_dir_of
+from engine.config import SIGNING_KEY_ENV, add_data_dir_arg, data_dir_of, default_data_dir
 from engine.errors import ChainBroken, LedgerError, UsageError
 from engine.ledger.commands import describe
 from engine.ledger.model import Entry, Settlement
@@ -169,6 +169,10 @@ def _cmd_erasures(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_signing_create(args: argparse.Namespace) -> int:
+    home = args.data_dir if args.data_dir is not None else default_data_dir()
+    if Path(args.out).resolve().is_relative_to(Path(home).resolve()):
+        raise UsageError(f"--out {args.out} is inside the data directory {home}: whoever can "
+                         "write the data could read the key; put it elsewhere")
     private_path, public_path, key_id = create_key_pair(args.out)
     result = {"private_key": str(private_path), "public_key": str(public_path), "key_id": key_id}
     if args.json:
@@ -188,6 +192,9 @@ def register_signing_keys(actions: argparse._SubParsersAction) -> None:
     create = commands.add_parser("create", help="make a key pair: PATH (private) and PATH.pub")
     create.add_argument("--out", type=Path, required=True,
                         help="where to write the private key (outside the data directory)")
+    create.add_argument("--data-dir", type=Path, default=None,
+                        help="the data directory the key must stay out of (default $GENKI_HOME "
+                             "or ./genki-data)")
     create.add_argument("--json", action="store_true")
     create.set_defaults(func=_cmd_keys_signing_create)
 

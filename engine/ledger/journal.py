@@ -2,7 +2,7 @@
 
 These run over a million entries per call, so they work on plain tuples and
 keep per-entry work to a few dict lookups, two orjson.dumps, one keyed tag
-(two SHA-256 state copies, see canonical.PersonKey) and one SHA-256.
+(a copied keyed BLAKE2b state, see canonical.PersonKey) and one SHA-256.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from engine.ledger.canonical import (
     GENESIS_HASH,
     HASH_HEX_CHARS,
     SHOP_KINDS,
-    TAG_BYTES,
     PersonKey,
 )
 from engine.ledger.commands import ref_fields
@@ -147,16 +146,14 @@ def chain(contents: Iterable[Content], seq_head: int, hash_head: str,
     try:
         for entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version in contents:
             seq += 1
-            inner, outer, subject = pads[user_id]
+            keyed, subject = pads[user_id]
             if kind in SHOP_KINDS:
                 public, link = ref, dumps([entry_id, user_id, None])
             else:
                 public, link = None, dumps([entry_id, user_id, ref])
-            mac = inner.copy()
+            mac = keyed.copy()
             mac.update(link)
-            tag_mac = outer.copy()
-            tag_mac.update(mac.digest())
-            tag = tag_mac.digest()[:TAG_BYTES].hex()
+            tag = mac.hexdigest()
             canonical = dumps(
                 {"day": day, "entry": tag, "kind": kind, "points": points, "ref": public,
                  "rule": rule, "rules_version": rules_version, "seq": seq, "subject": subject,
@@ -227,6 +224,7 @@ class ChainChecker:
         self.prev = GENESIS_HASH
         self.keys: Mapping[str, PersonKey] = keys or {}
         self.live = {key.subject: user for user, key in self.keys.items()}
+        self.pads = {user: key.pads() for user, key in self.keys.items()}
         self.erased = set(erased)
         self.balances: dict[str, int] = {}  # by subject
         self.counts: dict[str, int] = {}
@@ -235,8 +233,8 @@ class ChainChecker:
 
     def feed(self, rows: Iterable[Sequence]) -> ChainProblem | None:
         dumps, sort, sha256 = orjson.dumps, orjson.OPT_SORT_KEYS, hashlib.sha256
-        balances, counts, keys, live, erased = (
-            self.balances, self.counts, self.keys, self.live, self.erased)
+        balances, counts, pads, live, erased = (
+            self.balances, self.counts, self.pads, self.live, self.erased)
         for row in rows:
             (seq, subject, tag, kind, points, day, ts_ms, rule, public, rules_version,
              prev_hash, stored_hash, entry_id, user_id, private) = row
@@ -256,9 +254,13 @@ class ChainChecker:
                 return ChainProblem(seq, f"hash mismatch (stored {stored_hash:.16}…, recomputed "
                                          f"{digest:.16}…): the entry's content was altered")
             if user_id is not None:
-                key = keys.get(user_id)
-                if key is None or key.subject != subject or tag != key.tag(
-                        dumps([entry_id, user_id, private])):
+                key_pads = pads.get(user_id)
+                if key_pads is None or key_pads[1] != subject:
+                    return ChainProblem(seq, f"the link of seq {seq} (entry {entry_id}, user "
+                                             f"{user_id}) does not match its hashed entry")
+                mac = key_pads[0].copy()
+                mac.update(dumps([entry_id, user_id, private]))
+                if mac.hexdigest() != tag:  # = PersonKey.tag
                     return ChainProblem(seq, f"the link of seq {seq} (entry {entry_id}, user "
                                              f"{user_id}) does not match its hashed entry")
                 self.linked += 1

@@ -29,6 +29,7 @@ from engine.clock import TOKYO, iso_to_day
 from engine.config import SIGNING_KEY_ENV
 from engine.entries import EntryDraft
 from engine.errors import LedgerError, NotFound, RefundExceeds
+from engine.faults import crash_point
 from engine.ledger import commands
 from engine.ledger.audit import commit_hashes, verify_ledger
 from engine.ledger.canonical import (
@@ -99,6 +100,9 @@ _INSERT_SQL = f"INSERT INTO journal ({_JOURNAL_SQL}) VALUES ({', '.join('?' * 12
 _LINK_SQL = ("INSERT INTO entry_links (seq, entry_id, user_id, ref) VALUES "
              "(?1, ?2, ?3, CASE WHEN ?4 = 'redeem' OR ?4 = 'refund' THEN NULL ELSE ?5 END)")
 _LINK_FIELDS = operator.itemgetter(0, 1, 2, 3, 8)
+_FLAG_STORED_COLUMNS: tuple[str, ...] = ("seq", "flag_id", "user_id", "flag", "state", "day",
+                                         "evidence", "rules_version")
+_first = operator.itemgetter(0)
 _FLAG_FIELDS: tuple[str, ...] = (
     "flag_id", "user_id", "flag", "state", "day", "evidence", "rules_version",
 )
@@ -112,6 +116,7 @@ class Ledger:
         self._db = connection
         self._lock = threading.RLock()
         self._batching = False
+        self._batch_meta: dict[str, str] = {}
         self.path = path
         self._signer = signer
         self._keys: dict[str, tuple[bytes, PersonKey]] = {}
@@ -187,13 +192,16 @@ class Ledger:
         """Several commands (redeem, refund, adjust, append) in one transaction: one
         fsync for all (group commit). Each command stays atomic on its own (a savepoint):
         one that raises wrote nothing and the others go on; all are durable together
-        when the block ends, none if it raises."""
-        with self._write():
-            self._batching = True
+        when the block ends, none if it raises. One commit record covers the batch."""
+        with self._write() as db:
+            heads = _heads(db)
+            self._batching, self._batch_meta = True, {}
             try:
                 yield
             finally:
                 self._batching = False
+            if self._batch_meta or _heads(db) != heads:
+                self._commit_locked(db, self._batch_meta)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -201,7 +209,12 @@ class Ledger:
         (inside `batch`, a savepoint of the batch's transaction)."""
         with self._lock:
             if self._batching:
-                yield from _savepoint(self._db)
+                meta = dict(self._batch_meta)
+                try:
+                    yield from _savepoint(self._db)
+                except BaseException:
+                    self._batch_meta = meta  # that command's meta was rolled back too
+                    raise
                 return
             assert not self._db.in_transaction, "write transactions do not nest"
             try:
@@ -253,8 +266,11 @@ class Ledger:
             if meta_items:
                 db.executemany("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
                                "DO UPDATE SET value = excluded.value", meta_items)
-            if result.appended or flags_appended or meta_items:
+            changed = bool(result.appended or flags_appended or meta_items)
+            if changed:
                 self._commit_locked(db, dict(meta_items))
+        if changed:
+            crash_point("ledger_after_commit")
         return AppendResult(result.appended, result.existing, result.seq_first, result.seq_last,
                             result.chain_head, flags_appended, flags_existing,
                             result.rows, result.existing_rows)
@@ -397,7 +413,11 @@ class Ledger:
         return keys
 
     def _commit_locked(self, db: sqlite3.Connection, meta_written: dict[str, str]) -> None:
-        """Close a write transaction with one commit record over every chain head and meta."""
+        """Close a write transaction with one commit record over every chain head and meta
+        (inside `batch`, the batch's one record at its end)."""
+        if self._batching:
+            self._batch_meta.update(meta_written)
+            return
         seq, prev = _chain_head(db, "commits")
         meta = dict(db.execute("SELECT key, value FROM meta"))
         body = commit_bytes(seq + 1, _now_ms(), _head(db), _flag_head(db),
@@ -408,6 +428,7 @@ class Ledger:
                    "VALUES (?, ?, ?, ?, ?, ?)",
                    (seq + 1, body.decode(), prev, digest, signer and signer.key_id,
                     signer and signer.sign(digest)))
+        crash_point("ledger_before_commit")
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
@@ -601,6 +622,62 @@ class Ledger:
                 (after_seq, upto_seq)).fetchall()
         return [Entry.from_row(row) for row in rows]
 
+    # -- read-only access by position for other packages (no SQL outside engine.ledger) --
+
+    @classmethod
+    def open_read_only(cls, data_dir: Path) -> Ledger:
+        """A reader on an existing ledger (another process may be writing it)."""
+        path = Path(data_dir) / LEDGER_FILE_NAME
+        if not path.exists():
+            raise NotFound(f"no ledger at {path}")
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                     timeout=LOCK_WAIT_S_MAX, check_same_thread=False)
+        return cls(connection, path)
+
+    def entry_rows(self, columns: Sequence[str] = ENTRY_COLUMNS, *, after_seq: int = 0,
+                   limit: int = READ_ENTRIES_MAX,
+                   kinds: Iterable[str] | None = None) -> list[tuple[Any, ...]]:
+        """Entry rows with seq > after_seq in seq order (chosen columns; bounded page)."""
+        return self._rows("entries", ENTRY_COLUMNS, columns, after_seq, limit, "kind", kinds)
+
+    def flag_rows(self, columns: Sequence[str] = _FLAG_STORED_COLUMNS, *, after_seq: int = 0,
+                  limit: int = READ_ENTRIES_MAX) -> list[tuple[Any, ...]]:
+        """Flag event rows with seq > after_seq in seq order (evidence as stored JSON text)."""
+        return self._rows("flags", _FLAG_STORED_COLUMNS, columns, after_seq, limit, None, None)
+
+    def iter_entry_rows(self, columns: Sequence[str] = ENTRY_COLUMNS, *,
+                        kinds: Iterable[str] | None = None) -> Iterator[list[tuple[Any, ...]]]:
+        """Every entry row in pages (columns must include "seq" first)."""
+        assert columns[0] == "seq", "pages continue from the last seq"
+        after = 0
+        while rows := self.entry_rows(columns, after_seq=after, kinds=kinds):
+            yield rows
+            after = rows[-1][0]
+
+    def iter_flag_rows(self, columns: Sequence[str] = _FLAG_STORED_COLUMNS,
+                       ) -> Iterator[list[tuple[Any, ...]]]:
+        assert columns[0] == "seq", "pages continue from the last seq"
+        after = 0
+        while rows := self.flag_rows(columns, after_seq=after):
+            yield rows
+            after = rows[-1][0]
+
+    def _rows(self, table: str, known: Sequence[str], columns: Sequence[str], after_seq: int,
+              limit: int, kind_column: str | None,
+              kinds: Iterable[str] | None) -> list[tuple[Any, ...]]:
+        unknown = [c for c in columns if c not in known]
+        if unknown or not 0 < limit <= READ_ENTRIES_MAX:
+            raise InvalidRequest(f"{table}: unknown columns {unknown} or page size {limit}")
+        where = "seq > ?"
+        args: list[Any] = [after_seq]
+        if kinds is not None and kind_column is not None:
+            wanted = sorted(set(kinds))
+            where += f" AND {kind_column} IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        with self._lock:
+            return self._db.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE {where} "
+                                    "ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+
     def all_flag_events(self) -> list[FlagEvent]:
         """Every flag event in append order (flags change state rarely: a small table)."""
         with self._lock:
@@ -624,8 +701,11 @@ class Ledger:
         with self._read() as db:
             seq, chain_head = _head(db)
             outstanding = db.execute("SELECT COALESCE(SUM(points), 0) FROM balances").fetchone()[0]
+            # In seq order (both tables are read front to back), sorted here: str order is
+            # code point order, which is UTF-8 byte order.
             linked = db.execute("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, "
-                                "rules_version FROM entries ORDER BY entry_id")
+                                "rules_version FROM entries").fetchall()
+            linked.sort(key=_first)
             contents = list(_content_bytes(linked))
             erased = _erased_contents(db) if len(contents) < seq else []
             flags_seq, flags_head = _flag_head(db)
@@ -754,28 +834,34 @@ class Ledger:
                                  f"got {len(reason)}")
         ts_ms = _now_ms() if ts_ms is None else commands.check_ts_ms(ts_ms)
         with self._write() as db:
-            row = db.execute("SELECT subject FROM person_keys WHERE user_id = ?",
+            receipt = self._erase_locked(db, user_id, reason, ts_ms)
+        if receipt.erased:
+            self._keys.pop(user_id, None)
+            crash_point("ledger_erase_before_checkpoint")
+        self.checkpoint()  # also finishes an erasure interrupted before its checkpoint
+        return receipt
+
+    def _erase_locked(self, db: sqlite3.Connection, user_id: str, reason: str,
+                      ts_ms: int) -> ErasureReceipt:
+        row = db.execute("SELECT subject FROM person_keys WHERE user_id = ?",
+                         (user_id,)).fetchone()
+        if row is None:
+            return ErasureReceipt(user_id, False, None, 0, 0, 0, reason, ts_ms, None, None)
+        subject = row[0]
+        balance = db.execute("SELECT points FROM balances WHERE user_id = ?",
                              (user_id,)).fetchone()
-            if row is None:
-                return ErasureReceipt(user_id, False, None, 0, 0, 0, reason, ts_ms, None, None)
-            subject = row[0]
-            balance = db.execute("SELECT points FROM balances WHERE user_id = ?",
-                                 (user_id,)).fetchone()
-            db.execute("INSERT INTO erasing (user_id) VALUES (?)", (user_id,))
-            entries = db.execute("DELETE FROM entry_links WHERE user_id = ?", (user_id,)).rowcount
-            flags = db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,)).rowcount
-            db.execute("DELETE FROM erasing WHERE user_id = ?", (user_id,))
-            db.execute("DELETE FROM balances WHERE user_id = ?", (user_id,))
-            db.execute("DELETE FROM person_keys WHERE user_id = ?", (user_id,))
-            seq, prev = _chain_head(db, "erasures")
-            digest = chain_hash(prev, erasure_bytes(seq + 1, subject, reason, ts_ms, entries,
-                                                    flags))
-            db.execute("INSERT INTO erasures (seq, subject, reason, ts_ms, entries, flags, "
-                       "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (seq + 1, subject, reason, ts_ms, entries, flags, prev, digest))
-            self._commit_locked(db, {})
-        self._keys.pop(user_id, None)
-        self.checkpoint()
+        db.execute("INSERT INTO erasing (user_id) VALUES (?)", (user_id,))
+        entries = db.execute("DELETE FROM entry_links WHERE user_id = ?", (user_id,)).rowcount
+        flags = db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,)).rowcount
+        db.execute("DELETE FROM erasing WHERE user_id = ?", (user_id,))
+        db.execute("DELETE FROM balances WHERE user_id = ?", (user_id,))
+        db.execute("DELETE FROM person_keys WHERE user_id = ?", (user_id,))
+        seq, prev = _chain_head(db, "erasures")
+        digest = chain_hash(prev, erasure_bytes(seq + 1, subject, reason, ts_ms, entries, flags))
+        db.execute("INSERT INTO erasures (seq, subject, reason, ts_ms, entries, flags, "
+                   "prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (seq + 1, subject, reason, ts_ms, entries, flags, prev, digest))
+        self._commit_locked(db, {})
         return ErasureReceipt(user_id, True, subject, entries, flags,
                               0 if balance is None else balance[0], reason, ts_ms, seq + 1,
                               digest)
@@ -800,6 +886,10 @@ class Ledger:
 def _chain_head(db: sqlite3.Connection, table: str) -> tuple[int, str]:
     row = db.execute(f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1").fetchone()
     return (0, GENESIS_HASH) if row is None else (row[0], row[1])
+
+
+def _heads(db: sqlite3.Connection) -> tuple[object, ...]:
+    return _head(db), _flag_head(db), _chain_head(db, "erasures")
 
 
 def _savepoint(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
