@@ -13,6 +13,8 @@ import orjson
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.clock import DAY_MS, day_start_ms, day_to_iso, iso_to_day, tokyo_day
 from engine.consent import TS_OPEN_END_MS, LifecycleEvent, lifecycle
@@ -464,3 +466,30 @@ def test_an_erasure_killed_midway_is_finished_by_running_it_again(
     assert verify.returncode == 0
     with EmbeddedLog.open(data_dir, writer=False) as log:
         assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
+
+
+_CHANGES = [ConsentChange.consent_given, ConsentChange.consent_withdrawn]
+_BASE_MS = day_start_ms(iso_to_day("2026-01-01"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_CHANGES), st.integers(0, 6), st.integers(0, 4)),
+                max_size=8))
+def test_consent_periods_match_the_newest_effective_decision(
+        events: list[tuple[ConsentChange, int, int]]) -> None:
+    """Reference model: at time t, of the events effective by t, the greatest consent_seq
+    decides, withdrawn on a tie; no event effective yet means no consent."""
+    from engine.consent import PeriodIndex
+
+    items = [LifecycleEvent("u", change, _BASE_MS + at * DAY_MS, seq)
+             for change, at, seq in events]
+    index = PeriodIndex({"u": lifecycle(items).research.get("u", [])})
+    probes = [_BASE_MS + (half * DAY_MS) // 2 for half in range(16)]
+    expected = []
+    for t in probes:
+        effective = [e for e in items if e.effective_ts_ms <= t]
+        best = max(effective, default=None, key=lambda e: (
+            e.consent_seq, e.change == ConsentChange.consent_withdrawn))
+        expected.append(best is not None and best.change == ConsentChange.consent_given)
+    got = index.contains(["u"], np.zeros(len(probes), np.int32), np.array(probes, np.int64))
+    assert got.tolist() == expected

@@ -286,3 +286,40 @@ def test_cli_reports_bad_arguments_with_exit_code_2(tmp_path: Path) -> None:
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "days" in result.stderr
+
+
+def test_a_year_has_seasons_holidays_and_days_without_the_watch() -> None:
+    from engine.clock import iso_to_day
+    from engine.sim import calendar
+
+    days = np.array([iso_to_day(d) for d in ("2026-01-01", "2026-01-15", "2026-04-21",
+                                              "2026-05-04", "2026-08-04", "2026-10-21")])
+    factor = calendar.steps_factor(days)
+    assert factor[0] < 0.7 and factor[3] < factor[2]  # New Year; Golden Week
+    assert factor[2] > 1.06 and factor[5] > 1.06 and factor[1] < 0.94 and factor[4] < 0.94
+    spells = calendar.non_wear_spells(400, 365, np.random.default_rng(1))
+    share = spells.mean()
+    assert 0.005 < share < 0.05  # about two spells of 2-10 days a year
+    assert (spells[:, 1:] & spells[:, :-1]).any()  # spells last several days
+
+
+def test_a_year_long_fleet_has_sudden_gradual_and_recovering_people() -> None:
+    from engine.sim.population import CONDITIONS, make_population, make_venues
+    from engine.sim.simulate import STREAM_PEOPLE, STREAM_VENUES, rng_for
+    from engine.sim.truth import ground_truth
+
+    config = SimConfig(participants=300, app_users=300, days=365, seed=9)
+    venues = make_venues(config.venues, rng_for(config, STREAM_VENUES))
+    pop = make_population(config, venues, rng_for(config, STREAM_PEOPLE))
+    decline = CONDITIONS.index("decline")
+    onset, ramp = pop.onset[:, decline], pop.ramp[:, decline]
+    has = onset >= 0
+    assert has.sum() >= 20 and onset[has].min() >= 91 and onset[has].max() < 365 - 60
+    assert (ramp[has] <= 3).any() and (ramp[has] >= 14).any()  # sudden and gradual
+    assert (pop.recover[has, decline] > onset[has]).any()
+    level = pop.level("decline", config.days)
+    assert np.all(level[~has] == 0) and np.allclose(level[has].max(axis=1), 1.0)
+    truth = ground_truth(pop, config.days, config.start_day)
+    people = truth["flags"]["step_decline"]  # type: ignore[index]
+    assert people and all(v["onset"] > config.start for v in people.values())
+    assert any(v["recovery"] for v in people.values())

@@ -42,6 +42,12 @@ HISTORY_DAYS = {"step_decline": 30, "resting_hr_rise": 18}
 # (weight loss: "lost 2 kg within 6 months").
 EXPIRES_DAYS = {"weight_loss": 182}
 LOW_STEPS_PER_DAY = (1_800.0, 2_600.0)  # below: low; above: not; between: borderline
+# Expected recent (28-day) over baseline (84 days before) median steps: a decline at or
+# below the first, ordinary variation (seasons, holidays) stays above the second.
+DECLINE_RATIO = (0.6, 0.75)
+DECLINE_WINDOWS_DAYS = (28, 84)
+DECLINE_DAYS_MIN = 14  # days the expected ratio must stay at or below DECLINE_RATIO[0]
+PEOPLE_PER_CHUNK = 256
 SLOW_GAIT_M_S = (0.96, 1.04)
 STEPS_SMOOTH_DAYS = 14
 DAYS_PER_MONTH = 30.4375
@@ -54,6 +60,8 @@ def ground_truth(pop: Population, days: int, start_day: int) -> dict[str, object
     for flag in FLAG_NAMES:
         if flag == "low_activity":
             onset, recovery, borderline = _low_steps(pop, days, start_day)
+        elif flag == "step_decline":
+            onset, recovery, borderline = _step_decline(pop, days, start_day)
         elif flag == "slow_gait":
             onset, recovery, borderline = _slow_gait(pop, days)
         else:
@@ -118,12 +126,44 @@ def _classify(value: np.ndarray, low: float, high: float, days: int, flag: str,
     return onset, np.where(first >= 0, end, -1), borderline
 
 
-def _low_steps(pop: Population, days: int, start_day: int) -> tuple[np.ndarray, ...]:
+def _expected_steps(pop: Population, days: int, start_day: int) -> np.ndarray:
+    """Noise-free daily steps: usual level, weekends, seasons, holidays, decline."""
     day = start_day + np.arange(days)
     weekday = (day + 3) % 7
     factor = np.where(weekday[None, :] >= 5, pop.weekend_factor[:, None], 1.0)
-    expected = (pop.steps_median[:, None] * factor * calendar.steps_factor(day)[None, :]
-                * (1.0 - pop.decline_drop[:, None] * pop.level("decline", days)))
+    return (pop.steps_median[:, None] * factor * calendar.steps_factor(day)[None, :]
+            * (1.0 - pop.decline_drop[:, None] * pop.level("decline", days)))
+
+
+def _step_decline(pop: Population, days: int, start_day: int) -> tuple[np.ndarray, ...]:
+    """Decliners whose expected recent/baseline median ratio falls to DECLINE_RATIO[0];
+    decliners whose ratio stays between the bounds (seasons working against a mild
+    decline), and anyone whose ordinary variation dips below the upper bound, are
+    borderline."""
+    recent, base = DECLINE_WINDOWS_DAYS
+    expected = _expected_steps(pop, days, start_day)
+    ratio = np.full((pop.n, days), np.inf)
+    if days >= recent + HISTORY_DAYS["step_decline"] - recent // 2:
+        padded = np.concatenate([np.full((pop.n, base + recent - 1), np.nan), expected], axis=1)
+        for lo in range(0, pop.n, PEOPLE_PER_CHUNK):
+            part = padded[lo:lo + PEOPLE_PER_CHUNK]
+            now = np.nanmedian(sliding_window_view(part[:, base:], recent, axis=1), axis=2)
+            with np.errstate(all="ignore"):
+                before = sliding_window_view(part[:, :base + days - 1], base, axis=1)
+                enough = np.sum(~np.isnan(before), axis=2) >= HISTORY_DAYS["step_decline"] // 2
+                then = np.where(enough, np.nanmedian(np.where(enough[..., None], before, 0.0),
+                                                     axis=2), np.nan)
+            ratio[lo:lo + PEOPLE_PER_CHUNK] = np.where(np.isnan(then), np.inf, now / then)
+    c = CONDITIONS.index("decline")
+    onset, recover = pop.onset[:, c], pop.recover[:, c]
+    first, _ = _runs(ratio <= DECLINE_RATIO[0], DECLINE_DAYS_MIN)
+    seen = (onset >= 0) & (first >= 0) & (onset >= HISTORY_DAYS["step_decline"])
+    borderline = ~seen & ((onset >= 0) | (ratio.min(axis=1) < DECLINE_RATIO[1]))
+    return np.where(seen, onset, -1), np.where(seen, recover, -1), borderline
+
+
+def _low_steps(pop: Population, days: int, start_day: int) -> tuple[np.ndarray, ...]:
+    expected = _expected_steps(pop, days, start_day)
     width = min(STEPS_SMOOTH_DAYS, days)
     padded = np.concatenate([np.repeat(expected[:, :1], width - 1, axis=1), expected], axis=1)
     smooth = np.median(sliding_window_view(padded, width, axis=1), axis=2)
