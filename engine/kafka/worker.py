@@ -61,6 +61,7 @@ from engine.kafka.partition import (
 from engine.kafka.personal import (
     DLQ_TAG,
     FLAGS_TAG,
+    SEALED_ENTRY_KINDS,
     KeyTopic,
     PersonKeys,
     encryption_enabled,
@@ -163,6 +164,8 @@ class WorkerSummary:
     snapshots_published: int = 0
     # Input records (and restored entries) no data key opens: their person was erased.
     erased_records: int = 0
+    # Data keys this worker made for people whose inputs came in clear.
+    data_keys_created: int = 0
     rebalances: int = 0
     # Records skipped on a topic that keeps everything: a bug or an operator's
     # retention change; the partition's ledger may lack what they carried.
@@ -436,6 +439,11 @@ class Worker:
     async def _send_outputs(self, sender: BatchSender, number: int, out: Outputs) -> None:
         ledger, flags, dlq = self.topics[LEDGER], self.topics[FLAGS], self.topics[DLQ]
         keys = self.person_keys if self._seal_outputs else None
+        letter_users = [route(letter["raw"])[1] if keys is not None
+                        and self._logical.get(letter["source"]) in SEALED_INPUTS else None
+                        for letter in out.dead_letters]
+        if keys is not None:
+            await self._ensure_data_keys(keys, out, letter_users)
         for entry in out.entries:
             value = orjson.dumps(entry) if keys is None else seal_entry(keys, entry)
             await sender.append(ledger, number, entry["user_id"].encode(), value)
@@ -449,10 +457,9 @@ class Worker:
             if keys is not None:
                 value = keys.seal_if_known(FLAGS_TAG, user, value)
             await sender.append(flags, number, user, value)
-        for letter in out.dead_letters:
-            raw, user = letter["raw"], None
-            if keys is not None and self._logical.get(letter["source"]) in SEALED_INPUTS:
-                user = route(raw)[1]  # the person whose rejected record this is, if any
+        for letter, user in zip(out.dead_letters, letter_users, strict=True):
+            raw = letter["raw"]
+            if keys is not None and user is not None:
                 raw = keys.seal_if_known(DLQ_TAG, user, raw)
             body = {"v": 1, "source": letter["source"], "partition": letter["partition"],
                     "offset": letter["offset"], "reason": letter["reason"],
@@ -461,6 +468,19 @@ class Worker:
         self.summary.published_entries += len(out.entries)
         self.summary.published_flags += len(out.flags)
         self.summary.published_dead_letters += len(out.dead_letters)
+
+    async def _ensure_data_keys(self, keys: PersonKeys, out: Outputs,
+                                letter_users: list[bytes | None]) -> None:
+        """A data key for every person these outputs are about who has none yet (their
+        inputs came in clear, from a gateway that does not encrypt), durable on
+        genki.keys before anything sealed with it is published. Erased people get none."""
+        users = {e["user_id"].encode() for e in out.entries if e["kind"] in SEALED_ENTRY_KINDS}
+        users.update(f["user_id"].encode() for f in out.flags)
+        users.update(u for u in letter_users if u is not None)
+        missing = sorted(u for u in users if not keys.knows(u) and u not in keys.erased)
+        if missing and self._key_topic is not None:
+            await self._key_topic.publish_new_keys(missing)
+            self.summary.data_keys_created += len(missing)
 
     async def _commit(self) -> None:
         assert self.consumer is not None
