@@ -42,6 +42,7 @@ def apply_signing_key_arg(args: argparse.Namespace) -> None:
 
 
 def data_dir_of(args: argparse.Namespace) -> Path:
+    from engine.storage import private_dir
+
     path = args.data_dir if getattr(args, "data_dir", None) else default_data_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(path)  # 0700 (engine.storage)

@@ -16,7 +16,7 @@ from engine.errors import UsageError
 from engine.pipeline import LOG_RECORDS_PER_CHUNK, run_pipeline
 from engine.progress import progress_bar
 from engine.rules.flags import FRAILTY_STATUSES
-from engine.rules.risk import RiskRow, SeverityBook, risk_rows
+from engine.rules.risk import RiskRow, SeverityBook, load_questionnaire, risk_rows
 
 RISK_LIST_ROWS_DEFAULT = 50
 
@@ -37,24 +37,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def risk_list(data_dir: Path, day: str | None = None) -> list[RiskRow]:
+def risk_list(data_dir: Path, day: str | None = None,
+              questionnaire: Path | None = None) -> list[RiskRow]:
     """People with raised flags: frail, pre-frail, then robust (revised J-CHS criteria
     wearables measure), most severe first within each (severity = sum of the flags'
-    weights, from the rules that built the ledger)."""
+    weights, from the rules that built the ledger). With questionnaire answers
+    (engine.rules.risk.load_questionnaire) exhaustion and weakness count as criteria."""
     from engine.ledger import Ledger
 
+    answers = load_questionnaire(questionnaire) if questionnaire is not None else None
     with Ledger.open(data_dir) as ledger:
         flags = ledger.current_flags(day)
         book = SeverityBook(ledger.get_meta)
-    return risk_rows(flags, book)
+    return risk_rows(flags, book, answers)
 
 
 def _evidence_text(evidence: dict[str, object]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(evidence.items()))
 
 
-def print_risk_list(data_dir: Path, console: Console, limit: int, day: str | None = None) -> None:
-    rows = risk_list(data_dir, day)
+def print_risk_list(data_dir: Path, console: Console, limit: int, day: str | None = None,
+                    questionnaire: Path | None = None) -> None:
+    rows = risk_list(data_dir, day, questionnaire)
     counts = {status: sum(r.frailty_status == status for r in rows) for status in FRAILTY_STATUSES}
     table = Table(title=f"frailty risk list: {len(rows)} people with raised flags "
                         f"({', '.join(f'{n} {s}' for s, n in counts.items())})"
@@ -74,18 +78,18 @@ def _cmd_flags(args: argparse.Namespace) -> int:
         return _cmd_flags_evaluate(args)
     data_dir = data_dir_of(args)
     if args.json:
-        for row in risk_list(data_dir, args.day):
+        for row in risk_list(data_dir, args.day, args.questionnaire):
             sys.stdout.write(orjson.dumps(row.as_dict()).decode() + "\n")
     elif args.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(["user_id", "severity", "flag", "since", "evidence", "frailty_status"])
-        for row in risk_list(data_dir, args.day):
+        for row in risk_list(data_dir, args.day, args.questionnaire):
             for flag in row.flags:
                 writer.writerow([row.user_id, row.severity, flag.flag, flag.since,
                                  _evidence_text(flag.evidence), row.frailty_status])
     else:
         print_risk_list(data_dir, Console(width=None if sys.stdout.isatty() else 120), args.limit,
-                        args.day)
+                        args.day, args.questionnaire)
     return 0
 
 
@@ -169,6 +173,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per person")
     parser.add_argument("--csv", action="store_true", help="CSV for outreach lists")
     parser.add_argument("--limit", type=int, default=RISK_LIST_ROWS_DEFAULT)
+    parser.add_argument("--questionnaire", type=Path, default=None,
+                        help="CSV user_id,exhaustion,weakness (J-CHS items a watch cannot "
+                             "measure) counted into the frailty status")
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_flags)
     commands = parser.add_subparsers(dest="flags_command", metavar="{evaluate}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import sqlite3
+import stat
 from pathlib import Path
 
 from engine.errors import UsageError
@@ -37,10 +38,47 @@ def private_umask() -> int:
     return os.umask(mask)
 
 
+# Files that mark a directory as a genki data directory (whose mode genki may tighten).
+DATA_DIR_MARKERS: tuple[str, ...] = ("ledger.sqlite", "log.sqlite", "api.sqlite", "api_secret")
+
+
 def private_dir(path: Path) -> Path:
-    """Create a directory (and parents) as 0700; an existing one is left as it is."""
+    """Create a data directory (and parents) private (0700 under the default umask).
+
+    An existing one that is empty or already genki's (DATA_DIR_MARKERS), and owned
+    by this account, loses the permission bits the umask removes: a directory made
+    by hand (or by a test fixture) before genki's first run is private too. Any
+    other existing directory is left as it is.
+    """
     path.mkdir(mode=DIR_MODE_PRIVATE, parents=True, exist_ok=True)
+    _tighten(path)
     return path
+
+
+def _current_umask() -> int:
+    """The process umask without changing it (a set-and-restore would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return UMASK_DEFAULT
+
+
+def _tighten(path: Path) -> None:
+    mask = _current_umask()
+    try:
+        info = path.stat()
+        if info.st_uid != os.getuid() or not stat.S_IMODE(info.st_mode) & mask:
+            return
+        if any(True for _ in path.iterdir()) and \
+                not any((path / name).exists() for name in DATA_DIR_MARKERS):
+            return
+        os.chmod(path, stat.S_IMODE(info.st_mode) & ~mask)
+    except OSError:
+        return  # not ours to change, or gone: SQLite reports what matters
 
 
 def write_private_file(path: Path, data: bytes) -> bool:

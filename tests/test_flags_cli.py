@@ -16,7 +16,7 @@ from engine.ledger import Ledger
 from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
 from engine.pipeline_cli import risk_list
 from engine.rules.flags import FLAG_NAMES, frailty_status
-from engine.rules.risk import SeverityBook, risk_rows
+from engine.rules.risk import SeverityBook, load_questionnaire, risk_rows
 from engine.schemas import FlagEvent
 from engine.sim import SimConfig, simulate
 from engine.sim.truth import FlagChange, score_flags, score_manifest
@@ -130,3 +130,21 @@ def test_manifest_ground_truth_has_an_onset_per_person_and_flag(fleet: Path) -> 
     assert set(truth) == set(FLAG_NAMES) == set(manifest["ground_truth_unscored"])
     people = [t for flag in truth.values() for t in flag.values()]
     assert people and all(p["onset"] >= manifest["period"]["first_day"] for p in people)
+
+
+def test_questionnaire_answers_add_exhaustion_and_weakness(tmp_path: Path) -> None:
+    answers = tmp_path / "answers.csv"
+    answers.write_text("user_id,exhaustion,weakness\nB,yes,1\nC,0,no\n")
+    met = load_questionnaire(answers)
+    assert met == {"B": 2, "C": 0}
+    rows = risk_rows([event("B", "slow_gait"), event("C", "slow_gait")], SeverityBook(), met)
+    assert [(r.user_id, r.frailty_status) for r in rows] == [("B", "frail"), ("C", "pre-frail")]
+
+
+def test_a_malformed_questionnaire_is_refused_with_its_line(live: Path, tmp_path: Path) -> None:
+    answers = tmp_path / "answers.csv"
+    answers.write_text("user_id,exhaustion,weakness\nB,maybe,1\n")
+    done = subprocess.run(genki_cmd("flags", "--questionnaire", str(answers), "--data-dir",
+                                    str(live)), capture_output=True, check=False)
+    assert done.returncode == 2
+    assert b"answers.csv:2: exhaustion must be 1/0, yes/no or true/false" in done.stderr

@@ -87,3 +87,17 @@ def test_genki_umask_can_share_with_a_group(monkeypatch: pytest.MonkeyPatch) -> 
         assert os.umask(0o077) == 0o027
     finally:
         os.umask(old)
+
+
+def test_an_empty_data_directory_made_beforehand_becomes_private(tmp_path: Path) -> None:
+    data = tmp_path / "made-by-hand"
+    data.mkdir(mode=0o755)
+    os.chmod(data, 0o755)
+    other = tmp_path / "not-genki"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    os.chmod(other, 0o755)
+    genki("keys", "create", "--role", "app", "--data-dir", str(data), env={"GENKI_UMASK": ""})
+    genki("status", "--data-dir", str(other), env={"GENKI_UMASK": ""})
+    assert oct(stat.S_IMODE(data.stat().st_mode)) == "0o700"
+    assert oct(stat.S_IMODE(other.stat().st_mode)) == "0o755"  # not genki's: left alone

@@ -24,6 +24,11 @@ A shop request (redemption or refund), with Idempotency-Key K of shop S:
 
 Threads: reads run on the event loop, shop commands on one writer thread
 (its own SQLite connections), ingest on its own thread, reports on the pool.
+The direct backend commits in groups (WriteBatcher): the requests that queued
+while the previous batch was written are claimed in one api.sqlite
+transaction, then applied in one ledger transaction with a savepoint each
+(Ledger.batch), so a redemption is still answered only once it is durable, but
+one fsync serves many.
 """
 
 from __future__ import annotations
@@ -585,7 +590,8 @@ class ApiService:
             return not owner.startswith(f"{os.getpid()}:") and _pid_alive(owner)
 
         try:
-            stored = self.store.claim(claim, live)
+            stored = self.store.claim(claim, live,
+                                      take_over_other_body=self.redeemer.synchronous)
         except ClaimRefused as refused:
             raise _claim_refusal(refused.reason) from None
         if stored is None:

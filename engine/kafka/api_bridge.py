@@ -184,11 +184,13 @@ class RedemptionBridge:
                 await self._publish(entry_id, record)
             return await asyncio.wait_for(asyncio.shield(future), self.outcome_wait_s)
         except TimeoutError:
+            # The partition is named in the log only: it is a hash of the person's id.
+            log.warning("no outcome from the owner of partition %d within %g s",
+                        self.partition_of_user(record.user_id), self.outcome_wait_s)
             raise OutcomeTimeout(
-                f"no answer from the owner of partition {self.partition_of_user(record.user_id)}"
-                f" within {self.outcome_wait_s:g} s (is a `genki worker` running?); the request"
-                " was published and may still be applied: retry with the same Idempotency-Key "
-                "to get its outcome") from None
+                f"no answer from the partition owner within {self.outcome_wait_s:g} s (is a "
+                "`genki worker` running?); the request was published and may still be "
+                "applied: retry with the same Idempotency-Key to get its outcome") from None
         finally:
             self._waiting -= 1
             if future is not None and future.done():

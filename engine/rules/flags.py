@@ -627,9 +627,12 @@ JCHS_FLAGS: tuple[str, ...] = tuple(spec.name for spec in FLAGS if spec.jchs)
 FRAILTY_STATUSES = ("frail", "pre-frail", "robust")  # most urgent first
 
 
-def frailty_status(raised_flags: set[str] | frozenset[str] | list[str]) -> str:
-    """robust (no criterion), pre-frail (1-2), frail (3 or more) from the raised flags."""
-    criteria = sum(1 for name in JCHS_FLAGS if name in raised_flags)
+def frailty_status(raised_flags: set[str] | frozenset[str] | list[str],
+                   questionnaire_criteria: int = 0) -> str:
+    """robust (no criterion), pre-frail (1-2), frail (3 or more): the raised wearable
+    criteria plus any questionnaire criteria met (exhaustion, weakness; 0-2)."""
+    assert 0 <= questionnaire_criteria <= 2
+    criteria = sum(1 for name in JCHS_FLAGS if name in raised_flags) + questionnaire_criteria
     return "frail" if criteria >= 3 else "pre-frail" if criteria >= 1 else "robust"
 
 

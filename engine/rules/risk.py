@@ -4,19 +4,23 @@ Severities come from the rules that built the ledger: the pipeline records the
 rules (canonical JSON) in the ledger's meta under META_RULES_JSON; flag events
 carry their rules_version, looked up there, then among the shipped rules files,
 then the default rules. Frailty status follows the revised J-CHS criteria that
-wearables measure (engine.rules.flags.frailty_status); the list is sorted by
+wearables measure (engine.rules.flags.frailty_status), plus exhaustion and weakness
+when questionnaire answers are given (load_questionnaire); the list is sorted by
 status (frail, pre-frail, robust), then severity, then user id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import csv
+import io
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import orjson
 
-from engine.errors import RulesError
+from engine.errors import RulesError, UsageError
 from engine.rules.config import (
     RULES_DEFAULT_PATH,
     FlagRules,
@@ -79,16 +83,55 @@ class SeverityBook:
         return self.by_version.get(rules_version, self.fallback).severity_of(flag)
 
 
-def risk_rows(flags: Iterable[FlagEvent], book: SeverityBook) -> list[RiskRow]:
-    """Raised flags grouped per person, with frailty status and summed severity."""
+QUESTIONNAIRE_COLUMNS = ("user_id", "exhaustion", "weakness")
+QUESTIONNAIRE_BYTES_MAX = 64 * 1024 * 1024
+_YES, _NO = {"1", "yes", "true", "y"}, {"0", "no", "false", "n", ""}
+
+
+def load_questionnaire(path: Path) -> dict[str, int]:
+    """The J-CHS questionnaire items wearables cannot measure, per person: a CSV with
+    columns user_id, exhaustion, weakness (1/0, yes/no, true/false; empty = no).
+    Returns the number of those criteria each listed person meets."""
+    try:
+        if path.stat().st_size > QUESTIONNAIRE_BYTES_MAX:
+            raise UsageError(f"{path}: over {QUESTIONNAIRE_BYTES_MAX} bytes")
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read questionnaire answers: {error.strerror}") from None
+    rows = csv.reader(io.StringIO(text))
+    header = [cell.strip() for cell in next(rows, [])]
+    if tuple(header) != QUESTIONNAIRE_COLUMNS:
+        raise UsageError(f"{path}: header must be {','.join(QUESTIONNAIRE_COLUMNS)}, "
+                         f"got {','.join(header)}")
+    met: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(QUESTIONNAIRE_COLUMNS) or not row[0].strip():
+            raise UsageError(f"{path}:{line}: expected user_id,exhaustion,weakness")
+        count = 0
+        for name, cell in zip(QUESTIONNAIRE_COLUMNS[1:], row[1:], strict=True):
+            value = cell.strip().lower()
+            if value not in _YES | _NO:
+                raise UsageError(f"{path}:{line}: {name} must be 1/0, yes/no or true/false, "
+                                 f"got {cell!r}")
+            count += value in _YES
+        met[row[0].strip()] = count
+    return met
+
+
+def risk_rows(flags: Iterable[FlagEvent], book: SeverityBook,
+              questionnaire: Mapping[str, int] | None = None) -> list[RiskRow]:
+    """Raised flags grouped per person, with frailty status and summed severity;
+    questionnaire: criteria met per person among exhaustion and weakness."""
     by_user: dict[str, RiskRow] = {}
     for event in flags:
         name = str(event.flag.value)
         row = by_user.setdefault(event.user_id, RiskRow(event.user_id))
         row.severity += book.severity(name, event.rules_version)
         row.flags.append(RiskFlag(name, event.day, dict(event.evidence)))
+    answers = questionnaire or {}
     for row in by_user.values():
-        row.frailty_status = frailty_status({f.flag for f in row.flags})
+        row.frailty_status = frailty_status({f.flag for f in row.flags},
+                                            answers.get(row.user_id, 0))
     return sorted(by_user.values(), key=lambda r: (FRAILTY_STATUSES.index(r.frailty_status),
                                                    -r.severity, r.user_id))
 
