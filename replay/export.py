@@ -252,6 +252,11 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: Path
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
                      max_open_files=OPEN_FILES_MAX, max_rows_per_file=PARQUET_ROWS_PER_FILE_MAX,
                      existing_data_behavior="overwrite_or_ignore")
+    if rows == 0:  # every table is there, with its schema, even when nothing qualifies
+        directory.mkdir(parents=True, exist_ok=True)
+        empty = schema if not partitioning else pa.schema(
+            [f for f in schema if f.name not in partitioning])
+        pq.write_table(empty.empty_table(), directory / "empty.parquet", compression="zstd")
     return rows
 
 
