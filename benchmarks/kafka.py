@@ -104,13 +104,19 @@ def samples_of(lines: list[bytes]) -> int:
 
 def one_sample_per_record(lines: list[bytes], samples_max: int) -> list[bytes]:
     """Steps segments exploded into one record per sample; no profiles, so every
-    person has the plain (unscaled) step tiers and the peers need no profile join."""
+    person has the plain (unscaled) step tiers and the peers need no profile join.
+    The fleet's re-sent samples are left out: genki counts a sample once, the peers
+    do not deduplicate, and their crossing counts must be comparable."""
     out: list[bytes] = []
+    seen: set[tuple[str, str, int]] = set()
     for line in lines:
         body = orjson.loads(line)
         if body.get("metric") != "steps":
             continue
         for i, (ts, value) in enumerate(zip(body["ts_ms"], body["values"], strict=True)):
+            if (body["user_id"], body["device_id"], ts) in seen:
+                continue
+            seen.add((body["user_id"], body["device_id"], ts))
             out.append(orjson.dumps({**body, "upload_id": f"{body['upload_id']}-{i}",
                                      "ts_ms": [ts], "values": [value]}))
             if len(out) >= samples_max:
@@ -434,6 +440,17 @@ def print_encryption(c: dict[str, Any]) -> None:
           f"{c['worker_records_per_s_encrypted']:>9,} records/s  (x{c['worker_ratio']})")
 
 
+def print_per_record(e: dict[str, Any]) -> None:
+    print(f"one sample per record: {e['records']:,} records, "
+          f"{e['genki_step_tier_awards']:,} step-tier crossings")
+    print(f"  {'genki worker (validated, durable, ledger)':<44} "
+          f"{e['genki_records_per_s']:>9,} records/s")
+    for name, peer in e["peers"].items():
+        verdict = (f"genki {peer['genki_ratio']}x" if peer["valid"] else
+                   f"VOID: {peer['crossings']:,} crossings")
+        print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {verdict}")
+
+
 def transport_section(bootstrap: str, tmp: Path, records: int) -> dict[str, Any]:
     topic = "seg.genki.samples"
     getmany = asyncio.run(aiokafka_transport(bootstrap, topic, records))
@@ -465,6 +482,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only-encryption", action="store_true",
                         help="only section 4: per-person encryption on and off")
+    parser.add_argument("--only-per-record", action="store_true",
+                        help="only section 2: one sample per record, genki and its peers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="genki-bench-kafka-") as name:
         tmp = Path(name)
@@ -480,6 +499,16 @@ def main() -> int:
                     print(orjson.dumps({"encryption": crypto}).decode())
                 else:
                     print_encryption(crypto)
+                return 0
+            if args.only_per_record:
+                note("one sample per record: genki worker and its peers")
+                per_event = per_event_section(
+                    bootstrap, tmp, one_sample_per_record(lines, args.per_event_samples),
+                    args.skip_faust)
+                if args.json:
+                    print(orjson.dumps({"one_sample_per_record": per_event}).decode())
+                else:
+                    print_per_record(per_event)
                 return 0
             note("segments: publish and worker")
             segments = segment_section(bootstrap, tmp, lines, samples, args.compression)
@@ -506,14 +535,7 @@ def main() -> int:
     print(f"  worker    {s['worker_samples_per_s']:>12,} samples/s  ({s['worker_s']} s, "
           f"{s['ledger_entries']:,} ledger entries)")
     print(f"  end to end {s['end_to_end_samples_per_s']:>11,} samples/s")
-    print(f"one sample per record: {e['records']:,} records, "
-          f"{e['genki_step_tier_awards']:,} step-tier crossings")
-    print(f"  {'genki worker (validated, durable, ledger)':<44} "
-          f"{e['genki_records_per_s']:>9,} records/s")
-    for name, peer in e["peers"].items():
-        verdict = (f"genki {peer['genki_ratio']}x" if peer["valid"] else
-                   f"VOID: {peer['crossings']:,} crossings")
-        print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {verdict}")
+    print_per_record(e)
     print(f"transport only ({t['records']:,} segment records): aiokafka getmany "
           f"{t['aiokafka_getmany_records_per_s']:,} records/s, faust take "
           f"{t['faust_take_records_per_s']:,} records/s → {t['faster']}")

@@ -267,3 +267,29 @@ def test_report_has_the_evaluation_section_with_aggregates_only(linked: Path, fl
     for profile in _profiles(fleet):
         assert profile["user_id"] not in section
         assert pseudo("user", profile["user_id"]) not in section
+
+
+def test_nearest_matches_stay_in_stratum_and_caliper() -> None:
+    from engine.evaluation.matching import Design, nearest_matches
+
+    # logit scores: treated 0 (stratum 1) and 2 (stratum 1), 4 (stratum 2, no control there)
+    ps = 1 / (1 + np.exp(-np.array([0.0, 2.0, 4.0, 0.1, 1.8, 2.05, 4.0, -3.0])))
+    design = Design(["x"], np.zeros((8, 1)), np.array([1, 1, 2, 1, 1, 1, 3, 1]),
+                    np.array([True, True, True, False, False, False, False, False]))
+    # caliper = 0.2 x SD of the logits
+    caliper = 0.2 * float(np.log(ps / (1 - ps)).std())
+    assert caliper > 0.1
+    found = nearest_matches(design, ps)
+    assert dict(zip(found.treated.tolist(), found.control.tolist(), strict=True)) == {0: 3, 1: 5}
+    assert found.treated_unmatched == 1
+
+
+def test_standardised_mean_difference_uses_the_pooled_sd_before_matching() -> None:
+    from engine.evaluation.matching import smd
+
+    treated_all, control_all = np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 3.0, 5.0])
+    pooled = np.sqrt((treated_all.var(ddof=1) + control_all.var(ddof=1)) / 2)
+    assert smd(treated_all, control_all, treated_all, control_all) == pytest.approx(
+        (2.0 - 2.0) / pooled)
+    assert smd(np.array([3.0]), np.array([0.0]), treated_all, control_all) == pytest.approx(
+        3.0 / pooled)

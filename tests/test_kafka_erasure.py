@@ -193,3 +193,22 @@ def test_a_data_key_is_stored_wrapped(person_keys: PersonKeys) -> None:
     (wrapped,) = ring["keys"].values()
     assert wrapped["w"] == person_keys.wrap.current
     assert len(base64.b64decode(wrapped["k"])) == 12 + 32 + 16  # nonce, key, tag
+
+
+def test_outputs_of_people_whose_inputs_came_in_clear_are_sealed_with_keys_the_worker_made(
+        kafka: KafkaTarget, fleet: Fleet, tmp_path: Path) -> None:
+    create_topics(kafka, PARTITIONS)
+    genki("publish", str(fleet.path), *kafka.args(), "--no-encryption")  # another gateway
+    settings = WorkerSettings(bootstrap=kafka.bootstrap, data_dir=tmp_path, group=kafka.group,
+                              prefix=kafka.prefix, until_idle=True,
+                              session_timeout_ms=kafka.session_timeout_ms)
+    summary = asyncio.run(run_worker(settings))
+    assert combined_ledger(tmp_path).content_digest == fleet.embedded.content_digest
+    assert summary.data_keys_created == len(fleet.embedded.balances)
+    awards = [orjson.loads(v) for *_, v in read_topic(kafka, "genki.ledger")]
+    assert awards and all("sealed" in entry for entry in awards if entry["kind"] == "award")
+    keys = person_keys_of(kafka)
+    opened = [orjson.loads(keys.open(b"genki.dlq", key, base64.b64decode(
+        orjson.loads(value)["raw_b64"]))) for *_, key, value in read_topic(kafka, "genki.dlq")
+        if key is not None]
+    assert opened and all(isinstance(body, dict) for body in opened)
