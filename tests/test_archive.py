@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -12,6 +13,7 @@ import orjson
 import pytest
 
 from engine.clock import day_to_iso, tokyo_day
+from engine.faults import CRASH_ENV
 from engine.ingest.archive import archive_dir
 from engine.ingest.log import EmbeddedLog
 from engine.ingest.reader import expand_paths
@@ -59,7 +61,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
                                       "--json", "--data-dir", str(copy)),
                             capture_output=True, check=True)
     return copy, data_dir, {"before": before, "result": orjson.loads(result.stdout),
-                            "lines": lines}
+                            "before_iso": day_to_iso(first_day + 20)}
 
 
 def test_old_records_move_to_private_parquet_files(archived: tuple[Path, Path, dict]) -> None:
@@ -107,3 +109,21 @@ def test_archiving_again_moves_nothing_new(archived: tuple[Path, Path, dict]) ->
         capture_output=True, check=True).stdout)
     assert again["archived_sample_records"] == again["archived_activity_records"] == 0
     assert again["archived_through"] == facts["result"]["archived_through"]
+
+
+def test_kill_9_between_writing_and_registering_leaves_no_trace(
+        archived: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    _, original, facts = archived
+    copy = tmp_path / "d"
+    shutil.copytree(original, copy)
+    command = genki_cmd("archive", "--before", facts["before_iso"], "--json", "--data-dir",
+                        str(copy))
+    crashed = subprocess.run(command, capture_output=True, check=False,
+                             env={**os.environ, CRASH_ENV: "archive_before_commit:1"})
+    assert crashed.returncode == -9
+    assert _samples(copy) == facts["before"]  # nothing registered, nothing deleted
+    again = orjson.loads(subprocess.run(command, capture_output=True, check=True).stdout)
+    assert again["archived_through"] == facts["result"]["archived_through"]
+    assert sorted(p.name for p in archive_dir(copy).iterdir()) == sorted(
+        p.name for p in archive_dir(archived[0]).glob("*.parquet"))
+    assert _samples(copy) == facts["before"]
