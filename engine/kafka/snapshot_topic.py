@@ -27,6 +27,7 @@ from engine.snapshots import SnapshotInfo, SnapshotInvalid, decode, write_to
 log = logging.getLogger(__name__)
 
 SNAPSHOT_CHUNK_BYTES = 512 * 1024
+STALE_CHUNK_TOMBSTONES = 16
 LOG_PREFIX = "log:"
 _CHUNK_HEADER = struct.Struct("<16sII")  # snapshot id, chunk index, chunk count
 
@@ -69,6 +70,11 @@ async def publish_snapshot(producer: AIOKafkaProducer, topic: str, number: int,
     records = chunk_records(number, payload)
     futures = [await producer.send(topic, value, key=key, partition=number)
                for key, value in records]
+    # Tombstones for chunk keys an earlier, larger snapshot used: compaction then drops
+    # their bytes (they hold per-person state) instead of keeping them forever.
+    futures += [await producer.send(topic, None, key=f"p{number}/{index}".encode(),
+                                    partition=number)
+                for index in range(len(records), len(records) + STALE_CHUNK_TOMBSTONES)]
     for future in futures:
         await future
     return len(records)
