@@ -36,7 +36,7 @@ from engine.api.service import (
     LedgerReads,
     Principal,
 )
-from engine.api.store import ApiStore, Claim, Role, StoredResponse
+from engine.api.store import ApiStore, Claim, ClaimRefused, Role, StoredResponse
 from engine.api.tokens import SECRET_FILE_NAME, TokenBox, load_or_create_secret
 from engine.clock import DAY_MS
 from engine.entries import EntryDraft
@@ -430,3 +430,27 @@ async def test_a_duplicate_while_the_first_is_in_flight_is_409_in_progress(
     assert (done.status, replay.status, replay.body, replay.replayed) == (201, 201, done.body,
                                                                          True)
     assert (conflict.value.http_status, conflict.value.code) == (422, "idempotency_conflict")
+
+
+def test_a_dead_claim_is_taken_over_only_where_one_ledger_binds_the_key(tmp_path: Path) -> None:
+    """Embedded: any body may take over (the ledger's (shop, key) id decides). Kafka mode:
+    only the same body, since the ledgers are per partition, so per person."""
+    def claim(fingerprint: str, owner: str, nonce: str) -> Claim:
+        return Claim("redemptions:S1", "k1", fingerprint, owner, NOW_MS, NOW_MS + 60_000,
+                     nonce, "U1", "S1", "e1")
+
+    dead = claim("body-a", "999999999:x", "n1")
+    answers = []
+    for take_over in (False, True):
+        with ApiStore.open(tmp_path / str(take_over)) as store:
+            store.claim(dead, live=lambda owner: False)
+            for fingerprint in ("body-b", "body-a"):
+                try:
+                    store.claim(claim(fingerprint, "1:me", "n1" if fingerprint == "body-a"
+                                      else "n2"), live=lambda owner: False,
+                                take_over_other_body=take_over)
+                    answers.append((take_over, fingerprint, "taken"))
+                except ClaimRefused as refused:
+                    answers.append((take_over, fingerprint, refused.reason))
+    assert answers == [(False, "body-b", "in_progress"), (False, "body-a", "taken"),
+                       (True, "body-b", "taken"), (True, "body-a", "taken")]

@@ -590,7 +590,8 @@ class ApiService:
             return not owner.startswith(f"{os.getpid()}:") and _pid_alive(owner)
 
         try:
-            stored = self.store.claim(claim, live)
+            stored = self.store.claim(claim, live,
+                                      take_over_other_body=self.redeemer.synchronous)
         except ClaimRefused as refused:
             raise _claim_refusal(refused.reason) from None
         if stored is None:

@@ -298,14 +298,18 @@ class ApiStore:
 
     # -- claims ------------------------------------------------------------------
 
-    def claim(self, claim: Claim, live: Callable[[str], bool]) -> bytes | None:
+    def claim(self, claim: Claim, live: Callable[[str], bool], *,
+              take_over_other_body: bool = True) -> bytes | None:
         """Bind the key to this request and the token to this key, atomically.
 
         Returns the stored response body when this very request is already done
         (Kafka mode keeps it); raises ClaimRefused (nothing taken) when another
         request holds the key or the token. A pending claim whose owner is not
         `live` (its process died) or whose lease ran out is taken over: the
-        ledger's (shop, key) entry id still decides between the two.
+        ledger's (shop, key) entry id still decides between the two. Where that
+        ledger is not one (Kafka mode: one per partition, so per person), a claim
+        for another body is never taken over (`take_over_other_body=False`): it
+        stays in progress until its own retry learns its outcome.
         """
         with self._write(savepoint=False) as db:  # checks first: a refusal wrote nothing
             row = db.execute("SELECT fingerprint, state, owner, lease_until_ms, response FROM "
@@ -318,6 +322,8 @@ class ApiStore:
                         raise ClaimRefused("idempotency_conflict")
                     return None if response is None else bytes(response)
                 if lease_until_ms > claim.now_ms and live(owner):
+                    raise ClaimRefused("in_progress")
+                if fingerprint != claim.fingerprint and not take_over_other_body:
                     raise ClaimRefused("in_progress")
             if claim.nonce is not None:
                 holder = db.execute("SELECT shop_id, idempotency_key FROM token_uses WHERE "
