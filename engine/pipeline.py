@@ -146,6 +146,18 @@ class Pipeline:
         _settle_leavers(log, ledger, self.rules)
         return summary
 
+    @property
+    def engine_position(self) -> int:
+        """Log position the in-memory engine has seen (-1: none or unknown)."""
+        return self._position if self._engine is not None else -1
+
+    def pruned_engine(self, log: EmbeddedLog, ledger: Ledger) -> RulesEngine:
+        """The engine at the ledger's position (loaded if need be), pruned."""
+        done = int(ledger.get_meta(META_LOG_POSITION) or 0)
+        engine = self._engine_at(log, done, RunSummary())
+        engine.prune(log.late_window_days_max())
+        return engine
+
     def snapshot(self, log: EmbeddedLog, extra: dict[str, Any] | None = None) -> Path | None:
         """Write the engine's state at the position it has seen (the ledger holds it)."""
         if self._engine is None or self._position < 0 or log.data_dir is None:

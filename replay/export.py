@@ -122,11 +122,19 @@ def consenting_users(log: EmbeddedLog) -> tuple[set[str], int]:
 _consenting_users = consenting_users  # engine.evaluation.consent asks by this name
 
 
-def _day_strings(days: np.ndarray) -> np.ndarray:
-    unique, inverse = np.unique(days, return_inverse=True)
-    names = np.array([(EPOCH_DATE + dt.timedelta(days=int(d))).isoformat() for d in unique],
-                     dtype=object)
-    return names[inverse]
+def _day_strings(days: np.ndarray) -> pa.Array:
+    """ISO dates of day numbers: one string per distinct day, then an Arrow take."""
+    if not len(days):
+        return pa.array([], pa.string())
+    first = int(days.min())
+    names = [(EPOCH_DATE + dt.timedelta(days=first + d)).isoformat()
+             for d in range(int(days.max()) - first + 1)]
+    return _take(names, days - first)
+
+
+def _take(names: list[str], codes: np.ndarray) -> pa.Array:
+    """names[codes] as an Arrow string array, built in Arrow (no Python object per row)."""
+    return pa.array(names, pa.string()).take(pa.array(codes))
 
 
 def _window_mask(days: np.ndarray, since: int | None, until: int | None) -> np.ndarray:
@@ -141,7 +149,7 @@ def _window_mask(days: np.ndarray, since: int | None, until: int | None) -> np.n
 def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
                     window: tuple[int | None, int | None], manifest: ReplayManifest,
                     policy: ExportPolicy, tick: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
-    metric_names = np.array([m.name for m in METRICS], dtype=object)
+    metric_names = [m.name for m in METRICS]
     for lo in range(0, end, LOG_RECORDS_PER_CHUNK):
         hi = min(lo + LOG_RECORDS_PER_CHUNK, end)
         cols = log.read_samples(lo, hi)
@@ -154,10 +162,10 @@ def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: 
         manifest.left_out("samples", int((~allowed).sum()))
         if not keep.any():
             continue
-        users = np.array(pseudo.many("user", cols.users), dtype=object)
+        users = pseudo.many("user", cols.users)
         yield pa.RecordBatch.from_arrays(
-            [pa.array(users[cols.user_idx[keep]]), pa.array(metric_names[cols.metric[keep]]),
-             pa.array(_day_strings(days[keep])),
+            [_take(users, cols.user_idx[keep]), _take(metric_names, cols.metric[keep]),
+             _day_strings(days[keep]),
              pa.array(coarsen(cols.ts_ms[keep], policy.samples_time)),
              pa.array(cols.value[keep])], schema=SAMPLE_SCHEMA)
 
@@ -206,7 +214,7 @@ def _activity_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent
              pa.array(pseudo.many("event", [cols.event_id[i] for i in idx])),
              pa.array(kinds[cols.kind[idx]]),
              pa.array(coarsen(cols.ts_ms[idx], policy.activities_time)),
-             pa.array(_day_strings(days[idx])),
+             _day_strings(days[idx]),
              pa.array([None if v in rare else pseudo("venue", v) if v else "" for v in venues],
                       type=pa.string())],
             schema=ACTIVITY_SCHEMA)
@@ -244,6 +252,11 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: Path
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
                      max_open_files=OPEN_FILES_MAX, max_rows_per_file=PARQUET_ROWS_PER_FILE_MAX,
                      existing_data_behavior="overwrite_or_ignore")
+    if rows == 0:  # every table is there, with its schema, even when nothing qualifies
+        directory.mkdir(parents=True, exist_ok=True)
+        empty = schema if not partitioning else pa.schema(
+            [f for f in schema if f.name not in partitioning])
+        pq.write_table(empty.empty_table(), directory / "empty.parquet", compression="zstd")
     return rows
 
 

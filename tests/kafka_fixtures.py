@@ -167,7 +167,7 @@ def kafka_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaTarg
         yield target
 
 
-FLEET_ARGS: tuple[str, ...] = ("--participants", "10", "--app-users", "20", "--days", "10",
+FLEET_ARGS: tuple[str, ...] = ("--participants", "10", "--app-users", "20", "--days", "16",
                                "--seed", "11", "--bad-fraction", "0.02")
 WAIT_POLL_S = 0.1
 

@@ -28,7 +28,7 @@ from tests.conftest import genki_cmd
 NOW_MS = 1_830_297_600_000
 KEY = b"care-linkage-key-0123456789"
 OTHER_KEY = b"another-key-9876543210-xyz"
-FLEET = SimConfig(participants=20, app_users=400, days=56, seed=5, bad_fraction=0.0,
+FLEET = SimConfig(participants=8, app_users=400, days=56, seed=5, bad_fraction=0.0,
                   duplicate_fraction=0.0)
 
 

@@ -118,7 +118,7 @@ def indicators_of(data: ProgrammeData, *, venue_kinds: dict[str, str] | None = N
                      "weekly_share": _share(weekly, people), "monthly": monthly,
                      "monthly_share": _share(monthly, people), "by_venue_kind": by_kind,
                      **_programme_month(data, first, last, enrolled)})
-    return {"population": f"research-consenting people; participation among those aged "
+    return {"population": f"Research-consenting people; participation among those aged "
                           f"{age_min}+ (year minus birth year) enrolled by the month's end",
             "age_min": age_min, "people_consenting": data.n,
             "people_left_out_no_consent": data.people_left_out_no_consent,

@@ -94,19 +94,25 @@ def _plot_balance(balance: list[dict]) -> str:  # type: ignore[type-arg]
     return _svg(figure)
 
 
+def _plottable(value: dict | None) -> bool:  # type: ignore[type-arg]
+    return bool(value and value.get("estimate") is not None and value.get("ci95")
+                and None not in value["ci95"])
+
+
 def _plot_effect(report: dict) -> str | None:  # type: ignore[type-arg]
     name = "difference" if report["outcome"] == "steps" else "risk_difference"
     rows = [(label, report[key][name]) for label, key in (("matched", "effect"),
                                                           ("naive", "naive"))
-            if report.get(key, {}).get(name, {}).get("ci95")]
+            if _plottable(report.get(key, {}).get(name))]
     if not rows:
         return None
     figure, axis = plt.subplots(figsize=(7, 1.8))
     for y, (label, value) in enumerate(rows):
         low, high = value["ci95"]
-        axis.errorbar([value["estimate"]], [y], xerr=[[value["estimate"] - low],
-                                                      [high - value["estimate"]]],
+        estimate = value["estimate"]  # a percentile interval need not contain it
+        axis.errorbar([estimate], [y], xerr=[[max(0.0, estimate - low)], [max(0.0, high - estimate)]],
                       fmt="o", capsize=4, color="#2b83d9" if label == "matched" else "#d9822b")
+        axis.plot([low, high], [y, y], color="#2b83d9" if label == "matched" else "#d9822b")
     axis.set_yticks(range(len(rows)), [r[0] for r in rows])
     axis.axvline(0, color="#888", linewidth=1)
     axis.set_xlabel(f"{name.replace('_', ' ')} with 95% bootstrap interval")

@@ -42,6 +42,7 @@ from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
 from engine.kafka.keys import Keyring
 from engine.kafka.restore import RESTORED_KINDS, RestoreSelection, expiry_failure
+from engine.kafka.snapshot_topic import decode_partition_snapshot, encode_partition_snapshot
 from engine.ledger import Ledger
 from engine.ledger.commands import ref_fields
 from engine.ledger.model import ENTRY_COLUMNS, Entry
@@ -210,6 +211,86 @@ class PartitionStore:
         if profiles_changed:
             self._pipeline.invalidate()
         return self._pipeline.run(self.log, self.ledger)
+
+    # -- snapshots on genki.snapshots (takeover without the directory) ----------------
+
+    def topic_snapshot(self) -> bytes | None:
+        """This partition's state for a new owner, or None when not at a clean point (the
+        rules have not seen the whole log, or ledger entries are not yet published)."""
+        from engine.pipeline import META_LOG_POSITION
+        from engine.snapshots import SnapshotInfo
+
+        pipeline = self._pipeline
+        done = int(self.ledger.get_meta(META_LOG_POSITION) or 0)
+        head = self.ledger.head_seq()
+        if pipeline is None or done == 0 or self.log.position() != done or \
+                (self._get("published_ledger_seq") or 0) < head:
+            return None
+        engine = pipeline.pruned_engine(self.log, self.ledger)
+        log_arrays, log_meta = self.log.export_state()
+        info = SnapshotInfo(done, pipeline.rules.version, self.log.profiles_digest(),
+                            self.log.late_window_days_max(),
+                            {"partition": self.number, "ledger_seq": head,
+                             "ledger_digest": self.ledger.head()["content_digest"],
+                             "redemptions_offset": self._get("redemptions_offset") or 0})
+        return encode_partition_snapshot(engine.state(), log_arrays, log_meta, info)
+
+    def restore_from_snapshot(self, payload: bytes, ledger_records: list[tuple[int, bytes]],
+                              ledger_topic: str, rules_path: Path | None) -> tuple[int, int, int]:
+        """Rebuild an empty partition directory from a topic snapshot and the entries
+        genki.ledger holds up to the snapshot's ledger position.
+
+        The restored ledger must have the content digest the snapshot recorded, else
+        SnapshotInvalid (the caller discards the directory and rebuilds from offset 0).
+        Records that claim a position inside the snapshot's ledger but differ from the
+        entry restored there are dead letters `unauthenticated` (nothing vouches for
+        them). Returns (entries restored, of which redemption kinds, refused).
+        """
+        from engine.pipeline import META_LOG_POSITION, META_RULES_VERSION, RULES_DEFAULT_PATH
+        from engine.rules.config import load_rules
+        from engine.snapshots import SnapshotInfo, SnapshotInvalid, write_snapshot
+
+        engine, log_arrays, log_meta, info = decode_partition_snapshot(payload)
+        rules = load_rules(rules_path or RULES_DEFAULT_PATH)
+        if info.rules_version != rules.version or info.extra.get("partition") != self.number:
+            raise SnapshotInvalid(f"snapshot of rules {info.rules_version} for partition "
+                                  f"{info.extra.get('partition')}")
+        self.log.restore_state(log_arrays, log_meta)
+        if self.log.profiles_digest() != info.profiles_digest:
+            raise SnapshotInvalid("restored profiles differ from the snapshot's")
+        last_seq = int(info.extra["ledger_seq"])
+        by_seq: dict[int, dict[str, Any]] = {}
+        claims: list[tuple[int, bytes, dict[str, Any]]] = []
+        for offset, raw in ledger_records:
+            body = orjson.loads(raw)
+            if isinstance(body, dict) and isinstance(body.get("seq"), int) and \
+                    body["seq"] <= last_seq:
+                by_seq.setdefault(body["seq"], body)
+                claims.append((offset, raw, body))
+        drafts = [EntryDraft(e["entry_id"], e["user_id"], EntryKind(e["kind"]), e["points"],
+                             e["day"], e["ts_ms"], e["rule"], e["ref"], e["rules_version"])
+                  for _, e in sorted(by_seq.items())]
+        if len(drafts) != last_seq:
+            raise SnapshotInvalid(f"genki.ledger holds {len(drafts)} of the {last_seq} entries "
+                                  "the snapshot reflects")
+        self.ledger.append(drafts, meta={META_LOG_POSITION: str(info.position),
+                                         META_RULES_VERSION: rules.version})
+        if self.ledger.head()["content_digest"] != info.extra["ledger_digest"]:
+            raise SnapshotInvalid("entries restored from genki.ledger do not give the "
+                                  "snapshot's content digest")
+        write_snapshot(self.path, engine, SnapshotInfo(
+            info.position, info.rules_version, info.profiles_digest, info.late_window_days))
+        refused = [(ledger_topic, self.number, offset, reason_text(
+            Reason.unauthenticated, "seq", f"entry {body.get('entry_id')} claims position "
+            f"{body['seq']}, which the snapshot's verified ledger holds otherwise"), raw)
+                   for offset, raw, body in claims if by_seq[body["seq"]] != body]
+        self._state.execute("BEGIN IMMEDIATE")
+        self._state.executemany("INSERT INTO outbox_dlq (source, partition, offset, reason, raw)"
+                                " VALUES (?, ?, ?, ?, ?)", refused)
+        self._set_many({"published_ledger_seq": self.ledger.head_seq(),
+                        "redemptions_offset": int(info.extra["redemptions_offset"])})
+        self._state.execute("COMMIT")
+        return len(drafts), sum(d.kind.value in RESTORED_KINDS for d in drafts), len(refused)
 
     def apply_redemptions(self, topic: str, offsets: list[int],
                           values: list[bytes]) -> RedemptionCounts:

@@ -32,6 +32,7 @@ REDEMPTIONS = "genki.redemptions"
 LEDGER = "genki.ledger"
 FLAGS = "genki.flags"
 DLQ = "genki.dlq"
+SNAPSHOTS = "genki.snapshots"
 # Per-person data keys (engine.kafka.personal): compacted, key = user id, tombstone = erased.
 KEYS = "genki.keys"
 # Processing order within one partition and cycle: profiles before the samples
@@ -80,6 +81,11 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
                      "segment.ms": KEYS_SEGMENT_MS, "min.cleanable.dirty.ratio": "0.01",
                      "delete.retention.ms": KEYS_TOMBSTONE_RETENTION_MS},
               "per-person data keys, wrapped; a tombstone erases a person (compacted)"),
+    TopicSpec(SNAPSHOTS, {"cleanup.policy": "compact", "max.message.bytes": str(MESSAGE_BYTES_MAX),
+                          "min.compaction.lag.ms": "3600000"},
+              "rules and dedup state per partition at a log position, in chunks keyed by "
+              "partition and chunk (compacted: the latest snapshot survives); a new owner "
+              "without the partition's directory starts from it"),
     TopicSpec(DLQ, {"retention.ms": DLQ_RETENTION_MS, "cleanup.policy": "delete",
                     "max.message.bytes": str(2 * MESSAGE_BYTES_MAX)},
               "rejected inputs with reasons (each partition log keeps its own too)"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
+from engine.errors import GenkiError
 from engine.faults import crash_point
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, OPERATOR_KEY_ID
 from engine.kafka.assignor import CoPartitionedAssignor
@@ -54,6 +56,7 @@ from engine.kafka.partition import (
     PartitionBusy,
     PartitionStore,
     now_ms,
+    partition_dir,
 )
 from engine.kafka.personal import (
     DLQ_TAG,
@@ -62,6 +65,7 @@ from engine.kafka.personal import (
     KeyTopic,
     PersonKeys,
     encryption_enabled,
+    open_entry,
     open_inputs,
     seal_entry,
 )
@@ -71,6 +75,7 @@ from engine.kafka.restore import (
     select_restorable,
     verified_requests,
 )
+from engine.kafka.snapshot_topic import publish_snapshot, read_latest_snapshot
 from engine.kafka.topics import (
     CONSENT,
     DLQ,
@@ -81,6 +86,8 @@ from engine.kafka.topics import (
     LOG_TOPICS,
     PROFILES,
     REDEMPTIONS,
+    SNAPSHOTS,
+    TopicsError,
     admin_client,
     check_copartitioned,
     partition_counts,
@@ -97,6 +104,7 @@ MAX_POLL_INTERVAL_MS = 600_000
 PARTITION_BUSY_WAIT_S_MAX = 120.0
 PARTITION_BUSY_RETRY_S = 0.2
 RESTORE_FETCH_RECORDS_MAX = 50_000
+SNAPSHOT_PUBLISH_RECORDS = 100_000  # log positions between two published partition snapshots
 # Partitions run on their own threads, but one at a time: two at once measured no
 # faster on 2 cores (decoding holds the GIL) and would share the core's module caches.
 PARTITIONS_IN_PARALLEL_MAX = 1
@@ -150,6 +158,10 @@ class WorkerSummary:
     restored_entries: int = 0
     # genki.ledger entries a takeover did not restore: no authenticated request backs them.
     restore_refused: int = 0
+    # Takeover from genki.snapshots: partitions restored, entries restored with them.
+    snapshot_restored_partitions: list[int] = field(default_factory=list)
+    snapshot_restored_entries: int = 0
+    snapshots_published: int = 0
     # Input records (and restored entries) no data key opens: their person was erased.
     erased_records: int = 0
     # Data keys this worker made for people whose inputs came in clear.
@@ -192,6 +204,9 @@ class Worker:
         self.topics = {name: topic_name(settings.prefix, name)
                        for name in (*INPUT_TOPICS, LEDGER, FLAGS, DLQ, KEYS)}
         self._logical = {actual: logical for logical, actual in self.topics.items()}
+        self.snapshot_topic = topic_name(settings.prefix, SNAPSHOTS)
+        self._snapshots_on = True
+        self._snapshot_positions: dict[int, int] = {}
         self._threads: dict[int, ThreadPoolExecutor] = {}
         self._parallel = asyncio.Semaphore(PARTITIONS_IN_PARALLEL_MAX)
         self._parts: dict[int, PartitionState] = {}
@@ -276,6 +291,17 @@ class Worker:
             await admin.close()
         check_copartitioned(counts, self.settings.prefix)
         self._dlq_partitions = counts[self.topics[DLQ]]
+        admin = admin_client(self.settings.bootstrap)
+        await admin.start()
+        try:
+            await partition_counts(admin, [self.snapshot_topic])
+        except TopicsError:
+            log.warning("topic %s is missing: partitions taken over without their directory "
+                        "are rebuilt from offset 0 (run `genki topics create`)",
+                        self.snapshot_topic)
+            self._snapshots_on = False
+        finally:
+            await admin.close()
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         s = self.settings
@@ -293,10 +319,12 @@ class Worker:
                 await self._publish_and_commit()
                 if got:
                     self.summary.processing_seconds = round(time.perf_counter() - first_s, 3)
+                await self._publish_snapshots(force=False)
                 if s.until_idle and not got and self._assigned_once.is_set() \
                         and await self._idle():
                     log.info("caught up on partitions %s; exiting (--until-idle)",
                              sorted(self._parts))
+                    await self._publish_snapshots(force=True)
                     return
 
     # -- processing --------------------------------------------------------------------
@@ -503,17 +531,73 @@ class Worker:
             log.info("assigned partitions %s", numbers)
             self._assigned_once.set()
 
+    async def _publish_snapshots(self, force: bool) -> None:
+        """Publish partition snapshots to genki.snapshots: every SNAPSHOT_PUBLISH_RECORDS
+        log positions, and (force) when the worker leaves."""
+        if not self._snapshots_on or self.producer is None:
+            return
+        for part in self._parts.values():
+            position = await self._in_store(part.number, part.store.log.position)
+            last = self._snapshot_positions.get(part.number, 0)
+            if position <= last or (not force and position - last < SNAPSHOT_PUBLISH_RECORDS):
+                continue
+            payload = await self._in_store(part.number, part.store.topic_snapshot)
+            if payload is None:
+                continue
+            try:
+                await publish_snapshot(self.producer, self.snapshot_topic, part.number, payload)
+            except KafkaError as error:
+                log.warning("partition %d: snapshot not published (%s)", part.number, error)
+                continue
+            self._snapshot_positions[part.number] = position
+            self.summary.snapshots_published += 1
+
+    async def _restore_from_snapshot(self, number: int, store: PartitionStore) -> PartitionStore:
+        """A partition new to this host: start from the newest snapshot on genki.snapshots
+        and the entries of genki.ledger up to it; without one (or when it does not check
+        out) the inputs are re-read from offset 0."""
+        bootstrap = self.settings.bootstrap
+        payload = await read_latest_snapshot(bootstrap, self.snapshot_topic, number)
+        if payload is None:
+            log.info("partition %d: no snapshot on %s; rebuilding from offset 0", number,
+                     self.snapshot_topic)
+            return store
+        ledger = await read_partition(bootstrap, self.topics[LEDGER], number)
+        try:
+            restored, redemptions, refused = await self._in_store(
+                number, store.restore_from_snapshot, payload,
+                [(offset, opened) for offset, _, v in ledger
+                 if (opened := open_entry(self.person_keys, v))],
+                self.topics[LEDGER], self.settings.rules_path)
+        except (GenkiError, ValueError, KeyError) as error:
+            log.error("partition %d: snapshot restore failed (%s); rebuilding from offset 0",
+                      number, error)
+            await self._in_store(number, store.close)
+            await asyncio.to_thread(shutil.rmtree, partition_dir(self.settings.data_dir,
+                                                                 number))
+            return await self._open_store(number)
+        self.summary.snapshot_restored_partitions.append(number)
+        self.summary.snapshot_restored_entries += restored
+        self.summary.restored_entries += redemptions
+        self.summary.restore_refused += refused
+        self._snapshot_positions[number] = await self._in_store(number, store.log.position)
+        log.info("partition %d: restored from the snapshot on %s and %d entries of %s",
+                 number, self.snapshot_topic, restored, self.topics[LEDGER])
+        return store
+
     async def _assign_one(self, number: int) -> None:
         consumer = self.consumer
         assert consumer is not None
         part = self._parts.get(number)
+        if self._key_topic is not None:
+            await self._key_topic.catch_up([number])
         if part is None:
             store = await self._open_store(number)
+            if not store.existed and self._snapshots_on:
+                store = await self._restore_from_snapshot(number, store)
             store.record_keys = self.record_keys
             tps = {t: TopicPartition(self.topics[t], number) for t in INPUT_TOPICS}
             part = self._parts[number] = PartitionState(number, store, tps)
-        if self._key_topic is not None:
-            await self._key_topic.catch_up([number])
         stored = await self._in_store(part.number, self._stored_offsets, part.store)
         committed = {t: await consumer.committed(tp) for t, tp in part.tps.items()}
         part.committed = {tp: committed[t] for t, tp in part.tps.items()

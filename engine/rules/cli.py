@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 
 from engine.rules.config import RULES_DEFAULT_PATH, Rules, load_rules
+from engine.rules.flags import FLAG_NAMES
 
 
 def summary(rules: Rules) -> list[str]:
@@ -30,9 +31,7 @@ def summary(rules: Rules) -> list[str]:
                   for c in rules.campaigns),
     ]
     flags = rules.flags
-    enabled = [name for name in ("step_decline", "low_activity", "slow_gait", "weight_loss",
-                                 "social_isolation", "low_spo2", "resting_hr_rise")
-               if getattr(flags, name).enabled]
+    enabled = [name for name in FLAG_NAMES if flags.section(name).enabled]
     lines.append(f"flags: {len(enabled)} enabled ({', '.join(enabled)}); "
                  f"settle {flags.settle_days} days")
     return lines
