@@ -493,3 +493,24 @@ def test_consent_periods_match_the_newest_effective_decision(
         expected.append(best is not None and best.change == ConsentChange.consent_given)
     got = index.contains(["u"], np.zeros(len(probes), np.int32), np.array(probes, np.int64))
     assert got.tolist() == expected
+
+
+def test_the_replay_command_takes_the_anonymity_settings(world: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    target = tmp_path / "out"
+    result = subprocess.run(genki_cmd(
+        "replay", "--to", str(target), "--pseudonym-key-file", str(key_file), "--data-dir",
+        str(world), "--k", "2", "--samples-time", "hour", "--ledger-time", "minute",
+        "--birth-year-band-years", "10", "--json"), capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr
+    anonymity = orjson.loads(result.stdout)["anonymity"]
+    assert (anonymity["k"], anonymity["birth_year_band_years"]) == (2, 10)
+    assert anonymity["time_units"] == {"samples": "hour", "activities": "day",
+                                       "ledger": "minute", "flags": "day"}
+    samples = ds.dataset(target / "samples", partitioning="hive").to_table()
+    assert all(ts % 3_600_000 == 0 for ts in samples["ts_ms"].to_pylist())
+    refused = subprocess.run(genki_cmd(
+        "replay", "--to", str(tmp_path / "x"), "--pseudonym-key-file", str(key_file),
+        "--data-dir", str(world), "--k", "0"), capture_output=True, check=False)
+    assert refused.returncode == 2 and b"--k" in refused.stderr

@@ -808,6 +808,7 @@ class EmbeddedLog:
         if self.position() or self._streams:
             raise UsageError("a log state can only be restored into an empty log")
         db = self._db
+        self._recent.reset()
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT INTO streams VALUES (?, ?, ?, ?)", meta["streams"])

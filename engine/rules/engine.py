@@ -298,16 +298,19 @@ class RulesEngine:
         if not len(active):
             return
         target = monday_of(int(active.max()) - PARK_SLACK_DAYS)
-        if target <= grid.day0:
-            return
-        lagging = np.flatnonzero(need < target)
         latest = np.maximum(grid["samples_day_max"][:grid.users],
                             grid["activities_day_max"][:grid.users]).astype(np.int64)
-        stop = np.minimum(np.array([monday_of(int(d)) + 7 for d in latest[lagging]], np.int64),
-                          target)
-        first = np.array([monday_of(int(d)) for d in need[lagging]], np.int64)
-        grid.park(lagging, first, np.maximum(stop, first))
-        grid.drop_days_before(target)
+        if target > grid.day0:
+            lagging = np.flatnonzero(need < target)
+            stop = np.minimum(np.array([monday_of(int(d)) + 7 for d in latest[lagging]],
+                                       np.int64), target)
+            first = np.array([monday_of(int(d)) for d in need[lagging]], np.int64)
+            grid.park(lagging, first, np.maximum(stop, first))
+        else:
+            target = grid.day0
+        # Keep the days up to the newest data plus room to grow; the axis regrows on demand.
+        day_stop = max(int(latest.max()) + 1 + PARK_SLACK_DAYS, target + 7)
+        grid.resize_days(target, max(day_stop, target + 7))
         self._prune_activity_keys(late_window_days)
 
     def _prune_activity_keys(self, late_window_days: int) -> None:
