@@ -128,7 +128,8 @@ def one_history(days: int, args: argparse.Namespace, root: Path) -> dict[str, ob
     return {"history_days": days, "held_back_records": held,
             "increment_samples": summary["samples"], "ingest_s": round(ingest_s, 2),
             "ingest_peak_rss_mb": round(ingest_mb), "run_s": round(run_s, 2),
-            "run_peak_rss_mb": round(run_mb), "run_replayed_records": summary["replayed_records"],
+            "run_peak_rss_mb": round(run_mb), "run_work_s": summary["seconds"],
+            "run_replayed_records": summary["replayed_records"],
             "data_dir_mb": round(dir_mb(data)),
             "snapshot_mb": round(snapshots[0][1].stat().st_size / 1e6, 1) if snapshots else 0,
             "setup_s": round(setup_s)}
