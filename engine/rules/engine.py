@@ -411,7 +411,8 @@ class RulesEngine:
         user, day = global_user[steps], day[steps]
         column = day - grid.day0
         total = sums[steps].astype(np.int64)
-        assert len(total) == 0 or 0 <= total.min() and total.max() < 1 << 52, "inexact step sums"
+        if len(total) and not (0 <= total.min() and total.max() < 1 << 52):
+            raise CapacityError("a day's step sum is outside [0, 2**52): not exact in float64")
         grid["steps"][user, column] += total
         grid["fsteps_sum"][user, column] += total
         grid["fsteps_n"][user, column] += counts[steps].astype(np.int32)
@@ -451,7 +452,9 @@ class RulesEngine:
         cells, counts, sums = self._cells(
             flat_all, len(batch.users) * FLAG_CHANNELS * span, np.ones(len(flat_all)),
             np.concatenate([fixed, np.zeros(len(slow))]))
-        assert len(counts) == 0 or counts.max() < 1 << 22, "too many samples in a day cell"
+        if len(counts) and counts.max() >= 1 << 22:
+            raise CapacityError("more than 4,194,303 samples of one metric for one person and "
+                                "day in one batch")
         user_and_channel, day = np.divmod(cells, span)
         user, cell_channel = np.divmod(user_and_channel, FLAG_CHANNELS)
         user = users[user]
