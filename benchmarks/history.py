@@ -128,25 +128,85 @@ def one_history(days: int, args: argparse.Namespace, root: Path) -> dict[str, ob
     return {"history_days": days, "held_back_records": held,
             "increment_samples": summary["samples"], "ingest_s": round(ingest_s, 2),
             "ingest_peak_rss_mb": round(ingest_mb), "run_s": round(run_s, 2),
-            "run_peak_rss_mb": round(run_mb), "run_replayed_records": summary["replayed_records"],
+            "run_peak_rss_mb": round(run_mb), "run_work_s": summary["seconds"],
+            "run_replayed_records": summary["replayed_records"],
             "data_dir_mb": round(dir_mb(data)),
             "snapshot_mb": round(snapshots[0][1].stat().st_size / 1e6, 1) if snapshots else 0,
             "setup_s": round(setup_s)}
 
 
+def kafka_takeover(days: int, args: argparse.Namespace, root: Path) -> dict[str, object]:
+    """On a tansu broker: a worker processes D days from offset 0; then another worker of
+    the same group takes every partition over with the first one's directory (snapshot +
+    tail) and a third without any directory (genki.snapshots + genki.ledger)."""
+    import asyncio
+
+    from engine.kafka.combined import combined_ledger
+    from engine.kafka.publish import Gateway
+    from engine.kafka.topics import create_topics
+    from engine.kafka.worker import WorkerSettings, run_worker
+    from tests.kafka_fixtures import tansu_broker
+
+    start = (dt.date.today() - dt.timedelta(days=days + 3)).isoformat()
+    fleet = root / "fleet"
+    genki("simulate", "--participants", str(args.participants), "--app-users",
+          str(args.app_users), "--days", str(days), "--start", start, "--out", str(fleet))
+    lines = [line for path in sorted(fleet.glob("*.ndjson"))
+             for line in path.read_bytes().splitlines() if line.strip()]
+
+    async def publish(bootstrap: str) -> None:
+        async with Gateway(bootstrap, "", "none") as gateway:
+            await gateway.send_lines([x for x in lines if b'"birth_year"' in x])
+            await gateway.flush()
+            await gateway.send_lines([x for x in lines if b'"birth_year"' not in x])
+
+    def work(bootstrap: str, data_dir: Path) -> tuple[float, dict[str, object]]:
+        settings = WorkerSettings(bootstrap=bootstrap, data_dir=data_dir, group="history",
+                                  until_idle=True, session_timeout_ms=2_000,
+                                  encryption=False)
+        started = time.perf_counter()
+        summary = asyncio.run(run_worker(settings)).as_dict()
+        return time.perf_counter() - started, summary
+
+    os.environ.setdefault("GENKI_KAFKA_ENCRYPTION", "off")
+    with tansu_broker(root / "tansu.log") as bootstrap:
+        asyncio.run(create_topics(bootstrap, 4, 1, ""))
+        asyncio.run(publish(bootstrap))
+        first_s, _ = work(bootstrap, root / "a")
+        digest = combined_ledger(root / "a").content_digest
+        with_dir_s, _ = work(bootstrap, root / "a")
+        without_s, summary = work(bootstrap, root / "b")
+        same = combined_ledger(root / "b").content_digest == digest
+    return {"kafka_history_days": days, "kafka_records": len(lines),
+            "worker_from_offset_0_s": round(first_s, 1),
+            "takeover_with_directory_s": round(with_dir_s, 1),
+            "takeover_without_directory_s": round(without_s, 1),
+            "restored_from_snapshot_partitions": len(
+                summary["snapshot_restored_partitions"]),  # type: ignore[arg-type]
+            "same_content_digest": same}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--days", type=int, nargs="+", default=[28, 90, 365])
+    parser.add_argument("--days", type=int, nargs="*", default=[28, 90, 365])
     parser.add_argument("--participants", type=int, default=150)
     parser.add_argument("--app-users", type=int, default=1200)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--kafka-days", type=int, default=0,
+                        help="also time Kafka takeovers after this many days (0: skip)")
     args = parser.parse_args()
+    if args.kafka_days:
+        with tempfile.TemporaryDirectory(prefix="genki-history-kafka-") as tmp:
+            row = kafka_takeover(args.kafka_days, args, Path(tmp))
+        print(orjson.dumps(row).decode() if args.json else row, flush=True)
     rows = []
     for days in args.days:
         with tempfile.TemporaryDirectory(prefix="genki-history-") as tmp:
             row = one_history(days, args, Path(tmp))
         rows.append(row)
         print(orjson.dumps(row).decode() if args.json else row, flush=True)
+    if not rows:
+        return
     first, last = rows[0], rows[-1]
     ratios = {f"{key}_ratio_{last['history_days']}_to_{first['history_days']}":
               round(float(last[key]) / max(float(first[key]), 1e-9), 2)  # type: ignore[arg-type]

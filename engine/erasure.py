@@ -32,21 +32,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from engine.errors import GenkiError, UsageError
 from engine.faults import crash_point
 from engine.storage import open_sqlite
+
+if TYPE_CHECKING:
+    from engine.ingest.log import EmbeddedLog
+    from engine.ledger import Ledger
 
 AUDIT_FILE_NAME = "privacy.sqlite"
 KEY_FILE_NAME = "privacy.key"
@@ -220,11 +222,8 @@ def check_request(user_id: str, reason: str, actor: str) -> None:
         raise UsageError(f"erase: the actor must be 1..{ACTOR_CHARS_MAX} characters")
 
 
-StoreEraser = Callable[[Path, str, str], dict[str, int]]
-
-
 def erase_store(directory: Path, user_id: str, reason: str, *,
-                log: Any = None, ledger: Any = None) -> dict[str, int]:
+                log: EmbeddedLog | None = None, ledger: Ledger | None = None) -> dict[str, int]:
     """Erase one person from one data directory's log and ledger (opened here unless given)."""
     from engine.devices import DEVICES_FILE_NAME, DeviceRegistry
     from engine.ingest.log import LOG_FILE_NAME, EmbeddedLog, LogLocked
@@ -261,12 +260,8 @@ def erase_store(directory: Path, user_id: str, reason: str, *,
     return removed
 
 
-def _erase_ledger(ledger: Any, user_id: str, reason: str) -> dict[str, int]:
-    erase = getattr(ledger, "erase_user", None)
-    if erase is None:
-        raise ErasureError("this ledger cannot erase a person yet (Ledger.erase_user is "
-                           "missing); the log part is done, run the erasure again once it is")
-    receipt = erase(user_id, reason)
+def _erase_ledger(ledger: Ledger, user_id: str, reason: str) -> dict[str, int]:
+    receipt = ledger.erase_user(user_id, reason)
     return {"ledger_entries_unlinked": receipt.entries_unlinked,
             "ledger_flags_unlinked": receipt.flags_unlinked,
             "ledger_points_forfeited": receipt.points_forfeited}
@@ -276,19 +271,17 @@ def erase_kafka_keys(user_id: str, bootstrap: str, prefix: str) -> dict[str, int
     """Destroy the person's data keys on genki.keys (engine.kafka.personal): their records
     on the input topics stay unreadable, and a partition rebuilt from the topics counts
     them as erased."""
-    try:
-        personal = importlib.import_module("engine.kafka.personal")
-    except ModuleNotFoundError:
-        raise ErasureError("this genki has no per-person topic encryption "
-                           "(engine.kafka.personal); the topics still hold the person") from None
-    erased = personal.erase_person_keys(user_id, bootstrap, prefix)
+    from engine.kafka.personal import erase_person_keys
+
+    erased = erase_person_keys(user_id, bootstrap, prefix)
     return {"key_tombstones": 1, "partition": int(erased.partition),
             "offset": int(erased.offset)}
 
 
 def erase_person(data_dir: Path, user_id: str, reason: str, actor: str, *,
                  partitions_dir: Path | None = None, now_ms: int | None = None,
-                 log: Any = None, ledger: Any = None, bootstrap: str | None = None,
+                 log: EmbeddedLog | None = None, ledger: Ledger | None = None,
+                 bootstrap: str | None = None,
                  topic_prefix: str = "") -> ErasureResult:
     """Erase one person from data_dir and the partition stores on this host (see module doc).
 

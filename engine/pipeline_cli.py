@@ -128,6 +128,7 @@ def status(data_dir: Path) -> dict[str, object]:
             result["rejected"], result["samples_stored"] = counts.rejected, counts.accepted_samples
             result["rejected_by_reason"] = dict(sorted(counts.rejected_by_reason.items()))
             result["by_key"] = log.counts_by_key()  # provenance: who submitted what
+            result.update(log.archive_summary())  # hot vs archived records
     if (data_dir / LEDGER_FILE_NAME).exists():
         with Ledger.open(data_dir) as ledger:
             result["processed_position"] = int(ledger.get_meta(META_LOG_POSITION) or 0)
@@ -137,6 +138,40 @@ def status(data_dir: Path) -> dict[str, object]:
     processed = int(result.get("processed_position", 0))  # type: ignore[call-overload]
     result["pending_records"] = max(0, log_position - processed)
     return result
+
+
+def archive(data_dir: Path, before: str) -> dict[str, object]:
+    """Move log records older than `before` that no rule and no dedup window needs any
+    more to Parquet in the data directory (engine.ingest.archive)."""
+    from engine.clock import iso_to_day
+    from engine.errors import UsageError
+    from engine.ingest.log import EmbeddedLog
+    from engine.ledger import Ledger
+    from engine.pipeline import META_LOG_POSITION
+
+    try:
+        before_day = iso_to_day(before)
+    except ValueError as error:
+        raise UsageError(f"--before: a day as YYYY-MM-DD, not {before!r}") from error
+    with Ledger.open(data_dir) as ledger:
+        processed = int(ledger.get_meta(META_LOG_POSITION) or 0)
+    with EmbeddedLog.open(data_dir) as log:
+        done = log.archive(before_day, processed)
+        summary = log.archive_summary()
+    return {"archived_sample_records": done.sample_records,
+            "archived_activity_records": done.activity_records, **summary}
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    result = archive(data_dir_of(args), args.before)
+    if args.json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    else:
+        print(f"archived {result['archived_sample_records']:,} sample and "
+              f"{result['archived_activity_records']:,} activity records; log positions up to "
+              f"{result['archived_through']:,} are in the archive ({result['archived_records']:,}"
+              f" records, {result['archive_bytes']:,} bytes), {result['hot_records']:,} hot")
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -159,6 +194,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true")
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_status)
+
+    parser = subparsers.add_parser(
+        "archive", help="move old log records no rule or dedup window needs to Parquet")
+    parser.add_argument("--before", required=True,
+                        help="archive records of data before this Tokyo day (YYYY-MM-DD)")
+    parser.add_argument("--json", action="store_true")
+    add_data_dir_arg(parser)
+    parser.set_defaults(func=_cmd_archive)
 
     parser = subparsers.add_parser("run", help="process everything pending through the rules into the ledger")
     parser.add_argument("--rules", type=Path, default=None, help="rules TOML (default rules/default.toml)")

@@ -493,3 +493,65 @@ def test_consent_periods_match_the_newest_effective_decision(
         expected.append(best is not None and best.change == ConsentChange.consent_given)
     got = index.contains(["u"], np.zeros(len(probes), np.int32), np.array(probes, np.int64))
     assert got.tolist() == expected
+
+
+def test_the_replay_command_takes_the_anonymity_settings(world: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    target = tmp_path / "out"
+    result = subprocess.run(genki_cmd(
+        "replay", "--to", str(target), "--pseudonym-key-file", str(key_file), "--data-dir",
+        str(world), "--k", "2", "--samples-time", "hour", "--ledger-time", "minute",
+        "--birth-year-band-years", "10", "--json"), capture_output=True, check=False)
+    assert result.returncode == 0, result.stderr
+    anonymity = orjson.loads(result.stdout)["anonymity"]
+    assert (anonymity["k"], anonymity["birth_year_band_years"]) == (2, 10)
+    assert anonymity["time_units"] == {"samples": "hour", "activities": "day",
+                                       "ledger": "minute", "flags": "day"}
+    samples = ds.dataset(target / "samples", partitioning="hive").to_table()
+    assert all(ts % 3_600_000 == 0 for ts in samples["ts_ms"].to_pylist())
+    refused = subprocess.run(genki_cmd(
+        "replay", "--to", str(tmp_path / "x"), "--pseudonym-key-file", str(key_file),
+        "--data-dir", str(world), "--k", "0"), capture_output=True, check=False)
+    assert refused.returncode == 2 and b"--k" in refused.stderr
+
+
+def test_erasure_reaches_the_archive(tmp_path: Path) -> None:
+    from engine.ingest.archive import archive_dir
+    from engine.pipeline_cli import archive
+    from engine.sim import SimConfig, simulate
+
+    fleet = tmp_path / "fleet"
+    simulate(SimConfig(participants=3, app_users=6, days=60, bad_fraction=0.0,
+                       duplicate_fraction=0.0), fleet)
+    lines = [line for path in sorted(fleet.glob("*.ndjson"))
+             for line in path.read_bytes().splitlines() if line.strip()]
+
+    def first_ts(line: bytes) -> int:
+        ts = orjson.loads(line).get("ts_ms", 0)
+        return ts[0] if isinstance(ts, list) else ts
+
+    lines.sort(key=lambda line: (b'"ts_ms"' in line, first_ts(line)))  # daily arrival
+    data_dir = tmp_path / "genki-data"
+    with EmbeddedLog.open(data_dir) as log:
+        for lo in range(0, len(lines), 100):
+            log.ingest_lines(lines[lo:lo + 100], "t", lo + 1, 1_830_297_600_000)
+    run_pipeline(data_dir)
+    first_day = min(tokyo_day(first_ts(line)) for line in lines if b'"ts_ms":[' in line)
+    moved = archive(data_dir, day_to_iso(first_day + 15))
+    assert moved["archived_sample_records"] > 0
+
+    def archived_users() -> Counter:
+        return Counter(user for path in sorted(archive_dir(data_dir).glob("*.parquet"))
+                       for user in pq.read_table(path, columns=["user_id"])["user_id"]
+                       .to_pylist())
+
+    person = "W00001"
+    before = archived_users()
+    assert before[person] > 0
+    result = erase_person(data_dir, person, "request ref 8", "test")
+    assert result.removed["data_dir"]["archived_samples"] > 0
+    del before[person]
+    assert archived_users() == before
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        assert person not in log.read_samples(0, log.position()).users

@@ -46,6 +46,7 @@ PER_PARTICIPANTS = 1_000
 EVALUATION_DIR = "evaluation"
 EVALUATION_FILE = "evaluation.json"
 SEX_CODES = ("F", "M", "X")
+PERSON_TABLE_LEFT_OUT = ("age_years",)  # a quasi-identifier: people.parquet keeps the age band
 STRATUM_SEX_SPAN, STRATUM_BAND_SPAN = 4, 64
 
 
@@ -308,7 +309,8 @@ def _write_outputs(target: Path, report: dict[str, object], pseudonyms: np.ndarr
               "treated": treated.tolist(), "propensity_score": matches.ps.tolist(),
               "matched_as_control": times.tolist(), "outcome": y.tolist()}
     for k, name in enumerate(design.names):
-        people[name] = design.x[:, k].tolist()
+        if name not in PERSON_TABLE_LEFT_OUT:
+            people[name] = design.x[:, k].tolist()
     pq.write_table(pa.table(people), target / "people.parquet")
     pq.write_table(pa.table({
         "treated": pseudonyms[matches.treated].tolist(),

@@ -77,7 +77,8 @@ def judge_late(user: np.ndarray, ts_min_ms: np.ndarray, ts_max_ms: np.ndarray,
     """
     assert late_window_days >= LATE_WINDOW_DAYS_MIN, "late window shorter than a segment"
     assert len(user) == len(ts_min_ms) == len(ts_max_ms)
-    assert len(wm_ms) < 1 << 18, "user codes must fit beside a timestamp in an int64"
+    if len(wm_ms) >= 1 << 18:
+        raise CapacityError("a batch holds at most 262,143 distinct users")
     n = len(user)
     if n == 0:
         return LateJudgement(np.zeros(0, bool), np.zeros(0, np.int64), wm_ms.copy())

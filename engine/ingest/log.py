@@ -26,9 +26,11 @@ from typing import Any, BinaryIO, Self
 import numpy as np
 import orjson
 
-from engine.clock import DAY_MS, day_to_iso, tokyo_day
+from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
 from engine.consent import LifecycleEvent, events_of_profile
 from engine.errors import GenkiError, UsageError
+from engine.faults import crash_point
+from engine.ingest.archive import ArchiveResult, archive_dir, drop_user, read_rows, write_rows
 from engine.ingest.decode import (
     DecodedBatch,
     Rejected,
@@ -46,7 +48,7 @@ from engine.ingest.dedup import (
 )
 from engine.ingest.reasons import Reason, reason_text
 from engine.ingest.seen import SEEN_MARGIN_DAYS, SEEN_SCHEMA, SeenIndex, StagedDay
-from engine.schemas import ActivityEvent, ConsentChange
+from engine.schemas import SEGMENT_SPAN_MS_MAX, ActivityEvent, ConsentChange
 from engine.storage import open_sqlite
 
 LOG_FILE_NAME = "log.sqlite"
@@ -87,6 +89,9 @@ CREATE TABLE IF NOT EXISTS dlq (
 CREATE TABLE IF NOT EXISTS stats (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS restored_events (event_id TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS archives (
+    file TEXT PRIMARY KEY, kind TEXT NOT NULL, first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL, rows INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS record_keys (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, key_id TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS record_keys_by_key ON record_keys (key_id);
@@ -364,7 +369,7 @@ class EmbeddedLog:
             " coalesce((SELECT max(seq) FROM profile_records), 0),"
             " coalesce((SELECT max(seq) FROM consent_records), 0),"
             " coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'position_base'),"
-            " 0))").fetchone()
+            " 0), coalesce((SELECT max(last_seq) FROM archives), 0))").fetchone()
         return int(row[0])
 
     def counters(self) -> IngestCounts:
@@ -758,6 +763,11 @@ class EmbeddedLog:
                 self._streams[("", f"erased:{stream_id}", key[2])] = stream_id
         for mark in [mark for mark in self._watermarks if mark[0] == user_id]:
             del self._watermarks[mark]
+        if self.data_dir is not None:
+            for name, kind in self._db.execute("SELECT file, kind FROM archives").fetchall():
+                label = f"archived_{kind}"
+                removed[label] = removed.get(label, 0) + drop_user(
+                    archive_dir(self.data_dir) / name, kind, user_id)
         return removed
 
     # -- reading -------------------------------------------------------------
@@ -767,6 +777,114 @@ class EmbeddedLog:
         if limit is not None:
             query += f" LIMIT {int(limit)}"
         return [StoredDeadLetter(*row) for row in self._db.execute(query)]
+
+    # -- archive (engine.ingest.archive) ------------------------------------------
+
+    def archived_through(self) -> int:
+        """Log positions up to here live in the archive (0: nothing archived)."""
+        return int(self.get_meta("archived_through") or 0)
+
+    def _archive_files(self, kind: str, after_seq: int, upto_seq: int) -> list[Path]:
+        assert self.data_dir is not None
+        return [archive_dir(self.data_dir) / name for (name,) in self._db.execute(
+            "SELECT file FROM archives WHERE kind = ? AND last_seq > ? AND first_seq <= ?"
+            " ORDER BY first_seq", (kind, after_seq, upto_seq))]
+
+    def _archived_rows(self, kind: str, after_seq: int, upto_seq: int,
+                       columns: list[str]) -> list[tuple]:
+        """Archived rows of a position range (seq dropped), excluded keys left out."""
+        through = self.archived_through()
+        if after_seq >= through or self.data_dir is None:
+            return []
+        rows = [row for path in self._archive_files(kind, after_seq, min(upto_seq, through))
+                for row in read_rows(path, kind, after_seq, min(upto_seq, through), columns)]
+        ranges = self._db.execute(
+            "SELECT first_seq, last_seq FROM record_keys WHERE key_id IN"
+            " (SELECT key_id FROM excluded_keys) ORDER BY first_seq").fetchall()
+        if ranges:
+            starts = np.array([r[0] for r in ranges], np.int64)
+            ends = np.array([r[1] for r in ranges], np.int64)
+            seqs = np.array([row[0] for row in rows], np.int64)
+            at = np.searchsorted(starts, seqs, side="right") - 1
+            hit = (at >= 0) & (seqs <= ends[np.maximum(at, 0)])
+            rows = [row for row, out in zip(rows, hit.tolist(), strict=True) if not out]
+        return [row[1:] for row in rows]
+
+    def archive(self, before_day: int, processed_position: int) -> ArchiveResult:
+        """Move the longest prefix of log records that the ledger has processed, that lie
+        before `before_day` and outside their person's late window, to Parquet files in
+        `<data dir>/archive/`."""
+        assert self._lock_file is not None and self.data_dir is not None, "log opened read-only"
+        directory = archive_dir(self.data_dir)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        registered = {name for (name,) in self._db.execute("SELECT file FROM archives")}
+        for path in directory.iterdir():
+            if path.name not in registered:
+                path.unlink()  # written by an archive that was killed before it registered
+        start = self.archived_through()
+        stop = min(processed_position, self.position()) if processed_position else 0
+        stop = min(stop, self._first_hot_seq(before_day) - 1)
+        if stop <= start:
+            return ArchiveResult(start, 0, 0)
+        samples = self._db.execute(
+            "SELECT r.seq, r.stream_id, s.user_id, s.device_id, s.metric, r.upload_id,"
+            " r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64, r.wm_before_ms"
+            " FROM sample_records r JOIN streams s USING (stream_id)"
+            " WHERE r.seq > ? AND r.seq <= ? ORDER BY r.seq", (start, stop)).fetchall()
+        activities = self._db.execute(
+            "SELECT seq, event_id, user_id, kind, ts_ms, venue_id, source, wm_before_ms, body"
+            " FROM activity_records WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (start, stop)).fetchall()
+        files = []
+        for kind, rows in (("samples", samples), ("activities", activities)):
+            if rows:
+                name = f"{kind}-{start + 1:012d}-{stop:012d}.parquet"
+                write_rows(directory / name, kind, [tuple(r) for r in rows])
+                files.append((name, kind, start + 1, stop, len(rows)))
+        crash_point("archive_before_commit")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("DELETE FROM sample_records WHERE seq > ? AND seq <= ?", (start, stop))
+            self._db.execute("DELETE FROM activity_records WHERE seq > ? AND seq <= ?",
+                             (start, stop))
+            self._db.executemany("INSERT INTO archives VALUES (?, ?, ?, ?, ?)", files)
+            self._store_meta({"archived_through": str(stop)})
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._recent.reset()
+        return ArchiveResult(stop, len(samples), len(activities))
+
+    def _first_hot_seq(self, before_day: int) -> int:
+        """The first log position holding a record that must stay hot: data on or after
+        before_day, or inside its person's late window (plus a margin)."""
+        window_ms = (self.late_window_days_max() + SEEN_MARGIN_DAYS + 1) * DAY_MS
+        before_ms = before_day * DAY_MS - TOKYO_OFFSET_MS
+        span_ms = SEGMENT_SPAN_MS_MAX
+        sample = self._db.execute(
+            "SELECT min(r.seq) FROM sample_records r JOIN streams s USING (stream_id)"
+            " LEFT JOIN watermarks w ON w.user_id = s.user_id AND w.kind = 'samples'"
+            " WHERE r.base_ts_ms + ? >= ? OR w.wm_ms IS NULL OR r.base_ts_ms + ? >= w.wm_ms - ?",
+            (span_ms, before_ms, span_ms, window_ms)).fetchone()[0]
+        activity = self._db.execute(
+            "SELECT min(a.seq) FROM activity_records a LEFT JOIN watermarks w"
+            " ON w.user_id = a.user_id AND w.kind = 'activities'"
+            " WHERE a.ts_ms >= ? OR w.wm_ms IS NULL OR a.ts_ms >= w.wm_ms - ?",
+            (before_ms, window_ms)).fetchone()[0]
+        found = [seq for seq in (sample, activity) if seq is not None]
+        return min(found) if found else self.position() + 1
+
+    def archive_summary(self) -> dict[str, int]:
+        """Hot vs archived: records in SQLite, records and bytes in the archive."""
+        hot = sum(int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                  for table in ("sample_records", "activity_records"))
+        rows, = self._db.execute("SELECT coalesce(sum(rows), 0) FROM archives").fetchone()
+        size = 0
+        if self.data_dir is not None:
+            size = sum(p.stat().st_size for p in archive_dir(self.data_dir).glob("*.parquet"))
+        return {"hot_records": hot, "archived_records": int(rows),
+                "archived_through": self.archived_through(), "archive_bytes": size}
 
     # -- bounded state for a new owner (Kafka takeover without the directory) ----
 
@@ -854,17 +972,24 @@ class EmbeddedLog:
         return events
 
     def read_samples(self, after_seq: int, upto_seq: int) -> SampleColumns:
-        if self._recent.covers(after_seq, upto_seq) and not self._not_excluded("r.seq"):
+        archived = self._archived_rows("samples", after_seq, upto_seq, [
+            "user_id", "metric", "base_ts_ms", "ts_offsets", "vals", "vals_f64", "wm_before_ms"])
+        after_seq = max(after_seq, self.archived_through())
+        if not archived and self._recent.covers(after_seq, upto_seq) and \
+                not self._not_excluded("r.seq"):
             return self._recent.read(after_seq, upto_seq)
         rows = self._db.execute(
             "SELECT s.user_id, s.metric, r.base_ts_ms, r.ts_offsets, r.vals, r.vals_f64,"
             " r.wm_before_ms FROM sample_records r JOIN streams s USING (stream_id)"
             " WHERE r.seq > ? AND r.seq <= ?" + self._not_excluded("r.seq") + " ORDER BY r.seq",
             (after_seq, upto_seq)).fetchall()
-        return _sample_columns(rows)
+        return _sample_columns(archived + rows)
 
     def read_activities(self, after_seq: int, upto_seq: int) -> ActivityColumns:
-        rows = self._db.execute(
+        archived = self._archived_rows("activities", after_seq, upto_seq, [
+            "user_id", "event_id", "kind", "ts_ms", "venue_id", "wm_before_ms"])
+        after_seq = max(after_seq, self.archived_through())
+        rows = archived + self._db.execute(
             "SELECT user_id, event_id, kind, ts_ms, venue_id, wm_before_ms FROM activity_records"
             " WHERE seq > ? AND seq <= ?" + self._not_excluded("seq") + " ORDER BY seq",
             (after_seq, upto_seq)).fetchall()

@@ -298,16 +298,19 @@ class RulesEngine:
         if not len(active):
             return
         target = monday_of(int(active.max()) - PARK_SLACK_DAYS)
-        if target <= grid.day0:
-            return
-        lagging = np.flatnonzero(need < target)
         latest = np.maximum(grid["samples_day_max"][:grid.users],
                             grid["activities_day_max"][:grid.users]).astype(np.int64)
-        stop = np.minimum(np.array([monday_of(int(d)) + 7 for d in latest[lagging]], np.int64),
-                          target)
-        first = np.array([monday_of(int(d)) for d in need[lagging]], np.int64)
-        grid.park(lagging, first, np.maximum(stop, first))
-        grid.drop_days_before(target)
+        if target > grid.day0:
+            lagging = np.flatnonzero(need < target)
+            stop = np.minimum(np.array([monday_of(int(d)) + 7 for d in latest[lagging]],
+                                       np.int64), target)
+            first = np.array([monday_of(int(d)) for d in need[lagging]], np.int64)
+            grid.park(lagging, first, np.maximum(stop, first))
+        else:
+            target = grid.day0
+        # Keep the days up to the newest data plus room to grow; the axis regrows on demand.
+        day_stop = max(int(latest.max()) + 1 + PARK_SLACK_DAYS, target + 7)
+        grid.resize_days(target, max(day_stop, target + 7))
         self._prune_activity_keys(late_window_days)
 
     def _prune_activity_keys(self, late_window_days: int) -> None:
@@ -408,7 +411,8 @@ class RulesEngine:
         user, day = global_user[steps], day[steps]
         column = day - grid.day0
         total = sums[steps].astype(np.int64)
-        assert len(total) == 0 or 0 <= total.min() and total.max() < 1 << 52, "inexact step sums"
+        if len(total) and not (0 <= total.min() and total.max() < 1 << 52):
+            raise CapacityError("a day's step sum is outside [0, 2**52): not exact in float64")
         grid["steps"][user, column] += total
         grid["fsteps_sum"][user, column] += total
         grid["fsteps_n"][user, column] += counts[steps].astype(np.int32)
@@ -448,7 +452,9 @@ class RulesEngine:
         cells, counts, sums = self._cells(
             flat_all, len(batch.users) * FLAG_CHANNELS * span, np.ones(len(flat_all)),
             np.concatenate([fixed, np.zeros(len(slow))]))
-        assert len(counts) == 0 or counts.max() < 1 << 22, "too many samples in a day cell"
+        if len(counts) and counts.max() >= 1 << 22:
+            raise CapacityError("more than 4,194,303 samples of one metric for one person and "
+                                "day in one batch")
         user_and_channel, day = np.divmod(cells, span)
         user, cell_channel = np.divmod(user_and_channel, FLAG_CHANNELS)
         user = users[user]

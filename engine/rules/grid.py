@@ -160,15 +160,16 @@ class Grid:
     def _day_columns(self) -> list[Column]:
         return [c for c in self.columns.values() if c.axis in ("day", "week")]
 
-    def drop_days_before(self, day: int) -> None:
-        """Move the axis start to the Monday on or before `day` (nothing is kept before it:
-        the caller parked what users still need)."""
-        day0 = monday_of(day)
-        if not self.days or day0 <= self.day0:
-            return
-        end = self.day0 + self.days
-        days = max(7, -(-(end - day0) // 7) * 7)
-        self._allocate(self.users_capacity, day0, days)
+    def resize_days(self, day_first: int, day_stop: int) -> None:
+        """Make the axis exactly [Monday on or before day_first, day_stop rounded up to a
+        week): days outside it are dropped (the caller parked what users still need)."""
+        day0 = monday_of(day_first)
+        days = max(7, -(-(day_stop - day0) // 7) * 7)
+        if days > DAY_AXIS_DAYS_MAX:
+            raise CapacityError(f"the rules state's day axis would span {days:,} days "
+                                f"(limit {DAY_AXIS_DAYS_MAX:,})")
+        if self.days and (day0, days) != (self.day0, self.days):
+            self._allocate(self.users_capacity, day0, days)
 
     def park(self, users: np.ndarray, day_first: np.ndarray, day_stop: np.ndarray) -> None:
         """Copy users' day/week columns over [day_first, day_stop) aside (Mondays; a user
@@ -193,11 +194,12 @@ class Grid:
 
     def unpark(self, users: np.ndarray) -> None:
         """Put parked columns of these users back on the axis (grown back to cover them)."""
-        back = [user for user in users.tolist() if user in self.parked]
+        back = sorted({user for user in users.tolist() if user in self.parked})
         if not back:
             return
         first = min(self.parked[user].day_first for user in back)
-        self.ensure_days(first, self.day0 + max(self.days, 7) - 1)
+        if first < self.day0:
+            self.resize_days(first, self.day0 + self.days)
         for user in back:
             held = self.parked.pop(user)
             for column in self._day_columns():

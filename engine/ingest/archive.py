@@ -1,0 +1,92 @@
+"""The log's archive: old sample and activity records as Parquet in the data directory.
+
+`EmbeddedLog.archive(before_day, processed)` moves a prefix of the log (positions
+up to some S) out of SQLite: records the ledger has processed, whose data lies
+before `before_day` and outside every late window (so no dedup check and no rule
+can need them hot). The prefix stops at the first record that does not qualify,
+so reads split a position range at S: archive below, SQLite above. The files are
+written (mode 0600, fsynced) before the rows are deleted and registered in one
+transaction; a file not registered (a kill between the two) is removed on the next
+archive. Reads (`read_samples`, `read_activities`, hence runs, replay and what-if)
+see archive and log as one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ARCHIVE_DIR_NAME = "archive"
+ARCHIVE_ROWS_PER_GROUP = 20_000
+FILE_MODE = 0o600
+
+SAMPLE_SCHEMA = pa.schema([
+    ("seq", pa.int64()), ("stream_id", pa.int64()), ("user_id", pa.string()),
+    ("device_id", pa.string()), ("metric", pa.int8()), ("upload_id", pa.string()),
+    ("base_ts_ms", pa.int64()), ("n", pa.int64()), ("ts_offsets", pa.binary()),
+    ("vals", pa.binary()), ("vals_f64", pa.bool_()), ("wm_before_ms", pa.int64())])
+ACTIVITY_SCHEMA = pa.schema([
+    ("seq", pa.int64()), ("event_id", pa.string()), ("user_id", pa.string()),
+    ("kind", pa.int8()), ("ts_ms", pa.int64()), ("venue_id", pa.string()),
+    ("source", pa.string()), ("wm_before_ms", pa.int64()), ("body", pa.binary())])
+SCHEMAS = {"samples": SAMPLE_SCHEMA, "activities": ACTIVITY_SCHEMA}
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    archived_through: int  # log positions up to here live in the archive
+    sample_records: int  # moved by this call
+    activity_records: int
+
+
+def archive_dir(data_dir: Path) -> Path:
+    return data_dir / ARCHIVE_DIR_NAME
+
+
+def write_rows(path: Path, kind: str, rows: list[tuple]) -> None:
+    """Write rows (in schema column order) to a Parquet file atomically, mode 0600."""
+    schema = SCHEMAS[kind]
+    columns: list[Any] = list(zip(*rows, strict=True)) if rows else [[] for _ in schema]
+    table = pa.Table.from_arrays([pa.array([bool(v) for v in c] if f.type == pa.bool_()
+                                           else list(c), type=f.type)
+                                  for c, f in zip(columns, schema, strict=True)], schema=schema)
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as stream:
+        pq.write_table(table, stream, row_group_size=ARCHIVE_ROWS_PER_GROUP)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_rows(path: Path, kind: str, after_seq: int, upto_seq: int,
+              columns: list[str]) -> list[tuple]:
+    """Rows with after_seq < seq <= upto_seq in seq order (row groups skipped by stats)."""
+    table = pq.read_table(path, columns=["seq", *columns],
+                          filters=[("seq", ">", after_seq), ("seq", "<=", upto_seq)])
+    table = table.sort_by("seq")
+    data = [table.column(name).to_pylist() for name in ["seq", *columns]]
+    return list(zip(*data, strict=True)) if data and data[0] else []
+
+
+def drop_user(path: Path, kind: str, user_id: str) -> int:
+    """Rewrite a file without one person's rows; returns how many went."""
+    table = pq.read_table(path)
+    keep = pa.compute.not_equal(table.column("user_id"), pa.scalar(user_id))
+    kept = table.filter(keep)
+    removed = table.num_rows - kept.num_rows
+    if removed:
+        rows = list(zip(*(kept.column(f.name).to_pylist() for f in SCHEMAS[kind]),
+                        strict=True)) if kept.num_rows else []
+        write_rows(path, kind, rows)
+    return removed
