@@ -440,6 +440,15 @@ def print_encryption(c: dict[str, Any]) -> None:
           f"{c['worker_records_per_s_encrypted']:>9,} records/s  (x{c['worker_ratio']})")
 
 
+def print_segments(s: dict[str, Any]) -> None:
+    print(f"segment records: {s['samples']:,} samples in {s['records']:,} records "
+          f"({s['bytes'] / 1e6:.1f} MB, compression {s['compression']})")
+    print(f"  gateway   {s['publish_samples_per_s']:>12,} samples/s  ({s['publish_s']} s)")
+    print(f"  worker    {s['worker_samples_per_s']:>12,} samples/s  ({s['worker_s']} s, "
+          f"{s['ledger_entries']:,} ledger entries)")
+    print(f"  end to end {s['end_to_end_samples_per_s']:>11,} samples/s")
+
+
 def print_per_record(e: dict[str, Any]) -> None:
     print(f"one sample per record: {e['records']:,} records, "
           f"{e['genki_step_tier_awards']:,} step-tier crossings")
@@ -482,6 +491,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only-encryption", action="store_true",
                         help="only section 4: per-person encryption on and off")
+    parser.add_argument("--only-segments", action="store_true",
+                        help="only section 1: segment records, gateway and worker")
     parser.add_argument("--only-per-record", action="store_true",
                         help="only section 2: one sample per record, genki and its peers")
     args = parser.parse_args()
@@ -512,6 +523,12 @@ def main() -> int:
                 return 0
             note("segments: publish and worker")
             segments = segment_section(bootstrap, tmp, lines, samples, args.compression)
+            if args.only_segments:
+                if args.json:
+                    print(orjson.dumps({"segments": segments}).decode())
+                else:
+                    print_segments(segments)
+                return 0
             note("one sample per record: genki worker and its peers")
             per_event = per_event_section(
                 bootstrap, tmp, one_sample_per_record(lines, args.per_event_samples),
@@ -528,13 +545,8 @@ def main() -> int:
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return 0
-    s, e, t = segments, per_event, transport
-    print(f"segment records: {s['samples']:,} samples in {s['records']:,} records "
-          f"({s['bytes'] / 1e6:.1f} MB, compression {s['compression']})")
-    print(f"  gateway   {s['publish_samples_per_s']:>12,} samples/s  ({s['publish_s']} s)")
-    print(f"  worker    {s['worker_samples_per_s']:>12,} samples/s  ({s['worker_s']} s, "
-          f"{s['ledger_entries']:,} ledger entries)")
-    print(f"  end to end {s['end_to_end_samples_per_s']:>11,} samples/s")
+    e, t = per_event, transport
+    print_segments(segments)
     print_per_record(e)
     print(f"transport only ({t['records']:,} segment records): aiokafka getmany "
           f"{t['aiokafka_getmany_records_per_s']:,} records/s, faust take "

@@ -94,6 +94,10 @@ def test_consent_leaving_and_erasure_through_the_topics(kafka: KafkaTarget,
             assert not [k for k in log.stored_sample_keys() if k[0] == ERASED]
         with Ledger.open(directory) as ledger:
             assert ledger.history(ERASED, None, 10)[0] == []
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():  # as UTF-8 (SQLite, JSON) and as numpy's UTF-32 strings
+                raw = path.read_bytes()
+                assert ERASED.encode() not in raw and ERASED.encode("utf-32-le") not in raw, path
     with EmbeddedLog.open(_partition_of(rebuilt, PEOPLE[4]), writer=False) as log:
         kept = [k for k in log.stored_sample_keys().items() if k[0][0] == PEOPLE[4]]
     assert sum(len(samples) for _, samples in kept) == 3 * DAYS

@@ -112,9 +112,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         summary = asyncio.run(run_worker(settings, advance))
     _emit(args, summary.as_dict(),
           f"partitions {sorted(set(summary.partitions))}: accepted {summary.accepted:,}, "
-          f"rejected {summary.rejected:,} records, {summary.accepted_samples:,} samples; "
+          f"rejected {summary.rejected:,}, erased {summary.erased_records:,} records, "
+          f"{summary.accepted_samples:,} samples; "
           f"published {summary.published_entries:,} ledger entries, "
-          f"{summary.published_dead_letters:,} dead letters")
+          f"{summary.published_dead_letters:,} dead letters"
+          + (f"; {summary.restore_refused:,} unauthenticated entries not restored"
+             if summary.restore_refused else ""))
     return 0
 
 

@@ -116,6 +116,11 @@ def select_restorable(records: list[tuple[int, bytes]], requests: dict[str, set[
         kind = entry.kind.value
         if kind not in RESTORED_KINDS:
             continue
+        if keys is not None and entry.user_id.encode() in keys.erased:
+            # the person's keys were destroyed: their awards do not come back, and
+            # neither do the redemptions those awards paid for
+            selection.erased += 1
+            continue
         if kind in REQUESTED_KINDS:
             expected = requests.get(entry.entry_id)
             if expected is None or Expected(entry.user_id, kind, entry.points) not in expected:
