@@ -302,3 +302,20 @@ def test_pruned_and_parked_state_gives_the_same_ledger(
     assert day0_max > first_day + 7  # the axis follows the active people
     assert parked_seen > 0
     assert _outcome(pieces) == _outcome(full)
+
+
+def test_pruning_mid_run_keeps_the_ledger(dormant_lines: list[bytes], short_rules: Path,
+                                         tmp_path: Path) -> None:
+    """Snapshots (and the pruning before each) every few hundred positions of one run."""
+    outcomes = []
+    for name, snapshot_records in (("rare", 10**9), ("often", 300)):
+        data_dir = tmp_path / name
+        with EmbeddedLog.open(data_dir, late_window_days=SHORT_WINDOW_DAYS) as log:
+            log.ingest_lines(dormant_lines, "t", 1, NOW_MS)
+        pipeline = Pipeline(load_rules(short_rules), 100, snapshot_records=snapshot_records,
+                            snapshot_at_end=False)
+        with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
+            pipeline.run(log, ledger)
+        outcomes.append(_outcome(data_dir))
+    assert len(snapshot_files(tmp_path / "often")) == 2
+    assert outcomes[0] == outcomes[1]
