@@ -84,8 +84,8 @@ def split_last_day(fleet: Path, base: Path, increment: Path) -> int:
             day = first_day_of(line)
             if day is not None:
                 per_day[day] = per_day.get(day, 0) + 1
-    typical = sorted(per_day.values())[len(per_day) // 2]
-    last = max(day for day, count in per_day.items() if count >= typical // 2)
+    busiest = max(per_day.values())  # faulty records scatter single ones over odd days
+    last = max(day for day, count in per_day.items() if count >= busiest // 2)
     held = 0
     for path in sorted(fleet.iterdir()):
         if not path.name.endswith(".ndjson"):
