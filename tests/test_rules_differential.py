@@ -21,9 +21,9 @@ from tests.rules_reference import (
     split,
 )
 
-DIFFERENTIAL = settings(max_examples=1000, derandomize=True, deadline=None, database=None,
+DIFFERENTIAL = settings(max_examples=500, derandomize=True, deadline=None, database=None,
                         suppress_health_check=[HealthCheck.too_slow])
-SMALL = settings(max_examples=1500, derandomize=True, deadline=None, database=None,
+SMALL = settings(max_examples=750, derandomize=True, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
 
 _RULES: dict[tuple[int, int, bool], Rules] = {}
