@@ -23,7 +23,6 @@ is dead-lettered `unsupported_type`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from functools import partial
 from typing import Any, BinaryIO
 
@@ -33,12 +32,12 @@ from engine.importers.core import (
     Sample,
     Unmappable,
     Unmapped,
+    as_list,
     id_text,
     iso_ms,
-    json_documents,
+    json_records,
     mapped,
     number,
-    unmapped,
 )
 from engine.ingest.reasons import Reason
 from engine.schemas import TS_MS_MIN
@@ -118,19 +117,20 @@ def map_hc_record(record: object, item: int) -> list[Sample]:
                         if kind == "SpeedRecord" else ""))
 
 
+def _hc_records(document: object) -> list[object]:
+    records = document.get("records") if isinstance(document, dict) \
+        and "records" in document else document
+    return as_list(records)
+
+
 def parse_health_connect(stream: BinaryIO, options: ImportOptions) -> Iterator[Item]:
     del options
-    item = 0
-    for document in json_documents(stream):
-        if isinstance(document, Unmapped):
-            item += 1
-            yield replace(document, item=item)
+    for entry in json_records(stream, _hc_records):
+        if isinstance(entry, Unmapped):
+            yield entry
             continue
-        records = document.get("records") if isinstance(document, dict) \
-            and "records" in document else document
-        for record in records if isinstance(records, list) else [records]:
-            item += 1
-            yield from mapped(item, record, partial(map_hc_record, record, item))
+        item, record = entry
+        yield from mapped(item, record, partial(map_hc_record, record, item))
 
 
 # -- Google Fit --------------------------------------------------------------------------
@@ -190,20 +190,20 @@ def map_fit_point(point: object, source: str, item: int) -> list[Sample]:
     return [Sample(None, device, metric, start, round(value, 6), item)]
 
 
+def _fit_points(document: object) -> list[object]:
+    """The data points of a Takeout Fit file, each with the file's data source."""
+    if not isinstance(document, dict) or not isinstance(document.get("Data Points"), list):
+        raise Unmappable(Reason.missing_field, "Data Points",
+                         "expected a Takeout Fit data source file")
+    source = str(document.get("Data Source", "unknown"))
+    return [(point, source) for point in document["Data Points"]]
+
+
 def parse_google_fit(stream: BinaryIO, options: ImportOptions) -> Iterator[Item]:
     del options  # nanosecond epoch times
-    item = 0
-    for document in json_documents(stream):
-        if isinstance(document, Unmapped):
-            item += 1
-            yield replace(document, item=item)
+    for entry in json_records(stream, _fit_points):
+        if isinstance(entry, Unmapped):
+            yield entry
             continue
-        if not isinstance(document, dict) or not isinstance(document.get("Data Points"), list):
-            item += 1
-            yield unmapped(item, document, Reason.missing_field, "Data Points",
-                           "expected a Takeout Fit data source file")
-            continue
-        source = str(document.get("Data Source", "unknown"))
-        for point in document["Data Points"]:
-            item += 1
-            yield from mapped(item, point, partial(map_fit_point, point, source, item))
+        item, (point, source) = entry
+        yield from mapped(item, point, partial(map_fit_point, point, source, item))

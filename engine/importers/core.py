@@ -16,9 +16,9 @@ import datetime as dt
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -359,6 +359,29 @@ def json_documents(stream: BinaryIO) -> Iterator[object | Unmapped]:
         except orjson.JSONDecodeError as error:
             yield unmapped(number_, line, Reason.invalid_json, "record",
                            str(error)[:120])
+
+
+def json_records(stream: BinaryIO, split: Callable[[Any], list[Any]],
+                 ) -> Iterator[tuple[int, Any] | Unmapped]:
+    """The records of a JSON source numbered 1, 2, ... in source order. `split` gives a
+    document's records, or raises Unmappable for a document that is not one of the
+    format; such a document, and a line that is not JSON, comes back as an Unmapped
+    with the next number."""
+    item = 0
+    for document in json_documents(stream):
+        if isinstance(document, Unmapped):
+            item += 1
+            yield replace(document, item=item)
+            continue
+        try:
+            records = split(document)
+        except Unmappable as problem:
+            item += 1
+            yield Unmapped(item, problem.reason, raw_of(document))
+            continue
+        for record in records:
+            item += 1
+            yield item, record
 
 
 def as_list(value: object) -> list[object]:

@@ -22,7 +22,6 @@ Other summary types are dead-lettered `unsupported_type`. The summary's
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from functools import partial
 from typing import Any, BinaryIO
 
@@ -32,12 +31,12 @@ from engine.importers.core import (
     Sample,
     Unmappable,
     Unmapped,
+    as_list,
     epoch_s_ms,
     id_text,
-    json_documents,
+    json_records,
     mapped,
     number,
-    unmapped,
 )
 from engine.ingest.reasons import Reason
 
@@ -118,20 +117,19 @@ def map_summary(kind: str, summary: object, item: int) -> list[Sample]:
     return mapper(summary, user, id_text(user, DEVICE_PREFIX), item)
 
 
+def _summaries(document: object) -> list[object]:
+    """Each summary of a push body with its summary type."""
+    if not isinstance(document, dict):
+        raise Unmappable(Reason.not_an_object, "body", "expected {summary type: [summaries]}")
+    return [(kind, summary) for kind, summaries in document.items()
+            for summary in as_list(summaries)]
+
+
 def parse(stream: BinaryIO, options: ImportOptions) -> Iterator[Item]:
     del options  # times are UTC epoch seconds
-    item = 0
-    for document in json_documents(stream):
-        if isinstance(document, Unmapped):
-            item += 1
-            yield replace(document, item=item)
+    for entry in json_records(stream, _summaries):
+        if isinstance(entry, Unmapped):
+            yield entry
             continue
-        if not isinstance(document, dict):
-            item += 1
-            yield unmapped(item, document, Reason.not_an_object, "body",
-                           "expected {summary type: [summaries]}")
-            continue
-        for kind, summaries in document.items():
-            for summary in summaries if isinstance(summaries, list) else [summaries]:
-                item += 1
-                yield from mapped(item, summary, partial(map_summary, kind, summary, item))
+        item, (kind, summary) = entry
+        yield from mapped(item, summary, partial(map_summary, kind, summary, item))

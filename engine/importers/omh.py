@@ -13,7 +13,6 @@ Date-times are RFC 3339 and must carry an offset. A heart rate whose
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from functools import partial
 from typing import Any, BinaryIO
 
@@ -23,10 +22,11 @@ from engine.importers.core import (
     Sample,
     Unmappable,
     Unmapped,
+    as_list,
     convert,
     id_text,
     iso_ms,
-    json_documents,
+    json_records,
     mapped,
     number,
 )
@@ -130,12 +130,9 @@ def map_point(point: object, item: int) -> list[Sample]:
 
 def parse(stream: BinaryIO, options: ImportOptions) -> Iterator[Item]:
     del options  # RFC 3339 times carry their offsets
-    item = 0
-    for document in json_documents(stream):
-        if isinstance(document, Unmapped):
-            item += 1
-            yield replace(document, item=item)
+    for entry in json_records(stream, as_list):
+        if isinstance(entry, Unmapped):
+            yield entry
             continue
-        for point in document if isinstance(document, list) else [document]:
-            item += 1
-            yield from mapped(item, point, partial(map_point, point, item))
+        item, point = entry
+        yield from mapped(item, point, partial(map_point, point, item))
