@@ -336,26 +336,20 @@ class Worker:
 
     # -- processing --------------------------------------------------------------------
 
-    async def _put_back(self, consumer: AIOKafkaConsumer,
+    @staticmethod
+    async def _put_back(consumer: AIOKafkaConsumer,
                         got: dict[TopicPartition, list[FetchedRecord]], every: bool,
                         ) -> dict[TopicPartition, list[FetchedRecord]]:
         """Hand back records fetched before their partition was paused (or, with every,
-        before a rebalance, unless they start exactly where the partition continues: an
-        offset's record never changes): they are read again from their first offset,
-        unless a seek after the fetch has already chosen where the partition continues."""
+        before a rebalance): they are read again from their first offset, unless a
+        seek after the fetch has already chosen where the partition continues."""
         paused = consumer.paused()
-        for tp in [tp for tp, records in got.items() if records and (
-                tp in paused or (every and not self._continues(tp, records[0].offset)))]:
+        for tp in [tp for tp, records in got.items() if records and (every or tp in paused)]:
             records = got.pop(tp)
             if tp in consumer.assignment() and \
                     await consumer.position(tp) == records[-1].offset + 1:
                 consumer.seek(tp, records[0].offset)
         return {tp: records for tp, records in got.items() if records}
-
-    def _continues(self, tp: TopicPartition, offset: int) -> bool:
-        part = self._parts.get(tp.partition)
-        return part is not None and part.tps.get(self._logical.get(tp.topic, "")) == tp \
-            and part.next_offsets.get(tp) == offset
 
     async def _process(self, got: dict[TopicPartition, list[FetchedRecord]]) -> None:
         by_number: dict[int, dict[str, TopicBatch]] = {}
