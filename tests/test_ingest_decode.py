@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import engine.ingest.decode as decode
+from engine.ingest import decode
 from engine.ingest.decode import Activity, DecodedBatch, decode_lines
 from engine.schemas import ActivityEvent
 

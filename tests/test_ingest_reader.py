@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import engine.ingest.reader as reader
+from engine.ingest import reader
 from engine.ingest.reader import LineBatch, iter_batches
 
 
