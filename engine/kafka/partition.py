@@ -208,7 +208,8 @@ class PartitionStore:
                 rules_path: Path | None) -> dict[str, int]:
         """One cycle of this partition: store each input topic's records (topic, whether
         it changes step targets, the opened records) in order, run the rules over what is
-        new, then apply the redemption requests. Counts, and the CPU time it took."""
+        new, then apply the redemption requests. Counts, the log position after it and
+        the CPU time it took."""
         cpu_ns = time.thread_time_ns()
         done = {"accepted": 0, "rejected": 0, "accepted_samples": 0, "awards": 0,
                 "redemptions_applied": 0, "redemptions_rejected": 0}
@@ -228,6 +229,7 @@ class PartitionStore:
             done["redemptions_applied"] = result.applied
             done["redemptions_rejected"] = result.rejected
         crash_point("after_pipeline")
+        done["position"] = self.log.position()
         done["cpu_ns"] = time.thread_time_ns() - cpu_ns
         return done
 

@@ -198,6 +198,12 @@ class PartitionState:
     targets: dict[TopicPartition, int] = field(default_factory=dict)
     committed: dict[TopicPartition, int] = field(default_factory=dict)
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    # What the store holds, kept here so that a cycle asks its host only to process: the
+    # next offset per logical topic (stored with the records), the log position, and
+    # whether outputs may be unpublished.
+    stored: dict[str, int | None] = field(default_factory=dict)
+    position: int = 0
+    outputs_pending: bool = True
 
 
 class Worker:
@@ -365,9 +371,14 @@ class Worker:
         inputs, erased = self._opened_inputs(batch)
         requests = batch.get(REDEMPTIONS)
         redemptions = None if requests is None else (self.topics[REDEMPTIONS], requests)
+        part = self._parts[number]
         async with self._parallel:
-            counts = await self._parts[number].host.call("process", inputs, redemptions,
-                                                         self.settings.rules_path)
+            counts = await part.host.call("process", inputs, redemptions,
+                                          self.settings.rules_path)
+        for logical, columns in batch.items():  # as PartitionStore.ingest/apply_redemptions
+            part.stored[logical] = max(part.stored.get(logical) or 0, columns.next_offset)
+        part.position = counts.pop("position")
+        part.outputs_pending = True
         cpu_ns = counts.pop("cpu_ns")
         if self.settings.partition_processes:
             self._partition_cpu_s += cpu_ns / 1e9
@@ -416,7 +427,7 @@ class Worker:
     async def _publish_and_commit(self) -> None:
         assert self.producer is not None and self.consumer is not None
         sender = BatchSender(self.producer)
-        parts = list(self._parts.values())
+        parts = [part for part in self._parts.values() if part.outputs_pending]
         while parts:  # every partition's outputs in one flush: one wait for the broker
             sent: list[tuple[PartitionState, Outputs]] = []
             for part in parts:
@@ -424,6 +435,8 @@ class Worker:
                 if len(outputs):
                     await self._send_outputs(sender, part.number, outputs)
                     sent.append((part, outputs))
+                else:
+                    part.outputs_pending = False
             await sender.flush()
             for part, outputs in sent:
                 await part.host.call("mark_published", outputs)
@@ -482,8 +495,7 @@ class Worker:
         assert self.consumer is not None
         offsets: dict[TopicPartition, int] = {}
         for part in self._parts.values():
-            stored = await self._stored_offsets(part.host)
-            for logical, offset in stored.items():
+            for logical, offset in part.stored.items():
                 tp = part.tps[logical]
                 if offset is not None and offset > part.committed.get(tp, -1):
                     offsets[tp] = offset
@@ -533,7 +545,7 @@ class Worker:
         if not self._snapshots_on or self.producer is None:
             return
         for part in self._parts.values():
-            position = await part.host.call("position")
+            position = part.position
             last = self._snapshot_positions.get(part.number, 0)
             if position <= last or (not force and position - last < SNAPSHOT_PUBLISH_RECORDS):
                 continue
@@ -593,7 +605,9 @@ class Worker:
                 host = await self._restore_from_snapshot(number, host)
             tps = {t: TopicPartition(self.topics[t], number) for t in INPUT_TOPICS}
             part = self._parts[number] = PartitionState(number, host, tps)
-        stored = await self._stored_offsets(part.host)
+        stored = part.stored = await self._stored_offsets(part.host)
+        part.position = await part.host.call("position")
+        part.outputs_pending = True
         committed = {t: await consumer.committed(tp) for t, tp in part.tps.items()}
         part.committed = {tp: committed[t] for t, tp in part.tps.items()
                           if committed[t] is not None}
@@ -677,6 +691,7 @@ class Worker:
                                                         self.record_keys), self.person_keys)
         restored, refused = await part.host.call("restore_entries", selection,
                                                  self.topics[LEDGER])
+        part.outputs_pending = True
         self.summary.restored_entries += restored
         self.summary.restore_refused += refused
         self.summary.erased_records += selection.erased
