@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -50,17 +51,29 @@ def _in_window(day: str | None, window: tuple[str | None, str | None]) -> bool:
     return day is None or ((since is None or day >= since) and (until is None or day <= until))
 
 
+def _sum_by_user(users: list, user_codes: np.ndarray, amounts: np.ndarray) -> Counter:
+    """Counter of amount per user (only users with at least one row), one bincount."""
+    count = np.bincount(user_codes, minlength=len(users))
+    total = np.bincount(user_codes, weights=amounts, minlength=len(users))
+    return Counter({users[i]: round(total[i]) for i in np.flatnonzero(count).tolist()})
+
+
 def _live(data_dir: Path, window: tuple[str | None, str | None]) -> tuple[Counter, Counter, Counter]:
     points: Counter = Counter()
     raised: Counter = Counter()
     cleared: Counter = Counter()
     if not (data_dir / LEDGER_FILE_NAME).exists():
         return points, raised, cleared
+    unbounded = window == (None, None)
     with Ledger.open_read_only(data_dir) as ledger:
         for rows in ledger.iter_entry_rows(("seq", "user_id", "day", "points"), kinds=["award"]):
-            for _, user, day, amount in rows:
-                if _in_window(day, window):
-                    points[user] += amount
+            if not unbounded:
+                rows = [row for row in rows if _in_window(row[2], window)]
+            code: dict[str | None, int] = {}
+            users = np.fromiter((code.setdefault(row[1], len(code)) for row in rows), np.int64,
+                                count=len(rows))
+            amounts = np.fromiter((row[3] for row in rows), np.int64, count=len(rows))
+            points.update(_sum_by_user(list(code), users, amounts))
         for rows in ledger.iter_flag_rows(("seq", "user_id", "day", "state")):
             for _, user, day, state in rows:
                 if _in_window(day, window):
@@ -68,15 +81,51 @@ def _live(data_dir: Path, window: tuple[str | None, str | None]) -> tuple[Counte
     return points, raised, cleared
 
 
+@dataclass
+class _Tally:
+    """What-if awards per engine user index and per rule, summed from award columns."""
+
+    window: tuple[int | None, int | None]
+    points: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    awarded: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    by_rule: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    rule_awards: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def add(self, columns: tuple[np.ndarray, ...], users: int, rules: int) -> None:
+        user, day, rule, _, amount = columns
+        since, until = self.window
+        keep = np.ones(len(day), bool)
+        if since is not None:
+            keep &= day >= since
+        if until is not None:
+            keep &= day <= until
+        user, rule, amount = user[keep], rule[keep], amount[keep].astype(np.int64)
+        self.points = _grown(self.points, users)
+        self.awarded = _grown(self.awarded, users)
+        self.by_rule = _grown(self.by_rule, rules)
+        self.rule_awards = _grown(self.rule_awards, rules)
+        if not len(user):
+            return
+        self.points += np.rint(np.bincount(user, weights=amount, minlength=users)).astype(np.int64)
+        self.awarded |= np.bincount(user, minlength=users) > 0
+        self.by_rule += np.rint(np.bincount(rule, weights=amount, minlength=rules)).astype(np.int64)
+        self.rule_awards += np.bincount(rule, minlength=rules)
+
+
+def _grown(values: np.ndarray, size: int) -> np.ndarray:
+    if len(values) >= size:
+        return values
+    return np.concatenate([values, np.zeros(size - len(values), values.dtype)])
+
+
 def whatif(data_dir: Path, rules_path: Path, *, since: str | None = None,
            until: str | None = None, out: Path | None = None,
            pseudonym_key: bytes | None = None) -> WhatIfResult:
     started = time.perf_counter()
-    parse_window(since, until)  # validates the dates
+    tally = _Tally(parse_window(since, until))  # validates the dates
     window = (since, until)
     rules = load_rules(rules_path)
     result = WhatIfResult(rules_version=rules.version)
-    points: Counter = Counter()
     raised: Counter = Counter()
     cleared: Counter = Counter()
     with EmbeddedLog.open(data_dir, writer=False) as log:
@@ -85,15 +134,19 @@ def whatif(data_dir: Path, rules_path: Path, *, since: str | None = None,
             samples, activities = read_batches(log, lo, hi)
             output = engine.process(samples, activities)
             result.samples += len(samples.ts_ms)
-            for draft in output.awards:
-                if _in_window(draft.day, window):
-                    points[draft.user_id] += draft.points
-                    family = (draft.rule or "").split(".")[0]
-                    result.points_by_rule_whatif[family] = \
-                        result.points_by_rule_whatif.get(family, 0) + draft.points
+            tally.add(output.award_columns, engine.grid.users, len(engine.points.rule_table))
             for flag in output.flags:
                 if _in_window(flag.day, window):
                     (raised if flag.state == "raised" else cleared)[flag.user_id] += 1
+        user_ids = engine.grid.user_ids
+        points = Counter({user_ids[i]: int(tally.points[i])
+                          for i in np.flatnonzero(tally.awarded).tolist()})
+        for spec, amount, awards in zip(engine.points.rule_table, tally.by_rule.tolist(),
+                                        tally.rule_awards.tolist(), strict=True):
+            if awards:
+                family = spec.name.split(".")[0]
+                result.points_by_rule_whatif[family] = \
+                    result.points_by_rule_whatif.get(family, 0) + amount
     live_points, live_raised, live_cleared = _live(data_dir, window)
     users = sorted(set(points) | set(live_points) | set(raised) | set(live_raised))
     result.users_total = len(users)
