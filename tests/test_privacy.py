@@ -304,6 +304,20 @@ def test_erasure_is_audited_without_naming_the_person(erased: dict[str, object])
     assert other.returncode == 1
 
 
+@pytest.mark.parametrize("command", ["balance", "history"])
+def test_the_cli_answers_no_such_person_for_the_erased(erased: dict[str, object],
+                                                      command: str) -> None:
+    data_dir = erased["dir"]
+    assert isinstance(data_dir, Path)
+    gone = subprocess.run(genki_cmd(command, ERASED, "--data-dir", str(data_dir)),
+                          capture_output=True, check=False)
+    assert gone.returncode == 4
+    assert b"no such person" in gone.stderr and b"erased" in gone.stderr
+    kept = subprocess.run(genki_cmd(command, PEOPLE[3], "--data-dir", str(data_dir)),
+                          capture_output=True, check=False)
+    assert kept.returncode == 0, kept.stderr
+
+
 def test_erasure_again_finds_nothing_left(erased: dict[str, object], tmp_path: Path) -> None:
     data_dir = erased["dir"]
     assert isinstance(data_dir, Path)

@@ -7,8 +7,12 @@ whole batch: one comprehension per field and one regular-expression pass over
 all ids joined, so a batch of many one-sample records costs a few passes, not
 a Python function per record. Every other record takes the record-at-a-time
 path, which names the first problem. Arrays are checked once per batch with
-numpy. Activities and profiles are small records validated by their pydantic
-models.
+numpy. Lines of the common shape exactly as orjson writes them (no spaces, keys
+in wire order, plain decimal numbers) skip the JSON parser: their ids are matched
+in the bytes and their arrays cut out and converted by numpy, with no Python
+object per number; a line that is anything else is parsed as JSON. Activity
+events written the same way are matched in the bytes too; every other activity,
+profile and consent record is validated by its pydantic model.
 """
 
 from __future__ import annotations
@@ -53,6 +57,29 @@ _VALUE_MAX = np.array([m.value_max for m in METRICS], dtype=np.float64)
 _SAMPLE_ID_FIELDS = ("upload_id", "user_id", "device_id")
 _SEGMENT_KEYS = frozenset(("v", "metric", "unit", "ts_ms", "values", *_SAMPLE_ID_FIELDS))
 _ACTIVITY_KIND_CODE = {kind: code for code, kind in enumerate(ACTIVITY_KINDS)}
+# The common shape as bytes (see the module docstring). A line is taken this way only
+# when it is certainly a valid, well-typed record; any doubt sends it to the parser.
+_ID_GROUP = "(" + ID_CHAR_CLASS + "{1," + str(ID_CHARS_MAX) + "})"
+_SEGMENT_HEAD = re.compile((
+    r'\{"v":' + str(WIRE_VERSION) + r',"upload_id":"' + _ID_GROUP + r'","user_id":"' + _ID_GROUP
+    + r'","device_id":"' + _ID_GROUP + r'","metric":"([a-z_]{1,40})","unit":"([^"\\]{1,40})"'
+).encode())
+_TS_KEY = b',"ts_ms":['
+_VALUES_KEY = b'],"values":['
+_SEGMENT_END = b"]}"
+_METRIC_OF_NAME_UNIT = {(m.name.encode(), m.unit.encode()): m.code for m in METRICS}
+_DIGITS_COMMA = b"0123456789,"
+_NUMBER_CHARS = b"0123456789,.-"
+_INT_TOKEN_MAX = 10**18  # plain tokens have at most 18 digits (int64; larger saturate)
+_VALUE_ABS_MAX = 1e15  # float tokens beyond are left to the JSON path
+_INT_TYPES = frozenset((int,))
+_NUMBER_TYPES = frozenset((int, float))
+_FLAT_INT_ABS_MAX = 2.0**62
+_ACTIVITY_START = b'{"v":' + str(WIRE_VERSION).encode() + b',"event_id":"'
+_ACTIVITY_LINE = re.compile((
+    r'\{"v":' + str(WIRE_VERSION) + r',"event_id":"' + _ID_GROUP + r'","user_id":"' + _ID_GROUP
+    + r'","kind":"(' + "|".join(map(re.escape, ACTIVITY_KINDS)) + r')","ts_ms":([1-9][0-9]{0,17})'
+    + r'(?:,"venue_id":"' + _ID_GROUP + r'")?,"source":"' + _ID_GROUP + r'"\}').encode())
 
 
 @dataclass
@@ -86,10 +113,35 @@ class SegmentColumns:
         return np.cumsum(self.lengths) - self.lengths
 
 
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """An accepted activity event (what `ActivityEvent` validates), without the model."""
+
+    index: int
+    event_id: str
+    user_id: str
+    kind: str
+    ts_ms: int
+    venue_id: str | None
+    source: str
+    raw: bytes
+
+    @classmethod
+    def of(cls, index: int, event: ActivityEvent, raw: bytes) -> Activity:
+        return cls(index, event.event_id, event.user_id, event.kind.value, event.ts_ms,
+                   event.venue_id, event.source, raw)
+
+    def canonical(self) -> bytes:
+        """The stored body: the model's JSON dump with sorted keys (a re-send compares equal)."""
+        return orjson.dumps({"event_id": self.event_id, "kind": self.kind, "source": self.source,
+                             "ts_ms": self.ts_ms, "user_id": self.user_id, "v": WIRE_VERSION,
+                             "venue_id": self.venue_id})
+
+
 @dataclass
 class DecodedBatch:
     segments: SegmentColumns
-    activities: list[tuple[int, ActivityEvent, bytes]]
+    activities: list[Activity]
     profiles: list[tuple[int, Profile]]
     rejected: list[Rejected]
     received: int
@@ -262,55 +314,203 @@ def gc_paused() -> Iterator[None]:
 
 
 def _decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
-    activities: list[tuple[int, ActivityEvent, bytes]] = []
+    activities: list[Activity] = []
     profiles: list[tuple[int, Profile]] = []
     consents: list[tuple[int, ConsentEvent, bytes]] = []
     rejected: list[Rejected] = []
-    fast, others = _common_segments(lines)
+    plain, others = _plain_segments(lines)
+    others = _plain_activities(lines, others, activities)
+    shaped, others, bodies = _common_segments(lines, others)
     slow = SegmentColumns()
-    for index in others:
-        problem = _decode_one(index, lines[index], slow, activities, profiles, consents)
+    for index, body in zip(others, bodies, strict=True):
+        problem = _decode_one(index, lines[index], body, slow, activities, profiles, consents)
         if problem is not None:
             rejected.append(problem)
-    segments = _merge_in_index_order(fast, slow) if len(slow) else fast
-    rejected.extend(_convert_arrays(segments, lines))
+    parsed = _merge_in_index_order(shaped, slow) if len(slow) else shaped
+    rejected.extend(_convert_arrays(parsed, lines))
+    segments = _merge_converted(plain, parsed)
     rejected.extend(_check_segment_arrays(segments, lines, now_ms))
-    for index, event, _ in activities:
-        if event.ts_ms > now_ms + TS_SKEW_MS_MAX:
-            rejected.append(_reject(index, lines[index], Reason.future_timestamp, "ts_ms",
-                                    f"{event.ts_ms} is more than {TS_SKEW_MS_MAX // 1000} s in the future"))
+    activities.sort(key=lambda a: a.index)
+    for activity in activities:
+        if activity.ts_ms > now_ms + TS_SKEW_MS_MAX:
+            rejected.append(_reject(activity.index, activity.raw, Reason.future_timestamp,
+                                    "ts_ms", f"{activity.ts_ms} is more than "
+                                    f"{TS_SKEW_MS_MAX // 1000} s in the future"))
     future = {r.index for r in rejected}
-    activities = [a for a in activities if a[0] not in future]
+    activities = [a for a in activities if a.index not in future]
     rejected.sort(key=lambda r: r.index)
     return DecodedBatch(segments, activities, profiles, rejected, len(lines), lines, consents)
 
 
+# -- the common shape, straight from the bytes ---------------------------------------
+
+
+def _plain_segments(lines: list[bytes]) -> tuple[SegmentColumns, list[int]]:
+    """Segments of the common shape as orjson writes them, decoded from the bytes (module
+    docstring) and already converted; and the indexes of every other line, in order."""
+    index: list[int] = []
+    ids: list[bytes] = []
+    metric: list[int] = []
+    ts_texts: list[bytes] = []
+    value_texts: list[bytes] = []
+    others: list[int] = []
+    head_of, metric_of = _SEGMENT_HEAD.fullmatch, _METRIC_OF_NAME_UNIT.get
+    for i, raw in enumerate(lines):
+        cut = raw.find(_TS_KEY)
+        split = raw.find(_VALUES_KEY, cut)
+        head = head_of(raw, 0, cut) if cut > 0 else None
+        code = metric_of(head.group(4, 5)) if head is not None else None  # type: ignore[arg-type]
+        if code is None or split < 0 or not raw.endswith(_SEGMENT_END) or \
+                len(raw) > RECORD_BYTES_MAX:
+            others.append(i)
+            continue
+        index.append(i)
+        ids.append(b"\n".join(head.group(1, 2, 3)))  # type: ignore[union-attr]
+        metric.append(code)
+        ts_texts.append(raw[cut + len(_TS_KEY):split])
+        value_texts.append(raw[split + len(_VALUES_KEY):-len(_SEGMENT_END)])
+    if not index:
+        return SegmentColumns(), others
+    lengths = [text.count(b",") + 1 for text in ts_texts]
+    rows = [row for row, (n, text) in enumerate(zip(lengths, value_texts, strict=True))
+            if n == text.count(b",") + 1 and n <= SAMPLES_PER_RECORD_MAX]
+    kept, ts_parts, value_parts = _plain_arrays(ts_texts, value_texts, lengths, rows)
+    if len(kept) < len(index):
+        taken = set(kept)
+        others = sorted(others + [index[row] for row in range(len(index)) if row not in taken])
+    names = b"\n".join([ids[row] for row in kept]).decode().split("\n")
+    return SegmentColumns(
+        index=[index[row] for row in kept], upload_id=names[0::3], user_id=names[1::3],
+        device_id=names[2::3], metric=[metric[row] for row in kept],
+        ts=_concatenate(ts_parts, np.int64), values=_concatenate(value_parts, np.float64),
+        lengths=np.array([lengths[row] for row in kept], np.int64)), others
+
+
+def _concatenate(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate([np.empty(0, dtype), *parts])
+
+
+def _plain_arrays(ts_texts: list[bytes], value_texts: list[bytes], lengths: list[int],
+                  rows: list[int]) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """The rows whose arrays are plain numbers, and their arrays: one conversion for all
+    when they are; otherwise halves, so that a few odd lines cost a few conversions."""
+    if not rows:
+        return [], [], []
+    ts = _plain_ints(b",".join([ts_texts[row] for row in rows]), zero_tokens=False)
+    values = None if ts is None else _plain_values(
+        [value_texts[row] for row in rows], [lengths[row] for row in rows])
+    if ts is not None and values is not None:
+        return rows, [ts], [values]
+    if len(rows) == 1:
+        return [], [], []
+    half = len(rows) // 2
+    left, right = (_plain_arrays(ts_texts, value_texts, lengths, part)
+                   for part in (rows[:half], rows[half:]))
+    return left[0] + right[0], left[1] + right[1], left[2] + right[2]
+
+
+def _plain_ints(joined: bytes, zero_tokens: bool) -> np.ndarray | None:
+    """Comma-separated JSON integers without sign (at most 18 digits each) as int64, or
+    None when `joined` is anything else. Tokens "0" are refused unless zero_tokens."""
+    if not joined or joined.translate(None, _DIGITS_COMMA) or b",," in joined or \
+            joined[0] == 44 or joined[-1] == 44:  # 44: ","
+        return None
+    if zero_tokens:  # a token may be "0" but may not start with 0 otherwise (JSON)
+        chars = np.frombuffer(b"," + joined + b",", np.uint8)
+        zero_at = np.flatnonzero((chars[:-1] == 44) & (chars[1:] == 48))  # 48: "0"
+        if (chars[zero_at + 2] != 44).any():
+            return None
+    elif joined[0] == 48 or b",0" in joined:
+        return None
+    parsed = np.fromstring(joined, dtype=np.int64, sep=",")
+    if len(parsed) != joined.count(b",") + 1 or int(parsed.max()) >= _INT_TOKEN_MAX:
+        return None  # a token too long for int64 saturates: it is left to the JSON path
+    return parsed
+
+
+def _plain_values(texts: list[bytes], lengths: list[int]) -> np.ndarray | None:
+    """Values as float64: integer arrays by numpy, arrays with a sign or a fraction by
+    orjson (one call for all of them), or None when any is not plain."""
+    floats = [b"." in text or b"-" in text for text in texts]
+    if not any(floats):
+        ints = _plain_ints(b",".join(texts), zero_tokens=True)
+        return None if ints is None else ints.astype(np.float64)
+    joined = b",".join([text for text, f in zip(texts, floats, strict=True) if f])
+    if joined.translate(None, _NUMBER_CHARS):
+        return None
+    try:
+        parsed = np.array(orjson.loads(b"[" + joined + b"]"), dtype=np.float64)
+    except (orjson.JSONDecodeError, OverflowError, TypeError, ValueError):
+        return None
+    is_float = np.repeat(np.array(floats), lengths)
+    if parsed.ndim != 1 or len(parsed) != int(is_float.sum()) or \
+            (np.abs(parsed) >= _VALUE_ABS_MAX).any():
+        return None
+    values = np.empty(len(is_float), np.float64)
+    values[is_float] = parsed
+    if not all(floats):
+        ints = _plain_ints(b",".join([t for t, f in zip(texts, floats, strict=True) if not f]),
+                           zero_tokens=True)
+        if ints is None or len(ints) != len(values) - len(parsed):
+            return None
+        values[~is_float] = ints
+    return values
+
+
+def _plain_activities(lines: list[bytes], candidates: list[int],
+                      activities: list[Activity]) -> list[int]:
+    """Activity events of the common shape as orjson writes them, matched in the bytes;
+    returns the indexes of every other line."""
+    others: list[int] = []
+    match = _ACTIVITY_LINE.fullmatch
+    for i in candidates:
+        raw = lines[i]
+        found = match(raw) if raw.startswith(_ACTIVITY_START) else None
+        ts_ms = int(found.group(4)) if found is not None else 0
+        if ts_ms < TS_MS_MIN or len(raw) > RECORD_BYTES_MAX:
+            others.append(i)
+            continue
+        event_id, user_id, kind, _, venue_id, source = found.groups()  # type: ignore[union-attr]
+        activities.append(Activity(i, event_id.decode(), user_id.decode(), kind.decode(), ts_ms,
+                                   None if venue_id is None else venue_id.decode(),
+                                   source.decode(), raw))
+    return others
+
+
+# -- everything else, parsed as JSON -------------------------------------------------
+
+
+_NOT_JSON = object()
+
+
 def _loads_all(lines: list[bytes]) -> list[Any]:
-    """Every line parsed, or None where it is not JSON (the slow path names why)."""
+    """Every line parsed, or _NOT_JSON where it is not JSON (the slow path names why)."""
     try:
         return [orjson.loads(raw) for raw in lines]
     except orjson.JSONDecodeError:
-        return [_loads_or_none(raw) for raw in lines]
+        return [_loads_or_not(raw) for raw in lines]
 
 
-def _loads_or_none(raw: bytes) -> Any:
+def _loads_or_not(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None
+        return _NOT_JSON
 
 
-def _common_segments(lines: list[bytes]) -> tuple[SegmentColumns, list[int]]:
-    """Segments of the common shape, validated a column at a time, and the indexes of
-    every other line (to decode one at a time). A line lands in exactly one of them."""
-    bodies = _loads_all(lines)
+def _common_segments(lines: list[bytes], candidates: list[int]
+                     ) -> tuple[SegmentColumns, list[int], list[Any]]:
+    """Segments of the common shape among `candidates`, validated a column at a time, and
+    the indexes (and parsed bodies) of every other line, to decode one at a time. A line
+    lands in exactly one of them."""
+    bodies = _loads_all([lines[i] for i in candidates])
     keys, version, size_max = _SEGMENT_KEYS, WIRE_VERSION, RECORD_BYTES_MAX
-    shaped = [i for i, (raw, body) in enumerate(zip(lines, bodies, strict=True))
+    shaped = [at for at, (i, body) in enumerate(zip(candidates, bodies, strict=True))
               if type(body) is dict and body.keys() == keys and body["v"] == version
-              and len(raw) <= size_max]
+              and len(lines[i]) <= size_max]
     if not shaped:
-        return SegmentColumns(), list(range(len(lines)))
-    rows = [bodies[i] for i in shaped]
+        return SegmentColumns(), candidates, bodies
+    rows = [bodies[at] for at in shaped]
     uploads, users, devices = ([body[name] for body in rows] for name in _SAMPLE_ID_FIELDS)
     specs = [METRIC_BY_NAME.get(m) if type(m) is str else None
              for m in (body["metric"] for body in rows)]
@@ -323,18 +523,15 @@ def _common_segments(lines: list[bytes]) -> tuple[SegmentColumns, list[int]]:
     if not _all_ids(uploads + users + devices):
         ok = [good and is_id(u) and is_id(p) and is_id(d)
               for good, u, p, d in zip(ok, uploads, users, devices, strict=True)]
-    if all(ok) and len(shaped) == len(lines):
-        return SegmentColumns(index=shaped, upload_id=uploads, user_id=users, device_id=devices,
-                              metric=[spec.code for spec in specs],  # type: ignore[union-attr]
-                              ts_lists=ts_lists, value_lists=value_lists), []
     keep = [row for row, good in enumerate(ok) if good]
     out = SegmentColumns(
-        index=[shaped[row] for row in keep], upload_id=[uploads[row] for row in keep],
+        index=[candidates[shaped[row]] for row in keep], upload_id=[uploads[row] for row in keep],
         user_id=[users[row] for row in keep], device_id=[devices[row] for row in keep],
         metric=[specs[row].code for row in keep],  # type: ignore[union-attr]
         ts_lists=[ts_lists[row] for row in keep], value_lists=[value_lists[row] for row in keep])
-    taken = set(out.index)
-    return out, [i for i in range(len(lines)) if i not in taken]
+    taken = {shaped[row] for row in keep}
+    rest = [at for at in range(len(candidates)) if at not in taken]
+    return out, [candidates[at] for at in rest], [bodies[at] for at in rest]
 
 
 def _all_ids(texts: list[Any]) -> bool:
@@ -348,7 +545,7 @@ def _all_ids(texts: list[Any]) -> bool:
 
 
 def _merge_in_index_order(*parts: SegmentColumns) -> SegmentColumns:
-    """Record columns of several parts as one, ordered by line index."""
+    """Record columns of several parts (not converted yet) as one, ordered by line index."""
     out = SegmentColumns()
     index = [i for part in parts for i in part.index]
     order = sorted(range(len(index)), key=index.__getitem__)
@@ -359,18 +556,43 @@ def _merge_in_index_order(*parts: SegmentColumns) -> SegmentColumns:
     return out
 
 
+def _merge_converted(first: SegmentColumns, second: SegmentColumns) -> SegmentColumns:
+    """Two converted parts as one, records (and their samples) ordered by line index."""
+    if not len(second):
+        return first
+    if not len(first):
+        return second
+    index = first.index + second.index
+    order = np.argsort(np.array(index, np.int64), kind="stable")
+    lengths = np.concatenate((first.lengths, second.lengths))
+    starts = np.cumsum(lengths) - lengths
+    out_lengths = lengths[order]
+    out_starts = np.cumsum(out_lengths) - out_lengths
+    take = np.repeat(starts[order] - out_starts, out_lengths) + np.arange(int(lengths.sum()))
+    rows = order.tolist()
+    out = SegmentColumns(lengths=out_lengths,
+                         ts=np.concatenate((first.ts, second.ts))[take],
+                         values=np.concatenate((first.values, second.values))[take])
+    for name in ("index", "upload_id", "user_id", "device_id", "metric"):
+        column = getattr(first, name) + getattr(second, name)
+        setattr(out, name, [column[row] for row in rows])
+    return out
+
+
 def _decode_one(
-    index: int, raw: bytes, segments: SegmentColumns,
-    activities: list[tuple[int, ActivityEvent, bytes]], profiles: list[tuple[int, Profile]],
-    consents: list[tuple[int, ConsentEvent, bytes]],
+    index: int, raw: bytes, body: Any, segments: SegmentColumns, activities: list[Activity],
+    profiles: list[tuple[int, Profile]], consents: list[tuple[int, ConsentEvent, bytes]],
 ) -> Rejected | None:
+    """One line that no column-wise path took; `body` is the line parsed (or _NOT_JSON)."""
     if len(raw) > RECORD_BYTES_MAX:
         return _reject(index, raw[:4096], Reason.oversized, "record",
                        f"{len(raw)} bytes, max {RECORD_BYTES_MAX}")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        return _reject(index, raw, Reason.invalid_json, "record", str(error)[:120])
+    if body is _NOT_JSON:
+        try:
+            orjson.loads(raw)
+        except orjson.JSONDecodeError as error:
+            return _reject(index, raw, Reason.invalid_json, "record", str(error)[:120])
+        raise AssertionError("a line parsed once and not the second time")
     if not isinstance(body, dict):
         return _reject(index, raw, Reason.not_an_object, "record",
                        f"expected a JSON object, got {type(body).__name__}")
@@ -391,7 +613,7 @@ def _decode_one(
     except ValidationError as error:
         return _reject(index, raw, *_pydantic_reason(error))
     if isinstance(parsed, ActivityEvent):
-        activities.append((index, parsed, raw))
+        activities.append(Activity.of(index, parsed, raw))
     elif isinstance(parsed, ConsentEvent):
         consents.append((index, parsed, raw))
     else:
@@ -413,25 +635,38 @@ def _decode_segment(index: int, raw: bytes, body: dict[str, Any], segments: Segm
     return None
 
 
-def _flat_array(lists: Sequence[Any], kinds: str) -> np.ndarray | None:
-    """All lists as one array in one conversion, or None if any element is not of `kinds`."""
+def _flat_array(lists: Sequence[Any], types: frozenset[type]) -> np.ndarray | None:
+    """All lists as one array in one conversion, or None when that could differ from
+    converting each record on its own (the definition: a record is judged alone, whatever
+    batch it comes in): an element not of `types` (a bool, a string), or a float array
+    holding an integer beyond int64 (that record alone would not convert to numbers)."""
+    flat = list(chain.from_iterable(lists))
+    found = set(map(type, flat))
+    if not found <= types:
+        return None
     try:
-        flat = np.array(list(chain.from_iterable(lists)))
+        array = np.array(flat)
     except (ValueError, TypeError, OverflowError):
         return None
-    return flat if flat.dtype.kind in kinds and flat.ndim == 1 else None
+    if array.dtype.kind not in "iuf" or array.ndim != 1:
+        return None
+    if array.dtype.kind == "f" and int in found and len(array) and \
+            float(np.abs(array).max()) >= _FLAT_INT_ABS_MAX:
+        return None
+    return array
 
 
 def _convert_arrays(segments: SegmentColumns, raws: list[bytes]) -> list[Rejected]:
     """Turn the segments' JSON arrays into flat numpy arrays: one conversion per batch when
-    all are well typed, record by record (to name the bad ones) otherwise."""
+    that gives what converting record by record gives, record by record (which also names
+    the bad ones) otherwise."""
     ts_lists, value_lists = segments.ts_lists, segments.value_lists
     segments.ts_lists, segments.value_lists = [], []
     if not len(segments):
         return []
     segments.lengths = np.fromiter(map(len, ts_lists), dtype=np.int64, count=len(ts_lists))
-    ts = _flat_array(ts_lists, "iu")
-    values = _flat_array(value_lists, "iuf")
+    ts = _flat_array(ts_lists, _INT_TYPES)
+    values = _flat_array(value_lists, _NUMBER_TYPES)
     if ts is not None and values is not None:
         segments.ts = ts.astype(np.int64, copy=False)
         segments.values = values.astype(np.float64, copy=False)

@@ -51,7 +51,7 @@ from engine.ingest.dedup import (
 )
 from engine.ingest.reasons import Reason, reason_text
 from engine.ingest.seen import SEEN_MARGIN_DAYS, SEEN_SCHEMA, SeenIndex, StagedDay
-from engine.schemas import SEGMENT_SPAN_MS_MAX, ActivityEvent, ConsentChange
+from engine.schemas import SEGMENT_SPAN_MS_MAX, ConsentChange
 from engine.storage import open_sqlite
 
 LOG_FILE_NAME = "log.sqlite"
@@ -569,31 +569,31 @@ class EmbeddedLog:
 
     def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
                           next_seq: int) -> tuple[dict, int]:
-        existing = self._existing_events([event.event_id for _, event, _ in decoded.activities])
+        existing = self._existing_events([event.event_id for event in decoded.activities])
         watermarks: dict[tuple[str, str], int] = {}
         seen_in_batch: dict[str, bytes] = {}
         rows: list[tuple] = []
-        for index, event, raw in decoded.activities:
-            body = _canonical_event(event)
+        window_days = self.late_window_days
+        for event in decoded.activities:
+            body = event.canonical()
             stored = existing.get(event.event_id) or seen_in_batch.get(event.event_id)
             if stored is not None:
                 if stored == body:
                     counts.duplicate_records += 1
                 else:
-                    decoded.rejected.append(Rejected(index, reason_text(
+                    decoded.rejected.append(Rejected(event.index, reason_text(
                         Reason.conflict, "event_id",
-                        f"{event.event_id} was stored before with different content"), raw))
+                        f"{event.event_id} was stored before with different content"), event.raw))
                 continue
             key = (event.user_id, "activities")
             wm = watermarks.get(key, self._watermarks.get(key, -1))
-            if wm >= 0 and tokyo_day(event.ts_ms) < tokyo_day(wm) - self.late_window_days:
-                decoded.rejected.append(Rejected(index, reason_text(
+            if wm >= 0 and tokyo_day(event.ts_ms) < tokyo_day(wm) - window_days:
+                decoded.rejected.append(Rejected(event.index, reason_text(
                     Reason.too_late, "ts_ms", f"event on {_iso(event.ts_ms)} is more than "
-                    f"{self.late_window_days} days older than this user's events so far"), raw))
+                    f"{window_days} days older than this user's events so far"), event.raw))
                 continue
-            rows.append((next_seq, event.event_id, event.user_id,
-                         activity_kind_code(event.kind.value), event.ts_ms, event.venue_id or "",
-                         event.source, wm, body))
+            rows.append((next_seq, event.event_id, event.user_id, activity_kind_code(event.kind),
+                         event.ts_ms, event.venue_id or "", event.source, wm, body))
             seen_in_batch[event.event_id] = body
             watermarks[key] = max(wm, event.ts_ms)
             next_seq += 1
@@ -1267,10 +1267,6 @@ def _sample_columns(parts: list[_SampleRecords]) -> SampleColumns:
         metric=np.repeat(cat("metric"), counts),
         ts_ms=np.repeat(cat("base_ts_ms"), counts) + cat("ts_offsets"), value=cat("value"),
         wm_before_ms=np.repeat(cat("wm_before_ms"), counts))
-
-
-def _canonical_event(event: ActivityEvent) -> bytes:
-    return orjson.dumps(event.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
 
 
 def _iso(ts_ms: int) -> str:

@@ -12,6 +12,7 @@ from engine.errors import UsageError
 
 BATCH_LINES_MAX = 20_000
 BATCH_BYTES_MAX = 64 * 1024 * 1024
+READ_BYTES = 16 * 1024 * 1024
 DIRECTORY_SUFFIXES = (".ndjson", ".jsonl")
 
 
@@ -42,23 +43,65 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
 
 def iter_batches(stream: BinaryIO, source: str,
                  batch_lines: int = BATCH_LINES_MAX) -> Iterator[LineBatch]:
+    """Batches of at most batch_lines lines (or until BATCH_BYTES_MAX bytes are reached);
+    a line loses its newline and trailing carriage returns, blank lines are skipped."""
     assert 0 < batch_lines <= BATCH_LINES_MAX
     lines: list[bytes] = []
     size_bytes = 0
     first = 1
-    for number, line in enumerate(stream, start=1):
-        line = line.rstrip(b"\r\n")
-        if not line.strip():
-            continue  # blank lines separate nothing and carry no record
-        if not lines:
-            first = number
-        lines.append(line)
-        size_bytes += len(line)
-        if len(lines) >= batch_lines or size_bytes >= BATCH_BYTES_MAX:
-            yield LineBatch(source, first, lines)
-            lines, size_bytes = [], 0
+    for number, block, carriage_return in _line_blocks(stream):
+        if carriage_return or not all(block) or min(block)[:1] <= b" ":  # blank lines?
+            pairs = ((n, line.rstrip(b"\r\n")) for n, line in enumerate(block, start=number))
+            block_numbers = [(n, line) for n, line in pairs if line.strip()]
+        else:
+            block_numbers = None
+        at = 0
+        count = len(block) if block_numbers is None else len(block_numbers)
+        while at < count:
+            take = min(batch_lines - len(lines), count - at)
+            if block_numbers is None:
+                part = block[at:at + take]
+                line_number = number + at
+            else:
+                part = [line for _, line in block_numbers[at:at + take]]
+                line_number = block_numbers[at][0]
+            part_bytes = sum(map(len, part))
+            if size_bytes + part_bytes >= BATCH_BYTES_MAX:  # ends inside: find the line
+                cut = 0
+                while size_bytes < BATCH_BYTES_MAX:
+                    size_bytes += len(part[cut])
+                    cut += 1
+                part, part_bytes = part[:cut], 0
+            if not lines:
+                first = line_number
+            lines.extend(part)
+            size_bytes += part_bytes
+            at += len(part)
+            if len(lines) >= batch_lines or size_bytes >= BATCH_BYTES_MAX:
+                yield LineBatch(source, first, lines)
+                lines, size_bytes = [], 0
     if lines:
         yield LineBatch(source, first, lines)
+
+
+def _line_blocks(stream: BinaryIO) -> Iterator[tuple[int, list[bytes], bool]]:
+    """The stream's lines without their newline, in blocks of whole lines read at once,
+    each with the (1-based) number of its first line and whether any holds a "\\r"."""
+    read = getattr(stream, "read1", stream.read)
+    number = 1
+    rest = b""
+    while chunk := read(READ_BYTES):
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            rest += chunk
+            continue
+        text = rest + chunk[:end] if rest else chunk[:end]
+        rest = chunk[end + 1:]
+        block = text.split(b"\n")
+        yield number, block, b"\r" in text
+        number += len(block)
+    if rest:
+        yield number, [rest], b"\r" in rest
 
 
 def iter_sources(paths: Iterable[str], batch_lines: int = BATCH_LINES_MAX) -> Iterator[LineBatch]:

@@ -121,7 +121,7 @@ class SeenIndex:
         """
         staged = []
         for day, keys in _split_by_day(new_keys):
-            run = np.sort(keys)
+            run = np.sort(keys, kind="stable")  # timsort: the keys come in sorted runs
             held = self._days[day]
             merged = None
             if held.stored_runs + 1 > SEEN_RUNS_PER_DAY_MAX:
@@ -175,7 +175,7 @@ class SeenIndex:
     def add_all(self, keys: np.ndarray) -> None:
         """Bulk load (building the index for a log written before it existed)."""
         for day, part in _split_by_day(keys):
-            run = np.sort(part)
+            run = np.sort(part, kind="stable")
             self._db.execute("INSERT INTO seen_runs (day, n, keys) VALUES (?, ?, ?)",
                              (day, len(run), run.tobytes()))
         self.forget_cache()

@@ -8,7 +8,10 @@ same number.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,23 +51,36 @@ def combined_ledger(data_dir: Path) -> CombinedLedger:
 
 
 def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> CombinedLedger:
-    """Ledgers holding disjoint users as one (an embedded data dir alone: that ledger)."""
-    rows: list[tuple] = []
-    erased: list[bytes] = []
-    owner: dict[str, Path] = {}
-    for directory in ledger_dirs:
-        part, part_erased = read_contents(directory / LEDGER_FILE_NAME)
-        erased.extend(part_erased)
-        for row in part:
-            previous = owner.setdefault(row[1], directory)
-            assert previous == directory, f"user {row[1]} has entries in {previous} and " \
-                                          f"{directory}: topics are not co-partitioned"
-        rows.extend(part)
-    rows.sort(key=lambda row: row[0].encode())
-    assert all(a[0] != b[0] for a, b in itertools.pairwise(rows)), "duplicate entry_id"
+    """Ledgers holding disjoint users as one (an embedded data dir alone: that ledger).
+
+    The partitions' entries are merged in entry_id order as they are read, so
+    memory holds balances, not entries."""
     balances: dict[str, int] = {}
-    for row in rows:
-        balances[row[1]] = balances.get(row[1], 0) + row[3]
-    digest = content_digest([content_bytes(*row) for row in rows] + sorted(erased))
-    return CombinedLedger(numbers or [], len(rows) + len(erased), digest, dict(sorted(balances.items())),
+    owner: dict[str, Path] = {}
+    counted = [0]
+
+    def tagged(rows: Iterator[tuple], directory: Path) -> Iterator[tuple[tuple, Path]]:
+        return ((row, directory) for row in rows)
+
+    def contents(sources: list[Iterator[tuple[tuple, Path]]]) -> Iterator[bytes]:
+        previous: str | None = None
+        for row, directory in heapq.merge(*sources, key=lambda item: item[0][0]):
+            assert row[0] != previous, f"duplicate entry_id {row[0]}"
+            first = owner.setdefault(row[1], directory)
+            assert first == directory, f"user {row[1]} has entries in {first} and " \
+                                       f"{directory}: topics are not co-partitioned"
+            balances[row[1]] = balances.get(row[1], 0) + row[3]
+            counted[0] += 1
+            previous = row[0]
+            yield content_bytes(*row)
+
+    with ExitStack() as stack:
+        sources, erased = [], []
+        for directory in ledger_dirs:
+            rows, part_erased = stack.enter_context(read_contents(directory / LEDGER_FILE_NAME))
+            sources.append(tagged(rows, directory))
+            erased.extend(part_erased)
+        digest = content_digest(itertools.chain(contents(sources), sorted(erased)))
+    rows_count = counted[0]
+    return CombinedLedger(numbers or [], rows_count + len(erased), digest, dict(sorted(balances.items())),
                           sum(balances.values()))

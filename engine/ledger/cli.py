@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from engine.config import SIGNING_KEY_ENV, add_data_dir_arg, data_dir_of, default_data_dir
-from engine.errors import ChainBroken, LedgerError, UsageError
+from engine.errors import ChainBroken, LedgerError, NotFound, UsageError
 from engine.ledger.commands import describe
 from engine.ledger.model import Entry, Settlement
 from engine.ledger.signing import create_key_pair, load_verifier
@@ -40,7 +40,24 @@ def _print_entry(entry: Entry, as_json: bool) -> None:
         print(_entry_line(entry))
 
 
+def _refuse_erased(data_dir: Path, user_id: str) -> None:
+    """An erased person is not a person with 0 points: answer as the API does (404)."""
+    from engine.erasure import AUDIT_FILE_NAME, ErasureAudit
+
+    if not (data_dir / AUDIT_FILE_NAME).exists():
+        return
+    audit = ErasureAudit.open(data_dir)
+    try:
+        erased = audit.is_erased(user_id)
+    finally:
+        audit.close()
+    if erased:
+        raise NotFound(f"no such person: {user_id} was erased from this data directory "
+                       "(`genki erase --check` confirms it)")
+
+
 def _cmd_balance(args: argparse.Namespace) -> int:
+    _refuse_erased(data_dir_of(args), args.user)
     with Ledger.open(data_dir_of(args)) as ledger:
         points = ledger.balance(args.user)
     if args.json:
@@ -51,6 +68,7 @@ def _cmd_balance(args: argparse.Namespace) -> int:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
+    _refuse_erased(data_dir_of(args), args.user)
     with Ledger.open(data_dir_of(args)) as ledger:
         entries, next_cursor = ledger.history(args.user, args.cursor, args.limit)
     if args.json:
