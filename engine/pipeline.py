@@ -132,9 +132,9 @@ class Pipeline:
             output = engine.process(samples, activities)
             self._position = -1  # unknown until the append below commits
             crash_point("pipeline_before_append")
-            ledger.append(output.awards, flags=output.flags,
-                          meta={META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version,
-                                META_RULES_JSON: self._rules_json})
+            ledger.append_awards(output.award_entries, flags=output.flags, meta={
+                META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version,
+                META_RULES_JSON: self._rules_json})
             self._position = hi
             crash_point("pipeline_after_append")
             _count(summary, samples, activities, output)
@@ -256,11 +256,12 @@ def _count(summary: RunSummary, samples: SampleBatch, activities: ActivityBatch,
            output: RulesOutput) -> None:
     summary.samples += len(samples.ts_ms)
     summary.activities += len(activities.ts_ms)
-    for draft in output.awards:
-        summary.awards_appended += 1
-        summary.points_awarded += draft.points
-        family = (draft.rule or "").split(".")[0]
-        summary.points_by_rule[family] = summary.points_by_rule.get(family, 0) + draft.points
+    awards = output.award_entries
+    summary.awards_appended += len(awards)
+    summary.points_awarded += awards.points_total
+    for rule, points in awards.points_by_rule().items():
+        family = rule.split(".")[0]
+        summary.points_by_rule[family] = summary.points_by_rule.get(family, 0) + points
     for flag in output.flags:
         if flag.state == "raised":
             summary.flags_raised += 1

@@ -12,9 +12,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import orjson
 
-from engine.entries import EntryDraft
+from engine.entries import Awards, EntryDraft
 from engine.ledger.canonical import (
     GENESIS_HASH,
     HASH_HEX_CHARS,
@@ -169,6 +170,134 @@ def chain(contents: Iterable[Content], seq_head: int, hash_head: str,
     except orjson.JSONEncodeError as error:
         raise InvalidEntry(f"entry {entry_id}: not encodable as UTF-8 JSON: {error}") from error
     return rows, journal
+
+
+# Entry ids the award template can put between quotes as they are (no JSON escapes).
+_JSON_PLAIN = re.compile(r'[^"\\\x00-\x1f\ud800-\udfff]*')
+
+
+def awards_row_by_row(awards: Awards) -> bool:
+    """Check the shape of award columns; True when the batch must take the row-by-row
+    path (`normalise` and `chain` over its drafts) instead of `chain_awards`.
+
+    That is when any value would be refused (so the refusal is the same
+    InvalidEntry, naming the same entry, whichever way the awards came), an
+    entry id repeats within the batch (`_unique` sorts out identical and
+    different repeats) or an entry id needs JSON escapes.
+    """
+    count = len(awards.entry_id)
+    for name in ("user", "points", "day", "ts_ms", "rule", "ref"):
+        column = getattr(awards, name)
+        if not isinstance(column, np.ndarray) or column.shape != (count,) \
+                or column.dtype.kind not in "iu":
+            raise InvalidEntry(f"awards: column {name} must be {count} integers")
+    if count == 0:
+        return False
+    tables = (("user", awards.user_ids), ("day", awards.days), ("rule", awards.rules),
+              ("ref", awards.refs))
+    used = {name: _used(getattr(awards, name), len(table), name) for name, table in tables}
+    points, ts_ms = awards.points, awards.ts_ms
+    if points.min() <= 0 or points.max() > POINTS_PER_ENTRY_MAX \
+            or ts_ms.min() < 0 or ts_ms.max() > TS_MS_MAX:
+        return True
+    for entry_id in awards.entry_id:
+        if type(entry_id) is not str or not 0 < len(entry_id) <= ENTRY_ID_CHARS_MAX:
+            return True
+    if not all(is_id(awards.user_ids[index]) for index in used["user"]):
+        return True
+    if not all(day is None or (isinstance(day, str) and _DAY.match(day))
+               for day in (awards.days[index] for index in used["day"])):
+        return True
+    texts: list[str | None] = [awards.rules[index] for index in used["rule"]]
+    texts += [awards.refs[index] for index in used["ref"]]
+    if not all(text is None or (isinstance(text, str) and len(text) <= TEXT_CHARS_MAX)
+               for text in (*texts, awards.rules_version)):
+        return True
+    try:
+        orjson.dumps(texts)
+    except orjson.JSONEncodeError:
+        return True
+    return len(set(awards.entry_id)) != count or \
+        _JSON_PLAIN.fullmatch("".join(awards.entry_id)) is None
+
+
+def _used(index: np.ndarray, size: int, name: str) -> list[int]:
+    used = np.unique(index)
+    if used[0] < 0 or used[-1] >= size:
+        raise InvalidEntry(f"awards: {name} index outside its table of {size}")
+    return used.tolist()
+
+
+def _json_table(table: Sequence[str | None], used: np.ndarray) -> list[str]:
+    """JSON text of the table's used values ("" for the unused)."""
+    out = [""] * len(table)
+    for index in np.unique(used).tolist():
+        out[index] = orjson.dumps(table[index]).decode()
+    return out
+
+
+def chain_awards(awards: Awards, seq_head: int, hash_head: str,
+                 keys: Mapping[str, PersonKey]) -> tuple[list[tuple], list[tuple]]:
+    """Sequence and hash checked award columns (`awards_row_by_row` said False).
+
+    The same bytes as `chain` over the awards' drafts (canonical.py): the entry
+    and tag JSON are written from templates, every distinct user, day, rule and
+    ref encoded once. Returns journal rows (seq, subject, entry, points, day,
+    ts_ms, rule, rules_version, prev_hash, hash: kind is "award" and the public
+    ref null) and link rows (seq, entry_id, user_id, ref).
+    """
+    assert len(hash_head) == HASH_HEX_CHARS
+    user_ids, days, rules, refs = awards.user_ids, awards.days, awards.rules, awards.refs
+    pads: list = [None] * len(user_ids)
+    for index in np.unique(awards.user).tolist():
+        user_id = user_ids[index]
+        keyed, subject = keys[user_id].pads()
+        pads[index] = (keyed, subject, user_id, orjson.dumps(user_id).decode())
+    day_json = _json_table(days, awards.day)
+    rule_json = _json_table(rules, awards.rule)
+    ref_json = _json_table(refs, awards.ref)
+    version_text = awards.rules_version
+    version = orjson.dumps(version_text).decode()
+    sha256 = hashlib.sha256
+    journal: list[tuple] = []
+    links: list[tuple] = []
+    append_journal, append_link = journal.append, links.append
+    seq, prev = seq_head, hash_head
+    for entry_id, user, points, day, ts_ms, rule, ref in zip(
+            awards.entry_id, awards.user.tolist(), awards.points.tolist(), awards.day.tolist(),
+            awards.ts_ms.tolist(), awards.rule.tolist(), awards.ref.tolist(), strict=True):
+        seq += 1
+        keyed, subject, user_id, user_json = pads[user]
+        mac = keyed.copy()
+        mac.update(f'["{entry_id}",{user_json},{ref_json[ref]}]'.encode())
+        tag = mac.hexdigest()
+        digest = sha256(
+            f'{prev}{{"day":{day_json[day]},"entry":"{tag}","kind":"award","points":{points},'
+            f'"ref":null,"rule":{rule_json[rule]},"rules_version":{version},"seq":{seq},'
+            f'"subject":"{subject}","ts_ms":{ts_ms}}}'.encode()).hexdigest()
+        append_journal((seq, subject, tag, points, days[day], ts_ms, rules[rule], version_text,
+                        prev, digest))
+        append_link((seq, entry_id, user_id, refs[ref]))
+        prev = digest
+    return journal, links
+
+
+class AwardRows(Sequence[tuple]):
+    """Stored entry rows (model.ENTRY_COLUMNS) of appended awards, built when read."""
+
+    def __init__(self, journal: list[tuple], links: list[tuple]) -> None:
+        self._journal, self._links = journal, links
+
+    def __len__(self) -> int:
+        return len(self._journal)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def, override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        seq, _, _, points, day, ts_ms, rule, version, prev, digest = self._journal[index]
+        _, entry_id, user_id, ref = self._links[index]
+        return (seq, entry_id, user_id, "award", points, day, ts_ms, rule, ref, version, prev,
+                digest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
 from engine.consent import PeriodIndex
-from engine.entries import EntryDraft
+from engine.entries import Awards, EntryDraft
 from engine.errors import CapacityError
 from engine.ids import ID_HEX_CHARS, derive_id
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
@@ -56,7 +56,6 @@ from engine.rules.runs import RUNS_SHARE_MAX, Runs
 from engine.schemas import (
     ACTIVITY_KINDS,
     METRIC_BY_NAME,
-    EntryKind,
     FlagEvent,
     FlagName,
     FlagState,
@@ -146,8 +145,9 @@ class EngineState:
 class RulesOutput:
     """Awards and flag events of one batch.
 
-    `awards` (EntryDraft objects) are built on first access from the columns the
-    core computed; `award_count`/`award_points` need no objects at all.
+    `award_entries` (engine.entries.Awards, columns) and `awards` (EntryDraft
+    objects, built from them) are made on first access from the columns the core
+    computed; `award_count`/`award_points` need neither.
     """
 
     def __init__(self, columns: tuple[np.ndarray, ...], engine: RulesEngine,
@@ -164,9 +164,20 @@ class RulesOutput:
     def award_points(self) -> int:
         return int(self._columns[4].sum())
 
+    @property
+    def award_columns(self) -> tuple[np.ndarray, ...]:
+        """(user, day, rule, detail, points) per award, no objects: user indexes the
+        engine's `grid.user_ids`, rule its `points.rule_table` (readers that only count)."""
+        return self._columns
+
+    @cached_property
+    def award_entries(self) -> Awards:
+        """The awards as ledger columns (what the pipeline appends)."""
+        return self._engine.awards_of(self._columns)
+
     @cached_property
     def awards(self) -> list[EntryDraft]:
-        return self._engine.drafts(self._columns)
+        return self.award_entries.drafts()
 
 
 class RulesEngine:
@@ -634,41 +645,56 @@ class RulesEngine:
             text = self._day_iso[day] = day_to_iso(day)
         return text
 
-    def drafts(self, columns: tuple[np.ndarray, ...]) -> list[EntryDraft]:
-        """Ledger entry drafts for award rows.
+    def awards_of(self, columns: tuple[np.ndarray, ...]) -> Awards:
+        """Award rows as ledger columns (engine.entries.Awards), no object per award.
 
-        entry_id = derive_id("award", user, day, rule, key), computed inline (the same
+        entry_id = derive_id("award", user, day, rule, key), computed here (the same
         SHA-256 over the unit-separated parts; user and venue ids are checked for the
-        separator when first seen) because this loop runs once per award.
+        separator when first seen) from byte prefixes built once per distinct user,
+        day and (rule, detail): one hash per award is all that runs per row.
         """
-        table = self.points.rule_table
-        user_ids, venues, iso, version = self.grid.user_ids, self.venues, self._iso, self.version
-        award, sha256 = EntryKind.award, hashlib.sha256
-        out = []
-        for user, day, rule, detail, points in zip(*(c.tolist() for c in columns), strict=True):
-            spec = table[rule]
-            family = spec.family
-            if family == FAMILY_TIER:
-                key, ref = detail, None
-            elif family == FAMILY_STREAK:
-                key = ref = f"week:{iso(detail)}"
-            elif family == FAMILY_ACTIVITY:
-                key = venues[detail]
-                ref = key or None
-            elif family == FAMILY_CAMPAIGN_TIER:
-                key = ref = f"steps.tier{detail}"
-            elif family == FAMILY_CAMPAIGN_TARGET:
-                key = ref = "steps.target"
-            else:
-                assert family == FAMILY_CAMPAIGN_ACTIVITY
-                key = ref = f"{spec.cause}@{venues[detail]}"
-            user_id, day_iso = user_ids[user], iso(day)
-            entry_id = sha256(f"award\x1f{user_id}\x1f{day_iso}\x1f{spec.name}\x1f{key}".encode()
-                              ).hexdigest()[:ID_HEX_CHARS]
-            out.append(EntryDraft(entry_id, user_id, award, points, day_iso,
-                                  (day + 1) * DAY_MS - TOKYO_OFFSET_MS - 1, spec.name, ref,
-                                  version))
-        return out
+        user, day, rule, detail, points = columns
+        users, user_index = distinct_inverse(user)
+        days, day_index = distinct_inverse(day)
+        causes, cause_index = distinct_inverse((rule << 32) | detail)
+        user_ids, table = self.grid.user_ids, self.points.rule_table
+        user_parts = [f"award{ID_SEPARATOR}{user_ids[u]}{ID_SEPARATOR}".encode()
+                      for u in users.tolist()]
+        day_isos = [self._iso(d) for d in days.tolist()]
+        day_parts = [f"{iso}{ID_SEPARATOR}".encode() for iso in day_isos]
+        refs: list[str | None] = []
+        cause_parts: list[bytes] = []
+        for cause in causes.tolist():
+            spec = table[cause >> 32]
+            key, ref = self._award_key(spec.family, spec.cause, cause & 0xFFFFFFFF)
+            refs.append(ref)
+            cause_parts.append(f"{spec.name}{ID_SEPARATOR}{key}".encode())
+        sha256 = hashlib.sha256
+        entry_ids = [sha256(user_parts[u] + day_parts[d] + cause_parts[c]).hexdigest()
+                     [:ID_HEX_CHARS] for u, d, c in zip(user_index.tolist(), day_index.tolist(),
+                                                         cause_index.tolist(), strict=True)]
+        return Awards(entry_ids, user, user_ids, points, day_index, day_isos,
+                      (day + 1) * DAY_MS - TOKYO_OFFSET_MS - 1, rule,
+                      [spec.name for spec in table], cause_index, refs, self.version)
+
+    def _award_key(self, family: int, cause: str | None, detail: int) -> tuple[object, str | None]:
+        """(id key, ref) of an award of a rule family and detail (see engine.rules.points)."""
+        if family == FAMILY_TIER:
+            return detail, None
+        if family == FAMILY_STREAK:
+            week = f"week:{self._iso(detail)}"
+            return week, week
+        if family == FAMILY_ACTIVITY:
+            venue = self.venues[detail]
+            return venue, venue or None
+        if family == FAMILY_CAMPAIGN_TIER:
+            tier = f"steps.tier{detail}"
+            return tier, tier
+        if family == FAMILY_CAMPAIGN_TARGET:
+            return "steps.target", "steps.target"
+        assert family == FAMILY_CAMPAIGN_ACTIVITY
+        key = f"{cause}@{self.venues[detail]}"
+        return key, key
 
     def state_summary(self) -> dict[str, int]:
         """Sizes of the state (for tests and operators)."""
