@@ -38,13 +38,13 @@ from typing import Any, TypeVar
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.structs import ConsumerRecord
 
 from engine.errors import GenkiError
 from engine.faults import crash_point
-from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, OPERATOR_KEY_ID
+from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
+from engine.kafka.fetch import FetchedRecord, TopicBatch, columns_of, skip_consumer_records
 from engine.kafka.keys import (
     RECORD_KEYS_ENV,
     WRAP_KEYS_ENV,
@@ -69,7 +69,7 @@ from engine.kafka.personal import (
     open_inputs,
     seal_entry,
 )
-from engine.kafka.publish import PROVENANCE_HEADER, SEALED_INPUTS, BatchSender, route
+from engine.kafka.publish import SEALED_INPUTS, BatchSender, route
 from engine.kafka.restore import (
     read_partition,
     select_restorable,
@@ -174,6 +174,9 @@ class WorkerSummary:
     # From the first record fetched to the end of the last cycle that had records
     # (published and committed): the worker's busy time, without group joins.
     processing_seconds: float = 0.0
+    # This process's CPU time over the same span (all its threads): what the worker
+    # costs when other processes (the broker, other workers) share the cores.
+    processing_cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         result = dict(self.__dict__)
@@ -265,6 +268,7 @@ class Worker:
         consumer.subscribe([self.topics[t] for t in INPUT_TOPICS], listener=_Listener(self))
         await producer.start()
         await consumer.start()
+        skip_consumer_records(consumer)
         try:
             await self._loop(consumer)
             if self._failure is not None:
@@ -305,7 +309,7 @@ class Worker:
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         s = self.settings
-        first_s = 0.0
+        first_s = first_cpu_s = 0.0
         while not self._stop.is_set():
             generation = self._generation
             got = await consumer.getmany(timeout_ms=POLL_MS, max_records=s.fetch_records_max)
@@ -313,12 +317,15 @@ class Worker:
                 stale = generation != self._generation  # a rebalance came in between
                 got = await self._put_back(consumer, got, every=stale)
                 if got:
-                    first_s = first_s or time.perf_counter()
+                    if not first_s:
+                        first_s, first_cpu_s = time.perf_counter(), time.process_time()
                     await self._process(got)
                 await self._advance_phases()
                 await self._publish_and_commit()
                 if got:
                     self.summary.processing_seconds = round(time.perf_counter() - first_s, 3)
+                    self.summary.processing_cpu_seconds = round(
+                        time.process_time() - first_cpu_s, 3)
                 await self._publish_snapshots(force=False)
                 if s.until_idle and not got and self._assigned_once.is_set() \
                         and await self._idle():
@@ -331,8 +338,8 @@ class Worker:
 
     @staticmethod
     async def _put_back(consumer: AIOKafkaConsumer,
-                        got: dict[TopicPartition, list[ConsumerRecord]], every: bool,
-                        ) -> dict[TopicPartition, list[ConsumerRecord]]:
+                        got: dict[TopicPartition, list[FetchedRecord]], every: bool,
+                        ) -> dict[TopicPartition, list[FetchedRecord]]:
         """Hand back records fetched before their partition was paused (or, with every,
         before a rebalance): they are read again from their first offset, unless a
         seek after the fetch has already chosen where the partition continues."""
@@ -344,26 +351,27 @@ class Worker:
                 consumer.seek(tp, records[0].offset)
         return {tp: records for tp, records in got.items() if records}
 
-    async def _process(self, got: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        by_number: dict[int, dict[str, list[ConsumerRecord]]] = {}
+    async def _process(self, got: dict[TopicPartition, list[FetchedRecord]]) -> None:
+        by_number: dict[int, dict[str, TopicBatch]] = {}
         for tp, records in got.items():
             if tp.partition in self._parts and records:
-                by_number.setdefault(tp.partition, {})[self._logical[tp.topic]] = records
+                by_number.setdefault(tp.partition, {})[self._logical[tp.topic]] = \
+                    columns_of(records)
         for number, batch in by_number.items():
-            for logical, records in batch.items():
+            for logical, columns in batch.items():
                 counts = self.summary.records_by_topic
-                counts[logical] = counts.get(logical, 0) + len(records)
-                self._check_contiguous(self._parts[number], logical, records)
+                counts[logical] = counts.get(logical, 0) + len(columns)
+                self._check_contiguous(self._parts[number], logical, columns)
         if self._key_topic is not None:
             await self._key_topic.refresh_if_due(self._parts)
             for number, batch in by_number.items():
-                if self.person_keys.missing((r.key, r.value) for t in LOG_TOPICS
-                                            for r in batch.get(t, ())):
+                if any(self.person_keys.missing(zip(columns.keys, columns.values, strict=True))
+                       for t, columns in batch.items() if t in LOG_TOPICS):
                     await self._key_topic.catch_up([number])
         await asyncio.gather(*(self._process_one(number, batch)
                                for number, batch in sorted(by_number.items())))
 
-    async def _process_one(self, number: int, batch: dict[str, list[ConsumerRecord]]) -> None:
+    async def _process_one(self, number: int, batch: dict[str, TopicBatch]) -> None:
         async with self._parallel:
             counts = await self._in_store(number, self._process_partition,
                                           self._parts[number].store, batch)
@@ -374,35 +382,36 @@ class Worker:
                        f"{summary.accepted_samples:,} samples")
 
     def _check_contiguous(self, part: PartitionState, logical: str,
-                          records: list[ConsumerRecord]) -> None:
+                          columns: TopicBatch) -> None:
         tp = part.tps[logical]
         expected = part.next_offsets.get(tp, 0)
-        part.next_offsets[tp] = max(expected, records[-1].offset + 1)
-        if logical != PROFILES and records[0].offset > expected:  # profiles are compacted
+        part.next_offsets[tp] = max(expected, columns.next_offset)
+        if logical != PROFILES and columns.first_offset > expected:  # profiles are compacted
             self.summary.offset_gaps += 1
             log.error("%s: records %d..%d were skipped (next stored offset %d, fetched from "
                       "%d); were they deleted by retention?", tp, expected,
-                      records[0].offset - 1, expected, records[0].offset)
+                      columns.first_offset - 1, expected, columns.first_offset)
 
     def _process_partition(self, store: PartitionStore,
-                           batch: dict[str, list[ConsumerRecord]]) -> dict[str, int]:
+                           batch: dict[str, TopicBatch]) -> dict[str, int]:
         """Partition thread: ingest in topic order, run the rules, apply redemptions."""
         done = {"accepted": 0, "rejected": 0, "accepted_samples": 0, "awards": 0,
                 "redemptions_applied": 0, "redemptions_rejected": 0, "erased_records": 0}
         profiles_changed = False
         for logical in LOG_TOPICS:
-            records = batch.get(logical)
-            if not records:
+            columns = batch.get(logical)
+            if not columns:
                 continue
             offsets, values, erased = open_inputs(
-                self.person_keys, SEALED_INPUTS[logical], [r.offset for r in records],
-                [r.key for r in records], [r.value or b"" for r in records])
+                self.person_keys, SEALED_INPUTS[logical], columns.offsets, columns.keys,
+                columns.values)
             done["erased_records"] += erased
-            kept = set(offsets) if erased else None
+            key_ids = columns.key_ids
+            if key_ids is not None and erased:
+                kept = set(offsets)
+                key_ids = [k for o, k in zip(columns.offsets, key_ids, strict=True) if o in kept]
             counts = store.ingest(self.topics[logical], offsets, values, now_ms(),
-                                  key_ids=[submitted_by(r) for r in records
-                                           if kept is None or r.offset in kept],
-                                  next_offset=records[-1].offset + 1)
+                                  key_ids=key_ids, next_offset=columns.next_offset)
             done["accepted"] += counts.accepted
             done["rejected"] += counts.rejected
             done["accepted_samples"] += counts.accepted_samples
@@ -410,10 +419,10 @@ class Worker:
         crash_point("after_ingest")
         done["awards"] = store.run_pipeline(self.settings.rules_path,
                                             profiles_changed).awards_appended
-        records = batch.get(REDEMPTIONS)
-        if records:
-            result = store.apply_redemptions(self.topics[REDEMPTIONS], [r.offset for r in records],
-                                             [r.value or b"" for r in records])
+        requests = batch.get(REDEMPTIONS)
+        if requests:
+            result = store.apply_redemptions(self.topics[REDEMPTIONS], requests.offsets,
+                                             requests.values)
             done["redemptions_applied"] = result.applied
             done["redemptions_rejected"] = result.rejected
         crash_point("after_pipeline")
@@ -424,14 +433,18 @@ class Worker:
     async def _publish_and_commit(self) -> None:
         assert self.producer is not None and self.consumer is not None
         sender = BatchSender(self.producer)
-        for part in self._parts.values():
-            while True:
+        parts = list(self._parts.values())
+        while parts:  # every partition's outputs in one flush: one wait for the broker
+            sent: list[tuple[PartitionState, Outputs]] = []
+            for part in parts:
                 outputs = await self._in_store(part.number, part.store.pending_outputs)
-                if not len(outputs):
-                    break
-                await self._send_outputs(sender, part.number, outputs)
-                await sender.flush()
+                if len(outputs):
+                    await self._send_outputs(sender, part.number, outputs)
+                    sent.append((part, outputs))
+            await sender.flush()
+            for part, outputs in sent:
                 await self._in_store(part.number, part.store.mark_published, outputs)
+            parts = [part for part, _ in sent]
         crash_point("after_publish")
         await self._commit()
         crash_point("after_commit")
@@ -759,12 +772,3 @@ async def run_worker(settings: WorkerSettings,
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-
-
-def submitted_by(record: ConsumerRecord) -> str:
-    """The API key id in a record's provenance header; `operator` without one (`genki
-    publish` and other operator tools)."""
-    for name, value in record.headers or ():
-        if name == PROVENANCE_HEADER:
-            return bytes(value).decode("utf-8", "replace")
-    return OPERATOR_KEY_ID
