@@ -547,9 +547,8 @@ class EmbeddedLog:
         record_of = np.repeat(np.arange(len(seg)), lengths)
         keys = pack_keys(stream_ids[record_of], ts)
         accepted = ~rejected[record_of]
-        stored = np.zeros(len(keys), bool)
-        stored[accepted] = self._seen.contains(keys[accepted])
-        new = new_samples(keys, accepted, stored)
+        found = new_samples(keys, accepted, self._seen.contains)
+        new = found.mask
         rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], seg.values[new],
                                         stream_ids, seg.upload_id, wm_before.tolist(),
                                         rejected.tolist())
@@ -565,7 +564,8 @@ class EmbeddedLog:
         recent = (next_seq + rank[kept], streams.users, streams.user_code[kept],
                   np.asarray(seg.metric, np.int8)[kept], ts[new], seg.values[new],
                   wm_before[kept])
-        return self._seen.stage(keys[new]), watermarks, next_seq + len(rows), recent
+        staged = self._seen.stage(found.groups, found.new_grouped)
+        return staged, watermarks, next_seq + len(rows), recent
 
     def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
                           next_seq: int) -> tuple[dict, int]:
@@ -583,14 +583,16 @@ class EmbeddedLog:
                 else:
                     decoded.rejected.append(Rejected(event.index, reason_text(
                         Reason.conflict, "event_id",
-                        f"{event.event_id} was stored before with different content"), event.raw))
+                        f"{event.event_id} was stored before with different content"),
+                        decoded.lines[event.index]))
                 continue
             key = (event.user_id, "activities")
             wm = watermarks.get(key, self._watermarks.get(key, -1))
             if wm >= 0 and tokyo_day(event.ts_ms) < tokyo_day(wm) - window_days:
                 decoded.rejected.append(Rejected(event.index, reason_text(
                     Reason.too_late, "ts_ms", f"event on {_iso(event.ts_ms)} is more than "
-                    f"{window_days} days older than this user's events so far"), event.raw))
+                    f"{window_days} days older than this user's events so far"),
+                    decoded.lines[event.index]))
                 continue
             rows.append((next_seq, event.event_id, event.user_id, activity_kind_code(event.kind),
                          event.ts_ms, event.venue_id or "", event.source, wm, body))
