@@ -57,7 +57,7 @@ def _cmd_whatif(args: argparse.Namespace) -> int:
 
     key = args.pseudonym_key_file.read_bytes().strip() if args.pseudonym_key_file else None
     result = whatif(data_dir_of(args), args.rules, since=args.since, until=args.until,
-                    out=args.out, pseudonym_key=key)
+                    out=args.out, pseudonym_key=key, workers=args.workers)
     if args.json:
         sys.stdout.write(orjson.dumps(result.as_dict()).decode() + "\n")
         return 0
@@ -99,6 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="Parquet file for the per-person difference")
     parser.add_argument("--pseudonym-key-file", type=Path, default=None,
                         help="pseudonymise people in --out with this key")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes, each re-evaluating a share of the people (default: "
+                             "one per core; one for small logs)")
     parser.add_argument("--json", action="store_true")
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_whatif)

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow.parquet as pq
 import pytest
 
 from engine.clock import day_to_iso, tokyo_day
 from engine.faults import CRASH_ENV
 from engine.ingest.archive import archive_dir
-from engine.ingest.log import EmbeddedLog
+from engine.ingest.log import EmbeddedLog, UserShare
 from engine.ingest.reader import expand_paths
 from engine.ledger import LEDGER_FILE_NAME, Ledger
-from engine.pipeline import run_pipeline
+from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
 from engine.sim import SimConfig, simulate
 from engine.snapshots import remove_snapshots
+from replay.whatif import whatif
 from tests.conftest import genki_cmd
 
 NOW_MS = 1_798_761_600_000  # 2027-01-01
@@ -127,3 +129,53 @@ def test_kill_9_between_writing_and_registering_leaves_no_trace(
     assert sorted(p.name for p in archive_dir(copy).iterdir()) == sorted(
         p.name for p in archive_dir(archived[0]).glob("*.parquet"))
     assert _samples(copy) == facts["before"]
+
+
+def _columns(data_dir: Path, lo: int, hi: int, share: UserShare | None = None) -> dict:
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        if share is not None:
+            log.read_share(share)
+        samples, acts = log.read_samples(lo, hi), log.read_activities(lo, hi)
+    return {f"samples.{k}": v.tolist() if isinstance(v, np.ndarray) else v
+            for k, v in samples.__dict__.items()} | {
+        f"activities.{k}": v.tolist() if isinstance(v, np.ndarray) else v
+        for k, v in acts.__dict__.items()}
+
+
+def test_reads_across_the_archive_boundary_equal_the_log_column_for_column(
+        archived: tuple[Path, Path, dict]) -> None:
+    copy, original, facts = archived
+    through = facts["result"]["archived_through"]
+    for lo, hi in [(0, through), (through - 37, through + 41), (5, through + 1000),
+                   (through, through + 500)]:
+        assert _columns(copy, lo, hi) == _columns(original, lo, hi)
+
+
+def test_shares_of_the_people_split_every_read_without_overlap(
+        archived: tuple[Path, Path, dict]) -> None:
+    copy, _, facts = archived
+    end = facts["result"]["archived_through"] + 800
+    whole = _columns(copy, 0, end)
+    shares = [_columns(copy, 0, end, UserShare(index, 3)) for index in range(3)]
+    for table in ("samples", "activities"):
+        people = [set(share[f"{table}.users"]) for share in shares]
+        assert set().union(*people) == set(whole[f"{table}.users"])
+        assert sum(len(p) for p in people) == len(whole[f"{table}.users"])
+        assert sum(len(share[f"{table}.ts_ms"]) for share in shares) == \
+            len(whole[f"{table}.ts_ms"])
+    first = shares[0]
+    rows = [i for i, u in enumerate(whole["samples.user_idx"])
+            if whole["samples.users"][u] in set(first["samples.users"])]
+    assert first["samples.ts_ms"] == [whole["samples.ts_ms"][i] for i in rows]
+    assert first["samples.value"] == [whole["samples.value"][i] for i in rows]
+
+
+def test_whatif_over_the_archive_in_two_workers_equals_one_process_over_the_log(
+        archived: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    copy, original, _ = archived
+    one = whatif(original, RULES_DEFAULT_PATH, workers=1, out=tmp_path / "one.parquet")
+    two = whatif(copy, RULES_DEFAULT_PATH, workers=2, out=tmp_path / "two.parquet")
+    assert {**one.as_dict(), "seconds": 0} == {**two.as_dict(), "seconds": 0}
+    assert one.whatif_points == one.live_points > 0 and one.samples > 0
+    assert pq.read_table(tmp_path / "one.parquet").to_pydict() == \
+        pq.read_table(tmp_path / "two.parquet").to_pydict()

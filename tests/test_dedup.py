@@ -15,6 +15,8 @@ from engine.errors import CapacityError, UsageError
 from engine.ingest.dedup import (
     LATE_WINDOW_DAYS_MIN,
     STREAMS_MAX,
+    DayGroups,
+    group_by_day,
     judge_late,
     new_samples,
     pack_keys,
@@ -86,9 +88,11 @@ def test_judgement_matches_the_one_at_a_time_reference(
     stored_keys = {int(k) for k in pack_keys(np.array([s for s, _ in stored_ms], np.int64),
                                              np.array([t for _, t in stored_ms], np.int64))}
     accepted = ~np.repeat(judged.too_late, lengths)
-    was_stored = np.array([int(k) in stored_keys for k in keys.tolist()], bool)
-    assert new_samples(keys, accepted, was_stored).tolist() == [f for part in new_ref
-                                                                 for f in part]
+    def stored_of(groups: DayGroups) -> np.ndarray:
+        return np.array([int(k) in stored_keys for k in groups.keys.tolist()], bool)
+
+    assert new_samples(keys, accepted, stored_of).mask.tolist() == [f for part in new_ref
+                                                                    for f in part]
     expected_wm = dict(wm)
     for (u, _, _), part, late in zip(segments, to_ms, late_ref, strict=True):
         if not late:
@@ -149,3 +153,22 @@ def test_a_wider_late_window_rebuilds_the_index_from_the_log(data_dir: Path) -> 
         again = log.ingest_lines([steps("r", [T0 + 2 * DAY_MS])], "t", 1, NOW_MS)
     assert again.as_dict()["duplicate_samples"] == 1
     assert again.as_dict()["accepted_samples"] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, STREAMS_MAX - 1), st.integers(0, (1 << 43) - 1)),
+                max_size=40),
+       st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60 * 24 * 40)), max_size=40))
+def test_day_groups_sort_by_tokyo_day_then_key_keeping_equal_keys_in_order(
+        anywhere: list[tuple[int, int]], near: list[tuple[int, int]]) -> None:
+    pairs = anywhere + [(s, T0 - TS_MS_MIN + m * 60_000) for s, m in near]
+    keys = pack_keys(np.array([s for s, _ in pairs], np.int64),
+                     np.array([TS_MS_MIN + t for _, t in pairs], np.int64))
+    days = [tokyo_day(TS_MS_MIN + t) for _, t in pairs]
+    expected = sorted(range(len(pairs)), key=lambda i: (days[i], int(keys[i]), i))
+    groups = group_by_day(keys)
+    assert groups.order.tolist() == expected
+    assert groups.days == sorted(set(days))
+    assert [days[i] for i in groups.order.tolist()] == [
+        day for day, lo, hi in zip(groups.days, groups.bounds, groups.bounds[1:], strict=False)
+        for _ in range(hi - lo)]

@@ -169,3 +169,15 @@ def test_a_timestamp_too_long_for_int64_is_left_to_the_json_path() -> None:
     assert len(plain) == 0 and others == [0]
     (rejected,) = decode_lines([line], NOW_MS).rejected
     assert rejected.reason.startswith("bad_field: ts_ms:")
+
+
+@pytest.mark.parametrize(("text", "zero_tokens", "expected"), [
+    (b"1,22,333", False, [1, 22, 333]), (b"0,10,0", True, [0, 10, 0]), (b"0", True, [0]),
+    (b"0", False, None), (b"10,01", True, None), (b"00", True, None), (b"1,,2", True, None),
+    (b",1", True, None), (b"1,", True, None), (b"", True, None), (b"1, 2", True, None),
+    (b"-1", True, None), (b"1.5", True, None), (b"9" * 18, True, [10**18 - 1]),
+    (b"1" + b"0" * 18, True, None), (b"1" + b"0" * 40, False, None)])
+def test_plain_integers_are_exactly_the_json_ones(text: bytes, zero_tokens: bool,
+                                                  expected: list[int] | None) -> None:
+    parsed = decode._plain_ints(text, zero_tokens)
+    assert (None if parsed is None else parsed.tolist()) == expected

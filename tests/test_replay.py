@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.clock import tokyo_days
+from engine.errors import UsageError
 from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
 from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
@@ -201,3 +202,21 @@ def test_report_for_one_month_counts_only_that_month(live: Path, tmp_path: Path)
     whole, october = collect(live, None), collect(live, "2026-10")
     assert sum(whole.points_by_rule_week.values()) > 0
     assert not october.points_by_rule_week and not october.active_users
+
+
+def test_whatif_in_worker_processes_gives_what_one_process_gives(live: Path,
+                                                                 tmp_path: Path) -> None:
+    other = tmp_path / "lower.toml"
+    other.write_text(RULES_DEFAULT_PATH.read_text(encoding="utf-8").replace(
+        "{ steps_min = 8000, points = 3 }", "{ steps_min = 7000, points = 3 }"), encoding="utf-8")
+    one = whatif(live, other, workers=1, out=tmp_path / "one.parquet", since="2026-09-05")
+    three = whatif(live, other, workers=3, out=tmp_path / "three.parquet", since="2026-09-05")
+    assert {**one.as_dict(), "seconds": 0} == {**three.as_dict(), "seconds": 0}
+    assert one.users_affected > 0 and one.whatif_points > one.live_points
+    assert pq.read_table(tmp_path / "one.parquet").to_pydict() == \
+        pq.read_table(tmp_path / "three.parquet").to_pydict()
+
+
+def test_whatif_refuses_a_worker_count_out_of_range(live: Path) -> None:
+    with pytest.raises(UsageError, match="workers must be 1..8"):
+        whatif(live, RULES_DEFAULT_PATH, workers=0)

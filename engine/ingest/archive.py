@@ -69,12 +69,18 @@ def write_rows(path: Path, kind: str, rows: list[tuple]) -> None:
         os.close(directory)
 
 
+def read_table(path: Path, after_seq: int, upto_seq: int, columns: list[str]) -> pa.Table:
+    """Rows with after_seq < seq <= upto_seq in seq order, seq first (row groups skipped by
+    stats), as Arrow columns: no Python object per row."""
+    table = pq.read_table(path, columns=["seq", *columns],
+                          filters=[("seq", ">", after_seq), ("seq", "<=", upto_seq)])
+    return table.sort_by("seq")
+
+
 def read_rows(path: Path, kind: str, after_seq: int, upto_seq: int,
               columns: list[str]) -> list[tuple]:
     """Rows with after_seq < seq <= upto_seq in seq order (row groups skipped by stats)."""
-    table = pq.read_table(path, columns=["seq", *columns],
-                          filters=[("seq", ">", after_seq), ("seq", "<=", upto_seq)])
-    table = table.sort_by("seq")
+    table = read_table(path, after_seq, upto_seq, columns)
     data = [table.column(name).to_pylist() for name in ["seq", *columns]]
     return list(zip(*data, strict=True)) if data and data[0] else []
 

@@ -11,6 +11,7 @@ up in its bounded index (`engine.ingest.seen`) and passes the answers in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,14 +104,65 @@ def judge_late(user: np.ndarray, ts_min_ms: np.ndarray, ts_max_ms: np.ndarray,
     return LateJudgement(too_late, wm_before, wm_after)
 
 
-def new_samples(keys: np.ndarray, accepted: np.ndarray, stored: np.ndarray) -> np.ndarray:
-    """Mask of the samples to store: accepted, not stored before, first in the batch."""
-    assert len(keys) == len(accepted) == len(stored)
-    candidate = np.flatnonzero(accepted & ~stored)
-    _, first = np.unique(keys[candidate], return_index=True)
+@dataclass(frozen=True)
+class DayGroups:
+    """Keys sorted by (Tokyo day, key), the order the seen index keeps them in: each day's
+    keys are one contiguous sorted slice, keys[bounds[i]:bounds[i + 1]] for days[i]."""
+
+    order: np.ndarray  # positions in the keys given, in sorted order
+    keys: np.ndarray
+    days: list[int]
+    bounds: list[int]
+
+    def first_of_each(self) -> np.ndarray:
+        """True at the first (earliest given) of equal keys."""
+        first = np.ones(len(self.keys), bool)
+        first[1:] = self.keys[1:] != self.keys[:-1]
+        return first
+
+
+# Day-major keys: Tokyo day since TS_MS_MIN's (17 bits), stream (20), ms into the day (27).
+_DAY_BASE_MS = TS_MS_MIN + TOKYO_OFFSET_MS
+_STREAM_BITS = 63 - TS_BITS
+_MS_IN_DAY_BITS = 27
+assert DAY_MS < 1 << _MS_IN_DAY_BITS
+assert ((1 << TS_BITS) + _DAY_BASE_MS % DAY_MS) // DAY_MS < 1 << (
+    64 - _STREAM_BITS - _MS_IN_DAY_BITS), "day-major keys need 64 bits at most"
+
+
+def group_by_day(keys: np.ndarray) -> DayGroups:
+    """One stable sort of day-major keys (samples come in sorted runs: cheap) groups the
+    keys by day and sorts each day's keys, with equal keys in the order given."""
+    local_ms = (keys & np.uint64(_TS_MASK)).astype(np.int64) + _DAY_BASE_MS % DAY_MS
+    day, in_day_ms = np.divmod(local_ms, DAY_MS)
+    major = (day.astype(np.uint64) << np.uint64(_STREAM_BITS + _MS_IN_DAY_BITS)) | \
+        ((keys >> np.uint64(TS_BITS)) << np.uint64(_MS_IN_DAY_BITS)) | in_day_ms.astype(np.uint64)
+    order = np.argsort(major, kind="stable")
+    day = day[order]
+    cuts = np.flatnonzero(day[1:] != day[:-1]) + 1
+    starts = [0, *cuts.tolist()]
+    days = (day[starts] + _DAY_BASE_MS // DAY_MS).tolist() if len(keys) else []
+    return DayGroups(order, keys[order], days, starts[:len(days)] + [len(keys)])
+
+
+@dataclass(frozen=True)
+class NewSamples:
+    mask: np.ndarray  # per sample given: store it
+    groups: DayGroups  # the accepted samples' keys, by day
+    new_grouped: np.ndarray  # per grouped key: store it (each day's new keys: a sorted run)
+
+
+def new_samples(keys: np.ndarray, accepted: np.ndarray,
+                stored_of: Callable[[DayGroups], np.ndarray]) -> NewSamples:
+    """The samples to store: accepted, not stored before (`stored_of` answers for keys
+    grouped by day), first of their key in the batch."""
+    assert len(keys) == len(accepted)
+    taken = np.flatnonzero(accepted)
+    groups = group_by_day(keys[taken])
+    new_grouped = groups.first_of_each() & ~stored_of(groups)
     mask = np.zeros(len(keys), dtype=bool)
-    mask[candidate[first]] = True
-    return mask
+    mask[taken[groups.order[new_grouped]]] = True
+    return NewSamples(mask, groups, new_grouped)
 
 
 def horizon_days(wm_ms: np.ndarray, late_window_days: int, margin_days: int) -> np.ndarray:

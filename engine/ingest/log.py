@@ -18,19 +18,22 @@ import fcntl
 import hashlib
 import logging
 import sqlite3
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
 from engine.consent import LifecycleEvent, events_of_profile
 from engine.errors import GenkiError, UsageError
 from engine.faults import crash_point
-from engine.ingest.archive import ArchiveResult, archive_dir, drop_user, read_rows, write_rows
+from engine.ingest.archive import ArchiveResult, archive_dir, drop_user, read_table, write_rows
 from engine.ingest.decode import (
     DecodedBatch,
     Rejected,
@@ -261,6 +264,9 @@ class EmbeddedLog:
         self._seen_pruned_before_day = np.iinfo(np.int64).min
         self._wm_day_max = -1
         self._recent = RecentSamples()
+        self._stream_cache: tuple[list[str], np.ndarray, np.ndarray] | None = None
+        self._share: UserShare | None = None
+        self._share_streams_max = 0
         if lock_file is not None:
             self._load_state()
 
@@ -541,9 +547,8 @@ class EmbeddedLog:
         record_of = np.repeat(np.arange(len(seg)), lengths)
         keys = pack_keys(stream_ids[record_of], ts)
         accepted = ~rejected[record_of]
-        stored = np.zeros(len(keys), bool)
-        stored[accepted] = self._seen.contains(keys[accepted])
-        new = new_samples(keys, accepted, stored)
+        found = new_samples(keys, accepted, self._seen.contains)
+        new = found.mask
         rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], seg.values[new],
                                         stream_ids, seg.upload_id, wm_before.tolist(),
                                         rejected.tolist())
@@ -559,7 +564,8 @@ class EmbeddedLog:
         recent = (next_seq + rank[kept], streams.users, streams.user_code[kept],
                   np.asarray(seg.metric, np.int8)[kept], ts[new], seg.values[new],
                   wm_before[kept])
-        return self._seen.stage(keys[new]), watermarks, next_seq + len(rows), recent
+        staged = self._seen.stage(found.groups, found.new_grouped)
+        return staged, watermarks, next_seq + len(rows), recent
 
     def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
                           next_seq: int) -> tuple[dict, int]:
@@ -577,14 +583,16 @@ class EmbeddedLog:
                 else:
                     decoded.rejected.append(Rejected(event.index, reason_text(
                         Reason.conflict, "event_id",
-                        f"{event.event_id} was stored before with different content"), event.raw))
+                        f"{event.event_id} was stored before with different content"),
+                        decoded.lines[event.index]))
                 continue
             key = (event.user_id, "activities")
             wm = watermarks.get(key, self._watermarks.get(key, -1))
             if wm >= 0 and tokyo_day(event.ts_ms) < tokyo_day(wm) - window_days:
                 decoded.rejected.append(Rejected(event.index, reason_text(
                     Reason.too_late, "ts_ms", f"event on {_iso(event.ts_ms)} is more than "
-                    f"{window_days} days older than this user's events so far"), event.raw))
+                    f"{window_days} days older than this user's events so far"),
+                    decoded.lines[event.index]))
                 continue
             rows.append((next_seq, event.event_id, event.user_id, activity_kind_code(event.kind),
                          event.ts_ms, event.venue_id or "", event.source, wm, body))
@@ -790,25 +798,30 @@ class EmbeddedLog:
             "SELECT file FROM archives WHERE kind = ? AND last_seq > ? AND first_seq <= ?"
             " ORDER BY first_seq", (kind, after_seq, upto_seq))]
 
-    def _archived_rows(self, kind: str, after_seq: int, upto_seq: int,
-                       columns: list[str]) -> list[tuple]:
-        """Archived rows of a position range (seq dropped), excluded keys left out."""
+    def _archived_table(self, kind: str, after_seq: int, upto_seq: int,
+                        columns: list[str]) -> pa.Table | None:
+        """Archived rows of a position range in seq order (seq first), excluded keys left
+        out; None when the range holds none."""
         through = self.archived_through()
         if after_seq >= through or self.data_dir is None:
-            return []
-        rows = [row for path in self._archive_files(kind, after_seq, min(upto_seq, through))
-                for row in read_rows(path, kind, after_seq, min(upto_seq, through), columns)]
+            return None
+        tables = [read_table(path, after_seq, min(upto_seq, through), columns)
+                  for path in self._archive_files(kind, after_seq, min(upto_seq, through))]
+        tables = [table for table in tables if table.num_rows]
+        if not tables:
+            return None
+        table = pa.concat_tables(tables)
         ranges = self._db.execute(
             "SELECT first_seq, last_seq FROM record_keys WHERE key_id IN"
             " (SELECT key_id FROM excluded_keys) ORDER BY first_seq").fetchall()
         if ranges:
             starts = np.array([r[0] for r in ranges], np.int64)
             ends = np.array([r[1] for r in ranges], np.int64)
-            seqs = np.array([row[0] for row in rows], np.int64)
+            seqs = table.column("seq").to_numpy()
             at = np.searchsorted(starts, seqs, side="right") - 1
             hit = (at >= 0) & (seqs <= ends[np.maximum(at, 0)])
-            rows = [row for row, out in zip(rows, hit.tolist(), strict=True) if not out]
-        return [row[1:] for row in rows]
+            table = table.filter(pa.array(~hit))
+        return table if table.num_rows else None
 
     def archive(self, before_day: int, processed_position: int) -> ArchiveResult:
         """Move the longest prefix of log records that the ledger has processed, that lie
@@ -972,27 +985,99 @@ class EmbeddedLog:
         return events
 
     def read_samples(self, after_seq: int, upto_seq: int) -> SampleColumns:
-        archived = self._archived_rows("samples", after_seq, upto_seq, [
-            "user_id", "metric", "base_ts_ms", "ts_offsets", "vals", "vals_f64", "wm_before_ms"])
+        archived = self._archived_table("samples", after_seq, upto_seq, [
+            "user_id", "metric", "base_ts_ms", "n", "ts_offsets", "vals", "vals_f64",
+            "wm_before_ms"])
         after_seq = max(after_seq, self.archived_through())
-        if not archived and self._recent.covers(after_seq, upto_seq) and \
-                not self._not_excluded("r.seq"):
+        if archived is None and self._share is None and \
+                self._recent.covers(after_seq, upto_seq) and not self._not_excluded("r.seq"):
             return self._recent.read(after_seq, upto_seq)
         rows = self._db.execute(
-            "SELECT s.user_id, s.metric, r.base_ts_ms, r.ts_offsets, r.vals, r.vals_f64,"
-            " r.wm_before_ms FROM sample_records r JOIN streams s USING (stream_id)"
-            " WHERE r.seq > ? AND r.seq <= ?" + self._not_excluded("r.seq") + " ORDER BY r.seq",
+            "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
+            " r.wm_before_ms FROM sample_records r WHERE r.seq > ? AND r.seq <= ?"
+            + self._share_streams_clause() + self._not_excluded("r.seq") + " ORDER BY r.seq",
             (after_seq, upto_seq)).fetchall()
-        return _sample_columns(archived + rows)
+        parts = [] if archived is None else [_archived_records(archived)]
+        if rows:
+            parts.append(self._stored_records(rows))
+        if self._share is not None:
+            parts = [part.only(self._share) for part in parts]
+        return _sample_columns(parts)
+
+    def read_share(self, share: UserShare) -> None:
+        """From now on reads return only the records of `share`'s people (a what-if worker's
+        part); the rules treat every person alone, so the shares' results add up."""
+        assert self._share is None, "a log reads one share"
+        self._share = share
+        self._db.create_function("genki_share_owns", 1, share.owns, deterministic=True)
+        known = self._db.execute("SELECT stream_id, user_id FROM streams").fetchall()
+        self._db.execute("CREATE TEMP TABLE share_streams (stream_id INTEGER PRIMARY KEY)")
+        self._db.executemany("INSERT INTO temp.share_streams VALUES (?)",
+                             [(stream,) for stream, user in known if share.owns(user)])
+        self._share_streams_max = max((stream for stream, _ in known), default=0)
+
+    def _share_streams_clause(self) -> str:
+        """Records of the share's streams (and of streams newer than the share: filtered
+        exactly after the read)."""
+        if self._share is None:
+            return ""
+        return (" AND (r.stream_id IN (SELECT stream_id FROM temp.share_streams)"
+                f" OR r.stream_id > {int(self._share_streams_max)})")
+
+    def _stored_records(self, rows: list[tuple]) -> _SampleRecords:
+        """Rows of (stream_id, base_ts_ms, n, ts_offsets, vals, vals_f64, wm_before_ms)."""
+        n = len(rows)
+
+        def column(at: int, dtype: type) -> np.ndarray:
+            return np.fromiter(map(itemgetter(at), rows), dtype, count=n)
+
+        stream_ids, counts, wide = column(0, np.int64), column(2, np.int64), column(5, np.bool_)
+        users, user_of_stream, metric_of_stream = self._stream_names(int(stream_ids.max()))
+        if wide.any():
+            value = np.empty(int(counts.sum()), np.float64)
+            per_sample_wide = np.repeat(wide, counts)
+            value[~per_sample_wide] = np.frombuffer(
+                b"".join([rows[i][4] for i in np.flatnonzero(~wide).tolist()]), np.float32)
+            value[per_sample_wide] = np.frombuffer(
+                b"".join([rows[i][4] for i in np.flatnonzero(wide).tolist()]), np.float64)
+        else:
+            value = np.frombuffer(b"".join(map(itemgetter(4), rows)), np.float32).astype(np.float64)
+        return _SampleRecords(
+            users, user_of_stream[stream_ids], metric_of_stream[stream_ids], column(1, np.int64),
+            counts, column(6, np.int64),
+            np.frombuffer(b"".join(map(itemgetter(3), rows)), np.int32), value)
+
+    def _stream_names(self, stream_id_max: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(user ids, user code per stream id, metric per stream id), read once and again
+        when a newer stream shows up. A stream's user changes only when the person is
+        erased, and then the stream's records are deleted with it."""
+        if self._stream_cache is None or stream_id_max >= len(self._stream_cache[1]):
+            rows = self._db.execute("SELECT stream_id, user_id, metric FROM streams").fetchall()
+            size = max([stream_id_max, *(row[0] for row in rows)]) + 1
+            code: dict[str, int] = {}
+            user_of_stream = np.full(size, -1, np.int64)
+            metric_of_stream = np.full(size, -1, np.int8)
+            for stream_id, user, metric in rows:
+                user_of_stream[stream_id] = code.setdefault(user, len(code))
+                metric_of_stream[stream_id] = metric
+            self._stream_cache = (list(code), user_of_stream, metric_of_stream)
+        return self._stream_cache
 
     def read_activities(self, after_seq: int, upto_seq: int) -> ActivityColumns:
-        archived = self._archived_rows("activities", after_seq, upto_seq, [
-            "user_id", "event_id", "kind", "ts_ms", "venue_id", "wm_before_ms"])
+        columns = ["user_id", "event_id", "kind", "ts_ms", "venue_id", "wm_before_ms"]
+        archived = self._archived_table("activities", after_seq, upto_seq, columns)
         after_seq = max(after_seq, self.archived_through())
-        rows = archived + self._db.execute(
+        share = "" if self._share is None else " AND genki_share_owns(user_id)"
+        rows = self._db.execute(
             "SELECT user_id, event_id, kind, ts_ms, venue_id, wm_before_ms FROM activity_records"
-            " WHERE seq > ? AND seq <= ?" + self._not_excluded("seq") + " ORDER BY seq",
+            " WHERE seq > ? AND seq <= ?" + share + self._not_excluded("seq") + " ORDER BY seq",
             (after_seq, upto_seq)).fetchall()
+        if archived is not None:
+            archived_rows = list(zip(*(archived.column(name).to_pylist() for name in columns),
+                                     strict=True))
+            if self._share is not None:
+                archived_rows = [row for row in archived_rows if self._share.owns(row[0])]
+            rows = archived_rows + rows
         user_index: dict[str, int] = {}
         user_idx = np.fromiter((user_index.setdefault(r[0], len(user_index)) for r in rows),
                                dtype=np.int32, count=len(rows))
@@ -1080,27 +1165,110 @@ def _sample_rows(first_seq: int, record: np.ndarray, ts: np.ndarray, values: np.
     return rows, accepted_records - len(has_new)
 
 
-def _sample_columns(rows: list[tuple]) -> SampleColumns:
-    """One row per sample from stored records, with a handful of joins and numpy passes."""
-    if not rows:
+@dataclass(frozen=True)
+class UserShare:
+    """One of `count` disjoint shares of the people, by a hash of the user id that is the
+    same in every process (crc32; Python's hash() is salted per process)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.index < self.count, "share index out of range"
+
+    def owns(self, user_id: str) -> bool:
+        return zlib.crc32(user_id.encode()) % self.count == self.index
+
+
+@dataclass
+class _SampleRecords:
+    """Stored sample records as columns, one row per record, before the per-sample repeat."""
+
+    users: list[str]
+    user: np.ndarray  # int64 code into users, per record
+    metric: np.ndarray  # int8
+    base_ts_ms: np.ndarray  # int64
+    counts: np.ndarray  # int64 samples per record
+    wm_before_ms: np.ndarray  # int64
+    ts_offsets: np.ndarray  # int32 per sample
+    value: np.ndarray  # float64 per sample
+
+    def only(self, share: UserShare) -> _SampleRecords:
+        owned = np.fromiter(map(share.owns, self.users), bool, count=len(self.users))
+        keep = owned[self.user]
+        if keep.all():
+            return self
+        per_sample = np.repeat(keep, self.counts)
+        return _SampleRecords(self.users, self.user[keep], self.metric[keep],
+                              self.base_ts_ms[keep], self.counts[keep], self.wm_before_ms[keep],
+                              self.ts_offsets[per_sample], self.value[per_sample])
+
+
+def _values(data: np.ndarray, wide: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float64 per sample from archived records' value bytes, each float32 or float64 (wide)."""
+    if not wide.any():
+        return np.frombuffer(data, np.float32).astype(np.float64)
+    value = np.empty(int(counts.sum()), np.float64)
+    per_sample_wide = np.repeat(wide, counts)
+    per_byte_wide = np.repeat(wide, counts * np.where(wide, 8, 4))
+    value[~per_sample_wide] = np.frombuffer(data[~per_byte_wide], np.float32)
+    value[per_sample_wide] = np.frombuffer(data[per_byte_wide], np.float64)
+    return value
+
+
+def _binary_bytes(column: pa.ChunkedArray) -> np.ndarray:
+    """The concatenated values of a binary column as uint8, without a Python object each."""
+    array = column.combine_chunks()
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+    data = array.buffers()[2]
+    if data is None:
+        return np.zeros(0, np.uint8)
+    return np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]]
+
+
+def _archived_records(table: pa.Table) -> _SampleRecords:
+    users = table.column("user_id").combine_chunks().dictionary_encode()
+    counts = table.column("n").to_numpy().astype(np.int64)
+    wide = table.column("vals_f64").to_numpy(zero_copy_only=False).astype(np.bool_)
+    return _SampleRecords(
+        users.dictionary.to_pylist(), users.indices.to_numpy().astype(np.int64),
+        table.column("metric").to_numpy().astype(np.int8),
+        table.column("base_ts_ms").to_numpy().astype(np.int64), counts,
+        table.column("wm_before_ms").to_numpy().astype(np.int64),
+        _binary_bytes(table.column("ts_offsets")).view(np.int32),
+        _values(_binary_bytes(table.column("vals")), wide, counts))
+
+
+def _sample_columns(parts: list[_SampleRecords]) -> SampleColumns:
+    """One row per sample from stored records (archive first, then hot), users numbered by
+    first appearance, with a handful of numpy passes."""
+    if not parts:
         empty = np.empty(0, dtype=np.int64)
         return SampleColumns([], empty.astype(np.int32), empty.astype(np.int8), empty,
                              empty.astype(np.float64), empty)
-    user_index: dict[str, int] = {}
-    users = np.fromiter((user_index.setdefault(r[0], len(user_index)) for r in rows),
-                        dtype=np.int32, count=len(rows))
-    metric, base, wide, wm = (np.fromiter((r[k] for r in rows), dtype=dtype, count=len(rows))
-                              for k, dtype in ((1, np.int8), (2, np.int64), (5, np.bool_),
-                                               (6, np.int64)))
-    offsets = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.int32)
-    counts = np.fromiter((len(r[3]) // 4 for r in rows), dtype=np.int64, count=len(rows))
-    value = np.empty(len(offsets), dtype=np.float64)
-    per_sample_wide = np.repeat(wide, counts)
-    value[~per_sample_wide] = np.frombuffer(b"".join(r[4] for r in rows if not r[5]), dtype=np.float32)
-    value[per_sample_wide] = np.frombuffer(b"".join(r[4] for r in rows if r[5]), dtype=np.float64)
+    names: dict[str, int] = {}
+    recoded = []
+    for part in parts:  # one user numbering over the parts
+        to_code = np.fromiter((names.setdefault(u, len(names)) for u in part.users), np.int64,
+                              count=len(part.users))
+        recoded.append(to_code[part.user])
+    user = np.concatenate(recoded)
+    present, first = np.unique(user, return_index=True)
+    order = present[np.argsort(first, kind="stable")]  # users by first appearance
+    renumber = np.zeros(len(names), np.int32)
+    renumber[order] = np.arange(len(order), dtype=np.int32)
+    every = list(names)
+
+    def cat(name: str) -> np.ndarray:
+        arrays = [getattr(part, name) for part in parts]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+    counts = cat("counts")
     return SampleColumns(
-        users=list(user_index), user_idx=np.repeat(users, counts), metric=np.repeat(metric, counts),
-        ts_ms=np.repeat(base, counts) + offsets, value=value, wm_before_ms=np.repeat(wm, counts))
+        users=[every[u] for u in order.tolist()], user_idx=np.repeat(renumber[user], counts),
+        metric=np.repeat(cat("metric"), counts),
+        ts_ms=np.repeat(cat("base_ts_ms"), counts) + cat("ts_offsets"), value=cat("value"),
+        wm_before_ms=np.repeat(cat("wm_before_ms"), counts))
 
 
 def _iso(ts_ms: int) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.ingest.dedup import day_of_keys, stream_of_keys
+from engine.ingest.dedup import DayGroups, day_of_keys, stream_of_keys
 
 SEEN_SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen_runs (
@@ -99,29 +99,26 @@ class SeenIndex:
             for day, runs in found.items():
                 self._days[day] = DayRuns(runs)
 
-    def contains(self, keys: np.ndarray) -> np.ndarray:
-        """Which keys are stored already (loads the days they fall on)."""
-        found = np.zeros(len(keys), bool)
-        if not len(keys):
-            return found
-        days = day_of_keys(keys)
-        order = np.argsort(days, kind="stable")
-        cuts = np.flatnonzero(days[order][1:] != days[order][:-1]) + 1
-        groups = np.split(order, cuts)
-        self._load(int(days[group[0]]) for group in groups)
-        for group in groups:
-            found[group] = self._days[int(days[group[0]])].contains(keys[group])
+    def contains(self, groups: DayGroups) -> np.ndarray:
+        """Which of the grouped keys are stored already (loads the days they fall on)."""
+        found = np.zeros(len(groups.keys), bool)
+        self._load(groups.days)
+        for day, lo, hi in zip(groups.days, groups.bounds, groups.bounds[1:], strict=False):
+            found[lo:hi] = self._days[day].contains(groups.keys[lo:hi])
         return found
 
-    def stage(self, new_keys: np.ndarray) -> list[StagedDay]:
-        """Write the runs of keys not stored before (inside the caller's transaction).
+    def stage(self, groups: DayGroups, new: np.ndarray) -> list[StagedDay]:
+        """Write the runs of the grouped keys marked new (not stored before, each once),
+        inside the caller's transaction.
 
         Their days must have been loaded by `contains`; the cache changes only in
         `adopt`, after the caller commits.
         """
         staged = []
-        for day, keys in _split_by_day(new_keys):
-            run = np.sort(keys, kind="stable")  # timsort: the keys come in sorted runs
+        for day, lo, hi in zip(groups.days, groups.bounds, groups.bounds[1:], strict=False):
+            run = groups.keys[lo:hi][new[lo:hi]]  # sorted, as the groups are
+            if not len(run):
+                continue
             held = self._days[day]
             merged = None
             if held.stored_runs + 1 > SEEN_RUNS_PER_DAY_MAX:

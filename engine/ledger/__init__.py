@@ -3,6 +3,7 @@
     from engine.ledger import Ledger
     with Ledger.open(data_dir) as ledger:
         ledger.append(drafts, meta={"log_position": "1234"})
+        ledger.append_awards(output.award_entries, flags=output.flags)   # columns, same bytes
         ledger.redeem("P00017", 300, "S01", "T1", "key-1", ts_ms)
 
 Canonical form version 2 (full text in `engine.ledger.canonical`): hashed

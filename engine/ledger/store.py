@@ -1044,19 +1044,19 @@ def _apply_balances(db: sqlite3.Connection, rows: list[tuple]) -> None:
 
 def _apply_deltas(db: sqlite3.Connection, deltas: dict[str, int],
                   counts: dict[str, int]) -> None:
-    """Add points and entry counts per user to the balances projection (checked >= 0)."""
-    current = {user: (points, entries) for user, points, entries in db.execute(
-        "SELECT b.user_id, b.points, b.entries FROM json_each(?) AS j "
-        "JOIN balances AS b ON b.user_id = j.value", (orjson.dumps(list(deltas)).decode(),))}
-    updates = []
-    for user_id, delta in deltas.items():
-        points, entries = current.get(user_id, (0, 0))
-        assert points + delta >= 0, f"balance of {user_id} would go negative past the checks"
-        updates.append((user_id, points + delta, entries + counts[user_id]))
+    """Add points and entry counts per user to the balances projection, one statement per
+    user: credits upsert, debits update the row their balance check read. The table's
+    CHECK (points >= 0) refuses a balance the debit checks let slip."""
+    credits = [(user, delta, counts[user]) for user, delta in deltas.items() if delta >= 0]
+    debits = [(delta, counts[user], user) for user, delta in deltas.items() if delta < 0]
     db.executemany(
         "INSERT INTO balances (user_id, points, entries) VALUES (?, ?, ?) "
-        "ON CONFLICT (user_id) DO UPDATE SET points = excluded.points, "
-        "entries = excluded.entries", updates)
+        "ON CONFLICT (user_id) DO UPDATE SET points = points + excluded.points, "
+        "entries = entries + excluded.entries", credits)
+    if debits:
+        updated = db.executemany("UPDATE balances SET points = points + ?, "
+                                 "entries = entries + ? WHERE user_id = ?", debits).rowcount
+        assert updated == len(debits), "a debit of a user without a balance passed the checks"
 
 
 def _check_count(drafts: int) -> None:

@@ -164,6 +164,12 @@ class RulesOutput:
     def award_points(self) -> int:
         return int(self._columns[4].sum())
 
+    @property
+    def award_columns(self) -> tuple[np.ndarray, ...]:
+        """(user, day, rule, detail, points) per award, no objects: user indexes the
+        engine's `grid.user_ids`, rule its `points.rule_table` (readers that only count)."""
+        return self._columns
+
     @cached_property
     def award_entries(self) -> Awards:
         """The awards as ledger columns (what the pipeline appends)."""
