@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import hmac
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,15 @@ from replay.anonymise import AnonymityReport, ExportPolicy, coarsen, generalise_
 
 PSEUDONYM_HEX_CHARS = 32
 PSEUDONYM_KEY_BYTES_MIN = 16
+HMAC_BLOCK_BYTES = 64  # SHA-256's block
 LOG_RECORDS_PER_CHUNK = 20_000
 LEDGER_ROWS_PER_CHUNK = 200_000
 PARQUET_ROWS_PER_FILE_MAX = 5_000_000
+# A partition's rows are buffered up to this many before a row group is written: fewer,
+# larger row groups (a metric-day of a small metric is one) cost far less to encode and
+# compress; memory stays below open files x this x a row's ~60 bytes.
+PARQUET_ROWS_PER_GROUP_MIN = 50_000
+PARQUET_ROWS_PER_GROUP_MAX = 1_000_000
 OPEN_FILES_MAX = 512
 
 SAMPLE_SCHEMA = pa.schema([("user", pa.string()), ("metric", pa.string()), ("day", pa.string()),
@@ -53,23 +59,43 @@ PEOPLE_SCHEMA = pa.schema([("user", pa.string()), ("birth_year_min", pa.int32())
 
 
 class Pseudonymiser:
+    """HMAC-SHA256(key, domain \x1f text), hex, first PSEUDONYM_HEX_CHARS characters.
+
+    The HMAC is computed from the key's inner and outer SHA-256 states, prepared once
+    (RFC 2104; the same digests as hmac.new, a third of its cost per id)."""
+
     def __init__(self, key: bytes) -> None:
         if len(key) < PSEUDONYM_KEY_BYTES_MIN:
             raise UsageError(f"replay: the pseudonym key must be at least "
                              f"{PSEUDONYM_KEY_BYTES_MIN} bytes")
         self._key = key
+        block = key if len(key) <= HMAC_BLOCK_BYTES else hashlib.sha256(key).digest()
+        block = block.ljust(HMAC_BLOCK_BYTES, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
         self._cache: dict[tuple[str, str], str] = {}
 
     def __call__(self, domain: str, text: str) -> str:
         cached = self._cache.get((domain, text))
         if cached is None:
-            digest = hmac.new(self._key, f"{domain}\x1f{text}".encode(), hashlib.sha256)
-            cached = digest.hexdigest()[:PSEUDONYM_HEX_CHARS]
+            cached = self.fresh(domain, [text])[0]
             self._cache[(domain, text)] = cached
         return cached
 
     def many(self, domain: str, texts: list[str]) -> list[str]:
         return [self(domain, t) if t else "" for t in texts]
+
+    def fresh(self, domain: str, texts: list[str]) -> list[str]:
+        """Pseudonyms of ids that rarely repeat (events, entries), not cached."""
+        inner, outer, prefix = self._inner, self._outer, f"{domain}\x1f"
+        out = []
+        for text in texts:
+            mac = inner.copy()
+            mac.update((prefix + text).encode())
+            digest = outer.copy()
+            digest.update(mac.digest())
+            out.append(digest.hexdigest()[:PSEUDONYM_HEX_CHARS])
+        return out
 
 
 @dataclass
@@ -170,54 +196,86 @@ def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: 
              pa.array(cols.value[keep])], schema=SAMPLE_SCHEMA)
 
 
-def _activity_rows(log: EmbeddedLog, end: int, consent: Consent,
-                   window: tuple[int | None, int | None], manifest: ReplayManifest | None,
-                   ) -> Iterator[tuple[ActivityColumns, np.ndarray, np.ndarray]]:
-    """Per chunk: the columns, the exported rows' indices, their days."""
+@dataclass
+class _ActivityPart:
+    """One chunk's exported activities, all but the venue column final."""
+
+    user: np.ndarray  # int64 code into _Activities.users
+    event: pa.Array  # pseudonyms
+    kind: np.ndarray
+    ts_ms: np.ndarray  # coarsened
+    day: np.ndarray
+    venue: np.ndarray  # int64 code into _Activities.venues
+
+
+@dataclass
+class _Activities:
+    """The exported activities of the whole log, read once: the venue column waits for
+    the count of people per venue (k-anonymity) that only the whole log gives."""
+
+    users: dict[str, int] = field(default_factory=dict)
+    venues: dict[str, int] = field(default_factory=dict)
+    parts: list[_ActivityPart] = field(default_factory=list)
+
+    def add(self, cols: ActivityColumns, idx: np.ndarray, days: np.ndarray,
+            pseudo: Pseudonymiser, policy: ExportPolicy) -> None:
+        to_user = np.fromiter((self.users.setdefault(u, len(self.users)) for u in cols.users),
+                              np.int64, count=len(cols.users))
+        rows = idx.tolist()
+        venue = np.fromiter((self.venues.setdefault(cols.venue_id[i], len(self.venues))
+                             for i in rows), np.int64, count=len(rows))
+        self.parts.append(_ActivityPart(
+            to_user[cols.user_idx[idx]],
+            pa.array(pseudo.fresh("event", [cols.event_id[i] for i in rows]), pa.string()),
+            cols.kind[idx], coarsen(cols.ts_ms[idx], policy.activities_time), days[idx], venue))
+
+    def venue_names(self, pseudo: Pseudonymiser, k: int, report: AnonymityReport) -> pa.Array:
+        """Per venue code: its pseudonym, "" for none, null when fewer than k people went."""
+        user = np.concatenate([np.zeros(0, np.int64)] + [p.user for p in self.parts])
+        venue = np.concatenate([np.zeros(0, np.int64)] + [p.venue for p in self.parts])
+        pairs = np.unique(venue * max(len(self.users), 1) + user)
+        people = np.bincount(pairs // max(len(self.users), 1), minlength=len(self.venues))
+        names: list[str | None] = []
+        for name, count in zip(self.venues, people.tolist(), strict=True):
+            rare = bool(name) and count < k
+            names.append(None if rare else pseudo("venue", name) if name else "")
+        report.venues = sum(1 for name in self.venues if name)
+        report.venues_suppressed = sum(1 for name, count in zip(self.venues, people.tolist(),
+                                                               strict=True) if name and count < k)
+        return pa.array(names, pa.string())
+
+
+def _activities(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
+                window: tuple[int | None, int | None], manifest: ReplayManifest,
+                policy: ExportPolicy) -> _Activities:
+    exported = _Activities()
     for lo in range(0, end, LOG_RECORDS_PER_CHUNK):
         cols = log.read_activities(lo, min(lo + LOG_RECORDS_PER_CHUNK, end))
         if not len(cols.ts_ms):
             continue
         allowed = consent.contains(cols.users, cols.user_idx, cols.ts_ms)
         days = tokyo_days(cols.ts_ms)
-        if manifest is not None:
-            manifest.left_out("activities", int((~allowed).sum()))
+        manifest.left_out("activities", int((~allowed).sum()))
         idx = np.flatnonzero(allowed & _window_mask(days, *window))
         if len(idx):
-            yield cols, idx, days
-
-
-def _venue_people(log: EmbeddedLog, end: int, consent: Consent,
-                  window: tuple[int | None, int | None]) -> dict[str, set[str]]:
-    people: dict[str, set[str]] = {}
-    for cols, idx, _ in _activity_rows(log, end, consent, window, None):
-        for i in idx.tolist():
-            people.setdefault(cols.venue_id[i], set()).add(cols.users[cols.user_idx[i]])
-    return people
+            exported.add(cols, idx, days, pseudo, policy)
+    return exported
 
 
 def _activity_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
                       window: tuple[int | None, int | None], manifest: ReplayManifest,
                       policy: ExportPolicy, report: AnonymityReport,
                       ) -> Iterator[pa.RecordBatch]:
-    kinds = np.array(ACTIVITY_KINDS, dtype=object)
-    venue_people = _venue_people(log, end, consent, window)
-    rare = {venue for venue, people in venue_people.items() if venue and len(people) < policy.k}
-    report.venues = sum(1 for venue in venue_people if venue)
-    report.venues_suppressed = len(rare)
-    for cols, idx, days in _activity_rows(log, end, consent, window, manifest):
-        users = np.array(pseudo.many("user", cols.users), dtype=object)
-        venues = [cols.venue_id[i] for i in idx.tolist()]
-        report.activity_rows_venue_suppressed += sum(1 for v in venues if v in rare)
+    exported = _activities(log, end, pseudo, consent, window, manifest, policy)
+    venues = exported.venue_names(pseudo, policy.k, report)
+    users = pa.array(pseudo.many("user", list(exported.users)), pa.string())
+    kinds = pa.array(ACTIVITY_KINDS, pa.string())
+    for part in exported.parts:
+        venue = venues.take(pa.array(part.venue))
+        report.activity_rows_venue_suppressed += venue.null_count
         yield pa.RecordBatch.from_arrays(
-            [pa.array(users[cols.user_idx[idx]]),
-             pa.array(pseudo.many("event", [cols.event_id[i] for i in idx])),
-             pa.array(kinds[cols.kind[idx]]),
-             pa.array(coarsen(cols.ts_ms[idx], policy.activities_time)),
-             _day_strings(days[idx]),
-             pa.array([None if v in rare else pseudo("venue", v) if v else "" for v in venues],
-                      type=pa.string())],
-            schema=ACTIVITY_SCHEMA)
+            [users.take(pa.array(part.user)), part.event, kinds.take(pa.array(part.kind)),
+             pa.array(part.ts_ms), _day_strings(part.day), venue], schema=ACTIVITY_SCHEMA)
 
 
 def _people_table(log: EmbeddedLog, pseudo: Pseudonymiser, consent: Consent,
@@ -251,6 +309,8 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: Path
                      partitioning_flavor="hive" if partitioning else None,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
                      max_open_files=OPEN_FILES_MAX, max_rows_per_file=PARQUET_ROWS_PER_FILE_MAX,
+                     min_rows_per_group=PARQUET_ROWS_PER_GROUP_MIN,
+                     max_rows_per_group=PARQUET_ROWS_PER_GROUP_MAX,
                      existing_data_behavior="overwrite_or_ignore")
     if rows == 0:  # every table is there, with its schema, even when nothing qualifies
         directory.mkdir(parents=True, exist_ok=True)
@@ -282,12 +342,26 @@ def parse_window(since: str | None, until: str | None) -> tuple[int | None, int 
         raise UsageError(f"replay: {error}") from None
 
 
+def _ledger_tables(data_dir: Path, staging: Path, pseudo: Pseudonymiser, consent: Consent,
+                   window: tuple[int | None, int | None], policy: ExportPolicy,
+                   ) -> ReplayManifest:
+    """The ledger and flag tables; what they add to the manifest, in a manifest of its own
+    (this runs in a thread beside the log's tables)."""
+    from replay.ledger_export import write_flags, write_ledger
+
+    part = ReplayManifest(created_at="", source="", log_position=0, rules_version=None,
+                          since=None, until=None)
+    if (data_dir / "ledger.sqlite").exists():
+        part.rules_version = write_ledger(data_dir, staging / "ledger", pseudo, consent,
+                                          window, part, _write, policy)
+        write_flags(data_dir, staging / "flags", pseudo, consent, window, part, _write)
+    return part
+
+
 def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | None = None,
                     until: str | None = None, tick: Callable[[int], None] = lambda n: None,
                     source: str = "embedded", source_offsets: dict[str, int] | None = None,
                     policy: ExportPolicy | None = None) -> ReplayManifest:
-    from replay.ledger_export import write_flags, write_ledger
-
     policy = policy or ExportPolicy()
     pseudo = Pseudonymiser(key)
     window = parse_window(since, until)
@@ -298,7 +372,7 @@ def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | No
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    with EmbeddedLog.open(data_dir, writer=False) as log:
+    with EmbeddedLog.open(data_dir, writer=False) as log, ThreadPoolExecutor(1) as pool:
         consent = Consent.of(log)
         end = log.position()
         manifest = ReplayManifest(
@@ -306,6 +380,7 @@ def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | No
             log_position=end, rules_version=None, since=since, until=until,
             users_included=len(consent.periods), users_left_out_no_consent=consent.refused,
             source_offsets=dict(source_offsets or {}))
+        ledger = pool.submit(_ledger_tables, data_dir, staging, pseudo, consent, window, policy)
         manifest.rows["samples"] = _write(
             _sample_batches(log, end, pseudo, consent, window, manifest, policy, tick),
             SAMPLE_SCHEMA, staging / "samples", ["metric", "day"])
@@ -316,10 +391,11 @@ def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | No
         (staging / "people").mkdir()
         pq.write_table(people, staging / "people" / "people.parquet", compression="zstd")
         manifest.rows["people"] = people.num_rows
-    if (data_dir / "ledger.sqlite").exists():
-        manifest.rules_version = write_ledger(data_dir, staging / "ledger", pseudo, consent,
-                                              window, manifest, _write, policy)
-        write_flags(data_dir, staging / "flags", pseudo, consent, window, manifest, _write)
+        ledger_part = ledger.result()
+    manifest.rules_version = ledger_part.rules_version
+    manifest.rows.update(ledger_part.rows)
+    for table, rows in ledger_part.rows_left_out_no_consent.items():
+        manifest.left_out(table, rows)
     manifest.anonymity = report.as_dict()
     (staging / "manifest.json").write_bytes(
         orjson.dumps(manifest.__dict__, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))

@@ -569,3 +569,21 @@ def test_erasure_reaches_the_archive(tmp_path: Path) -> None:
     assert archived_users() == before
     with EmbeddedLog.open(data_dir, writer=False) as log:
         assert person not in log.read_samples(0, log.position()).users
+
+
+@pytest.mark.parametrize("key_bytes", [16, 63, 64, 65, 200])
+def test_pseudonyms_are_hmac_sha256_of_domain_and_id(key_bytes: int) -> None:
+    import hashlib
+    import hmac
+
+    from replay.export import PSEUDONYM_HEX_CHARS, Pseudonymiser
+
+    key = bytes(range(key_bytes)) if key_bytes < 256 else b"k" * key_bytes
+    pseudo = Pseudonymiser(key)
+    ids = ["P00017", "E-1", "shop:7", "日本語", "x" * 300]
+    expected = [hmac.new(key, f"entry\x1f{i}".encode(), hashlib.sha256).hexdigest()
+                [:PSEUDONYM_HEX_CHARS] for i in ids]
+    assert pseudo.fresh("entry", ids) == expected
+    assert [pseudo("entry", i) for i in ids] == expected
+    assert pseudo.many("user", ["", "P00017"]) == [
+        "", hmac.new(key, b"user\x1fP00017", hashlib.sha256).hexdigest()[:PSEUDONYM_HEX_CHARS]]
