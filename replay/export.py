@@ -42,11 +42,6 @@ HMAC_BLOCK_BYTES = 64  # SHA-256's block
 LOG_RECORDS_PER_CHUNK = 20_000
 LEDGER_ROWS_PER_CHUNK = 200_000
 PARQUET_ROWS_PER_FILE_MAX = 5_000_000
-# A partition's rows are buffered up to this many before a row group is written: fewer,
-# larger row groups (a metric-day of a small metric is one) cost far less to encode and
-# compress; memory stays below open files x this x a row's ~60 bytes.
-PARQUET_ROWS_PER_GROUP_MIN = 50_000
-PARQUET_ROWS_PER_GROUP_MAX = 1_000_000
 OPEN_FILES_MAX = 512
 
 SAMPLE_SCHEMA = pa.schema([("user", pa.string()), ("metric", pa.string()), ("day", pa.string()),
@@ -309,8 +304,6 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: Path
                      partitioning_flavor="hive" if partitioning else None,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
                      max_open_files=OPEN_FILES_MAX, max_rows_per_file=PARQUET_ROWS_PER_FILE_MAX,
-                     min_rows_per_group=PARQUET_ROWS_PER_GROUP_MIN,
-                     max_rows_per_group=PARQUET_ROWS_PER_GROUP_MAX,
                      existing_data_behavior="overwrite_or_ignore")
     if rows == 0:  # every table is there, with its schema, even when nothing qualifies
         directory.mkdir(parents=True, exist_ok=True)
