@@ -1155,15 +1155,18 @@ def _sample_rows(first_seq: int, record: np.ndarray, ts: np.ndarray, values: np.
     exact = narrow.astype(np.float64) == values
     lossless = np.logical_and.reduceat(exact, starts) if len(ts) else np.empty(0, dtype=bool)
     narrow_bytes, wide_bytes = narrow.tobytes(), values.tobytes()
-    at, lo_hi, narrow_l = has_new.tolist(), list(zip(starts.tolist(), ends.tolist())), \
-        lossless.tolist()
+    at = has_new.tolist()
+    spans = list(map(slice, (4 * starts).tolist(), (4 * ends).tolist()))  # of 4-byte items
+    if lossless.all():
+        vals = list(map(narrow_bytes.__getitem__, spans))
+    else:
+        vals = [narrow_bytes[span] if ok else wide_bytes[2 * span.start:2 * span.stop]
+                for span, ok in zip(spans, lossless.tolist(), strict=True)]
     rows = list(zip(
         range(first_seq, first_seq + len(at)), stream_ids[has_new].tolist(),
-        [upload_ids[i] for i in at], base.tolist(), n_new[has_new].tolist(),
-        [offsets[4 * lo:4 * hi] for lo, hi in lo_hi],
-        [narrow_bytes[4 * lo:4 * hi] if ok else wide_bytes[8 * lo:8 * hi]
-         for (lo, hi), ok in zip(lo_hi, narrow_l, strict=True)],
-        [0 if ok else 1 for ok in narrow_l], [wm_before[i] for i in at], strict=True))
+        list(map(upload_ids.__getitem__, at)), base.tolist(), n_new[has_new].tolist(),
+        list(map(offsets.__getitem__, spans)), vals, (~lossless).astype(np.int64).tolist(),
+        list(map(wm_before.__getitem__, at)), strict=True))
     accepted_records = len(stream_ids) - sum(too_late)
     return rows, accepted_records - len(has_new)
 
