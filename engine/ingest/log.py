@@ -40,6 +40,7 @@ from engine.ingest.decode import (
     SegmentColumns,
     activity_kind_code,
     decode_lines,
+    gc_paused,
 )
 from engine.ingest.dedup import (
     LATE_WINDOW_DAYS_MIN,
@@ -1001,14 +1002,16 @@ class EmbeddedLog:
         if archived is None and self._share is None and \
                 self._recent.covers(after_seq, upto_seq) and not self._not_excluded("r.seq"):
             return self._recent.read(after_seq, upto_seq)
-        rows = self._db.execute(
-            "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
-            " r.wm_before_ms FROM sample_records r WHERE r.seq > ? AND r.seq <= ?"
-            + self._share_streams_clause() + self._not_excluded("r.seq") + " ORDER BY r.seq",
-            (after_seq, upto_seq)).fetchall()
         parts = [] if archived is None else [_archived_records(archived)]
-        if rows:
-            parts.append(self._stored_records(rows))
+        with gc_paused():  # a tuple per record, none in a cycle
+            rows = self._db.execute(
+                "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
+                " r.wm_before_ms FROM sample_records r WHERE r.seq > ? AND r.seq <= ?"
+                + self._share_streams_clause() + self._not_excluded("r.seq") + " ORDER BY r.seq",
+                (after_seq, upto_seq)).fetchall()
+            if rows:
+                parts.append(self._stored_records(rows))
+            del rows
         if self._share is not None:
             parts = [part.only(self._share) for part in parts]
         return _sample_columns(parts)
