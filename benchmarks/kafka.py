@@ -3,14 +3,18 @@
 1. Segment records (the design): a simulated fleet through `genki publish` →
    `genki worker` (in-process, until idle) → partition ledgers. Prints samples/s
    of the gateway, of the worker (busy time, no group join) and end to end.
+   The worker runs twice over the same topics (two groups, two directories):
+   with each partition's store in a process of its own (`--partition-processes`,
+   the headline) and on threads of one process.
 2. One step sample per record (the issue-15 workload: 200,000 records, no
    profiles, so every person has the plain step tiers), through (a) genki's
-   worker, (b) a hand-written aiokafka `getmany` + numpy consumer (no
-   validation, nothing durable), (c) a Quix Streams application with per-key
-   state and (d) a faust-streaming agent with a table. Each computes per-person
-   Tokyo-day step sums and counts tier crossings; a peer whose crossing count
-   differs from genki's step-tier awards is void (its figure is not printed as
-   a ratio). Prints records/s and genki's ratio to each peer.
+   worker (both ways, as above), (b) a hand-written aiokafka `getmany` + numpy
+   consumer (no validation, nothing durable), (c) a Quix Streams application
+   with per-key state and (d) a faust-streaming agent with a table. Each
+   computes per-person Tokyo-day step sums and counts tier crossings; a peer
+   whose crossing count differs from genki's step-tier awards is void (its
+   figure is not printed as a ratio). Prints records/s, CPU seconds and genki's
+   ratio to each peer.
 3. The hot path both ways, transport only: records/s that aiokafka getmany and
    a faust agent reading batches (stream.take) deliver from the same topic;
    the worker uses whichever is faster (recorded in docs/kafka.md).
@@ -158,12 +162,41 @@ async def publish(bootstrap: str, prefix: str, lines: list[bytes], compression: 
 
 
 def work(bootstrap: str, prefix: str, data_dir: Path, fetch_records: int,
-         wrap_keys: Path | None = None) -> dict[str, Any]:
+         wrap_keys: Path | None = None, partition_processes: bool = False) -> dict[str, Any]:
     settings = WorkerSettings(bootstrap=bootstrap, data_dir=data_dir, group=f"{prefix}genki",
                               prefix=prefix, until_idle=True, fetch_records_max=fetch_records,
                               session_timeout_ms=SESSION_TIMEOUT_MS, wrap_keys=wrap_keys,
-                              encryption=wrap_keys is not None)
+                              encryption=wrap_keys is not None,
+                              partition_processes=partition_processes)
     return asyncio.run(run_worker(settings)).as_dict()
+
+
+# The worker's two ways of hosting partition stores (engine.kafka.host), headline first.
+WORKER_HOSTS: dict[str, bool] = {"processes": True, "threads": False}
+
+
+def genki_runs(bootstrap: str, prefix: str, tmp: Path, name: str, lines: list[bytes],
+               fetch_records: int) -> dict[str, dict[str, Any]]:
+    """The worker once per host kind, each from an empty directory over the same records
+    (`prefix` holds them; the others get a copy under their own prefix, since a worker
+    finishing publishes partition snapshots, from which the next would start); the
+    ledgers must be one."""
+    runs: dict[str, dict[str, Any]] = {}
+    for hosts, in_processes in WORKER_HOSTS.items():
+        own = prefix if hosts == next(iter(WORKER_HOSTS)) else f"{prefix[:-1]}-{hosts}."
+        if own != prefix:
+            asyncio.run(create_topics(bootstrap, PARTITIONS, 1, own))
+            asyncio.run(publish(bootstrap, own, lines, "none"))
+        note(f"  genki worker, partitions in {hosts}")
+        data_dir = tmp / f"{name}-{hosts}"
+        summary = work(bootstrap, own, data_dir, fetch_records,
+                       partition_processes=in_processes)
+        summary["content_digest"] = combined_ledger(data_dir).content_digest
+        summary["data_dir"] = data_dir
+        runs[hosts] = summary
+    digests = {r["content_digest"] for r in runs.values()}
+    assert len(digests) == 1, f"the worker's ledgers differ by host kind: {digests}"
+    return runs
 
 
 def segment_section(bootstrap: str, tmp: Path, lines: list[bytes], samples: int,
@@ -171,16 +204,22 @@ def segment_section(bootstrap: str, tmp: Path, lines: list[bytes], samples: int,
     prefix = "seg."
     asyncio.run(create_topics(bootstrap, PARTITIONS, 1, prefix))
     publish_s, by_topic = asyncio.run(publish(bootstrap, prefix, lines, compression))
-    summary = work(bootstrap, prefix, tmp / "seg", 50_000)
-    worker_s = summary["processing_seconds"]
-    assert summary["accepted_samples"] > 0
-    ledger = combined_ledger(tmp / "seg")
+    runs = genki_runs(bootstrap, prefix, tmp, "seg", lines, 50_000)
+    headline = runs["processes"]
+    worker_s = headline["processing_seconds"]
+    assert headline["accepted_samples"] > 0
+    ledger = combined_ledger(headline["data_dir"])
     return {"records": len(lines), "samples": samples, "bytes": sum(map(len, lines)),
             "compression": compression,
             "publish_s": round(publish_s, 3), "publish_samples_per_s": round(samples / publish_s),
             "worker_s": worker_s, "worker_samples_per_s": round(samples / worker_s),
+            "worker_cpu_s": headline["processing_cpu_seconds"],
+            "worker_threads_s": runs["threads"]["processing_seconds"],
+            "worker_threads_samples_per_s": round(
+                samples / runs["threads"]["processing_seconds"]),
+            "worker_threads_cpu_s": runs["threads"]["processing_cpu_seconds"],
             "end_to_end_samples_per_s": round(samples / (publish_s + worker_s)),
-            "ledger_entries": ledger.entries, "accepted_samples": summary["accepted_samples"],
+            "ledger_entries": ledger.entries, "accepted_samples": headline["accepted_samples"],
             "sample_records": by_topic["genki.samples"]}
 
 
@@ -292,10 +331,11 @@ def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes],
     asyncio.run(create_topics(bootstrap, PARTITIONS, 1, prefix))
     asyncio.run(publish(bootstrap, prefix, lines, "none"))
     records = len(lines)
-    note(f"  genki worker over {records:,} records")
-    genki = work(bootstrap, prefix, tmp / "evt", 20_000)
+    runs = genki_runs(bootstrap, prefix, tmp, "evt", lines, 20_000)
+    genki = runs["processes"]
     genki_rate = round(records / genki["processing_seconds"])
-    crossings = step_tier_awards(tmp / "evt")
+    threads_rate = round(records / runs["threads"]["processing_seconds"])
+    crossings = step_tier_awards(genki["data_dir"])
     peers: dict[str, dict[str, Any]] = {}
     note("  hand-written aiokafka getmany + numpy")
     peers["aiokafka_numpy"] = asyncio.run(handwritten_consumer(bootstrap, topic, records, tiers))
@@ -313,9 +353,14 @@ def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes],
         peer["valid"] = peer["crossings"] == crossings
         peer["genki_ratio"] = round(genki_rate / peer["records_per_s"], 2) \
             if peer["valid"] else None
+        peer["genki_threads_ratio"] = round(threads_rate / peer["records_per_s"], 2) \
+            if peer["valid"] else None
     return {"records": records, "genki_worker_s": genki["processing_seconds"],
-            "genki_records_per_s": genki_rate, "genki_step_tier_awards": crossings,
-            "peers": peers}
+            "genki_records_per_s": genki_rate, "genki_cpu_s": genki["processing_cpu_seconds"],
+            "genki_threads_worker_s": runs["threads"]["processing_seconds"],
+            "genki_threads_records_per_s": threads_rate,
+            "genki_threads_cpu_s": runs["threads"]["processing_cpu_seconds"],
+            "genki_step_tier_awards": crossings, "peers": peers}
 
 
 async def handwritten_consumer(bootstrap: str, topic: str, records: int,
@@ -333,7 +378,7 @@ async def handwritten_consumer(bootstrap: str, topic: str, records: int,
     deadline = time.monotonic() + FAUST_WAIT_S_MAX
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
-        first = time.perf_counter()
+        first, first_cpu = time.perf_counter(), time.process_time()
         while n < records:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"read {n} of {records} records")
@@ -356,11 +401,11 @@ async def handwritten_consumer(bootstrap: str, topic: str, records: int,
             crossings += int(((before[:, None] < thresholds) & (after[:, None] >= thresholds))
                              .sum())
             sums.update(zip(keys.tolist(), after.tolist(), strict=True))
-        seconds = time.perf_counter() - first
+        seconds, cpu_s = time.perf_counter() - first, time.process_time() - first_cpu
     finally:
         await consumer.stop()
     return {"records": n, "seconds": round(seconds, 3), "records_per_s": round(n / seconds),
-            "crossings": crossings}
+            "cpu_s": round(cpu_s, 3), "crossings": crossings}
 
 
 def run_peer_script(template: str, tmp: Path, **values: Any) -> dict[str, Any]:
@@ -389,6 +434,7 @@ stats = {{"n": 0, "crossings": 0, "first": None, "last": None}}
 def per_record(value, state):
     if stats["first"] is None:
         stats["first"] = time.perf_counter()
+        stats["first_cpu"] = time.process_time()
     body = orjson.loads(value)
     day = str((body["ts_ms"][0] + TOKYO_OFFSET_MS) // DAY_MS)
     before = state.get(day, 0)
@@ -397,12 +443,14 @@ def per_record(value, state):
     stats["crossings"] += crossed(before, after)
     stats["n"] += 1
     stats["last"] = time.perf_counter()
+    stats["last_cpu"] = time.process_time()
 
 app.dataframe(topic).update(per_record, stateful=True)
 app.run(count={records}, timeout=60.0)
 seconds = stats["last"] - stats["first"]
 print(orjson.dumps({{"records": stats["n"], "seconds": round(seconds, 3),
                     "records_per_s": round(stats["n"] / seconds),
+                    "cpu_s": round(stats["last_cpu"] - stats["first_cpu"], 3),
                     "crossings": stats["crossings"]}}).decode(), flush=True)
 """
 
@@ -445,7 +493,10 @@ def print_segments(s: dict[str, Any]) -> None:
           f"({s['bytes'] / 1e6:.1f} MB, compression {s['compression']})")
     print(f"  gateway   {s['publish_samples_per_s']:>12,} samples/s  ({s['publish_s']} s)")
     print(f"  worker    {s['worker_samples_per_s']:>12,} samples/s  ({s['worker_s']} s, "
-          f"{s['ledger_entries']:,} ledger entries)")
+          f"CPU {s['worker_cpu_s']} s, {s['ledger_entries']:,} ledger entries; "
+          f"partition processes)")
+    print(f"  worker    {s['worker_threads_samples_per_s']:>12,} samples/s  "
+          f"({s['worker_threads_s']} s, CPU {s['worker_threads_cpu_s']} s; one process)")
     print(f"  end to end {s['end_to_end_samples_per_s']:>11,} samples/s")
 
 
@@ -453,11 +504,15 @@ def print_per_record(e: dict[str, Any]) -> None:
     print(f"one sample per record: {e['records']:,} records, "
           f"{e['genki_step_tier_awards']:,} step-tier crossings")
     print(f"  {'genki worker (validated, durable, ledger)':<44} "
-          f"{e['genki_records_per_s']:>9,} records/s")
+          f"{e['genki_records_per_s']:>9,} records/s  CPU {e['genki_cpu_s']} s "
+          "(partition processes)")
+    print(f"  {'genki worker, one process':<44} "
+          f"{e['genki_threads_records_per_s']:>9,} records/s  CPU {e['genki_threads_cpu_s']} s")
     for name, peer in e["peers"].items():
-        verdict = (f"genki {peer['genki_ratio']}x" if peer["valid"] else
-                   f"VOID: {peer['crossings']:,} crossings")
-        print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {verdict}")
+        verdict = (f"genki {peer['genki_ratio']}x (one process {peer['genki_threads_ratio']}x)"
+                   if peer["valid"] else f"VOID: {peer['crossings']:,} crossings")
+        cpu = f"CPU {peer['cpu_s']} s  " if "cpu_s" in peer else ""
+        print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {cpu}{verdict}")
 
 
 def transport_section(bootstrap: str, tmp: Path, records: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from engine.kafka.combined import combined_ledger
+from engine.kafka.host import PartitionProcessDied
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
 from tests.kafka_fixtures import (
@@ -78,23 +79,30 @@ def test_two_workers_split_the_partitions_and_give_the_embedded_ledger(
     assert combined_ledger(data_dir).content_digest == fleet.embedded.content_digest
 
 
-@pytest.mark.parametrize(("crash_at", "restart_where"), [
-    ("after_ingest:3", "same host"),
-    ("after_pipeline:3", "new host"),
-    ("after_publish:4", "same host"),
+@pytest.mark.parametrize(("crash_at", "restart_where", "hosts"), [
+    ("after_ingest:3", "same host", "threads"),
+    ("after_pipeline:3", "new host", "threads"),
+    ("after_publish:4", "same host", "threads"),
+    # A partition process killed: the worker stops with an error, the others close.
+    ("after_pipeline:3", "same host", "processes"),
+    # The worker killed: its partition processes die with it (they hold owner.lock).
+    ("after_publish:4", "same host", "processes"),
 ])
 def test_sigkill_mid_stream_then_another_worker_gives_the_embedded_ledger(
         kafka: KafkaTarget, fleet: Fleet, tmp_path: Path, crash_at: str,
-        restart_where: str) -> None:
+        restart_where: str, hosts: str) -> None:
     create_topics(kafka, PARTITIONS)
     ends = publish(kafka, fleet.path)
     first_dir = tmp_path / "first"
+    in_processes = ("--partition-processes",) if hosts == "processes" else ()
     crashing = start_genki(*worker_args(kafka, first_dir, "--until-idle", "--fetch-records",
-                                        "150"),
+                                        "150", *in_processes),
                            env={"GENKI_CRASH_AT": crash_at},
                            stderr_path=tmp_path / "crash.err")
     crashing.communicate(timeout=EXIT_WAIT_S_MAX)
-    assert crashing.returncode == -signal.SIGKILL
+    in_partition_process = hosts == "processes" and not crash_at.startswith("after_publish")
+    assert crashing.returncode == (PartitionProcessDied.exit_code if in_partition_process
+                                   else -signal.SIGKILL)
     assert not all_committed(kafka, ends)  # killed mid-stream
     second_dir = first_dir if restart_where == "same host" else tmp_path / "second"
     genki(*worker_args(kafka, second_dir, "--until-idle"))

@@ -61,7 +61,9 @@ def first_run(kafka_module: KafkaTarget, fleet: Fleet,
     published = orjson.loads(genki("publish", str(fleet.path), *kafka_module.args(),
                                    "--json").stdout)
     data_dir = tmp_path_factory.mktemp("worker")
-    summary = work(kafka_module, data_dir)
+    # Partition stores in processes of their own; every later run of the module uses
+    # threads on the same directories, so both hosts are held to one ledger.
+    summary = work(kafka_module, data_dir, partition_processes=True)
     return FirstRun(published, summary, combined_ledger(data_dir), data_dir)
 
 

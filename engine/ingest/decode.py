@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,9 @@ _SEGMENT_HEAD = re.compile((
 _TS_KEY = b',"ts_ms":['
 _VALUES_KEY = b'],"values":['
 _SEGMENT_END = b"]}"
+_SEGMENT_LINE = re.compile(_SEGMENT_HEAD.pattern + re.escape(_TS_KEY) + rb"([0-9,]*)"
+                           + re.escape(_VALUES_KEY) + rb"([0-9.,\-]*)" + re.escape(_SEGMENT_END))
+_SHORT_LINE_BYTES = 512
 _METRIC_OF_NAME_UNIT = {(m.name.encode(), m.unit.encode()): m.code for m in METRICS}
 _DIGITS_COMMA = b"0123456789,"
 _NUMBER_CHARS = b"0123456789,.-"
@@ -347,44 +350,66 @@ def _decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
 def _plain_segments(lines: list[bytes]) -> tuple[SegmentColumns, list[int]]:
     """Segments of the common shape as orjson writes them, decoded from the bytes (module
     docstring) and already converted; and the indexes of every other line, in order."""
-    index: list[int] = []
-    ids: list[bytes] = []
-    metric: list[int] = []
-    ts_texts: list[bytes] = []
-    value_texts: list[bytes] = []
-    others: list[int] = []
-    head_of, metric_of = _SEGMENT_HEAD.fullmatch, _METRIC_OF_NAME_UNIT.get
-    for i, raw in enumerate(lines):
-        cut = raw.find(_TS_KEY)
-        split = raw.find(_VALUES_KEY, cut)
-        head = head_of(raw, 0, cut) if cut > 0 else None
-        code = metric_of(head.group(4, 5)) if head is not None else None  # type: ignore[arg-type]
-        if code is None or split < 0 or not raw.endswith(_SEGMENT_END) or \
-                len(raw) > RECORD_BYTES_MAX:
-            others.append(i)
-            continue
-        index.append(i)
-        ids.append(b"\n".join(head.group(1, 2, 3)))  # type: ignore[union-attr]
-        metric.append(code)
-        ts_texts.append(raw[cut + len(_TS_KEY):split])
-        value_texts.append(raw[split + len(_VALUES_KEY):-len(_SEGMENT_END)])
+    index, fields, others = _plain_segment_fields(lines)
     if not index:
         return SegmentColumns(), others
-    lengths = [text.count(b",") + 1 for text in ts_texts]
-    rows = [row for row, (n, text) in enumerate(zip(lengths, value_texts, strict=True))
-            if n == text.count(b",") + 1 and n <= SAMPLES_PER_RECORD_MAX]
+    uploads, users, devices, metrics, units, ts_texts, value_texts = map(list, zip(*fields))
+    codes = list(map(_METRIC_OF_NAME_UNIT.get, zip(metrics, units)))
+    commas = list(map(bytes.count, ts_texts, repeat(b",")))
+    value_commas = list(map(bytes.count, value_texts, repeat(b",")))
+    if None not in codes and commas == value_commas and max(commas) < SAMPLES_PER_RECORD_MAX:
+        rows = list(range(len(index)))
+    else:  # an unknown metric or unit, arrays of unequal length, too many samples
+        rows = [row for row, (code, n, m) in enumerate(zip(codes, commas, value_commas,
+                                                           strict=True))
+                if code is not None and n == m and n < SAMPLES_PER_RECORD_MAX]
+    lengths = [n + 1 for n in commas]
     kept, ts_parts, value_parts = _plain_arrays(ts_texts, value_texts, lengths, rows)
-    if len(kept) < len(index):
+    if len(kept) < len(index):  # the JSON path takes (and names) the others
         taken = set(kept)
         others = sorted(others + [index[row] for row in range(len(index)) if row not in taken])
-        index, metric, lengths = ([column[row] for row in kept]
-                                  for column in (index, metric, lengths))
-        ids = [ids[row] for row in kept]
-    names = b"\n".join(ids).decode().split("\n")
+        index, lengths = ([column[row] for row in kept] for column in (index, lengths))
+        codes = [codes[row] for row in kept]
+        uploads, users, devices = ([column[row] for row in kept]
+                                   for column in (uploads, users, devices))
+    upload_id, user_id, device_id = (b"\n".join(column).decode().split("\n")
+                                     for column in (uploads, users, devices))
     return SegmentColumns(
-        index=index, upload_id=names[0::3], user_id=names[1::3], device_id=names[2::3],
-        metric=metric, ts=_concatenate(ts_parts, np.int64),
-        values=_concatenate(value_parts, np.float64), lengths=np.array(lengths, np.int64)), others
+        index=index, upload_id=upload_id, user_id=user_id, device_id=device_id,
+        metric=codes,  # type: ignore[arg-type]
+        ts=_concatenate(ts_parts, np.int64), values=_concatenate(value_parts, np.float64),
+        lengths=np.array(lengths, np.int64)), others
+
+
+def _plain_segment_fields(lines: list[bytes]
+                          ) -> tuple[list[int], list[tuple[bytes, ...]], list[int]]:
+    """Indexes of the lines laid out as the common shape, their fields (ids, metric, unit,
+    and the texts inside the two arrays, unchecked), and the indexes of the other lines.
+    A short line is matched whole; a long one only up to its arrays, which are found by
+    a search (a regular expression would step through every digit)."""
+    index: list[int] = []
+    fields: list[tuple[bytes, ...]] = []
+    others: list[int] = []
+    line_of, head_of = _SEGMENT_LINE.fullmatch, _SEGMENT_HEAD.fullmatch
+    ts_at, values_at, end_at = len(_TS_KEY), len(_VALUES_KEY), -len(_SEGMENT_END)
+    for i, raw in enumerate(lines):
+        if len(raw) <= _SHORT_LINE_BYTES:
+            found = line_of(raw)
+            if found is None:
+                others.append(i)
+                continue
+            fields.append(found.groups())
+        else:
+            cut = raw.find(_TS_KEY)
+            split = raw.find(_VALUES_KEY, cut)
+            head = head_of(raw, 0, cut) if cut > 0 else None
+            if head is None or split < 0 or raw[end_at:] != _SEGMENT_END or \
+                    len(raw) > RECORD_BYTES_MAX:
+                others.append(i)
+                continue
+            fields.append((*head.groups(), raw[cut + ts_at:split], raw[split + values_at:end_at]))
+        index.append(i)
+    return index, fields, others
 
 
 def _concatenate(parts: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -440,10 +465,11 @@ def _plain_ints(joined: bytes, zero_tokens: bool) -> np.ndarray | None:
 def _plain_values(texts: list[bytes], lengths: list[int]) -> np.ndarray | None:
     """Values as float64: integer arrays by numpy, arrays with a sign or a fraction by
     orjson (one call for all of them), or None when any is not plain."""
-    floats = [b"." in text or b"-" in text for text in texts]
-    if not any(floats):
-        ints = _plain_ints(b",".join(texts), zero_tokens=True)
+    joined = b",".join(texts)
+    if b"." not in joined and b"-" not in joined:
+        ints = _plain_ints(joined, zero_tokens=True)
         return None if ints is None else ints.astype(np.float64)
+    floats = [b"." in text or b"-" in text for text in texts]
     joined = b",".join([text for text, f in zip(texts, floats, strict=True) if f])
     if joined.translate(None, _NUMBER_CHARS):
         return None

@@ -103,7 +103,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         late_window_days=args.late_window_days, fetch_records_max=args.fetch_records,
         compression=args.compression, client_id=args.client_id,
         session_timeout_ms=args.session_timeout_ms,
-        encryption=not args.no_encryption)
+        encryption=not args.no_encryption, partition_processes=args.partition_processes)
     show = not args.json and sys.stderr.isatty()
     logging.basicConfig(level=logging.WARNING if show else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -178,6 +178,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--client-id", default="worker")
     worker.add_argument("--session-timeout-ms", type=int, default=10_000,
                         help="how long before a silent worker's partitions move (default 10000)")
+    worker.add_argument("--partition-processes", action="store_true",
+                        help="run each owned partition's store in a process of its own, so "
+                             "partitions use every core (default: threads of the worker)")
     _add_no_encryption(worker)
     worker.add_argument("--json", action="store_true", help="print the summary as JSON at exit")
     worker.set_defaults(func=_cmd_worker)

@@ -82,24 +82,19 @@ class TopicBatch:
     values: list[bytes]
     # The submitting API key per record (PROVENANCE_HEADER); None when no record has one.
     key_ids: list[str] | None
+    # Where the partition continues after this batch (records left out of it, e.g. of
+    # erased people, included).
+    next_offset: int
 
     def __len__(self) -> int:
         return len(self.offsets)
-
-    @property
-    def first_offset(self) -> int:
-        return self.offsets[0]
-
-    @property
-    def next_offset(self) -> int:
-        return self.offsets[-1] + 1
 
 
 def columns_of(records: Sequence[FetchedRecord]) -> TopicBatch:
     assert records, "a batch has records"
     key_ids = [submitted_by(r) for r in records] if any(r.headers for r in records) else None
     return TopicBatch([r.offset for r in records], [r.key for r in records],
-                      [r.value or b"" for r in records], key_ids)
+                      [r.value or b"" for r in records], key_ids, records[-1].offset + 1)
 
 
 def submitted_by(record: FetchedRecord) -> str:

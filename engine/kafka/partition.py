@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from engine.entries import EntryDraft
 from engine.errors import GenkiError, NotFound
+from engine.faults import crash_point
 from engine.ingest.log import (
     OPERATOR_KEY_ID,
     EmbeddedLog,
@@ -40,6 +41,7 @@ from engine.ingest.log import (
 )
 from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
+from engine.kafka.fetch import TopicBatch
 from engine.kafka.keys import Keyring
 from engine.kafka.restore import RESTORED_KINDS, RestoreSelection, expiry_failure
 from engine.kafka.snapshot_topic import decode_partition_snapshot, encode_partition_snapshot
@@ -201,6 +203,40 @@ class PartitionStore:
                                             meta={offset_key: str(end)}, key_id=key_id))
         return total
 
+    def process(self, inputs: list[tuple[str, bool, TopicBatch]],
+                redemptions: tuple[str, TopicBatch] | None,
+                rules_path: Path | None) -> dict[str, int]:
+        """One cycle of this partition: store each input topic's records (topic, whether
+        it changes step targets, the opened records) in order, run the rules over what is
+        new, then apply the redemption requests. Counts, the log position after it and
+        the CPU time it took."""
+        cpu_ns = time.thread_time_ns()
+        done = {"accepted": 0, "rejected": 0, "accepted_samples": 0, "awards": 0,
+                "redemptions_applied": 0, "redemptions_rejected": 0}
+        profiles_changed = False
+        for topic, changes_targets, columns in inputs:
+            counts = self.ingest(topic, columns.offsets, columns.values, now_ms(),
+                                 key_ids=columns.key_ids, next_offset=columns.next_offset)
+            done["accepted"] += counts.accepted
+            done["rejected"] += counts.rejected
+            done["accepted_samples"] += counts.accepted_samples
+            profiles_changed |= changes_targets and counts.accepted > 0
+        crash_point("after_ingest")
+        done["awards"] = self.run_pipeline(rules_path, profiles_changed).awards_appended
+        if redemptions is not None:
+            topic, requests = redemptions
+            result = self.apply_redemptions(topic, requests.offsets, requests.values)
+            done["redemptions_applied"] = result.applied
+            done["redemptions_rejected"] = result.rejected
+        crash_point("after_pipeline")
+        done["position"] = self.log.position()
+        done["cpu_ns"] = time.thread_time_ns() - cpu_ns
+        return done
+
+    def position(self) -> int:
+        """The partition log's position (the input records stored so far)."""
+        return self.log.position()
+
     def run_pipeline(self, rules_path: Path | None, profiles_changed: bool) -> RunSummary:
         from engine.pipeline import RULES_DEFAULT_PATH, Pipeline
         from engine.rules.config import load_rules
@@ -346,13 +382,14 @@ class PartitionStore:
 
     # -- takeover ----------------------------------------------------------------------
 
-    def restore_entries(self, selection: RestoreSelection, ledger_topic: str) -> int:
+    def restore_entries(self, selection: RestoreSelection, ledger_topic: str) -> tuple[int, int]:
         """Append the non-derivable entries (redeem, refund, adjust, expire) another
         owner made and a verified request backs (engine.kafka.restore); the refused
         ones become dead letters.
 
         Called after the inputs are caught up to what that owner had processed, so
         the awards that paid for them are back; entry ids make repeats no-ops.
+        Returns (entries appended, entries refused).
         """
         trusted = [e for e in selection.trusted if e.kind.value in RESTORED_KINDS]
         refused = list(selection.refused)
@@ -374,8 +411,8 @@ class PartitionStore:
                  for offset, reason, raw in refused])
             self._state.execute("COMMIT")
         if not drafts:
-            return 0
-        return self.ledger.append(drafts).appended
+            return 0, len(refused)
+        return self.ledger.append(drafts).appended, len(refused)
 
     def _lot_of(self, expiry: LedgerEntry) -> Entry | None:
         lot_id = ref_fields(expiry.ref).get("lot")

@@ -24,16 +24,15 @@ A newly assigned partition goes through phases before it is live:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -45,6 +44,7 @@ from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
 from engine.kafka.fetch import FetchedRecord, TopicBatch, columns_of, skip_consumer_records
+from engine.kafka.host import ThreadHost, new_host
 from engine.kafka.keys import (
     RECORD_KEYS_ENV,
     WRAP_KEYS_ENV,
@@ -54,8 +54,6 @@ from engine.kafka.keys import (
 from engine.kafka.partition import (
     Outputs,
     PartitionBusy,
-    PartitionStore,
-    now_ms,
     partition_dir,
 )
 from engine.kafka.personal import (
@@ -105,12 +103,14 @@ PARTITION_BUSY_WAIT_S_MAX = 120.0
 PARTITION_BUSY_RETRY_S = 0.2
 RESTORE_FETCH_RECORDS_MAX = 50_000
 SNAPSHOT_PUBLISH_RECORDS = 100_000  # log positions between two published partition snapshots
-# Partitions run on their own threads, but one at a time: two at once measured no
-# faster on 2 cores (decoding holds the GIL) and would share the core's module caches.
+# Partitions on threads run one at a time: two at once measured no faster on 2 cores
+# (decoding holds the GIL) and would share the core's module caches. Partitions in
+# processes of their own (--partition-processes) all run at once.
 PARTITIONS_IN_PARALLEL_MAX = 1
 
 log = logging.getLogger("genki.kafka.worker")
-T = TypeVar("T")
+# Records fetched for the next cycle, with the assignment generation they were fetched in.
+Fetched = tuple[int, dict[TopicPartition, list[FetchedRecord]]]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,9 @@ class WorkerSettings:
     # outputs in plain text.
     wrap_keys: Path | None = None
     encryption: bool = True
+    # Each owned partition's store (decode → dedup → rules → ledger) in a process of its
+    # own (engine.kafka.host), so partitions use every core; False: threads of this one.
+    partition_processes: bool = False
 
     def __post_init__(self) -> None:
         assert 0 < self.fetch_records_max <= FETCH_RECORDS_LIMIT
@@ -174,8 +177,8 @@ class WorkerSummary:
     # From the first record fetched to the end of the last cycle that had records
     # (published and committed): the worker's busy time, without group joins.
     processing_seconds: float = 0.0
-    # This process's CPU time over the same span (all its threads): what the worker
-    # costs when other processes (the broker, other workers) share the cores.
+    # CPU time over the same span, of this process (all its threads) and of its partition
+    # processes' cycles: what the worker costs when the broker and others share the cores.
     processing_cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -189,7 +192,7 @@ class PartitionState:
     """A partition this worker owns: its store, topic-partitions and phase."""
 
     number: int
-    store: PartitionStore
+    host: ThreadHost  # where the partition's store runs (engine.kafka.host)
     tps: dict[str, TopicPartition]  # logical topic → tp
     phase: str = "profiles"  # profiles → (catchup) → live
     catchup: bool = False
@@ -198,6 +201,12 @@ class PartitionState:
     targets: dict[TopicPartition, int] = field(default_factory=dict)
     committed: dict[TopicPartition, int] = field(default_factory=dict)
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    # What the store holds, kept here so that a cycle asks its host only to process: the
+    # next offset per logical topic (stored with the records), the log position, and
+    # whether outputs may be unpublished.
+    stored: dict[str, int | None] = field(default_factory=dict)
+    position: int = 0
+    outputs_pending: bool = True
 
 
 class Worker:
@@ -210,8 +219,8 @@ class Worker:
         self.snapshot_topic = topic_name(settings.prefix, SNAPSHOTS)
         self._snapshots_on = True
         self._snapshot_positions: dict[int, int] = {}
-        self._threads: dict[int, ThreadPoolExecutor] = {}
-        self._parallel = asyncio.Semaphore(PARTITIONS_IN_PARALLEL_MAX)
+        self._parallel = asyncio.Semaphore(
+            FETCH_RECORDS_LIMIT if settings.partition_processes else PARTITIONS_IN_PARALLEL_MAX)
         self._parts: dict[int, PartitionState] = {}
         self._lock = asyncio.Lock()
         self._assignor = CoPartitionedAssignor()
@@ -220,6 +229,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
         self._dlq_partitions = 1
+        self._partition_cpu_s = 0.0  # CPU of partition processes' cycles (not this process's)
         self._progress = on_progress or (lambda n, note: None)
         self.summary = WorkerSummary()
         self.consumer: AIOKafkaConsumer | None = None
@@ -239,15 +249,6 @@ class Worker:
         for a partition without its store, so the worker stops and the error surfaces."""
         self._failure = error
         self._stop.set()
-
-    async def _in_store(self, number: int, fn: Callable[..., T], *args: Any) -> T:
-        """Run a partition's work on its own thread: SQLite connections belong to the
-        thread that opened them, and partitions proceed in parallel."""
-        thread = self._threads.get(number)
-        if thread is None:
-            thread = self._threads[number] = ThreadPoolExecutor(
-                1, thread_name_prefix=f"genki-p{number}")
-        return await asyncio.get_running_loop().run_in_executor(thread, partial(fn, *args))
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -276,13 +277,11 @@ class Worker:
         finally:
             async with self._lock:
                 for number in list(self._parts):
-                    await self._in_store(number, self._parts.pop(number).store.close)
+                    await self._parts.pop(number).host.close()
             await consumer.stop()
             await producer.stop()
             if self._key_topic is not None:
                 await self._key_topic.stop()
-            for thread in self._threads.values():
-                thread.shutdown(wait=True)
         self.summary.seconds = round(time.perf_counter() - started, 3)
         return self.summary
 
@@ -310,25 +309,30 @@ class Worker:
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         s = self.settings
         first_s = first_cpu_s = 0.0
+        ahead: Fetched | None = None  # fetched while the partition processes worked
         while not self._stop.is_set():
-            generation = self._generation
-            got = await consumer.getmany(timeout_ms=POLL_MS, max_records=s.fetch_records_max)
+            if ahead is None:
+                generation = self._generation
+                got = await consumer.getmany(timeout_ms=POLL_MS,
+                                             max_records=s.fetch_records_max)
+            else:
+                (generation, got), ahead = ahead, None
             async with self._lock:
                 stale = generation != self._generation  # a rebalance came in between
                 got = await self._put_back(consumer, got, every=stale)
                 if got:
                     if not first_s:
                         first_s, first_cpu_s = time.perf_counter(), time.process_time()
-                    await self._process(got)
+                    ahead = await self._process(got)
                 await self._advance_phases()
                 await self._publish_and_commit()
                 if got:
                     self.summary.processing_seconds = round(time.perf_counter() - first_s, 3)
                     self.summary.processing_cpu_seconds = round(
-                        time.process_time() - first_cpu_s, 3)
+                        time.process_time() - first_cpu_s + self._partition_cpu_s, 3)
                 await self._publish_snapshots(force=False)
-                if s.until_idle and not got and self._assigned_once.is_set() \
-                        and await self._idle():
+                if s.until_idle and not got and ahead is None and \
+                        self._assigned_once.is_set() and await self._idle():
                     log.info("caught up on partitions %s; exiting (--until-idle)",
                              sorted(self._parts))
                     await self._publish_snapshots(force=True)
@@ -351,7 +355,9 @@ class Worker:
                 consumer.seek(tp, records[0].offset)
         return {tp: records for tp, records in got.items() if records}
 
-    async def _process(self, got: dict[TopicPartition, list[FetchedRecord]]) -> None:
+    async def _process(self, got: dict[TopicPartition, list[FetchedRecord]]) -> Fetched | None:
+        """Process a fetch; with partition processes (and every partition live), fetch the
+        next batch meanwhile and return it with the assignment generation it belongs to."""
         by_number: dict[int, dict[str, TopicBatch]] = {}
         for tp, records in got.items():
             if tp.partition in self._parts and records:
@@ -368,36 +374,53 @@ class Worker:
                 if any(self.person_keys.missing(zip(columns.keys, columns.values, strict=True))
                        for t, columns in batch.items() if t in LOG_TOPICS):
                     await self._key_topic.catch_up([number])
-        await asyncio.gather(*(self._process_one(number, batch)
-                               for number, batch in sorted(by_number.items())))
+        work = asyncio.gather(*(self._process_one(number, batch)
+                                for number, batch in sorted(by_number.items())))
+        if not self.settings.partition_processes or \
+                any(part.phase != "live" for part in self._parts.values()):
+            await work  # a phase change reads positions: nothing may be fetched ahead of it
+            return None
+        assert self.consumer is not None
+        generation = self._generation
+        fetch = asyncio.ensure_future(self.consumer.getmany(
+            timeout_ms=POLL_MS, max_records=self.settings.fetch_records_max))
+        try:
+            await work
+        finally:
+            if not fetch.done():
+                fetch.cancel()  # still waiting for records: none were taken
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetch
+        return None if fetch.cancelled() else (generation, fetch.result())
 
     async def _process_one(self, number: int, batch: dict[str, TopicBatch]) -> None:
+        inputs, erased = self._opened_inputs(batch)
+        requests = batch.get(REDEMPTIONS)
+        redemptions = None if requests is None else (self.topics[REDEMPTIONS], requests)
+        part = self._parts[number]
         async with self._parallel:
-            counts = await self._in_store(number, self._process_partition,
-                                          self._parts[number].store, batch)
+            counts = await part.host.call("process", inputs, redemptions,
+                                          self.settings.rules_path)
+        for logical, columns in batch.items():  # as PartitionStore.ingest/apply_redemptions
+            part.stored[logical] = max(part.stored.get(logical) or 0, columns.next_offset)
+        part.position = counts.pop("position")
+        part.outputs_pending = True
+        cpu_ns = counts.pop("cpu_ns")
+        if self.settings.partition_processes:
+            self._partition_cpu_s += cpu_ns / 1e9
+        counts["erased_records"] = erased
         summary = self.summary
         for name, value in counts.items():
             setattr(summary, name, getattr(summary, name) + value)
         self._progress(sum(len(r) for r in batch.values()),
                        f"{summary.accepted_samples:,} samples")
 
-    def _check_contiguous(self, part: PartitionState, logical: str,
-                          columns: TopicBatch) -> None:
-        tp = part.tps[logical]
-        expected = part.next_offsets.get(tp, 0)
-        part.next_offsets[tp] = max(expected, columns.next_offset)
-        if logical != PROFILES and columns.first_offset > expected:  # profiles are compacted
-            self.summary.offset_gaps += 1
-            log.error("%s: records %d..%d were skipped (next stored offset %d, fetched from "
-                      "%d); were they deleted by retention?", tp, expected,
-                      columns.first_offset - 1, expected, columns.first_offset)
-
-    def _process_partition(self, store: PartitionStore,
-                           batch: dict[str, TopicBatch]) -> dict[str, int]:
-        """Partition thread: ingest in topic order, run the rules, apply redemptions."""
-        done = {"accepted": 0, "rejected": 0, "accepted_samples": 0, "awards": 0,
-                "redemptions_applied": 0, "redemptions_rejected": 0, "erased_records": 0}
-        profiles_changed = False
+    def _opened_inputs(self, batch: dict[str, TopicBatch],
+                       ) -> tuple[list[tuple[str, bool, TopicBatch]], int]:
+        """The log topics' records in topic order, decrypted (engine.kafka.personal); the
+        records of erased people are left out and counted."""
+        inputs: list[tuple[str, bool, TopicBatch]] = []
+        erased_total = 0
         for logical in LOG_TOPICS:
             columns = batch.get(logical)
             if not columns:
@@ -405,45 +428,44 @@ class Worker:
             offsets, values, erased = open_inputs(
                 self.person_keys, SEALED_INPUTS[logical], columns.offsets, columns.keys,
                 columns.values)
-            done["erased_records"] += erased
+            erased_total += erased
             key_ids = columns.key_ids
             if key_ids is not None and erased:
                 kept = set(offsets)
                 key_ids = [k for o, k in zip(columns.offsets, key_ids, strict=True) if o in kept]
-            counts = store.ingest(self.topics[logical], offsets, values, now_ms(),
-                                  key_ids=key_ids, next_offset=columns.next_offset)
-            done["accepted"] += counts.accepted
-            done["rejected"] += counts.rejected
-            done["accepted_samples"] += counts.accepted_samples
-            profiles_changed |= logical in (PROFILES, CONSENT) and counts.accepted > 0
-        crash_point("after_ingest")
-        done["awards"] = store.run_pipeline(self.settings.rules_path,
-                                            profiles_changed).awards_appended
-        requests = batch.get(REDEMPTIONS)
-        if requests:
-            result = store.apply_redemptions(self.topics[REDEMPTIONS], requests.offsets,
-                                             requests.values)
-            done["redemptions_applied"] = result.applied
-            done["redemptions_rejected"] = result.rejected
-        crash_point("after_pipeline")
-        return done
+            inputs.append((self.topics[logical], logical in (PROFILES, CONSENT),
+                           TopicBatch(offsets, [], values, key_ids, columns.next_offset)))
+        return inputs, erased_total
+
+    def _check_contiguous(self, part: PartitionState, logical: str,
+                          columns: TopicBatch) -> None:
+        tp = part.tps[logical]
+        expected = part.next_offsets.get(tp, 0)
+        part.next_offsets[tp] = max(expected, columns.next_offset)
+        if logical != PROFILES and columns.offsets[0] > expected:  # profiles are compacted
+            self.summary.offset_gaps += 1
+            log.error("%s: records %d..%d were skipped (next stored offset %d, fetched from "
+                      "%d); were they deleted by retention?", tp, expected,
+                      columns.offsets[0] - 1, expected, columns.offsets[0])
 
     # -- outputs and commits ---------------------------------------------------------
 
     async def _publish_and_commit(self) -> None:
         assert self.producer is not None and self.consumer is not None
         sender = BatchSender(self.producer)
-        parts = list(self._parts.values())
+        parts = [part for part in self._parts.values() if part.outputs_pending]
         while parts:  # every partition's outputs in one flush: one wait for the broker
             sent: list[tuple[PartitionState, Outputs]] = []
             for part in parts:
-                outputs = await self._in_store(part.number, part.store.pending_outputs)
+                outputs = await part.host.call("pending_outputs")
                 if len(outputs):
                     await self._send_outputs(sender, part.number, outputs)
                     sent.append((part, outputs))
+                else:
+                    part.outputs_pending = False
             await sender.flush()
             for part, outputs in sent:
-                await self._in_store(part.number, part.store.mark_published, outputs)
+                await part.host.call("mark_published", outputs)
             parts = [part for part, _ in sent]
         crash_point("after_publish")
         await self._commit()
@@ -499,8 +521,7 @@ class Worker:
         assert self.consumer is not None
         offsets: dict[TopicPartition, int] = {}
         for part in self._parts.values():
-            stored = await self._in_store(part.number, self._stored_offsets, part.store)
-            for logical, offset in stored.items():
+            for logical, offset in part.stored.items():
                 tp = part.tps[logical]
                 if offset is not None and offset > part.committed.get(tp, -1):
                     offsets[tp] = offset
@@ -517,9 +538,9 @@ class Worker:
                 if tp in offsets:
                     part.committed[tp] = offsets[tp]
 
-    def _stored_offsets(self, store: PartitionStore) -> dict[str, int | None]:
-        stored = store.stored_offsets([self.topics[t] for t in LOG_TOPICS],
-                                      self.topics[REDEMPTIONS])
+    async def _stored_offsets(self, host: ThreadHost) -> dict[str, int | None]:
+        stored = await host.call("stored_offsets", [self.topics[t] for t in LOG_TOPICS],
+                                 self.topics[REDEMPTIONS])
         return {self._logical[topic]: offset for topic, offset in stored.items()}
 
     # -- assignment, phases, takeover --------------------------------------------------
@@ -535,7 +556,7 @@ class Worker:
                     log.error("partition %d assigned without %s: a group member is not using "
                               "the co-partitioned assignor", number, missing)
             for number in [n for n in self._parts if n not in numbers]:
-                await self._in_store(number, self._parts.pop(number).store.close)
+                await self._parts.pop(number).host.close()
             for number in numbers:
                 await self._assign_one(number)
             self._generation += 1
@@ -550,11 +571,11 @@ class Worker:
         if not self._snapshots_on or self.producer is None:
             return
         for part in self._parts.values():
-            position = await self._in_store(part.number, part.store.log.position)
+            position = part.position
             last = self._snapshot_positions.get(part.number, 0)
             if position <= last or (not force and position - last < SNAPSHOT_PUBLISH_RECORDS):
                 continue
-            payload = await self._in_store(part.number, part.store.topic_snapshot)
+            payload = await part.host.call("topic_snapshot")
             if payload is None:
                 continue
             try:
@@ -565,7 +586,7 @@ class Worker:
             self._snapshot_positions[part.number] = position
             self.summary.snapshots_published += 1
 
-    async def _restore_from_snapshot(self, number: int, store: PartitionStore) -> PartitionStore:
+    async def _restore_from_snapshot(self, number: int, host: ThreadHost) -> ThreadHost:
         """A partition new to this host: start from the newest snapshot on genki.snapshots
         and the entries of genki.ledger up to it; without one (or when it does not check
         out) the inputs are re-read from offset 0."""
@@ -574,18 +595,18 @@ class Worker:
         if payload is None:
             log.info("partition %d: no snapshot on %s; rebuilding from offset 0", number,
                      self.snapshot_topic)
-            return store
+            return host
         ledger = await read_partition(bootstrap, self.topics[LEDGER], number)
         try:
-            restored, redemptions, refused = await self._in_store(
-                number, store.restore_from_snapshot, payload,
+            restored, redemptions, refused = await host.call(
+                "restore_from_snapshot", payload,
                 [(offset, opened) for offset, _, v in ledger
                  if (opened := open_entry(self.person_keys, v))],
                 self.topics[LEDGER], self.settings.rules_path)
         except (GenkiError, ValueError, KeyError) as error:
             log.error("partition %d: snapshot restore failed (%s); rebuilding from offset 0",
                       number, error)
-            await self._in_store(number, store.close)
+            await host.close()
             await asyncio.to_thread(shutil.rmtree, partition_dir(self.settings.data_dir,
                                                                  number))
             return await self._open_store(number)
@@ -593,10 +614,10 @@ class Worker:
         self.summary.snapshot_restored_entries += restored
         self.summary.restored_entries += redemptions
         self.summary.restore_refused += refused
-        self._snapshot_positions[number] = await self._in_store(number, store.log.position)
+        self._snapshot_positions[number] = await host.call("position")
         log.info("partition %d: restored from the snapshot on %s and %d entries of %s",
                  number, self.snapshot_topic, restored, self.topics[LEDGER])
-        return store
+        return host
 
     async def _assign_one(self, number: int) -> None:
         consumer = self.consumer
@@ -605,13 +626,14 @@ class Worker:
         if self._key_topic is not None:
             await self._key_topic.catch_up([number])
         if part is None:
-            store = await self._open_store(number)
-            if not store.existed and self._snapshots_on:
-                store = await self._restore_from_snapshot(number, store)
-            store.record_keys = self.record_keys
+            host = await self._open_store(number)
+            if not host.existed and self._snapshots_on:
+                host = await self._restore_from_snapshot(number, host)
             tps = {t: TopicPartition(self.topics[t], number) for t in INPUT_TOPICS}
-            part = self._parts[number] = PartitionState(number, store, tps)
-        stored = await self._in_store(part.number, self._stored_offsets, part.store)
+            part = self._parts[number] = PartitionState(number, host, tps)
+        stored = part.stored = await self._stored_offsets(part.host)
+        part.position = await part.host.call("position")
+        part.outputs_pending = True
         committed = {t: await consumer.committed(tp) for t, tp in part.tps.items()}
         part.committed = {tp: committed[t] for t, tp in part.tps.items()
                           if committed[t] is not None}
@@ -632,18 +654,23 @@ class Worker:
             log.info("partition %d: this host is behind the group (local %s, committed %s); "
                      "catching up from the inputs", number, stored, committed)
 
-    async def _open_store(self, number: int) -> PartitionStore:
+    async def _open_store(self, number: int) -> ThreadHost:
+        s = self.settings
+        host = new_host(number, s.partition_processes)
         waited_s = 0.0
-        while True:
-            try:
-                return await self._in_store(number, partial(
-                    PartitionStore.open, self.settings.data_dir, number,
-                    late_window_days=self.settings.late_window_days))
-            except PartitionBusy:
-                if waited_s >= PARTITION_BUSY_WAIT_S_MAX:
-                    raise
-                await asyncio.sleep(PARTITION_BUSY_RETRY_S)
-                waited_s += PARTITION_BUSY_RETRY_S
+        try:
+            while True:
+                try:
+                    await host.open(s.data_dir, s.late_window_days, self.record_keys)
+                    return host
+                except PartitionBusy:
+                    if waited_s >= PARTITION_BUSY_WAIT_S_MAX:
+                        raise
+                    await asyncio.sleep(PARTITION_BUSY_RETRY_S)
+                    waited_s += PARTITION_BUSY_RETRY_S
+        except BaseException:
+            await host.close()
+            raise
 
     async def _caught_up(self, tp: TopicPartition, target: int | None = None) -> bool:
         assert self.consumer is not None
@@ -688,15 +715,16 @@ class Worker:
         selection = select_restorable([(offset, value) for offset, _, value in ledger],
                                       verified_requests([v for *_, v in requests],
                                                         self.record_keys), self.person_keys)
-        restored = await self._in_store(number, part.store.restore_entries, selection,
-                                        self.topics[LEDGER])
+        restored, refused = await part.host.call("restore_entries", selection,
+                                                 self.topics[LEDGER])
+        part.outputs_pending = True
         self.summary.restored_entries += restored
-        self.summary.restore_refused += len(selection.refused)
+        self.summary.restore_refused += refused
         self.summary.erased_records += selection.erased
-        if selection.refused:
+        if refused:
             log.error("partition %d: %d entries on %s are not backed by an authenticated "
                       "request; not restored, dead-lettered as unauthenticated", number,
-                      len(selection.refused), self.topics[LEDGER])
+                      refused, self.topics[LEDGER])
         log.info("partition %d: restored %d redemption/refund/adjustment entries from %s",
                  number, restored, self.topics[LEDGER])
 

@@ -1,0 +1,165 @@
+"""Where a partition's store runs: a thread of the worker, or a process of its own.
+
+The worker's event loop fetches, publishes and commits; each owned partition's
+store (log, rules, ledger: decode → dedup → rules → ledger) runs elsewhere,
+one call at a time, so SQLite connections stay with the thread that opened them.
+
+* `ThreadHost` (default): a thread of the worker process. Decoding holds the GIL,
+  so partitions on threads take turns on one core.
+* `ProcessHost` (`genki worker --partition-processes`): a process per partition
+  (forked from a forkserver that has imported the engine once), so partitions
+  run on every core while the worker's loop fetches the next batch. What crosses
+  is data: a partition's input columns in, counts and pending outputs out.
+
+Both answer the same calls (`call("pending_outputs")` runs
+`PartitionStore.pending_outputs` on the partition's store). A partition process
+that dies (a crash point, the OOM killer) stops the worker with an error; the
+restart resumes from the offsets stored with the state, as after any crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import select
+import signal
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from engine.errors import GenkiError
+from engine.kafka.keys import Keyring
+from engine.kafka.partition import PartitionStore
+
+# Imported once by the forkserver, so a partition process starts in milliseconds.
+_PRELOAD_MODULES = ["engine.kafka.host", "engine.pipeline", "engine.rules.engine"]
+WORKER_WATCH_S = 0.5  # how often a partition process checks that its worker lives (no pidfd)
+
+
+class PartitionProcessDied(GenkiError):
+    """A partition's process ended in the middle of a call."""
+
+    code = "partition_process_died"
+
+
+# The store of this partition process (ProcessHost), or of nothing (the worker itself).
+_process_store: dict[str, PartitionStore] = {}
+
+
+def _open(holder: dict[str, PartitionStore], data_dir: Path, number: int,
+          late_window_days: int, record_keys: Keyring | None) -> bool:
+    assert "store" not in holder
+    store = PartitionStore.open(data_dir, number, late_window_days=late_window_days)
+    store.record_keys = record_keys
+    holder["store"] = store
+    return store.existed
+
+
+def _call(holder: dict[str, PartitionStore], name: str, *args: Any) -> Any:
+    return getattr(holder["store"], name)(*args)
+
+
+def _close(holder: dict[str, PartitionStore]) -> None:
+    store = holder.pop("store", None)
+    if store is not None:
+        store.close()
+
+
+def _in_process(fn: Any, *args: Any) -> Any:
+    return fn(_process_store, *args)
+
+
+def _die_with_worker(worker_pid: int) -> None:
+    """A partition process must not outlive its worker (its parent is the forkserver,
+    which lives as long as any of its children): it holds the partition's owner.lock,
+    which the worker's restart needs. A watcher thread kills it when the worker ends."""
+    threading.Thread(target=_watch, args=(worker_pid,), name="genki-watch-worker",
+                     daemon=True).start()
+
+
+def _watch(worker_pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(worker_pid)
+    except (OSError, AttributeError):
+        pidfd = None
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # readable once the worker has ended
+    else:
+        while True:
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                break
+            threading.Event().wait(WORKER_WATCH_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ThreadHost:
+    """A partition's store on a thread of its own in the worker process."""
+
+    def __init__(self, number: int, executor: Executor | None = None) -> None:
+        self.number = number
+        self.existed = False
+        self._holder: dict[str, PartitionStore] = {}
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"genki-p{number}")
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, self._holder, *args))
+
+    async def open(self, data_dir: Path, late_window_days: int,
+                   record_keys: Keyring | None) -> None:
+        self.existed = await self._run(_open, data_dir, self.number, late_window_days,
+                                       record_keys)
+
+    async def call(self, name: str, *args: Any) -> Any:
+        return await self._run(_call, name, *args)
+
+    async def close(self) -> None:
+        try:
+            await self._run(_close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+class ProcessHost(ThreadHost):
+    """A partition's store in a process of its own."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number, ProcessPoolExecutor(1, mp_context=_context(),
+                                                     initializer=_die_with_worker,
+                                                     initargs=(os.getpid(),)))
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, partial(_in_process, fn, *args))
+        except BrokenProcessPool:
+            raise PartitionProcessDied(
+                f"the process of partition {self.number} died (killed, or out of memory); "
+                "restart the worker: it resumes from the offsets stored with the "
+                "partition's state") from None
+
+    async def close(self) -> None:
+        with contextlib.suppress(PartitionProcessDied):  # a dead process has nothing open
+            await super().close()
+
+
+_contexts: list[Any] = []
+
+
+def _context() -> Any:
+    if not _contexts:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD_MODULES)
+        _contexts.append(context)
+    return _contexts[0]
+
+
+def new_host(number: int, processes: bool) -> ThreadHost:
+    return ProcessHost(number) if processes else ThreadHost(number)
