@@ -79,10 +79,10 @@ _INT_TYPES = frozenset((int,))
 _NUMBER_TYPES = frozenset((int, float))
 _FLAT_INT_ABS_MAX = 2.0**62
 _ACTIVITY_START = b'{"v":' + str(WIRE_VERSION).encode() + b',"event_id":"'
-_ACTIVITY_LINE = re.compile((
+_ACTIVITY_TEXT = re.compile(
     r'\{"v":' + str(WIRE_VERSION) + r',"event_id":"' + _ID_GROUP + r'","user_id":"' + _ID_GROUP
     + r'","kind":"(' + "|".join(map(re.escape, ACTIVITY_KINDS)) + r')","ts_ms":([1-9][0-9]{0,17})'
-    + r'(?:,"venue_id":"' + _ID_GROUP + r'")?,"source":"' + _ID_GROUP + r'"\}').encode())
+    + r'(?:,"venue_id":"' + _ID_GROUP + r'")?,"source":"' + _ID_GROUP + r'"\}')
 
 
 @dataclass
@@ -494,21 +494,23 @@ def _plain_values(texts: list[bytes], lengths: list[int]) -> np.ndarray | None:
 
 def _plain_activities(lines: list[bytes], candidates: list[int],
                       activities: list[Activity]) -> list[int]:
-    """Activity events of the common shape as orjson writes them, matched in the bytes;
-    returns the indexes of every other line."""
+    """Activity events of the common shape as orjson writes them, matched in the text
+    (latin-1 never fails to decode, and only ASCII matches); returns the indexes of every
+    other line."""
     others: list[int] = []
-    match = _ACTIVITY_LINE.fullmatch
+    match = _ACTIVITY_TEXT.fullmatch
     for i in candidates:
         raw = lines[i]
-        found = match(raw) if raw.startswith(_ACTIVITY_START) else None
-        ts_ms = int(found.group(4)) if found is not None else 0
-        if ts_ms < TS_MS_MIN or len(raw) > RECORD_BYTES_MAX:
+        found = match(raw.decode("latin-1")) if raw.startswith(_ACTIVITY_START) else None
+        if found is None or len(raw) > RECORD_BYTES_MAX:
             others.append(i)
             continue
-        event_id, user_id, kind, _, venue_id, source = found.groups()  # type: ignore[union-attr]
-        activities.append(Activity(i, event_id.decode(), user_id.decode(), kind.decode(), ts_ms,
-                                   None if venue_id is None else venue_id.decode(),
-                                   source.decode()))
+        event_id, user_id, kind, ts_text, venue_id, source = found.groups()
+        ts_ms = int(ts_text)
+        if ts_ms < TS_MS_MIN:  # pydantic names it
+            others.append(i)
+            continue
+        activities.append(Activity(i, event_id, user_id, kind, ts_ms, venue_id, source))
     return others
 
 
