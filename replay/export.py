@@ -18,7 +18,7 @@ import datetime as dt
 import hashlib
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +42,12 @@ HMAC_BLOCK_BYTES = 64  # SHA-256's block
 LOG_RECORDS_PER_CHUNK = 20_000
 LEDGER_ROWS_PER_CHUNK = 200_000
 PARQUET_ROWS_PER_FILE_MAX = 5_000_000
-# A partition's rows are buffered up to this many before a row group is written: fewer,
-# larger row groups (a metric-day of a small metric is one) cost far less to encode and
-# compress; memory stays below open files x this x a row's ~60 bytes.
-PARQUET_ROWS_PER_GROUP_MIN = 50_000
-PARQUET_ROWS_PER_GROUP_MAX = 1_000_000
 OPEN_FILES_MAX = 512
+PARTITION_WRITE_THREADS = 2  # a chunk's partitions written at once
 
 SAMPLE_SCHEMA = pa.schema([("user", pa.string()), ("metric", pa.string()), ("day", pa.string()),
                            ("ts_ms", pa.int64()), ("value", pa.float64())])
+SAMPLE_FILE_SCHEMA = pa.schema([f for f in SAMPLE_SCHEMA if f.name not in ("metric", "day")])
 ACTIVITY_SCHEMA = pa.schema([("user", pa.string()), ("event", pa.string()), ("kind", pa.string()),
                              ("ts_ms", pa.int64()), ("day", pa.string()), ("venue", pa.string())])
 PEOPLE_SCHEMA = pa.schema([("user", pa.string()), ("birth_year_min", pa.int32()),
@@ -172,10 +169,17 @@ def _window_mask(days: np.ndarray, since: int | None, until: int | None) -> np.n
     return mask
 
 
-def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
-                    window: tuple[int | None, int | None], manifest: ReplayManifest,
-                    policy: ExportPolicy, tick: Callable[[int], None]) -> Iterator[pa.RecordBatch]:
-    metric_names = [m.name for m in METRICS]
+@dataclass
+class _SampleChunk:
+    """A chunk's exported samples sorted by partition (metric, day), ready to slice."""
+
+    partitions: list[tuple[str, int, int]]  # (hive directory, first row, end row)
+    table: pa.Table  # user, ts_ms, value (SAMPLE_FILE_SCHEMA)
+
+
+def _sample_chunks(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
+                   window: tuple[int | None, int | None], manifest: ReplayManifest,
+                   policy: ExportPolicy, tick: Callable[[int], None]) -> Iterator[_SampleChunk]:
     for lo in range(0, end, LOG_RECORDS_PER_CHUNK):
         hi = min(lo + LOG_RECORDS_PER_CHUNK, end)
         cols = log.read_samples(lo, hi)
@@ -184,16 +188,100 @@ def _sample_batches(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: 
             continue
         allowed = consent.contains(cols.users, cols.user_idx, cols.ts_ms)
         days = tokyo_days(cols.ts_ms)
-        keep = allowed & _window_mask(days, *window)
+        keep = np.flatnonzero(allowed & _window_mask(days, *window))
         manifest.left_out("samples", int((~allowed).sum()))
-        if not keep.any():
+        if not len(keep):
             continue
-        users = pseudo.many("user", cols.users)
-        yield pa.RecordBatch.from_arrays(
-            [_take(users, cols.user_idx[keep]), _take(metric_names, cols.metric[keep]),
-             _day_strings(days[keep]),
-             pa.array(coarsen(cols.ts_ms[keep], policy.samples_time)),
-             pa.array(cols.value[keep])], schema=SAMPLE_SCHEMA)
+        days = days[keep]
+        first_day, day_span = int(days.min()), int(days.max() - days.min()) + 1
+        partition = cols.metric[keep].astype(np.int64) * day_span + (days - first_day)
+        if len(METRICS) * day_span <= np.iinfo(np.uint16).max:
+            partition = partition.astype(np.uint16)  # numpy sorts 16-bit keys by radix
+        order = np.argsort(partition, kind="stable")
+        partition, order = partition[order], keep[order]
+        starts = np.flatnonzero(np.r_[True, partition[1:] != partition[:-1]])
+        ends = np.r_[starts[1:], len(partition)]
+        users = pa.array(pseudo.many("user", cols.users), pa.string())
+        yield _SampleChunk(
+            [(_partition_dir(int(partition[at]) // day_span,
+                             first_day + int(partition[at]) % day_span), int(at), int(stop))
+             for at, stop in zip(starts.tolist(), ends.tolist(), strict=True)],
+            pa.Table.from_arrays(
+                [users.take(pa.array(cols.user_idx[order])),
+                 pa.array(coarsen(cols.ts_ms[order], policy.samples_time)),
+                 pa.array(cols.value[order])], schema=SAMPLE_FILE_SCHEMA))
+
+
+def _partition_dir(metric: int, day: int) -> str:
+    return f"metric={METRICS[metric].name}/day={(EPOCH_DATE + dt.timedelta(days=day)).isoformat()}"
+
+
+class _PartitionFiles:
+    """The Parquet files of a hive-partitioned table: one open writer per partition, at most
+    OPEN_FILES_MAX open (the least recently written is closed and its partition goes on in
+    the next part-N file), at most PARQUET_ROWS_PER_FILE_MAX rows a file: the layout
+    pyarrow's dataset writer makes. The caller writes distinct partitions in parallel."""
+
+    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+        self.directory, self.schema = directory, schema
+        self._open: dict[str, tuple[pq.ParquetWriter, int]] = {}  # LRU order: oldest first
+        self._parts: dict[str, int] = {}
+
+    def writers_for(self, partitions: list[tuple[str, int]]) -> list[pq.ParquetWriter]:
+        """A writer per (partition, rows about to be written), opened and closed here (one
+        thread); the writes themselves may then run in parallel."""
+        writers = []
+        for name, rows in partitions:
+            writer, written = self._open.pop(name, (None, 0))
+            if writer is not None and written + rows > PARQUET_ROWS_PER_FILE_MAX:
+                writer.close()
+                writer = None
+            if writer is None:
+                writer, written = self._new_file(name), 0
+            self._open[name] = (writer, written + rows)
+            writers.append(writer)
+        for name in list(self._open)[:max(0, len(self._open) - OPEN_FILES_MAX)]:
+            self._open.pop(name)[0].close()
+        return writers
+
+    def _new_file(self, name: str) -> pq.ParquetWriter:
+        part = self._parts.get(name, 0)
+        self._parts[name] = part + 1
+        (self.directory / name).mkdir(parents=True, exist_ok=True)
+        return pq.ParquetWriter(self.directory / name / f"part-{part}.parquet", self.schema,
+                                compression="zstd")
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1][0].close()
+
+
+def _write_samples(chunks: Iterator[_SampleChunk], directory: Path) -> int:
+    """Write each chunk's partitions in parallel threads (Arrow encodes without the GIL)
+    while the next chunk is read."""
+    files = _PartitionFiles(directory, SAMPLE_FILE_SCHEMA)
+    rows = 0
+    try:
+        with ThreadPoolExecutor(PARTITION_WRITE_THREADS) as pool:
+            pending: list[Future] = []
+            for chunk in chunks:
+                for done in pending:
+                    done.result()
+                writers = files.writers_for([(name, stop - at)
+                                             for name, at, stop in chunk.partitions])
+                pending = [pool.submit(writer.write_table, chunk.table.slice(at, stop - at))
+                           for writer, (_, at, stop) in zip(writers, chunk.partitions,
+                                                            strict=True)]
+                rows += chunk.table.num_rows
+            for done in pending:
+                done.result()
+    finally:
+        files.close()
+    if rows == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        pq.write_table(SAMPLE_FILE_SCHEMA.empty_table(), directory / "empty.parquet",
+                       compression="zstd")
+    return rows
 
 
 @dataclass
@@ -309,8 +397,6 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: Path
                      partitioning_flavor="hive" if partitioning else None,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
                      max_open_files=OPEN_FILES_MAX, max_rows_per_file=PARQUET_ROWS_PER_FILE_MAX,
-                     min_rows_per_group=PARQUET_ROWS_PER_GROUP_MIN,
-                     max_rows_per_group=PARQUET_ROWS_PER_GROUP_MAX,
                      existing_data_behavior="overwrite_or_ignore")
     if rows == 0:  # every table is there, with its schema, even when nothing qualifies
         directory.mkdir(parents=True, exist_ok=True)
@@ -381,9 +467,9 @@ def export_embedded(data_dir: Path, target: Path, key: bytes, *, since: str | No
             users_included=len(consent.periods), users_left_out_no_consent=consent.refused,
             source_offsets=dict(source_offsets or {}))
         ledger = pool.submit(_ledger_tables, data_dir, staging, pseudo, consent, window, policy)
-        manifest.rows["samples"] = _write(
-            _sample_batches(log, end, pseudo, consent, window, manifest, policy, tick),
-            SAMPLE_SCHEMA, staging / "samples", ["metric", "day"])
+        manifest.rows["samples"] = _write_samples(
+            _sample_chunks(log, end, pseudo, consent, window, manifest, policy, tick),
+            staging / "samples")
         manifest.rows["activities"] = _write(
             _activity_batches(log, end, pseudo, consent, window, manifest, policy, report),
             ACTIVITY_SCHEMA, staging / "activities", None)

@@ -8,6 +8,7 @@ live ledger's awards and flags. Nothing is written to the data directory.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -48,6 +49,8 @@ class WhatIfResult:
     flags_cleared_whatif: int = 0
     samples: int = 0
     seconds: float = 0.0
+    workers: int = 1
+    peak_rss_mib: int = 0  # this process's peak plus each worker's: a bound on memory at once
     points_by_rule_whatif: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
@@ -135,17 +138,22 @@ class _ShareResult:
     raised: Counter
     cleared: Counter
     samples: int
+    peak_rss_mib: int = 0  # of the worker process (0: evaluated in the caller's)
 
     def to_json(self) -> bytes:
         return orjson.dumps({"points": self.points, "by_family": self.by_family,
                              "raised": self.raised, "cleared": self.cleared,
-                             "samples": self.samples})
+                             "samples": self.samples, "peak_rss_mib": _peak_rss_mib()})
 
     @classmethod
     def of_json(cls, data: bytes) -> _ShareResult:
         fields = orjson.loads(data)
         return cls(Counter(fields["points"]), fields["by_family"], Counter(fields["raised"]),
-                   Counter(fields["cleared"]), fields["samples"])
+                   Counter(fields["cleared"]), fields["samples"], fields["peak_rss_mib"])
+
+
+def _peak_rss_mib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
 
 
 def _evaluate_share(data_dir: Path, rules_path: Path, position: int,
@@ -249,6 +257,8 @@ def whatif(data_dir: Path, rules_path: Path, *, since: str | None = None,
     points: Counter = Counter()
     raised: Counter = Counter()
     cleared: Counter = Counter()
+    result.workers = workers
+    result.peak_rss_mib = _peak_rss_mib() + sum(share.peak_rss_mib for share in shares)
     for share in shares:
         points.update(share.points)
         raised.update(share.raised)

@@ -236,3 +236,17 @@ def test_awards_drafts_are_the_rows_they_describe() -> None:
     for draft in awards.drafts():
         by_rule[str(draft.rule)] = by_rule.get(str(draft.rule), 0) + draft.points
     assert awards.points_by_rule() == by_rule
+
+
+@pytest.mark.parametrize("entry_id", ["plain-é-\x7f-\u2028-😀", "quote\"d", "back\\slash",
+                                      "tab\tid", "x" * 128])
+def test_unusual_entry_ids_give_the_ledger_the_drafts_give(tmp_path: Path, same_keys: Reset,
+                                                           entry_id: str) -> None:
+    awards = awards_batch(random.Random(8), 5, [])
+    awards.entry_id[3] = entry_id
+    columns, drafts, first, second = both(tmp_path, same_keys, [(awards, [], {})])
+    with first, second:
+        assert columns == drafts
+        assert first.entry(entry_id).entry_id == entry_id
+        assert dump(tmp_path / "columns") == dump(tmp_path / "drafts")
+        assert first.verify().ok

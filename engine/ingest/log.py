@@ -40,6 +40,7 @@ from engine.ingest.decode import (
     SegmentColumns,
     activity_kind_code,
     decode_lines,
+    gc_paused,
 )
 from engine.ingest.dedup import (
     LATE_WINDOW_DAYS_MIN,
@@ -51,7 +52,7 @@ from engine.ingest.dedup import (
 )
 from engine.ingest.reasons import Reason, reason_text
 from engine.ingest.seen import SEEN_MARGIN_DAYS, SEEN_SCHEMA, SeenIndex, StagedDay
-from engine.schemas import SEGMENT_SPAN_MS_MAX, ConsentChange
+from engine.schemas import ACTIVITY_KINDS, SEGMENT_SPAN_MS_MAX, ConsentChange
 from engine.storage import open_sqlite
 
 LOG_FILE_NAME = "log.sqlite"
@@ -106,6 +107,9 @@ CREATE TABLE IF NOT EXISTS key_stats (
 META_SEEN_WINDOW_DAYS = "seen_index.window_days"  # the window the index was pruned with
 
 log = logging.getLogger(__name__)
+
+_NO_DAY = np.iinfo(np.int64).min  # no watermark: nothing is too late
+_KIND_CODE = {kind: activity_kind_code(kind) for kind in ACTIVITY_KINDS}
 
 COUNTERS = ("received", "accepted", "rejected", "duplicate_samples", "accepted_samples",
             "duplicate_records")
@@ -569,14 +573,15 @@ class EmbeddedLog:
 
     def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
                           next_seq: int) -> tuple[dict, int]:
-        existing = self._existing_events([event.event_id for event in decoded.activities])
-        watermarks: dict[tuple[str, str], int] = {}
-        seen_in_batch: dict[str, bytes] = {}
+        """Activities in arrival order: a re-sent event id is a duplicate (or a conflict),
+        one older than its user's window too late; the others raise their user's mark."""
+        known = self._existing_events([event.event_id for event in decoded.activities])
+        marks: dict[str, tuple[int, int]] = {}  # user: (watermark, first day not too late)
         rows: list[tuple] = []
-        window_days = self.late_window_days
+        window_days, stored_marks = self.late_window_days, self._watermarks
         for event in decoded.activities:
             body = event.canonical()
-            stored = existing.get(event.event_id) or seen_in_batch.get(event.event_id)
+            stored = known.get(event.event_id)
             if stored is not None:
                 if stored == body:
                     counts.duplicate_records += 1
@@ -586,21 +591,26 @@ class EmbeddedLog:
                         f"{event.event_id} was stored before with different content"),
                         decoded.lines[event.index]))
                 continue
-            key = (event.user_id, "activities")
-            wm = watermarks.get(key, self._watermarks.get(key, -1))
-            if wm >= 0 and tokyo_day(event.ts_ms) < tokyo_day(wm) - window_days:
+            user, ts_ms = event.user_id, event.ts_ms
+            mark = marks.get(user)
+            if mark is None:
+                wm = stored_marks.get((user, "activities"), -1)
+                mark = marks[user] = (wm, tokyo_day(wm) - window_days if wm >= 0 else _NO_DAY)
+            wm, day_min = mark
+            if (ts_ms + TOKYO_OFFSET_MS) // DAY_MS < day_min:
                 decoded.rejected.append(Rejected(event.index, reason_text(
-                    Reason.too_late, "ts_ms", f"event on {_iso(event.ts_ms)} is more than "
+                    Reason.too_late, "ts_ms", f"event on {_iso(ts_ms)} is more than "
                     f"{window_days} days older than this user's events so far"),
                     decoded.lines[event.index]))
                 continue
-            rows.append((next_seq, event.event_id, event.user_id, activity_kind_code(event.kind),
-                         event.ts_ms, event.venue_id or "", event.source, wm, body))
-            seen_in_batch[event.event_id] = body
-            watermarks[key] = max(wm, event.ts_ms)
+            rows.append((next_seq, event.event_id, user, _KIND_CODE[event.kind], ts_ms,
+                         event.venue_id or "", event.source, wm, body))
+            known[event.event_id] = body
+            if ts_ms > wm:
+                marks[user] = (ts_ms, tokyo_day(ts_ms) - window_days)
             next_seq += 1
         self._db.executemany("INSERT INTO activity_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        return watermarks, next_seq
+        return {(user, "activities"): wm for user, (wm, _) in marks.items()}, next_seq
 
     def _existing_events(self, event_ids: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -992,14 +1002,16 @@ class EmbeddedLog:
         if archived is None and self._share is None and \
                 self._recent.covers(after_seq, upto_seq) and not self._not_excluded("r.seq"):
             return self._recent.read(after_seq, upto_seq)
-        rows = self._db.execute(
-            "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
-            " r.wm_before_ms FROM sample_records r WHERE r.seq > ? AND r.seq <= ?"
-            + self._share_streams_clause() + self._not_excluded("r.seq") + " ORDER BY r.seq",
-            (after_seq, upto_seq)).fetchall()
         parts = [] if archived is None else [_archived_records(archived)]
-        if rows:
-            parts.append(self._stored_records(rows))
+        with gc_paused():  # a tuple per record, none in a cycle
+            rows = self._db.execute(
+                "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
+                " r.wm_before_ms FROM sample_records r WHERE r.seq > ? AND r.seq <= ?"
+                + self._share_streams_clause() + self._not_excluded("r.seq") + " ORDER BY r.seq",
+                (after_seq, upto_seq)).fetchall()
+            if rows:
+                parts.append(self._stored_records(rows))
+            del rows
         if self._share is not None:
             parts = [part.only(self._share) for part in parts]
         return _sample_columns(parts)
