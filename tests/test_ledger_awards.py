@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.entries import Awards, EntryDraft
 from engine.ids import derive_id
 from engine.ledger import Ledger, store
 from engine.ledger.errors import EntryExistsWithDifferent, InvalidEntry
-from engine.schemas import EntryKind, FlagEvent
+from engine.ledger.journal import _all_ids
+from engine.schemas import EntryKind, FlagEvent, is_id
 
 TABLES = ("journal", "entry_links", "person_keys", "balances", "flag_journal", "flags", "meta",
           "commits")
@@ -236,3 +239,24 @@ def test_awards_drafts_are_the_rows_they_describe() -> None:
     for draft in awards.drafts():
         by_rule[str(draft.rule)] = by_rule.get(str(draft.rule), 0) + draft.points
     assert awards.points_by_rule() == by_rule
+
+
+@pytest.mark.parametrize("entry_id", ["plain-é-\x7f-\u2028-😀", "quote\"d", "back\\slash",
+                                      "tab\tid", "x" * 128])
+def test_unusual_entry_ids_give_the_ledger_the_drafts_give(tmp_path: Path, same_keys: Reset,
+                                                           entry_id: str) -> None:
+    awards = awards_batch(random.Random(8), 5, [])
+    awards.entry_id[3] = entry_id
+    columns, drafts, first, second = both(tmp_path, same_keys, [(awards, [], {})])
+    with first, second:
+        assert columns == drafts
+        assert first.entry(entry_id).entry_id == entry_id
+        assert dump(tmp_path / "columns") == dump(tmp_path / "drafts")
+        assert first.verify().ok
+
+
+@given(st.lists(st.one_of(st.text(alphabet="Pab01_.:-\x1f \né", max_size=70),
+                          st.from_regex(r"[A-Za-z0-9_.:\-]{1,64}", fullmatch=True)),
+                max_size=6))
+def test_the_one_pass_id_check_agrees_with_is_id(values: list[str]) -> None:
+    assert _all_ids(values) == all(is_id(value) for value in values)

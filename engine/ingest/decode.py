@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain, compress, repeat
 from typing import Any
 
 import numpy as np
@@ -79,10 +79,10 @@ _INT_TYPES = frozenset((int,))
 _NUMBER_TYPES = frozenset((int, float))
 _FLAT_INT_ABS_MAX = 2.0**62
 _ACTIVITY_START = b'{"v":' + str(WIRE_VERSION).encode() + b',"event_id":"'
-_ACTIVITY_LINE = re.compile((
+_ACTIVITY_TEXT = re.compile(
     r'\{"v":' + str(WIRE_VERSION) + r',"event_id":"' + _ID_GROUP + r'","user_id":"' + _ID_GROUP
     + r'","kind":"(' + "|".join(map(re.escape, ACTIVITY_KINDS)) + r')","ts_ms":([1-9][0-9]{0,17})'
-    + r'(?:,"venue_id":"' + _ID_GROUP + r'")?,"source":"' + _ID_GROUP + r'"\}').encode())
+    + r'(?:,"venue_id":"' + _ID_GROUP + r'")?,"source":"' + _ID_GROUP + r'"\}')
 
 
 @dataclass
@@ -217,20 +217,19 @@ def _segment_arrays(body: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | tup
 def _check_segment_arrays(
     segments: SegmentColumns, raws: list[bytes], now_ms: int
 ) -> list[Rejected]:
-    """Vectorised range checks over all samples of the batch; drops bad records."""
+    """Vectorised range checks of the batch, on each record's extremes (a record has a
+    value out of range when its least or greatest is); drops bad records."""
     if not segments.index:
         return []
     ts, values, lengths = segments.ts, segments.values, segments.lengths
-    metric = np.repeat(np.asarray(segments.metric, dtype=np.int64), lengths)
-    record_of = np.repeat(np.arange(len(segments)), lengths)
+    metric = np.asarray(segments.metric, dtype=np.int64)
     starts = segments.starts()
-    bad_value = (values < _VALUE_MIN[metric]) | (values > _VALUE_MAX[metric])
-    bad_future = ts > now_ms + TS_SKEW_MS_MAX
-    bad_old = ts < TS_MS_MIN
-    span = np.maximum.reduceat(ts, starts) - np.minimum.reduceat(ts, starts)
-    bad_span = span > SEGMENT_SPAN_MS_MAX
-    bad_any = bad_value | bad_future | bad_old
-    bad_records = np.union1d(np.unique(record_of[bad_any]), np.flatnonzero(bad_span))
+    ts_min, ts_max = np.minimum.reduceat(ts, starts), np.maximum.reduceat(ts, starts)
+    bad_span = ts_max - ts_min > SEGMENT_SPAN_MS_MAX
+    bad = (np.minimum.reduceat(values, starts) < _VALUE_MIN[metric]) | \
+        (np.maximum.reduceat(values, starts) > _VALUE_MAX[metric]) | \
+        (ts_max > now_ms + TS_SKEW_MS_MAX) | (ts_min < TS_MS_MIN) | bad_span
+    bad_records = np.flatnonzero(bad)
     if not len(bad_records):
         return []
     rejected = []
@@ -273,9 +272,9 @@ def _explain_bad_segment(
 
 
 def _keep_record_columns(segments: SegmentColumns, keep: np.ndarray) -> None:
+    flags = keep.tolist()
     for name in ("index", "upload_id", "user_id", "device_id", "metric"):
-        column = getattr(segments, name)
-        setattr(segments, name, [item for item, k in zip(column, keep.tolist(), strict=True) if k])
+        setattr(segments, name, list(compress(getattr(segments, name), flags)))
 
 
 def _keep_rows(segments: SegmentColumns, keep: np.ndarray) -> None:
@@ -494,21 +493,23 @@ def _plain_values(texts: list[bytes], lengths: list[int]) -> np.ndarray | None:
 
 def _plain_activities(lines: list[bytes], candidates: list[int],
                       activities: list[Activity]) -> list[int]:
-    """Activity events of the common shape as orjson writes them, matched in the bytes;
-    returns the indexes of every other line."""
+    """Activity events of the common shape as orjson writes them, matched in the text
+    (latin-1 never fails to decode, and only ASCII matches); returns the indexes of every
+    other line."""
     others: list[int] = []
-    match = _ACTIVITY_LINE.fullmatch
+    match = _ACTIVITY_TEXT.fullmatch
     for i in candidates:
         raw = lines[i]
-        found = match(raw) if raw.startswith(_ACTIVITY_START) else None
-        ts_ms = int(found.group(4)) if found is not None else 0
-        if ts_ms < TS_MS_MIN or len(raw) > RECORD_BYTES_MAX:
+        found = match(raw.decode("latin-1")) if raw.startswith(_ACTIVITY_START) else None
+        if found is None or len(raw) > RECORD_BYTES_MAX:
             others.append(i)
             continue
-        event_id, user_id, kind, _, venue_id, source = found.groups()  # type: ignore[union-attr]
-        activities.append(Activity(i, event_id.decode(), user_id.decode(), kind.decode(), ts_ms,
-                                   None if venue_id is None else venue_id.decode(),
-                                   source.decode()))
+        event_id, user_id, kind, ts_text, venue_id, source = found.groups()
+        ts_ms = int(ts_text)
+        if ts_ms < TS_MS_MIN:  # pydantic names it
+            others.append(i)
+            continue
+        activities.append(Activity(i, event_id, user_id, kind, ts_ms, venue_id, source))
     return others
 
 

@@ -86,20 +86,20 @@ def iter_batches(stream: BinaryIO, source: str,
 
 def _line_blocks(stream: BinaryIO) -> Iterator[tuple[int, list[bytes], bool]]:
     """The stream's lines without their newline, in blocks of whole lines read at once,
-    each with the (1-based) number of its first line and whether any holds a "\\r"."""
+    each with the (1-based) number of its first line and whether any may hold a "\\r".
+    A line cut by the end of a read is carried to the next block (only it is copied)."""
     read = getattr(stream, "read1", stream.read)
     number = 1
     rest = b""
     while chunk := read(READ_BYTES):
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            rest += chunk
-            continue
-        text = rest + chunk[:end] if rest else chunk[:end]
-        rest = chunk[end + 1:]
-        block = text.split(b"\n")
-        yield number, block, b"\r" in text
-        number += len(block)
+        block = chunk.split(b"\n")
+        carriage_return = b"\r" in chunk or b"\r" in rest
+        if rest:
+            block[0] = rest + block[0]
+        rest = block.pop()
+        if block:
+            yield number, block, carriage_return
+            number += len(block)
     if rest:
         yield number, [rest], b"\r" in rest
 

@@ -17,6 +17,7 @@ import collections
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer
@@ -90,11 +91,18 @@ class TopicBatch:
         return len(self.offsets)
 
 
+_offset_of, _key_of = attrgetter("offset"), attrgetter("key")
+_value_of, _headers_of = attrgetter("value"), attrgetter("headers")
+
+
 def columns_of(records: Sequence[FetchedRecord]) -> TopicBatch:
     assert records, "a batch has records"
-    key_ids = [submitted_by(r) for r in records] if any(r.headers for r in records) else None
-    return TopicBatch([r.offset for r in records], [r.key for r in records],
-                      [r.value or b"" for r in records], key_ids, records[-1].offset + 1)
+    key_ids = [submitted_by(r) for r in records] if any(map(_headers_of, records)) else None
+    values: list[bytes] = list(map(_value_of, records))
+    if None in values:  # a tombstone on an input topic: an empty record (dead-lettered)
+        values = [v or b"" for v in values]
+    return TopicBatch(list(map(_offset_of, records)), list(map(_key_of, records)), values,
+                      key_ids, records[-1].offset + 1)
 
 
 def submitted_by(record: FetchedRecord) -> str:

@@ -326,11 +326,13 @@ class Ledger:
         return AppendResult(len(journal), 0, journal[0][0], journal[-1][0], journal[-1][9],
                             rows=AwardRows(journal, links))
 
-    def _append_locked(self, db: sqlite3.Connection, contents: list[Content]) -> AppendResult:
+    def _append_locked(self, db: sqlite3.Connection, contents: list[Content], *,
+                       ids_checked: bool = False) -> AppendResult:
+        """`ids_checked`: the caller looked the (one) entry id up in this transaction."""
         new, duplicates = _unique(contents)
         existing: list[tuple] = []
         seq_head, hash_head = _head(db)
-        if seq_head and new:
+        if seq_head and new and not ids_checked:
             new, stored = self._split_stored(db, new)
             existing.extend(stored)
         if not new:
@@ -558,7 +560,8 @@ class Ledger:
             return self._append_one_locked(db, draft)
 
     def _append_one_locked(self, db: sqlite3.Connection, draft: EntryDraft) -> Entry:
-        entry = self._append_locked(db, normalise([draft])).entries[0]
+        """Append a command's draft whose id the caller found unused in this transaction."""
+        entry = self._append_locked(db, normalise([draft]), ids_checked=True).entries[0]
         self._commit_locked(db, {})
         return entry
 
