@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.entries import Awards, EntryDraft
 from engine.ids import derive_id
 from engine.ledger import Ledger, store
 from engine.ledger.errors import EntryExistsWithDifferent, InvalidEntry
-from engine.schemas import EntryKind, FlagEvent
+from engine.ledger.journal import _all_ids
+from engine.schemas import EntryKind, FlagEvent, is_id
 
 TABLES = ("journal", "entry_links", "person_keys", "balances", "flag_journal", "flags", "meta",
           "commits")
@@ -250,3 +253,10 @@ def test_unusual_entry_ids_give_the_ledger_the_drafts_give(tmp_path: Path, same_
         assert first.entry(entry_id).entry_id == entry_id
         assert dump(tmp_path / "columns") == dump(tmp_path / "drafts")
         assert first.verify().ok
+
+
+@given(st.lists(st.one_of(st.text(alphabet="Pab01_.:-\x1f \né", max_size=70),
+                          st.from_regex(r"[A-Za-z0-9_.:\-]{1,64}", fullmatch=True)),
+                max_size=6))
+def test_the_one_pass_id_check_agrees_with_is_id(values: list[str]) -> None:
+    assert _all_ids(values) == all(is_id(value) for value in values)

@@ -24,7 +24,7 @@ from engine.ledger.canonical import (
 )
 from engine.ledger.commands import ref_fields
 from engine.ledger.errors import InvalidEntry
-from engine.schemas import POINTS_PER_ENTRY_MAX, is_id
+from engine.schemas import ID_CHAR_CLASS, ID_CHARS_MAX, POINTS_PER_ENTRY_MAX, is_id
 
 ENTRY_ID_CHARS_MAX = 128
 TEXT_CHARS_MAX = 4096
@@ -172,6 +172,8 @@ def chain(contents: Iterable[Content], seq_head: int, hash_head: str,
     return rows, journal
 
 
+ID_SEPARATOR = "\x1f"
+_IDS = re.compile(rf"(?:{ID_CHAR_CLASS}{{1,{ID_CHARS_MAX}}}{ID_SEPARATOR})*")
 # Entry ids the award template can put between quotes as they are (no JSON escapes).
 _JSON_PLAIN = re.compile(r'[^"\\\x00-\x1f\ud800-\udfff]*')
 
@@ -203,7 +205,7 @@ def awards_row_by_row(awards: Awards) -> bool:
     for entry_id in awards.entry_id:
         if type(entry_id) is not str or not 0 < len(entry_id) <= ENTRY_ID_CHARS_MAX:
             return True
-    if not all(is_id(awards.user_ids[index]) for index in used["user"]):
+    if not _all_ids([awards.user_ids[index] for index in used["user"]]):
         return True
     if not all(day is None or (isinstance(day, str) and _DAY.match(day))
                for day in (awards.days[index] for index in used["day"])):
@@ -219,6 +221,17 @@ def awards_row_by_row(awards: Awards) -> bool:
         return True
     return len(set(awards.entry_id)) != count or \
         _JSON_PLAIN.fullmatch("".join(awards.entry_id)) is None
+
+
+def _all_ids(values: list[str]) -> bool:
+    """all(is_id(value)) in one regex pass (a value holding the separator is no id)."""
+    if not values:
+        return True
+    try:
+        joined = ID_SEPARATOR.join(values) + ID_SEPARATOR
+    except TypeError:
+        return False
+    return joined.count(ID_SEPARATOR) == len(values) and _IDS.fullmatch(joined) is not None
 
 
 def _used(index: np.ndarray, size: int, name: str) -> list[int]:
@@ -252,7 +265,7 @@ def chain_awards(awards: Awards, seq_head: int, hash_head: str,
     for index in np.unique(awards.user).tolist():
         user_id = user_ids[index]
         keyed, subject = keys[user_id].pads()
-        pads[index] = (keyed, subject, user_id, orjson.dumps(user_id).decode())
+        pads[index] = (keyed, subject, user_id, f'"{user_id}"')  # ids need no JSON escapes
     day_json = _json_table(days, awards.day)
     rule_json = _json_table(rules, awards.rule)
     ref_json = _json_table(refs, awards.ref)
