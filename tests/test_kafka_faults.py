@@ -122,6 +122,7 @@ def test_sigterm_to_the_process_group_stops_a_worker_and_its_partition_processes
     """What a terminal's Ctrl-C or a service manager does: every process of the group gets
     the signal; the partition processes leave it to the worker, which closes them."""
     create_topics(kafka, PARTITIONS)
+    ends = publish(kafka, fleet.path)
     data_dir, err_path = tmp_path / "data", tmp_path / "worker.err"
     with open(err_path, "w") as err:
         worker = subprocess.Popen(
@@ -129,8 +130,6 @@ def test_sigterm_to_the_process_group_stops_a_worker_and_its_partition_processes
              *worker_args(kafka, data_dir, "--partition-processes")],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
             start_new_session=True)
-    wait_for(lambda: last_assignment(err_path) == list(range(PARTITIONS)), "the worker to join")
-    ends = publish(kafka, fleet.path)
     wait_for(lambda: all_committed(kafka, ends), "the worker to commit every input")
     os.killpg(worker.pid, signal.SIGTERM)
     out, _ = worker.communicate(timeout=EXIT_WAIT_S_MAX)
