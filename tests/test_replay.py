@@ -242,7 +242,7 @@ def test_award_points_by_user_sums_the_award_entries_of_the_window(live: Path) -
 
 def test_few_open_files_and_small_files_change_the_file_count_not_the_rows(
         live: Path, exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import replay.export as export
+    from replay import export
 
     monkeypatch.setattr(export, "OPEN_FILES_MAX", 3)
     monkeypatch.setattr(export, "PARQUET_ROWS_PER_FILE_MAX", 1_000)
