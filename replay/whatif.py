@@ -225,7 +225,7 @@ def _share_main(argv: list[str]) -> None:
     data_dir, rules_path, position, since, until, index, count = argv
     result = _evaluate_share(Path(data_dir), Path(rules_path), int(position),
                              (since or None, until or None), UserShare(int(index), int(count)),
-                             LOG_RECORDS_PER_CHUNK)
+                             LOG_RECORDS_PER_CHUNK * int(count))  # one process's samples a chunk
     sys.stdout.buffer.write(result.to_json())
 
 
