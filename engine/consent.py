@@ -34,6 +34,7 @@ from engine.schemas import EFFECTIVE_TS_MS_MAX, TS_MS_MIN, ConsentChange
 # (to 2159, beyond EFFECTIVE_TS_MS_MAX) and 21 bits of people.
 TS_OPEN_END_MS = EFFECTIVE_TS_MS_MAX + 1
 _TS_BITS = 42
+_TS_MASK = (1 << _TS_BITS) - 1
 PEOPLE_PER_PERIOD_INDEX_MAX = 1 << 21
 _PROTECTIVE_RANK = {ConsentChange.consent_withdrawn: 0, ConsentChange.left: 0,
                     ConsentChange.consent_given: 1, ConsentChange.enrolled: 1}
@@ -170,14 +171,30 @@ class PeriodIndex:
                                (row << _TS_BITS) + end - TS_MS_MIN]
         self._bounds = np.array(bounds, np.int64)
         assert np.all(np.diff(self._bounds) > 0), "periods overlap or are unordered"
+        # Most people have one period: theirs is [start, end) per row, no search needed.
+        owner = self._bounds[::2] >> _TS_BITS
+        count = np.bincount(owner, minlength=len(self._row))
+        self._multi = count > 1
+        self._start = np.zeros(len(self._row), np.int64)  # [0, 0): no period left
+        self._end = np.zeros(len(self._row), np.int64)
+        single = count[owner] == 1
+        self._start[owner[single]] = (self._bounds[::2][single] & _TS_MASK) + TS_MS_MIN
+        self._end[owner[single]] = (self._bounds[1::2][single] & _TS_MASK) + TS_MS_MIN
 
     def rows(self, users: list[str]) -> np.ndarray:
         """Row per user id (-1 when the person has no period)."""
         return np.array([self._row.get(u, -1) for u in users], np.int64)
 
     def contains(self, users: list[str], user_idx: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
-        row = self.rows(users)[user_idx]
-        keys = (np.maximum(row, 0) << _TS_BITS) + (
-            np.clip(ts_ms, TS_MS_MIN, TS_OPEN_END_MS - 1) - TS_MS_MIN)
-        inside = (np.searchsorted(self._bounds, keys, side="right") & 1) == 1
-        return inside & (row >= 0)
+        rows = self.rows(users)
+        known = rows >= 0
+        start = np.where(known, self._start[np.maximum(rows, 0)], 0)[user_idx]
+        end = np.where(known, self._end[np.maximum(rows, 0)], 0)[user_idx]
+        ts = np.clip(ts_ms, TS_MS_MIN, TS_OPEN_END_MS - 1)
+        inside = (ts >= start) & (ts < end)
+        multi = known & self._multi[np.maximum(rows, 0)]
+        if multi.any():
+            at = np.flatnonzero(multi[user_idx])
+            keys = (rows[user_idx[at]] << _TS_BITS) + (ts[at] - TS_MS_MIN)
+            inside[at] = (np.searchsorted(self._bounds, keys, side="right") & 1) == 1
+        return inside

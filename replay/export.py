@@ -48,6 +48,10 @@ PARTITION_WRITE_THREADS = 2  # a chunk's partitions written at once
 SAMPLE_SCHEMA = pa.schema([("user", pa.string()), ("metric", pa.string()), ("day", pa.string()),
                            ("ts_ms", pa.int64()), ("value", pa.float64())])
 SAMPLE_FILE_SCHEMA = pa.schema([f for f in SAMPLE_SCHEMA if f.name not in ("metric", "day")])
+# As written: the user column dictionary-encoded; files keep no Arrow schema, so readers see
+# SAMPLE_FILE_SCHEMA (Parquet's own types: user a UTF-8 string).
+SAMPLE_WRITE_SCHEMA = pa.schema([("user", pa.dictionary(pa.int32(), pa.string())),
+                                 ("ts_ms", pa.int64()), ("value", pa.float64())])
 ACTIVITY_SCHEMA = pa.schema([("user", pa.string()), ("event", pa.string()), ("kind", pa.string()),
                              ("ts_ms", pa.int64()), ("day", pa.string()), ("venue", pa.string())])
 PEOPLE_SCHEMA = pa.schema([("user", pa.string()), ("birth_year_min", pa.int32()),
@@ -174,7 +178,25 @@ class _SampleChunk:
     """A chunk's exported samples sorted by partition (metric, day), ready to slice."""
 
     partitions: list[tuple[str, int, int]]  # (hive directory, first row, end row)
-    table: pa.Table  # user, ts_ms, value (SAMPLE_FILE_SCHEMA)
+    users: pa.Array  # the chunk's people's pseudonyms
+    user: np.ndarray  # int32 code into users, per row
+    ts_ms: pa.Array
+    value: pa.Array
+
+    def slice(self, at: int, stop: int) -> pa.Table:
+        """Rows at..stop; the user column dictionary-encoded with just the slice's people,
+        so the Parquet writer takes the dictionary as it is instead of hashing each id."""
+        code = self.user[at:stop]
+        present = np.zeros(len(self.users), bool)
+        present[code] = True
+        people = np.flatnonzero(present)
+        recode = np.zeros(len(self.users), np.int32)
+        recode[people] = np.arange(len(people), dtype=np.int32)
+        user = pa.DictionaryArray.from_arrays(pa.array(recode[code]),
+                                              self.users.take(pa.array(people)))
+        return pa.Table.from_arrays([user, self.ts_ms.slice(at, stop - at),
+                                     self.value.slice(at, stop - at)],
+                                    schema=SAMPLE_WRITE_SCHEMA)
 
 
 def _sample_chunks(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: Consent,
@@ -201,15 +223,13 @@ def _sample_chunks(log: EmbeddedLog, end: int, pseudo: Pseudonymiser, consent: C
         partition, order = partition[order], keep[order]
         starts = np.flatnonzero(np.r_[True, partition[1:] != partition[:-1]])
         ends = np.r_[starts[1:], len(partition)]
-        users = pa.array(pseudo.many("user", cols.users), pa.string())
         yield _SampleChunk(
             [(_partition_dir(int(partition[at]) // day_span,
                              first_day + int(partition[at]) % day_span), int(at), int(stop))
              for at, stop in zip(starts.tolist(), ends.tolist(), strict=True)],
-            pa.Table.from_arrays(
-                [users.take(pa.array(cols.user_idx[order])),
-                 pa.array(coarsen(cols.ts_ms[order], policy.samples_time)),
-                 pa.array(cols.value[order])], schema=SAMPLE_FILE_SCHEMA))
+            pa.array(pseudo.many("user", cols.users), pa.string()), cols.user_idx[order],
+            pa.array(coarsen(cols.ts_ms[order], policy.samples_time)),
+            pa.array(cols.value[order]))
 
 
 def _partition_dir(metric: int, day: int) -> str:
@@ -249,17 +269,21 @@ class _PartitionFiles:
         self._parts[name] = part + 1
         (self.directory / name).mkdir(parents=True, exist_ok=True)
         return pq.ParquetWriter(self.directory / name / f"part-{part}.parquet", self.schema,
-                                compression="zstd")
+                                compression="zstd", store_schema=False)
 
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1][0].close()
 
 
+def _write_slice(writer: pq.ParquetWriter, chunk: _SampleChunk, at: int, stop: int) -> None:
+    writer.write_table(chunk.slice(at, stop))
+
+
 def _write_samples(chunks: Iterator[_SampleChunk], directory: Path) -> int:
     """Write each chunk's partitions in parallel threads (Arrow encodes without the GIL)
     while the next chunk is read."""
-    files = _PartitionFiles(directory, SAMPLE_FILE_SCHEMA)
+    files = _PartitionFiles(directory, SAMPLE_WRITE_SCHEMA)
     rows = 0
     try:
         with ThreadPoolExecutor(PARTITION_WRITE_THREADS) as pool:
@@ -269,10 +293,10 @@ def _write_samples(chunks: Iterator[_SampleChunk], directory: Path) -> int:
                     done.result()
                 writers = files.writers_for([(name, stop - at)
                                              for name, at, stop in chunk.partitions])
-                pending = [pool.submit(writer.write_table, chunk.table.slice(at, stop - at))
+                pending = [pool.submit(_write_slice, writer, chunk, at, stop)
                            for writer, (_, at, stop) in zip(writers, chunk.partitions,
                                                             strict=True)]
-                rows += chunk.table.num_rows
+                rows += len(chunk.user)
             for done in pending:
                 done.result()
     finally:

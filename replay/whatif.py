@@ -62,29 +62,14 @@ def _in_window(day: str | None, window: tuple[str | None, str | None]) -> bool:
     return day is None or ((since is None or day >= since) and (until is None or day <= until))
 
 
-def _sum_by_user(users: list, user_codes: np.ndarray, amounts: np.ndarray) -> Counter:
-    """Counter of amount per user (only users with at least one row), one bincount."""
-    count = np.bincount(user_codes, minlength=len(users))
-    total = np.bincount(user_codes, weights=amounts, minlength=len(users))
-    return Counter({users[i]: round(total[i]) for i in np.flatnonzero(count).tolist()})
-
-
 def _live(data_dir: Path, window: tuple[str | None, str | None]) -> tuple[Counter, Counter, Counter]:
     points: Counter = Counter()
     raised: Counter = Counter()
     cleared: Counter = Counter()
     if not (data_dir / LEDGER_FILE_NAME).exists():
         return points, raised, cleared
-    unbounded = window == (None, None)
     with Ledger.open_read_only(data_dir) as ledger:
-        for rows in ledger.iter_entry_rows(("seq", "user_id", "day", "points"), kinds=["award"]):
-            if not unbounded:
-                rows = [row for row in rows if _in_window(row[2], window)]
-            code: dict[str | None, int] = {}
-            users = np.fromiter((code.setdefault(row[1], len(code)) for row in rows), np.int64,
-                                count=len(rows))
-            amounts = np.fromiter((row[3] for row in rows), np.int64, count=len(rows))
-            points.update(_sum_by_user(list(code), users, amounts))
+        points.update(ledger.award_points_by_user(*window))
         for rows in ledger.iter_flag_rows(("seq", "user_id", "day", "state")):
             for _, user, day, state in rows:
                 if _in_window(day, window):

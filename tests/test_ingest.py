@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from engine.ingest.decode import decode_lines
-from engine.ingest.log import EmbeddedLog
+from engine.ingest.log import EmbeddedLog, UserShare
 from engine.ingest.reasons import reason_code
 from engine.schemas import SampleSegment
 from tests.conftest import genki_cmd
@@ -257,3 +257,32 @@ def test_a_failed_batch_leaves_nothing_behind(log: EmbeddedLog, monkeypatch: pyt
     assert counts["accepted_samples"] == 2
     columns = log.read_samples(0, log.position())
     assert columns.users == ["W00001"] and columns.value.tolist() == [1.0, 2.0]
+
+
+def test_shares_of_people_take_in_people_who_came_after_the_share_was_set(
+        data_dir: Path, log: EmbeddedLog) -> None:
+    def event(n: int, user: str) -> dict:
+        return {"v": 1, "event_id": f"e{n}", "user_id": user, "kind": "meal",
+                "ts_ms": T0 + n * MINUTE_MS, "source": "app"}
+
+    users = [f"A{n:05d}" for n in range(12)]
+    ingest(log, *(event(n, u) for n, u in enumerate(users[:6])),
+           *(segment(f"u{n}", [T0 + n], [10.0], user=u, device=f"{u}-w") for n, u in
+             enumerate(users[:6])))
+    readers = [EmbeddedLog.open(data_dir, writer=False) for _ in range(3)]
+    for index, reader in enumerate(readers):
+        reader.read_share(UserShare(index, 3))
+    ingest(log, *(event(n + 6, u) for n, u in enumerate(users[6:])),  # new people, new streams
+           *(segment(f"v{n}", [T0 + n], [20.0], user=u, device=f"{u}-w") for n, u in
+             enumerate(users[6:])))
+    end = log.position()
+    try:
+        for read in ("read_activities", "read_samples"):
+            shares = [getattr(reader, read)(0, end) for reader in readers]
+            assert sorted(u for share in shares for u in share.users) == users
+            assert [sorted(share.users) for share in shares] == [
+                sorted(u for u in users if UserShare(i, 3).owns(u)) for i in range(3)]
+            assert sum(len(share.ts_ms) for share in shares) == 12
+    finally:
+        for reader in readers:
+            reader.close()

@@ -587,3 +587,30 @@ def test_pseudonyms_are_hmac_sha256_of_domain_and_id(key_bytes: int) -> None:
     assert [pseudo("entry", i) for i in ids] == expected
     assert pseudo.many("user", ["", "P00017"]) == [
         "", hmac.new(key, b"user\x1fP00017", hashlib.sha256).hexdigest()[:PSEUDONYM_HEX_CHARS]]
+
+
+def _contains_by_search(periods: dict[str, list[tuple[int, int]]], users: list[str],
+                        user_idx: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
+    """The reference: a linear look through each person's periods."""
+    return np.array([any(start <= t < end for start, end in periods.get(users[u], []))
+                     for u, t in zip(user_idx.tolist(), ts_ms.tolist(), strict=True)], bool)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_period_index_answers_as_a_look_through_the_periods(seed: int) -> None:
+    from engine.consent import PeriodIndex
+    from engine.schemas import TS_MS_MIN
+
+    rng = np.random.default_rng(seed)
+    base = TS_MS_MIN + 10**12
+    periods: dict[str, list[tuple[int, int]]] = {}
+    for person in range(40):
+        cuts = np.sort(rng.choice(10_000, size=2 * int(rng.integers(0, 4)), replace=False))
+        periods[f"P{person}"] = [(base + int(a), base + int(b))
+                                 for a, b in zip(cuts[::2], cuts[1::2], strict=True)]
+    users = [f"P{person}" for person in rng.permutation(50)]  # ten without any period
+    user_idx = rng.integers(0, len(users), 5_000)
+    ts_ms = base + rng.integers(-50, 10_050, 5_000)
+    got = PeriodIndex(periods).contains(users, user_idx, ts_ms)
+    assert got.tolist() == _contains_by_search(periods, users, user_idx, ts_ms).tolist()
+    assert 0 < got.sum() < len(got)

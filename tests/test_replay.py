@@ -222,3 +222,19 @@ def test_whatif_in_worker_processes_gives_what_one_process_gives(live: Path,
 def test_whatif_refuses_a_worker_count_out_of_range(live: Path) -> None:
     with pytest.raises(UsageError, match="workers must be 1..8"):
         whatif(live, RULES_DEFAULT_PATH, workers=0)
+
+
+def test_award_points_by_user_sums_the_award_entries_of_the_window(live: Path) -> None:
+    from engine.ledger import Ledger
+
+    with Ledger.open_read_only(live) as ledger:
+        rows = [row for page in ledger.iter_entry_rows(("seq", "user_id", "day", "points",
+                                                        "kind")) for row in page]
+        for since, until in [(None, None), ("2026-09-05", None), ("2026-09-03", "2026-09-09")]:
+            expected: dict[str, int] = defaultdict(int)
+            for _, user, day, points, kind in rows:
+                if kind == "award" and (since is None or day >= since) and \
+                        (until is None or day <= until):
+                    expected[user] += points
+            assert ledger.award_points_by_user(since, until) == expected
+            assert expected

@@ -1027,6 +1027,20 @@ class EmbeddedLog:
         self._db.executemany("INSERT INTO temp.share_streams VALUES (?)",
                              [(stream,) for stream, user in known if share.owns(user)])
         self._share_streams_max = max((stream for stream, _ in known), default=0)
+        users = {user for (user,) in self._db.execute(
+            "SELECT user_id FROM watermarks WHERE kind = 'activities'")}
+        self._db.execute("CREATE TEMP TABLE share_users"
+                         " (user_id TEXT PRIMARY KEY, owned INTEGER NOT NULL) WITHOUT ROWID")
+        self._db.executemany("INSERT INTO temp.share_users VALUES (?, ?)",
+                             [(user, int(share.owns(user))) for user in users])
+
+    def _share_users_clause(self) -> str:
+        """Activity records of the share's people: looked up in a table of the people known
+        when the share was set, the hash asked only for others."""
+        if self._share is None:
+            return ""
+        return (" AND coalesce((SELECT owned FROM temp.share_users u"
+                " WHERE u.user_id = activity_records.user_id), genki_share_owns(user_id))")
 
     def _share_streams_clause(self) -> str:
         """Records of the share's streams (and of streams newer than the share: filtered
@@ -1079,11 +1093,10 @@ class EmbeddedLog:
         columns = ["user_id", "event_id", "kind", "ts_ms", "venue_id", "wm_before_ms"]
         archived = self._archived_table("activities", after_seq, upto_seq, columns)
         after_seq = max(after_seq, self.archived_through())
-        share = "" if self._share is None else " AND genki_share_owns(user_id)"
         rows = self._db.execute(
             "SELECT user_id, event_id, kind, ts_ms, venue_id, wm_before_ms FROM activity_records"
-            " WHERE seq > ? AND seq <= ?" + share + self._not_excluded("seq") + " ORDER BY seq",
-            (after_seq, upto_seq)).fetchall()
+            " WHERE seq > ? AND seq <= ?" + self._share_users_clause() + self._not_excluded("seq")
+            + " ORDER BY seq", (after_seq, upto_seq)).fetchall()
         if archived is not None:
             archived_rows = list(zip(*(archived.column(name).to_pylist() for name in columns),
                                      strict=True))
