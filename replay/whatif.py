@@ -138,7 +138,15 @@ class _ShareResult:
 
 
 def _peak_rss_mib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
+    """This process's peak RSS. Linux's VmHWM belongs to the address space, so it starts
+    anew at exec (ru_maxrss would carry over whatever forked us)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
 
 
 def _evaluate_share(data_dir: Path, rules_path: Path, position: int,
