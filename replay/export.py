@@ -42,6 +42,7 @@ HMAC_BLOCK_BYTES = 64  # SHA-256's block
 LOG_RECORDS_PER_CHUNK = 20_000
 LEDGER_ROWS_PER_CHUNK = 200_000
 PARQUET_ROWS_PER_FILE_MAX = 5_000_000
+PARQUET_ROWS_PER_GROUP_MAX = 1 << 20  # pyarrow's default
 OPEN_FILES_MAX = 512
 PARTITION_WRITE_THREADS = 2  # a chunk's partitions written at once
 
@@ -248,8 +249,10 @@ class _PartitionFiles:
         self._parts: dict[str, int] = {}
 
     def writers_for(self, partitions: list[tuple[str, int]]) -> list[pq.ParquetWriter]:
-        """A writer per (partition, rows about to be written), opened and closed here (one
-        thread); the writes themselves may then run in parallel."""
+        """A writer per (partition, rows about to be written), at most OPEN_FILES_MAX of
+        them, opened and closed here (one thread, no write running); the writes themselves
+        may then run in parallel."""
+        assert len(partitions) <= OPEN_FILES_MAX
         writers = []
         for name, rows in partitions:
             writer, written = self._open.pop(name, (None, 0))
@@ -276,6 +279,21 @@ class _PartitionFiles:
             self._open.popitem()[1][0].close()
 
 
+def _slice_groups(partitions: list[tuple[str, int, int]],
+                  ) -> Iterator[list[tuple[str, int, int]]]:
+    """The slices in groups written at once: at most OPEN_FILES_MAX, each partition at
+    most once in a group, no slice longer than a file may be."""
+    group: list[tuple[str, int, int]] = []
+    for name, at, stop in partitions:
+        for first in range(at, stop, PARQUET_ROWS_PER_FILE_MAX):
+            if len(group) == OPEN_FILES_MAX or (group and group[-1][0] == name):
+                yield group
+                group = []
+            group.append((name, first, min(first + PARQUET_ROWS_PER_FILE_MAX, stop)))
+    if group:
+        yield group
+
+
 def _write_slice(writer: pq.ParquetWriter, chunk: _SampleChunk, at: int, stop: int) -> None:
     writer.write_table(chunk.slice(at, stop))
 
@@ -289,13 +307,12 @@ def _write_samples(chunks: Iterator[_SampleChunk], directory: Path) -> int:
         with ThreadPoolExecutor(PARTITION_WRITE_THREADS) as pool:
             pending: list[Future] = []
             for chunk in chunks:
-                for done in pending:
-                    done.result()
-                writers = files.writers_for([(name, stop - at)
-                                             for name, at, stop in chunk.partitions])
-                pending = [pool.submit(_write_slice, writer, chunk, at, stop)
-                           for writer, (_, at, stop) in zip(writers, chunk.partitions,
-                                                            strict=True)]
+                for group in _slice_groups(chunk.partitions):
+                    for done in pending:
+                        done.result()  # before any file is closed
+                    writers = files.writers_for([(name, stop - at) for name, at, stop in group])
+                    pending = [pool.submit(_write_slice, writer, chunk, at, stop)
+                               for writer, (_, at, stop) in zip(writers, group, strict=True)]
                 rows += len(chunk.user)
             for done in pending:
                 done.result()
@@ -421,6 +438,7 @@ def _write(batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: Path
                      partitioning_flavor="hive" if partitioning else None,
                      file_options=ds.ParquetFileFormat().make_write_options(compression="zstd"),
                      max_open_files=OPEN_FILES_MAX, max_rows_per_file=PARQUET_ROWS_PER_FILE_MAX,
+                     max_rows_per_group=min(PARQUET_ROWS_PER_GROUP_MAX, PARQUET_ROWS_PER_FILE_MAX),
                      existing_data_behavior="overwrite_or_ignore")
     if rows == 0:  # every table is there, with its schema, even when nothing qualifies
         directory.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,15 @@ class _ShareResult:
 
 
 def _peak_rss_mib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
+    """This process's peak RSS. Linux's VmHWM belongs to the address space, so it starts
+    anew at exec (ru_maxrss would carry over whatever forked us)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
 
 
 def _evaluate_share(data_dir: Path, rules_path: Path, position: int,
@@ -217,7 +225,7 @@ def _share_main(argv: list[str]) -> None:
     data_dir, rules_path, position, since, until, index, count = argv
     result = _evaluate_share(Path(data_dir), Path(rules_path), int(position),
                              (since or None, until or None), UserShare(int(index), int(count)),
-                             LOG_RECORDS_PER_CHUNK)
+                             LOG_RECORDS_PER_CHUNK * int(count))  # one process's samples a chunk
     sys.stdout.buffer.write(result.to_json())
 
 

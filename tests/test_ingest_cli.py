@@ -35,6 +35,15 @@ def test_dlq_json_lines_are_dead_letter_wire_records(data_dir: Path) -> None:
     assert letter.reason.startswith("invalid_json: record: ")
 
 
+def test_a_dead_letter_names_its_own_line_number_after_blank_lines(data_dir: Path) -> None:
+    good = orjson.dumps(segment("u1", [T0], [1.0]))
+    lines = b"\n".join([good, b"", b"   ", b"not json", b"\r", b"{oops", good]) + b"\n"
+    _run("ingest", "-", "--data-dir", str(data_dir), stdin=lines)
+    result = _run("dlq", "--json", "--data-dir", str(data_dir))
+    offsets = [orjson.loads(line)["offset"] for line in result.stdout.splitlines()]
+    assert offsets == [4, 6]  # the lines' numbers in the input, blank lines counted
+
+
 def test_ingest_of_a_directory_reads_its_ndjson_files_in_name_order(tmp_path: Path,
                                                                      data_dir: Path) -> None:
     (tmp_path / "in").mkdir()

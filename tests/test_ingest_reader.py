@@ -1,5 +1,6 @@
 """The NDJSON reader batches lines exactly like the plain line-by-line loop it replaced:
-same lines, same line numbers, same batch boundaries, whatever the chunking."""
+same lines, same line numbers (each line's own when blank lines were skipped), same batch
+boundaries, whatever the chunking."""
 
 from __future__ import annotations
 
@@ -17,21 +18,25 @@ from engine.ingest.reader import LineBatch, iter_batches
 def _line_by_line(stream: io.BytesIO, source: str, batch_lines: int,
                   batch_bytes_max: int) -> Iterator[LineBatch]:
     lines: list[bytes] = []
+    numbers: list[int] = []
     size_bytes = 0
-    first = 1
     for number, line in enumerate(stream, start=1):
         line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
-        if not lines:
-            first = number
         lines.append(line)
+        numbers.append(number)
         size_bytes += len(line)
         if len(lines) >= batch_lines or size_bytes >= batch_bytes_max:
-            yield LineBatch(source, first, lines)
-            lines, size_bytes = [], 0
+            yield _batch(source, lines, numbers)
+            lines, numbers, size_bytes = [], [], 0
     if lines:
-        yield LineBatch(source, first, lines)
+        yield _batch(source, lines, numbers)
+
+
+def _batch(source: str, lines: list[bytes], numbers: list[int]) -> LineBatch:
+    run = numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    return LineBatch(source, numbers[0], lines, None if run else numbers)
 
 
 LINES = st.lists(st.one_of(st.sampled_from([b"{}", b'{"v":1}', b"", b" ", b"\t", b"\r", b"x\r",

@@ -238,3 +238,23 @@ def test_award_points_by_user_sums_the_award_entries_of_the_window(live: Path) -
                     expected[user] += points
             assert ledger.award_points_by_user(since, until) == expected
             assert expected
+
+
+def test_few_open_files_and_small_files_change_the_file_count_not_the_rows(
+        live: Path, exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from replay import export
+
+    monkeypatch.setattr(export, "OPEN_FILES_MAX", 3)
+    monkeypatch.setattr(export, "PARQUET_ROWS_PER_FILE_MAX", 1_000)
+    export.export_embedded(live, tmp_path / "small-files", KEY_A)
+    files = list((tmp_path / "small-files" / "samples").rglob("*.parquet"))
+    assert any(path.name == "part-1.parquet" for path in files)
+    assert len(files) > len(list((exported / "samples").rglob("*.parquet")))
+    assert max(pq.ParquetFile(path).metadata.num_rows for path in files) <= 1_000
+
+    def rows(root: Path) -> list[tuple]:
+        table = ds.dataset(root / "samples", partitioning="hive").to_table()
+        return sorted(zip(*(table.column(name).to_pylist() for name in table.column_names),
+                          strict=True))
+
+    assert rows(tmp_path / "small-files") == rows(exported)

@@ -21,7 +21,8 @@ def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
     with progress_bar("ingest", enabled=show_progress) as advance:
         for batch in iter_sources(paths, batch_lines):
             clock_ms = now_ms if now_ms is not None else int(time.time() * 1000)
-            counts = log.ingest_lines(batch.lines, batch.source, batch.first_offset, clock_ms)
+            counts = log.ingest_lines(batch.lines, batch.source, batch.first_offset, clock_ms,
+                                      offsets=batch.line_numbers)
             total.add(counts)
             advance(len(batch.lines), f"{total.accepted_samples:,} samples")
     return total

@@ -456,7 +456,7 @@ def _plain_ints(joined: bytes, zero_tokens: bool) -> np.ndarray | None:
         if not comma[after].all():
             return None
     parsed = np.fromstring(joined, dtype=np.int64, sep=",")
-    if len(parsed) != int(comma.sum()) + 1 or int(parsed.max()) >= _INT_TOKEN_MAX:
+    if len(parsed) != np.count_nonzero(comma) + 1 or int(parsed.max()) >= _INT_TOKEN_MAX:
         return None  # a token too long for int64 saturates: it is left to the JSON path
     return parsed
 
@@ -477,7 +477,7 @@ def _plain_values(texts: list[bytes], lengths: list[int]) -> np.ndarray | None:
     except (orjson.JSONDecodeError, OverflowError, TypeError, ValueError):
         return None
     is_float = np.repeat(np.array(floats), lengths)
-    if parsed.ndim != 1 or len(parsed) != int(is_float.sum()) or \
+    if parsed.ndim != 1 or len(parsed) != np.count_nonzero(is_float) or \
             (np.abs(parsed) >= _VALUE_ABS_MAX).any():
         return None
     values = np.empty(len(is_float), np.float64)

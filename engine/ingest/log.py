@@ -558,8 +558,8 @@ class EmbeddedLog:
                                         rejected.tolist())
         self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         counts.duplicate_records += duplicates
-        counts.accepted_samples += int(new.sum())
-        counts.duplicate_samples += int(accepted.sum()) - int(new.sum())
+        counts.accepted_samples += int(np.count_nonzero(new))
+        counts.duplicate_samples += int(np.count_nonzero(accepted)) - int(np.count_nonzero(new))
         watermarks = {(user, "samples"): int(after) for user, before, after
                       in zip(user_index, wm.tolist(), judged.wm_after_ms.tolist(), strict=True)
                       if after > before}

@@ -21,6 +21,9 @@ class LineBatch:
     source: str
     first_offset: int  # line number (1-based) of lines[0] within source
     lines: list[bytes]
+    # Each line's number when blank lines were skipped inside the batch (None: the lines
+    # are first_offset, first_offset + 1, ...). Dead letters name these numbers.
+    line_numbers: list[int] | None = None
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
@@ -47,6 +50,7 @@ def iter_batches(stream: BinaryIO, source: str,
     a line loses its newline and trailing carriage returns, blank lines are skipped."""
     assert 0 < batch_lines <= BATCH_LINES_MAX
     lines: list[bytes] = []
+    numbers: list[int] | None = None  # kept once the batch is not one run of lines
     size_bytes = 0
     first = 1
     for number, block, carriage_return in _line_blocks(stream):
@@ -74,14 +78,21 @@ def iter_batches(stream: BinaryIO, source: str,
                 part, part_bytes = part[:cut], 0
             if not lines:
                 first = line_number
+            part_numbers = (range(line_number, line_number + len(part)) if block_numbers is None
+                            else [n for n, _ in block_numbers[at:at + len(part)]])
+            if numbers is None and (part_numbers[0] != first + len(lines) or
+                                    part_numbers[-1] - part_numbers[0] != len(part) - 1):
+                numbers = list(range(first, first + len(lines)))
+            if numbers is not None:
+                numbers.extend(part_numbers)
             lines.extend(part)
             size_bytes += part_bytes
             at += len(part)
             if len(lines) >= batch_lines or size_bytes >= BATCH_BYTES_MAX:
-                yield LineBatch(source, first, lines)
-                lines, size_bytes = [], 0
+                yield LineBatch(source, first, lines, numbers)
+                lines, numbers, size_bytes = [], None, 0
     if lines:
-        yield LineBatch(source, first, lines)
+        yield LineBatch(source, first, lines, numbers)
 
 
 def _line_blocks(stream: BinaryIO) -> Iterator[tuple[int, list[bytes], bool]]:
