@@ -8,7 +8,7 @@ one call at a time, so SQLite connections stay with the thread that opened them.
   so partitions on threads take turns on one core.
 * `ProcessHost` (`genki worker --partition-processes`): a process per partition
   (forked from a forkserver that has imported the engine once), so partitions
-  run on every core while the worker's loop fetches the next batch. What crosses
+  run on every core while the worker's loop keeps the Kafka I/O. What crosses
   is data: a partition's input columns in, counts and pending outputs out.
 
 Both answer the same calls (`call("pending_outputs")` runs

@@ -24,7 +24,6 @@ A newly assigned partition goes through phases before it is live:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import signal
@@ -109,8 +108,6 @@ SNAPSHOT_PUBLISH_RECORDS = 100_000  # log positions between two published partit
 PARTITIONS_IN_PARALLEL_MAX = 1
 
 log = logging.getLogger("genki.kafka.worker")
-# Records fetched for the next cycle, with the assignment generation they were fetched in.
-Fetched = tuple[int, dict[TopicPartition, list[FetchedRecord]]]
 
 
 @dataclass(frozen=True)
@@ -309,21 +306,16 @@ class Worker:
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         s = self.settings
         first_s = first_cpu_s = 0.0
-        ahead: Fetched | None = None  # fetched while the partition processes worked
         while not self._stop.is_set():
-            if ahead is None:
-                generation = self._generation
-                got = await consumer.getmany(timeout_ms=POLL_MS,
-                                             max_records=s.fetch_records_max)
-            else:
-                (generation, got), ahead = ahead, None
+            generation = self._generation
+            got = await consumer.getmany(timeout_ms=POLL_MS, max_records=s.fetch_records_max)
             async with self._lock:
                 stale = generation != self._generation  # a rebalance came in between
                 got = await self._put_back(consumer, got, every=stale)
                 if got:
                     if not first_s:
                         first_s, first_cpu_s = time.perf_counter(), time.process_time()
-                    ahead = await self._process(got)
+                    await self._process(got)
                 await self._advance_phases()
                 await self._publish_and_commit()
                 if got:
@@ -331,8 +323,8 @@ class Worker:
                     self.summary.processing_cpu_seconds = round(
                         time.process_time() - first_cpu_s + self._partition_cpu_s, 3)
                 await self._publish_snapshots(force=False)
-                if s.until_idle and not got and ahead is None and \
-                        self._assigned_once.is_set() and await self._idle():
+                if s.until_idle and not got and self._assigned_once.is_set() \
+                        and await self._idle():
                     log.info("caught up on partitions %s; exiting (--until-idle)",
                              sorted(self._parts))
                     await self._publish_snapshots(force=True)
@@ -355,9 +347,7 @@ class Worker:
                 consumer.seek(tp, records[0].offset)
         return {tp: records for tp, records in got.items() if records}
 
-    async def _process(self, got: dict[TopicPartition, list[FetchedRecord]]) -> Fetched | None:
-        """Process a fetch; with partition processes (and every partition live), fetch the
-        next batch meanwhile and return it with the assignment generation it belongs to."""
+    async def _process(self, got: dict[TopicPartition, list[FetchedRecord]]) -> None:
         by_number: dict[int, dict[str, TopicBatch]] = {}
         for tp, records in got.items():
             if tp.partition in self._parts and records:
@@ -374,24 +364,8 @@ class Worker:
                 if any(self.person_keys.missing(zip(columns.keys, columns.values, strict=True))
                        for t, columns in batch.items() if t in LOG_TOPICS):
                     await self._key_topic.catch_up([number])
-        work = asyncio.gather(*(self._process_one(number, batch)
-                                for number, batch in sorted(by_number.items())))
-        if not self.settings.partition_processes or \
-                any(part.phase != "live" for part in self._parts.values()):
-            await work  # a phase change reads positions: nothing may be fetched ahead of it
-            return None
-        assert self.consumer is not None
-        generation = self._generation
-        fetch = asyncio.ensure_future(self.consumer.getmany(
-            timeout_ms=POLL_MS, max_records=self.settings.fetch_records_max))
-        try:
-            await work
-        finally:
-            if not fetch.done():
-                fetch.cancel()  # still waiting for records: none were taken
-            with contextlib.suppress(asyncio.CancelledError):
-                await fetch
-        return None if fetch.cancelled() else (generation, fetch.result())
+        await asyncio.gather(*(self._process_one(number, batch)
+                               for number, batch in sorted(by_number.items())))
 
     async def _process_one(self, number: int, batch: dict[str, TopicBatch]) -> None:
         inputs, erased = self._opened_inputs(batch)
