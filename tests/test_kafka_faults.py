@@ -3,9 +3,11 @@ any step of a cycle, then another worker, still gives the embedded ledger."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -13,9 +15,12 @@ import pytest
 
 from engine.kafka.combined import combined_ledger
 from engine.kafka.host import PartitionProcessDied
+from engine.kafka.partition import partition_dir
+from engine.snapshots import SNAPSHOT_DIR_NAME
 
 pytest.register_assert_rewrite("tests.kafka_fixtures")
 from tests.kafka_fixtures import (
+    REPO_ROOT,
     Fleet,
     KafkaTarget,
     committed_offsets,
@@ -110,6 +115,31 @@ def test_sigkill_mid_stream_then_another_worker_gives_the_embedded_ledger(
     assert combined_ledger(second_dir).content_digest == fleet.embedded.content_digest
     published = {orjson.loads(v)["entry_id"] for *_, v in read_topic(kafka, "genki.ledger")}
     assert len(published) == fleet.embedded.entries
+
+
+def test_sigterm_to_the_process_group_stops_a_worker_and_its_partition_processes_cleanly(
+        kafka: KafkaTarget, fleet: Fleet, tmp_path: Path) -> None:
+    """What a terminal's Ctrl-C or a service manager does: every process of the group gets
+    the signal; the partition processes leave it to the worker, which closes them."""
+    create_topics(kafka, PARTITIONS)
+    ends = publish(kafka, fleet.path)
+    data_dir, err_path = tmp_path / "data", tmp_path / "worker.err"
+    with open(err_path, "w") as err:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli",
+             *worker_args(kafka, data_dir, "--partition-processes")],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+            start_new_session=True)
+    wait_for(lambda: all_committed(kafka, ends), "the worker to commit every input")
+    os.killpg(worker.pid, signal.SIGTERM)
+    out, _ = worker.communicate(timeout=EXIT_WAIT_S_MAX)
+    assert worker.returncode == 0
+    summary = orjson.loads(out)
+    assert summary["accepted"] + summary["rejected"] == fleet.records
+    assert combined_ledger(data_dir).content_digest == fleet.embedded.content_digest
+    # each partition process closed its store: the rules' snapshot a restart starts from
+    assert all(any(partition_dir(data_dir, n).joinpath(SNAPSHOT_DIR_NAME).iterdir())
+               for n in range(PARTITIONS))
 
 
 def test_a_partition_directory_held_by_another_process_stops_the_worker_loudly(

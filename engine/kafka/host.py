@@ -37,7 +37,8 @@ from engine.kafka.keys import Keyring
 from engine.kafka.partition import PartitionStore
 
 # Imported once by the forkserver, so a partition process starts in milliseconds.
-_PRELOAD_MODULES = ["engine.kafka.host", "engine.pipeline", "engine.rules.engine"]
+_PRELOAD_MODULES = ["engine.kafka.hostserver", "engine.kafka.host", "engine.pipeline",
+                    "engine.rules.engine"]
 WORKER_WATCH_S = 0.5  # how often a partition process checks that its worker lives (no pidfd)
 
 
@@ -77,7 +78,12 @@ def _in_process(fn: Any, *args: Any) -> Any:
 def _die_with_worker(worker_pid: int) -> None:
     """A partition process must not outlive its worker (its parent is the forkserver,
     which lives as long as any of its children): it holds the partition's owner.lock,
-    which the worker's restart needs. A watcher thread kills it when the worker ends."""
+    which the worker's restart needs. A watcher thread kills it when the worker ends.
+
+    Ctrl-C and a SIGTERM to the whole process group are the worker's to handle: it
+    finishes the cycle and closes its partitions, so they ignore both."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch, args=(worker_pid,), name="genki-watch-worker",
                      daemon=True).start()
 
