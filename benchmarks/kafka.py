@@ -3,9 +3,9 @@
 1. Segment records (the design): a simulated fleet through `genki publish` →
    `genki worker` (in-process, until idle) → partition ledgers. Prints samples/s
    of the gateway, of the worker (busy time, no group join) and end to end.
-   The worker runs twice over the same topics (two groups, two directories):
-   with each partition's store in a process of its own (`--partition-processes`,
-   the headline) and on threads of one process.
+   The worker runs twice over the same records, each from an empty directory: on
+   threads of one process (the default, the headline) and with each partition's
+   store in a process of its own (`--partition-processes`).
 2. One step sample per record (the issue-15 workload: 200,000 records, no
    profiles, so every person has the plain step tiers), through (a) genki's
    worker (both ways, as above), (b) a hand-written aiokafka `getmany` + numpy
@@ -172,7 +172,7 @@ def work(bootstrap: str, prefix: str, data_dir: Path, fetch_records: int,
 
 
 # The worker's two ways of hosting partition stores (engine.kafka.host), headline first.
-WORKER_HOSTS: dict[str, bool] = {"processes": True, "threads": False}
+WORKER_HOSTS: dict[str, bool] = {"threads": False, "processes": True}
 
 
 def genki_runs(bootstrap: str, prefix: str, tmp: Path, name: str, lines: list[bytes],
@@ -205,7 +205,7 @@ def segment_section(bootstrap: str, tmp: Path, lines: list[bytes], samples: int,
     asyncio.run(create_topics(bootstrap, PARTITIONS, 1, prefix))
     publish_s, by_topic = asyncio.run(publish(bootstrap, prefix, lines, compression))
     runs = genki_runs(bootstrap, prefix, tmp, "seg", lines, 50_000)
-    headline = runs["processes"]
+    headline = runs["threads"]
     worker_s = headline["processing_seconds"]
     assert headline["accepted_samples"] > 0
     ledger = combined_ledger(headline["data_dir"])
@@ -214,10 +214,10 @@ def segment_section(bootstrap: str, tmp: Path, lines: list[bytes], samples: int,
             "publish_s": round(publish_s, 3), "publish_samples_per_s": round(samples / publish_s),
             "worker_s": worker_s, "worker_samples_per_s": round(samples / worker_s),
             "worker_cpu_s": headline["processing_cpu_seconds"],
-            "worker_threads_s": runs["threads"]["processing_seconds"],
-            "worker_threads_samples_per_s": round(
-                samples / runs["threads"]["processing_seconds"]),
-            "worker_threads_cpu_s": runs["threads"]["processing_cpu_seconds"],
+            "worker_processes_s": runs["processes"]["processing_seconds"],
+            "worker_processes_samples_per_s": round(
+                samples / runs["processes"]["processing_seconds"]),
+            "worker_processes_cpu_s": runs["processes"]["processing_cpu_seconds"],
             "end_to_end_samples_per_s": round(samples / (publish_s + worker_s)),
             "ledger_entries": ledger.entries, "accepted_samples": headline["accepted_samples"],
             "sample_records": by_topic["genki.samples"]}
@@ -332,9 +332,9 @@ def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes],
     asyncio.run(publish(bootstrap, prefix, lines, "none"))
     records = len(lines)
     runs = genki_runs(bootstrap, prefix, tmp, "evt", lines, 20_000)
-    genki = runs["processes"]
+    genki = runs["threads"]
     genki_rate = round(records / genki["processing_seconds"])
-    threads_rate = round(records / runs["threads"]["processing_seconds"])
+    processes_rate = round(records / runs["processes"]["processing_seconds"])
     crossings = step_tier_awards(genki["data_dir"])
     peers: dict[str, dict[str, Any]] = {}
     note("  hand-written aiokafka getmany + numpy")
@@ -353,13 +353,13 @@ def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes],
         peer["valid"] = peer["crossings"] == crossings
         peer["genki_ratio"] = round(genki_rate / peer["records_per_s"], 2) \
             if peer["valid"] else None
-        peer["genki_threads_ratio"] = round(threads_rate / peer["records_per_s"], 2) \
+        peer["genki_processes_ratio"] = round(processes_rate / peer["records_per_s"], 2) \
             if peer["valid"] else None
     return {"records": records, "genki_worker_s": genki["processing_seconds"],
             "genki_records_per_s": genki_rate, "genki_cpu_s": genki["processing_cpu_seconds"],
-            "genki_threads_worker_s": runs["threads"]["processing_seconds"],
-            "genki_threads_records_per_s": threads_rate,
-            "genki_threads_cpu_s": runs["threads"]["processing_cpu_seconds"],
+            "genki_processes_worker_s": runs["processes"]["processing_seconds"],
+            "genki_processes_records_per_s": processes_rate,
+            "genki_processes_cpu_s": runs["processes"]["processing_cpu_seconds"],
             "genki_step_tier_awards": crossings, "peers": peers}
 
 
@@ -493,10 +493,10 @@ def print_segments(s: dict[str, Any]) -> None:
           f"({s['bytes'] / 1e6:.1f} MB, compression {s['compression']})")
     print(f"  gateway   {s['publish_samples_per_s']:>12,} samples/s  ({s['publish_s']} s)")
     print(f"  worker    {s['worker_samples_per_s']:>12,} samples/s  ({s['worker_s']} s, "
-          f"CPU {s['worker_cpu_s']} s, {s['ledger_entries']:,} ledger entries; "
-          f"partition processes)")
-    print(f"  worker    {s['worker_threads_samples_per_s']:>12,} samples/s  "
-          f"({s['worker_threads_s']} s, CPU {s['worker_threads_cpu_s']} s; one process)")
+          f"CPU {s['worker_cpu_s']} s, {s['ledger_entries']:,} ledger entries)")
+    print(f"  worker    {s['worker_processes_samples_per_s']:>12,} samples/s  "
+          f"({s['worker_processes_s']} s, CPU {s['worker_processes_cpu_s']} s; "
+          "--partition-processes)")
     print(f"  end to end {s['end_to_end_samples_per_s']:>11,} samples/s")
 
 
@@ -504,12 +504,13 @@ def print_per_record(e: dict[str, Any]) -> None:
     print(f"one sample per record: {e['records']:,} records, "
           f"{e['genki_step_tier_awards']:,} step-tier crossings")
     print(f"  {'genki worker (validated, durable, ledger)':<44} "
-          f"{e['genki_records_per_s']:>9,} records/s  CPU {e['genki_cpu_s']} s "
-          "(partition processes)")
-    print(f"  {'genki worker, one process':<44} "
-          f"{e['genki_threads_records_per_s']:>9,} records/s  CPU {e['genki_threads_cpu_s']} s")
+          f"{e['genki_records_per_s']:>9,} records/s  CPU {e['genki_cpu_s']} s")
+    print(f"  {'genki worker --partition-processes':<44} "
+          f"{e['genki_processes_records_per_s']:>9,} records/s  "
+          f"CPU {e['genki_processes_cpu_s']} s")
     for name, peer in e["peers"].items():
-        verdict = (f"genki {peer['genki_ratio']}x (one process {peer['genki_threads_ratio']}x)"
+        verdict = (f"genki {peer['genki_ratio']}x "
+                   f"(--partition-processes {peer['genki_processes_ratio']}x)"
                    if peer["valid"] else f"VOID: {peer['crossings']:,} crossings")
         cpu = f"CPU {peer['cpu_s']} s  " if "cpu_s" in peer else ""
         print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {cpu}{verdict}")
