@@ -614,20 +614,23 @@ def crashing_redemption(data_dir: Path, point: str, monkeypatch: pytest.MonkeyPa
 
 
 @pytest.fixture
-def crash_home(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def crash_home(tmp_path: Path) -> tuple[Path, dict[str, str], str, str]:
+    """U1 with 40 points, an app and a shop key, and two redeem tokens of U1 (issued by a
+    server that is stopped again)."""
     keys = {"app": make_key(tmp_path, Role.app), "shop": make_key(tmp_path, Role.shop, "S1")}
     award(tmp_path, "U1", 40)
-    return tmp_path, keys
-
-
-def test_killed_after_the_ledger_commit_a_retry_gets_the_redemption_once(
-        crash_home: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
-    home, keys = crash_home
-    issuer = Server(home)
+    issuer = Server(tmp_path)
     try:
         token, other = token_for(issuer, keys, "U1"), token_for(issuer, keys, "U1")
     finally:
         issuer.stop()
+    return tmp_path, keys, token, other
+
+
+def test_killed_after_the_ledger_commit_a_retry_gets_the_redemption_once(
+        crash_home: tuple[Path, dict[str, str], str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    home, keys, token, other = crash_home
     crashing_redemption(home, "api_after_ledger", monkeypatch, keys, token, 15, "sale-1")
     restarted = Server(home)
     try:
@@ -645,15 +648,11 @@ def test_killed_after_the_ledger_commit_a_retry_gets_the_redemption_once(
 
 
 def test_killed_after_the_claim_a_retry_goes_ahead_and_charges_once(
-        crash_home: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+        crash_home: tuple[Path, dict[str, str], str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The claim of a dead server does not block its key: the retry (here with another
     token, as a terminal that rescanned the code would send) is carried out."""
-    home, keys = crash_home
-    issuer = Server(home)
-    try:
-        token, other = token_for(issuer, keys, "U1"), token_for(issuer, keys, "U1")
-    finally:
-        issuer.stop()
+    home, keys, token, other = crash_home
     crashing_redemption(home, "api_after_claims", monkeypatch, keys, token, 15, "sale-1")
     restarted = Server(home)
     try:

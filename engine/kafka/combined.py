@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +57,10 @@ def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> Combin
     memory holds balances, not entries."""
     balances: dict[str, int] = {}
     owner: dict[str, Path] = {}
-    counted = [0]
+    rows_count = 0
 
-    def tagged(rows: Iterator[tuple], directory: Path) -> Iterator[tuple[tuple, Path]]:
-        return ((row, directory) for row in rows)
-
-    def contents(sources: list[Iterator[tuple[tuple, Path]]]) -> Iterator[bytes]:
+    def contents(sources: Sequence[Iterator[tuple[tuple, Path]]]) -> Iterator[bytes]:
+        nonlocal rows_count
         previous: str | None = None
         for row, directory in heapq.merge(*sources, key=lambda item: item[0][0]):
             assert row[0] != previous, f"duplicate entry_id {row[0]}"
@@ -70,7 +68,7 @@ def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> Combin
             assert first == directory, f"user {row[1]} has entries in {first} and " \
                                        f"{directory}: topics are not co-partitioned"
             balances[row[1]] = balances.get(row[1], 0) + row[3]
-            counted[0] += 1
+            rows_count += 1
             previous = row[0]
             yield content_bytes(*row)
 
@@ -78,9 +76,8 @@ def combine(ledger_dirs: list[Path], numbers: list[int] | None = None) -> Combin
         sources, erased = [], []
         for directory in ledger_dirs:
             rows, part_erased = stack.enter_context(read_contents(directory / LEDGER_FILE_NAME))
-            sources.append(tagged(rows, directory))
+            sources.append(zip(rows, itertools.repeat(directory)))
             erased.extend(part_erased)
         digest = content_digest(itertools.chain(contents(sources), sorted(erased)))
-    rows_count = counted[0]
     return CombinedLedger(numbers or [], rows_count + len(erased), digest, dict(sorted(balances.items())),
                           sum(balances.values()))
