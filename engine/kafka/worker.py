@@ -43,7 +43,7 @@ from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import consumer_settings, producer_settings, topic_name
 from engine.kafka.fetch import FetchedRecord, TopicBatch, columns_of, skip_consumer_records
-from engine.kafka.host import ThreadHost, new_host
+from engine.kafka.host import ThreadHost, collected_rarely, new_host
 from engine.kafka.keys import (
     RECORD_KEYS_ENV,
     WRAP_KEYS_ENV,
@@ -268,7 +268,8 @@ class Worker:
         await consumer.start()
         skip_consumer_records(consumer)
         try:
-            await self._loop(consumer)
+            with collected_rarely():
+                await self._loop(consumer)
             if self._failure is not None:
                 raise self._failure
         finally:
