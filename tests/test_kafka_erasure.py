@@ -11,6 +11,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.errors import UsageError
 from engine.kafka.combined import CombinedLedger, combine, combined_ledger
@@ -19,6 +21,7 @@ from engine.kafka.personal import (
     MAGIC,
     ErasedKeys,
     PersonKeys,
+    any_sealed,
     erase_person_keys,
     open_inputs,
 )
@@ -187,6 +190,12 @@ def test_sealed_records_without_wrap_keys_are_a_configuration_error_not_erasure(
     sealed = person_keys.seal(b"genki.samples", b"W00001", b"{}")
     with pytest.raises(UsageError, match="wrap keys"):
         open_inputs(None, b"genki.samples", [0], [b"W00001"], [sealed])
+
+
+@given(st.lists(st.sampled_from([b"", b"{}", b"\x00", b"\x00gk", MAGIC, MAGIC + b"x",
+                                 b"x" + MAGIC, b'{"v": 1}'])))
+def test_any_sealed_is_a_prefix_check_of_every_value(values: list[bytes]) -> None:
+    assert any_sealed(values) == any(v[:4] == MAGIC for v in values)
 
 
 def test_a_data_key_is_stored_wrapped(person_keys: PersonKeys) -> None:

@@ -32,6 +32,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -82,6 +83,21 @@ def require_wrap_keys(what: str) -> Keyring:
 
 def is_sealed(value: bytes | None) -> bool:
     return value is not None and value[:4] == MAGIC
+
+
+_first_byte = itemgetter(0)
+
+
+def any_sealed(values: list[bytes]) -> bool:
+    """Whether some value is encrypted. The common batch (all plain, from a gateway
+    that does not encrypt) is told by the first bytes alone: JSON never starts with
+    MAGIC's zero byte. A fifth of the cost of slicing every value."""
+    try:
+        if MAGIC[0] not in bytes(map(_first_byte, values)):
+            return False
+    except IndexError:  # an empty value (a tombstone) among them
+        pass
+    return any(v[:4] == MAGIC for v in values)
 
 
 def _aad(tag: bytes, user: bytes) -> bytes:
@@ -199,10 +215,12 @@ class PersonKeys:
         except InvalidTag:
             return None
 
-    def missing(self, users_and_values: Iterable[tuple[bytes | None, bytes | None]]) -> bool:
+    def missing(self, users: list[bytes | None], values: list[bytes]) -> bool:
         """Whether some encrypted record names a data key not loaded yet (read
         genki.keys further before deciding it is erased)."""
-        for user, value in users_and_values:
+        if not any_sealed(values):
+            return False
+        for user, value in zip(users, values, strict=True):
             if value is None or value[:4] != MAGIC or not user:
                 continue
             keys = self._users.get(user)
@@ -369,10 +387,13 @@ def open_inputs(keys: PersonKeys | None, tag: bytes, offsets: list[int],
                 ) -> tuple[list[int], list[bytes], int]:
     """(offsets, plaintexts, erased) of one topic's records: a record no key opens is left
     out and counted as erased (its person's keys were destroyed), never dead-lettered."""
+    sealed = any_sealed(values)
     if keys is None:
-        if any(v[:4] == MAGIC for v in values):
+        if sealed:
             raise UsageError("encrypted records on the input topics, and no wrap keys: give "
                              f"the worker --wrap-keys FILE or ${WRAP_KEYS_ENV}")
+        return offsets, values, 0
+    if not sealed:
         return offsets, values, 0
     kept_offsets: list[int] = []
     kept: list[bytes] = []

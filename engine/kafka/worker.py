@@ -362,7 +362,7 @@ class Worker:
         if self._key_topic is not None:
             await self._key_topic.refresh_if_due(self._parts)
             for number, batch in by_number.items():
-                if any(self.person_keys.missing(zip(columns.keys, columns.values, strict=True))
+                if any(self.person_keys.missing(columns.keys, columns.values)
                        for t, columns in batch.items() if t in LOG_TOPICS):
                     await self._key_topic.catch_up([number])
         await asyncio.gather(*(self._process_one(number, batch)
