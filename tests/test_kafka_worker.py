@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import orjson
 import pytest
 
 from engine.kafka.combined import CombinedLedger, combined_ledger
+from engine.kafka.host import GC_THRESHOLD_OBJECTS, collected_rarely
 from engine.kafka.worker import WorkerSettings, WorkerSummary, run_worker
 from engine.ledger import Ledger
 from engine.ledger.commands import redeem_id
@@ -252,3 +254,15 @@ def test_a_new_host_restores_redemptions_from_genki_ledger_without_reapplying_th
     summary, _ = takeover
     assert summary.restored_entries == 2 * redemption_run.summary.redemptions_applied // 3
     assert summary.redemptions_applied == summary.redemptions_rejected == 0
+
+
+def test_the_collector_is_as_it_was_after_a_worker_ran() -> None:
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with collected_rarely():
+        assert gc.get_threshold()[0] == GC_THRESHOLD_OBJECTS
+        assert gc.get_freeze_count() > frozen
+        garbage: list[Any] = []
+        garbage.append(garbage)  # a cycle made while the worker runs is still collected
+        del garbage
+        assert gc.collect() >= 1
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (threshold, frozen)

@@ -46,9 +46,9 @@ WORKER_WATCH_S = 0.5  # how often a partition process checks that its worker liv
 # while a worker runs; CPython's default is 700. A cycle allocates tens of thousands of
 # containers per batch (fetched records, rows for the log), so at 700 the collector ran
 # over 1,100 times per 200,000 one-sample records, and its full collections walked every
-# object the imports made: 0.6 of the worker's 3.0 CPU seconds; 0.15 s with this and
-# the imports' objects frozen (collected_rarely).
-GC_THRESHOLD_OBJECTS = 10_000
+# object the imports made: 0.7 of the worker's 3.0 CPU seconds. With the imports' objects
+# frozen (collect_rarely): 0.13 s at 10,000, 0.015 s at 50,000 (a few MB of containers).
+GC_THRESHOLD_OBJECTS = 50_000
 
 
 class PartitionProcessDied(GenkiError):
