@@ -353,6 +353,10 @@ def per_event_section(bootstrap: str, tmp: Path, lines: list[bytes],
         peer["valid"] = peer["crossings"] == crossings
         peer["genki_ratio"] = round(genki_rate / peer["records_per_s"], 2) \
             if peer["valid"] else None
+        # Records per CPU second, genki's over the peer's: steadier than the wall ratio
+        # when other work shares the cores (the worker's wall includes waiting for them).
+        peer["genki_cpu_ratio"] = round(peer["cpu_s"] / genki["processing_cpu_seconds"], 2) \
+            if peer["valid"] and "cpu_s" in peer else None
         peer["genki_processes_ratio"] = round(processes_rate / peer["records_per_s"], 2) \
             if peer["valid"] else None
     return {"records": records, "genki_worker_s": genki["processing_seconds"],
@@ -513,7 +517,9 @@ def print_per_record(e: dict[str, Any]) -> None:
                    f"(--partition-processes {peer['genki_processes_ratio']}x)"
                    if peer["valid"] else f"VOID: {peer['crossings']:,} crossings")
         cpu = f"CPU {peer['cpu_s']} s  " if "cpu_s" in peer else ""
-        print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {cpu}{verdict}")
+        per_cpu = f"; per CPU second {peer['genki_cpu_ratio']}x" \
+            if peer.get("genki_cpu_ratio") is not None else ""
+        print(f"  {name:<44} {peer['records_per_s']:>9,} records/s  {cpu}{verdict}{per_cpu}")
 
 
 def transport_section(bootstrap: str, tmp: Path, records: int) -> dict[str, Any]:
