@@ -261,6 +261,9 @@ def test_the_collector_is_as_it_was_after_a_worker_ran() -> None:
     with collected_rarely():
         assert gc.get_threshold()[0] == GC_THRESHOLD_OBJECTS
         assert gc.get_freeze_count() > frozen
+        with collected_rarely():  # a second worker in the same process
+            pass
+        assert gc.get_threshold()[0] == GC_THRESHOLD_OBJECTS
         garbage: list[Any] = []
         garbage.append(garbage)  # a cycle made while the worker runs is still collected
         del garbage

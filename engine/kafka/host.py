@@ -95,15 +95,25 @@ def collect_rarely() -> tuple[int, int, int]:
     return threshold
 
 
+# The thresholds collected_rarely replaced, while any of its blocks runs.
+_replaced_threshold: list[tuple[int, int, int]] = []
+_rarely_blocks = [0]
+
+
 @contextlib.contextmanager
 def collected_rarely() -> Iterator[None]:
-    """collect_rarely while the block runs; the collector as it was afterwards."""
-    threshold = collect_rarely()
+    """collect_rarely while the block runs; the collector as it was once the last such
+    block has ended (workers that overlap in one process, as in tests, share it)."""
+    if _rarely_blocks[0] == 0:
+        _replaced_threshold.append(collect_rarely())
+    _rarely_blocks[0] += 1
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        _rarely_blocks[0] -= 1
+        if _rarely_blocks[0] == 0:
+            gc.set_threshold(*_replaced_threshold.pop())
+            gc.unfreeze()
 
 
 def _start_partition_process(worker_pid: int) -> None:
