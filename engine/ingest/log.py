@@ -398,7 +398,8 @@ class EmbeddedLog:
                      *, partition: int | None = None, offsets: list[int] | None = None,
                      meta: dict[str, str] | None = None,
                      rejected_before: Sequence[tuple[int, str, bytes]] = (),
-                     key_id: str = OPERATOR_KEY_ID) -> IngestCounts:
+                     key_id: str = OPERATOR_KEY_ID,
+                     decoded: DecodedBatch | None = None) -> IngestCounts:
         """Decode, judge and durably store one batch of lines in one transaction.
 
         A dead letter names `source`, `partition` and the line's offset: `offsets[i]`
@@ -408,10 +409,14 @@ class EmbeddedLog:
         gateway) refused before they became lines: received and dead-lettered here.
         `key_id` is the API key that submitted the batch (provenance): every record
         stored gets it (`positions_of_key`), and its counters are kept per key.
+        `decoded` is `decode_lines(lines, now_ms)` when the caller decoded ahead (in
+        another thread or process, overlapping this batch's store with the next decode).
         """
         assert offsets is None or len(offsets) == len(lines)
         assert self._lock_file is not None, "log opened read-only"
-        decoded = decode_lines(lines, now_ms)
+        if decoded is None:
+            decoded = decode_lines(lines, now_ms)
+        assert decoded.lines is lines, "decoded from other lines"
         counts = IngestCounts(received=decoded.received + len(rejected_before))
         self._db.execute("BEGIN IMMEDIATE")
         try:

@@ -1,0 +1,129 @@
+"""Decoding ahead in a worker process stores exactly what decoding in-process stores."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from engine.ingest import ahead
+from engine.ingest.cli import ingest_paths
+from engine.ingest.log import EmbeddedLog
+from engine.sim import SimConfig, simulate
+
+NOW_MS = 1_798_761_600_000  # 2027-01-01: after the simulated period
+IN_PROCESS = 1 << 62  # no input is this large: decode in-process
+ALWAYS = 0  # any input: decode in a worker
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A simulated fleet with faults and re-sends, and a file of odd lines: blank lines,
+    CRLF, not JSON, consent events, a re-sent activity with other content."""
+    out = tmp_path_factory.mktemp("fleet")
+    simulate(SimConfig(participants=8, app_users=30, days=14, bad_fraction=0.03,
+                       duplicate_fraction=0.05), out)
+    sample = {"v": 1, "upload_id": "u1", "user_id": "W00001", "device_id": "W00001-watch1",
+              "metric": "steps", "unit": "count", "ts_ms": [1_790_000_000_000, 1_790_000_060_000],
+              "values": [10, 20]}
+    event = {"v": 1, "event_id": "e-odd", "user_id": "W00001", "kind": "venue_checkin",
+             "ts_ms": 1_790_000_000_000, "venue_id": "V1", "source": "app"}
+    consent = {"v": 1, "user_id": "W00001", "consent_seq": 1, "change": "enrolled",
+               "effective_ts_ms": 1_790_000_000_000, "source": "app"}
+    odd = [orjson.dumps(sample), b"", b"not json", orjson.dumps(sample) + b"\r",
+           orjson.dumps(event), orjson.dumps({**event, "source": "other"}),
+           orjson.dumps(consent), b"   ", orjson.dumps({**sample, "values": [10, 1e9]})]
+    (out / "30-odd.ndjson").write_bytes(b"\n".join(odd) + b"\n")
+    return out
+
+
+def _content(data_dir: Path) -> dict[str, Any]:
+    """Everything the log answers about what it stores, through its own readers."""
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        position = log.position()
+        arrays, meta = log.export_state()
+        samples = log.read_samples(0, position)
+        activities = log.read_activities(0, position)
+        return {
+            "position": position, "counters": log.counters().as_dict(),
+            "dead_letters": log.dead_letters(), "meta": meta,
+            "arrays": {name: array.tolist() for name, array in arrays.items()},
+            "samples": {name: value if isinstance(value, list) else value.tolist()
+                        for name, value in vars(samples).items()},
+            "activities": {name: value if isinstance(value, list) else value.tolist()
+                           for name, value in vars(activities).items()},
+            "profiles": log.profiles(), "keys": log.positions_of_key("operator"),
+            "by_key": log.counts_by_key()}
+
+
+def _ingest(inputs: Path, data_dir: Path, batch_lines: int, ahead_bytes_min: int) -> dict:
+    with EmbeddedLog.open(data_dir) as log:
+        counts = ingest_paths(log, [str(inputs)], now_ms=NOW_MS, batch_lines=batch_lines,
+                              ahead_bytes_min=ahead_bytes_min)
+    return counts.as_dict()
+
+
+@pytest.mark.parametrize("batch_lines", [1, 97, 20_000])
+def test_decoding_ahead_stores_what_decoding_in_process_stores(
+        inputs: Path, tmp_path: Path, batch_lines: int) -> None:
+    here = _ingest(inputs, tmp_path / "here", batch_lines, IN_PROCESS)
+    there = _ingest(inputs, tmp_path / "there", batch_lines, ALWAYS)
+    assert there == here
+    assert here["rejected"] > 0 and here["duplicate_samples"] > 0
+    assert _content(tmp_path / "here")["meta"]["consent_records"]
+    assert _content(tmp_path / "there") == _content(tmp_path / "here")
+    assert not multiprocessing.active_children()
+
+
+def test_a_small_input_is_decoded_in_process(inputs: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_worker(*args: object) -> None:
+        raise AssertionError("started a worker for a small input")
+
+    monkeypatch.setattr(ahead, "_decode_in_worker", no_worker)
+    _ingest(inputs, tmp_path / "data", 97, ahead.DECODE_AHEAD_BYTES_MIN)
+
+
+def test_a_failure_in_the_worker_stops_after_the_batches_before_it(
+        inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker is forked: the patched decoder is the one it runs."""
+    real = ahead.decode_lines
+    calls = []
+
+    def failing(lines: list[bytes], now_ms: int) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("decoder failed")
+        return real(lines, now_ms)
+
+    monkeypatch.setattr(ahead, "decode_lines", failing)
+    contents = []
+    for ahead_bytes_min in (IN_PROCESS, ALWAYS):
+        calls.clear()
+        data_dir = tmp_path / str(ahead_bytes_min)
+        with pytest.raises(ValueError, match="decoder failed"):
+            _ingest(inputs, data_dir, 50, ahead_bytes_min)
+        contents.append(_content(data_dir))
+    assert contents[0] == contents[1]
+    assert contents[0]["position"] > 0
+    assert not multiprocessing.active_children()
+
+
+def test_a_failure_while_storing_ends_the_worker(
+        inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = EmbeddedLog.ingest_lines
+    calls = []
+
+    def failing(self: EmbeddedLog, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddedLog, "ingest_lines", failing)
+    with pytest.raises(OSError, match="disk full"):
+        _ingest(inputs, tmp_path / "data", 1, ALWAYS)
+    assert not multiprocessing.active_children()
