@@ -68,7 +68,8 @@ def _decode_in_worker(files: list[str], now_ms: int | None,
     os.close(write_fd)
     try:
         with open(read_fd, "rb", buffering=0) as pipe:
-            while (frame := _read_frame(pipe)) is not None:
+            frames = _FrameReader(pipe)
+            while (frame := frames.next()) is not None:
                 kind, item = frame
                 if kind == _FAILED:
                     raise item
@@ -89,26 +90,32 @@ _HEADER = struct.Struct("<BQ")
 _BATCH, _FAILED, _DONE = 0, 1, 2
 
 
-def _read_frame(pipe: BinaryIO) -> tuple[int, Any] | None:
-    """The next frame's kind and unpickled payload; None after the last batch. Read
-    straight into one buffer (a Connection copies each 64 KiB read once more)."""
-    header = _read_exactly(pipe, _HEADER.size)
-    kind, size = _HEADER.unpack(header)
-    if kind == _DONE:
-        return None
-    return kind, pickle.loads(_read_exactly(pipe, size))
+class _FrameReader:
+    """Frames read straight into one buffer, reused (a Connection copies each 64 KiB read
+    once more, and a fresh buffer per batch costs its page faults again)."""
 
+    def __init__(self, pipe: BinaryIO) -> None:
+        self._pipe = pipe
+        self._buffer = bytearray()
 
-def _read_exactly(pipe: BinaryIO, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    got = 0
-    while got < size:
-        n = pipe.readinto(view[got:])  # type: ignore[attr-defined]
-        if not n:
-            raise RuntimeError("the decode worker ended without finishing")
-        got += n
-    return buffer
+    def next(self) -> tuple[int, Any] | None:
+        """The next frame's kind and unpickled payload; None after the last batch."""
+        kind, size = _HEADER.unpack(self._read(_HEADER.size))
+        if kind == _DONE:
+            return None
+        return kind, pickle.loads(self._read(size))
+
+    def _read(self, size: int) -> memoryview:
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        view = memoryview(self._buffer)[:size]
+        got = 0
+        while got < size:
+            n = self._pipe.readinto(view[got:])  # type: ignore[attr-defined]
+            if not n:
+                raise RuntimeError("the decode worker ended without finishing")
+            got += n
+        return view
 
 
 # Activities cross as columns: unpickling an object each costs ~4 us, rebuilding ~0.5 us.
