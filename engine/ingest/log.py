@@ -555,24 +555,26 @@ class EmbeddedLog:
         stream_ids = self._stream_ids(streams, ~rejected, new_streams)
         record_of = np.repeat(np.arange(len(seg)), lengths)
         keys = pack_keys(stream_ids[record_of], ts)
-        accepted = ~rejected[record_of]
+        accepted = ~rejected[record_of] if rejected.any() else np.ones(len(ts), bool)
         found = new_samples(keys, accepted, self._seen.contains)
         new = found.mask
-        rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], seg.values[new],
-                                        stream_ids, seg.upload_id, wm_before.tolist(),
-                                        rejected.tolist())
+        n_new = int(np.count_nonzero(new))
+        if n_new == len(ts):  # every sample new (a first upload): no gathers
+            kept, new_ts, new_values = record_of, ts, seg.values
+        else:  # the record of each new sample (the records get positions), and the sample
+            kept, new_ts, new_values = record_of[new], ts[new], seg.values[new]
+        rows, duplicates = _sample_rows(next_seq, kept, new_ts, new_values, stream_ids,
+                                        seg.upload_id, wm_before.tolist(), rejected.tolist())
         self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         counts.duplicate_records += duplicates
-        counts.accepted_samples += int(np.count_nonzero(new))
-        counts.duplicate_samples += int(np.count_nonzero(accepted)) - int(np.count_nonzero(new))
+        counts.accepted_samples += n_new
+        counts.duplicate_samples += int(np.count_nonzero(accepted)) - n_new
         watermarks = {(user, "samples"): int(after) for user, before, after
                       in zip(user_index, wm.tolist(), judged.wm_after_ms.tolist(), strict=True)
                       if after > before}
-        kept = record_of[new]  # the record of each new sample; the records get positions
         rank = np.cumsum(np.bincount(kept, minlength=len(seg)) > 0) - 1  # in _sample_rows order
         recent = (next_seq + rank[kept], streams.users, streams.user_code[kept],
-                  np.asarray(seg.metric, np.int8)[kept], ts[new], seg.values[new],
-                  wm_before[kept])
+                  np.asarray(seg.metric, np.int8)[kept], new_ts, new_values, wm_before[kept])
         staged = self._seen.stage(found.groups, found.new_grouped)
         return staged, watermarks, next_seq + len(rows), recent
 
