@@ -587,7 +587,7 @@ class EmbeddedLog:
         rows: list[tuple] = []
         window_days, stored_marks = self.late_window_days, self._watermarks
         for event in decoded.activities:
-            body = event.canonical()
+            body = event.body
             stored = known.get(event.event_id)
             if stored is not None:
                 if stored == body:
