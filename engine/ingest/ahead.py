@@ -26,9 +26,10 @@ from typing import Any, BinaryIO
 from engine.ingest.decode import Activity, DecodedBatch, decode_lines
 from engine.ingest.reader import BATCH_LINES_MAX, LineBatch, expand_paths, iter_sources
 
-# Below this much input a worker does not pay: it starts in ~0.05 s (fork) and an input
-# this small decodes in about 0.1 s.
-DECODE_AHEAD_BYTES_MIN = 16 * 1024 * 1024
+# Decoding ahead overlaps only from the second batch on, and costs ~0.1 s (the fork, the
+# batches pickled and sent): below about 1.5 batches of watch segments (20,000 lines of
+# ~1.1 kB) it does not pay.
+DECODE_AHEAD_BYTES_MIN = 32 * 1024 * 1024
 PIPE_BYTES = 1024 * 1024  # the Linux default maximum (fs.pipe-max-size)
 
 Decoded = tuple[LineBatch, int, DecodedBatch]  # a batch, the clock it was judged by, decoded

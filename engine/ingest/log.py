@@ -1183,12 +1183,13 @@ def _sample_rows(first_seq: int, record: np.ndarray, ts: np.ndarray, values: np.
     narrow = values.astype(np.float32)
     exact = narrow.astype(np.float64) == values
     lossless = np.logical_and.reduceat(exact, starts) if len(ts) else np.empty(0, dtype=bool)
-    narrow_bytes, wide_bytes = narrow.tobytes(), values.tobytes()
+    narrow_bytes = narrow.tobytes()
     at = has_new.tolist()
     spans = list(map(slice, (4 * starts).tolist(), (4 * ends).tolist()))  # of 4-byte items
     if lossless.all():
         vals = list(map(narrow_bytes.__getitem__, spans))
     else:
+        wide_bytes = values.tobytes()
         vals = [narrow_bytes[span] if ok else wide_bytes[2 * span.start:2 * span.stop]
                 for span, ok in zip(spans, lossless.tolist(), strict=True)]
     rows = list(zip(
