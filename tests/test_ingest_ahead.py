@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from engine.faults import CRASH_ENV
 from engine.ingest import ahead
 from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
@@ -127,3 +132,47 @@ def test_a_failure_while_storing_ends_the_worker(
     with pytest.raises(OSError, match="disk full"):
         _ingest(inputs, tmp_path / "data", 1, ALWAYS)
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_the_worker_holds_nothing_of_the_log(inputs: Path, tmp_path: Path) -> None:
+    """A writer restarted after this process is killed must not find the log locked by
+    a worker that is still finishing a batch."""
+    with EmbeddedLog.open(tmp_path / "data"):
+        batches = ahead.decoded_batches([str(inputs)], NOW_MS, 50, ahead_bytes_min=ALWAYS)
+        next(batches)
+        (worker,) = multiprocessing.active_children()
+        held = [os.readlink(f"/proc/{worker.pid}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{worker.pid}/fd")]
+        batches.close()
+    assert not [path for path in held if str(tmp_path) in path]
+    assert any(path.startswith("pipe:") for path in held)
+    assert not multiprocessing.active_children()
+
+
+_CRASHING_INGEST = """
+import sys
+from pathlib import Path
+from engine.ingest.cli import ingest_paths
+from engine.ingest.log import EmbeddedLog
+with EmbeddedLog.open(Path(sys.argv[1])) as log:
+    ingest_paths(log, [sys.argv[2]], now_ms=int(sys.argv[3]), batch_lines=50,
+                 ahead_bytes_min=int(sys.argv[4]))
+"""
+
+
+def test_a_crash_between_batches_leaves_what_the_single_process_path_leaves(
+        inputs: Path, tmp_path: Path) -> None:
+    contents = []
+    for ahead_bytes_min in (IN_PROCESS, ALWAYS):
+        data_dir = tmp_path / str(ahead_bytes_min)
+        done = subprocess.run(
+            [sys.executable, "-c", _CRASHING_INGEST, str(data_dir), str(inputs), str(NOW_MS),
+             str(ahead_bytes_min)],
+            env={**os.environ, CRASH_ENV: "ingest_after_batch:3"}, check=False)
+        assert done.returncode == -signal.SIGKILL
+        with EmbeddedLog.open(data_dir):  # not locked by a worker still finishing a batch
+            pass
+        contents.append(_content(data_dir))
+    assert contents[0] == contents[1]
+    assert 100 < contents[0]["counters"]["received"] <= 150  # three batches of <= 50 lines

@@ -17,6 +17,7 @@ import fcntl
 import multiprocessing
 import os
 import pickle
+import signal
 import struct
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from engine.ingest.reader import BATCH_LINES_MAX, LineBatch, expand_paths, iter_
 # ~1.1 kB) it does not pay.
 DECODE_AHEAD_BYTES_MIN = 32 * 1024 * 1024
 PIPE_BYTES = 1024 * 1024  # the Linux default maximum (fs.pipe-max-size)
+_FD_MAX = os.sysconf("SC_OPEN_MAX")
 
 Decoded = tuple[LineBatch, int, DecodedBatch]  # a batch, the clock it was judged by, decoded
 _ACTIVITY_FIELDS = [f.name for f in fields(Activity)]
@@ -75,15 +77,13 @@ def _decode_in_worker(files: list[str], now_ms: int | None,
                 if kind == _FAILED:
                     raise item
                 yield _from_wire(item)
-        worker.join(timeout=5)
+        worker.join()  # it sent its last frame: it is ending
         if worker.exitcode != 0:
             raise RuntimeError(f"the decode worker ended with exit code {worker.exitcode}")
     finally:
-        # A worker still sending gets a broken pipe (the read end is closed) and ends.
-        worker.join(timeout=5)
-        if worker.is_alive():
+        if worker.is_alive():  # the caller stopped early, or failed: nothing more is needed
             worker.kill()
-            worker.join()
+        worker.join()
 
 
 # Frames: kind (1 byte), payload length (8 bytes little-endian), the pickled payload.
@@ -138,8 +138,17 @@ def _from_wire(item: _Wire) -> Decoded:
 
 def _worker(read_fd: int, write_fd: int, files: list[str], now_ms: int | None,
             batch_lines: int) -> None:
-    """Send each decoded batch, then a last frame; or the exception that stopped it."""
-    os.close(read_fd)
+    """Send each decoded batch, then a last frame; or the exception that stopped it.
+
+    It first closes every descriptor it inherited but its end of the pipe: it must not
+    hold the log's lock file (a writer restarted after the parent was killed would find
+    the log locked until this process ends) nor the log's database. Ctrl-C is the
+    parent's to handle: the worker ends when the parent stops reading.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.closerange(3, write_fd)
+    os.closerange(write_fd + 1, _FD_MAX)
+    del read_fd  # closed with the others
     with open(write_fd, "wb", buffering=0) as pipe:
         try:
             for item in _decode_each(files, now_ms, batch_lines):

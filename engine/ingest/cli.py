@@ -9,6 +9,7 @@ import sys
 import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
+from engine.faults import crash_point
 from engine.ingest.ahead import DECODE_AHEAD_BYTES_MIN, decoded_batches
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, EmbeddedLog, IngestCounts
 from engine.ingest.reader import BATCH_LINES_MAX
@@ -26,6 +27,7 @@ def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
                                                         ahead_bytes_min):
             counts = log.ingest_lines(batch.lines, batch.source, batch.first_offset, clock_ms,
                                       offsets=batch.line_numbers, decoded=decoded)
+            crash_point("ingest_after_batch")
             total.add(counts)
             advance(len(batch.lines), f"{total.accepted_samples:,} samples")
     return total
