@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _receivers() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "genki-decode-receive"]
+
+
 def _content(data_dir: Path) -> dict[str, Any]:
     """Everything the log answers about what it stores, through its own readers."""
     with EmbeddedLog.open(data_dir, writer=False) as log:
@@ -80,7 +85,7 @@ def test_decoding_ahead_stores_what_decoding_in_process_stores(
     assert here["rejected"] > 0 and here["duplicate_samples"] > 0
     assert _content(tmp_path / "here")["meta"]["consent_records"]
     assert _content(tmp_path / "there") == _content(tmp_path / "here")
-    assert not multiprocessing.active_children()
+    assert not multiprocessing.active_children() and not _receivers()
 
 
 def test_a_small_input_is_decoded_in_process(inputs: Path, tmp_path: Path,
@@ -114,7 +119,7 @@ def test_a_failure_in_the_worker_stops_after_the_batches_before_it(
         contents.append(_content(data_dir))
     assert contents[0] == contents[1]
     assert contents[0]["position"] > 0
-    assert not multiprocessing.active_children()
+    assert not multiprocessing.active_children() and not _receivers()
 
 
 def test_a_failure_while_storing_ends_the_worker(
@@ -131,7 +136,7 @@ def test_a_failure_while_storing_ends_the_worker(
     monkeypatch.setattr(EmbeddedLog, "ingest_lines", failing)
     with pytest.raises(OSError, match="disk full"):
         _ingest(inputs, tmp_path / "data", 1, ALWAYS)
-    assert not multiprocessing.active_children()
+    assert not multiprocessing.active_children() and not _receivers()
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
@@ -147,7 +152,7 @@ def test_the_worker_holds_nothing_of_the_log(inputs: Path, tmp_path: Path) -> No
         batches.close()
     assert not [path for path in held if str(tmp_path) in path]
     assert any(path.startswith("pipe:") for path in held)
-    assert not multiprocessing.active_children()
+    assert not multiprocessing.active_children() and not _receivers()
 
 
 _CRASHING_INGEST = """

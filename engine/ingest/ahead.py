@@ -6,8 +6,10 @@ worker process reads and decodes batch N + 1 while the caller stores batch N.
 Only decoding moves: every batch is still stored by the caller, in order, one
 transaction each, so the log, its positions and its dead letters are the same
 byte for byte, and a crash of either process leaves what a crash of the
-single-process path leaves (a worker never writes anything). Small inputs are
-decoded in-process: starting a worker costs more than it saves.
+single-process path leaves (a worker never writes anything). A thread of the
+caller receives and unpickles the next batch meanwhile (most of it while the
+caller waits in SQLite, which releases the GIL). Small inputs are decoded
+in-process: starting a worker costs more than it saves.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import fcntl
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import fields
@@ -69,21 +73,48 @@ def _decode_in_worker(files: list[str], now_ms: int | None,
                              name="genki-decode", daemon=True)
     worker.start()
     os.close(write_fd)
+    received: queue.Queue[tuple[int, Any] | None] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    receiver = threading.Thread(target=_receive, args=(read_fd, received, stop),
+                                name="genki-decode-receive", daemon=True)
+    receiver.start()
+    try:
+        while (frame := received.get()) is not None:
+            kind, item = frame
+            if kind == _FAILED:
+                raise item
+            yield item
+        worker.join()  # it sent its last frame: it is ending
+        if worker.exitcode != 0:
+            raise RuntimeError(f"the decode worker ended with exit code {worker.exitcode}")
+    finally:
+        stop.set()
+        if worker.is_alive():  # the caller stopped early, or failed: nothing more is needed
+            worker.kill()
+        worker.join()
+        receiver.join()
+
+
+def _receive(read_fd: int, received: queue.Queue, stop: threading.Event) -> None:
+    """Put each frame's batch (or failure) on `received`, then None; give up when `stop`
+    is set (the consumer left)."""
+    def put(frame: tuple[int, Any] | None) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                received.put(frame, timeout=0.05)
+                return
+
     try:
         with open(read_fd, "rb", buffering=0) as pipe:
             frames = _FrameReader(pipe)
             while (frame := frames.next()) is not None:
                 kind, item = frame
+                put((kind, _from_wire(item) if kind == _BATCH else item))
                 if kind == _FAILED:
-                    raise item
-                yield _from_wire(item)
-        worker.join()  # it sent its last frame: it is ending
-        if worker.exitcode != 0:
-            raise RuntimeError(f"the decode worker ended with exit code {worker.exitcode}")
-    finally:
-        if worker.is_alive():  # the caller stopped early, or failed: nothing more is needed
-            worker.kill()
-        worker.join()
+                    return
+            put(None)
+    except BaseException as error:  # noqa: BLE001 - the consumer raises it
+        put((_FAILED, error))
 
 
 # Frames: kind (1 byte), payload length (8 bytes little-endian), the pickled payload.
