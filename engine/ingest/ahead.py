@@ -21,7 +21,6 @@ import os
 import pickle
 import queue
 import signal
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -105,49 +104,26 @@ def _receive(read_fd: int, received: queue.Queue, stop: threading.Event) -> None
                 return
 
     try:
-        with open(read_fd, "rb", buffering=0) as pipe:
-            frames = _FrameReader(pipe)
-            while (frame := frames.next()) is not None:
-                kind, item = frame
+        with open(read_fd, "rb", buffering=PIPE_BYTES) as pipe:
+            while True:
+                try:
+                    kind, item = pickle.load(pipe)
+                except EOFError:
+                    raise RuntimeError("the decode worker ended without finishing") from None
+                if kind == _DONE:
+                    put(None)
+                    return
                 put((kind, _from_wire(item) if kind == _BATCH else item))
                 if kind == _FAILED:
                     return
-            put(None)
     except BaseException as error:  # noqa: BLE001 - the consumer raises it
         put((_FAILED, error))
 
 
-# Frames: kind (1 byte), payload length (8 bytes little-endian), the pickled payload.
-_HEADER = struct.Struct("<BQ")
+# Frames: pickled (kind, payload) pairs, back to back: pickled straight into the pipe's
+# buffer (pickle.dumps would build each batch's ~48 MB in memory first, growing it by
+# copies) and unpickled straight from it.
 _BATCH, _FAILED, _DONE = 0, 1, 2
-
-
-class _FrameReader:
-    """Frames read straight into one buffer, reused (a Connection copies each 64 KiB read
-    once more, and a fresh buffer per batch costs its page faults again)."""
-
-    def __init__(self, pipe: BinaryIO) -> None:
-        self._pipe = pipe
-        self._buffer = bytearray()
-
-    def next(self) -> tuple[int, Any] | None:
-        """The next frame's kind and unpickled payload; None after the last batch."""
-        kind, size = _HEADER.unpack(self._read(_HEADER.size))
-        if kind == _DONE:
-            return None
-        return kind, pickle.loads(self._read(size))
-
-    def _read(self, size: int) -> memoryview:
-        if len(self._buffer) < size:
-            self._buffer = bytearray(size)
-        view = memoryview(self._buffer)[:size]
-        got = 0
-        while got < size:
-            n = self._pipe.readinto(view[got:])  # type: ignore[attr-defined]
-            if not n:
-                raise RuntimeError("the decode worker ended without finishing")
-            got += n
-        return view
 
 
 # Activities cross as columns: unpickling an object each costs ~4 us, rebuilding ~0.5 us.
@@ -180,16 +156,21 @@ def _worker(read_fd: int, write_fd: int, files: list[str], now_ms: int | None,
     os.closerange(3, write_fd)
     os.closerange(write_fd + 1, _FD_MAX)
     del read_fd  # closed with the others
-    with open(write_fd, "wb", buffering=0) as pipe:
+    # A broken pipe: the parent stopped reading (it failed or was killed): nothing to do.
+    with contextlib.suppress(BrokenPipeError), open(write_fd, "wb", buffering=PIPE_BYTES) as pipe:
         try:
             for item in _decode_each(files, now_ms, batch_lines):
-                _write_frame(pipe, _BATCH, _to_wire(item))
-            _write_frame(pipe, _DONE, None)
+                _send(pipe, _BATCH, _to_wire(item))
+            _send(pipe, _DONE, None)
         except BrokenPipeError:
-            pass  # the parent stopped reading (it failed or was killed): nothing to do
+            raise
         except Exception as error:  # noqa: BLE001 - the parent re-raises it
-            with contextlib.suppress(BrokenPipeError):
-                _write_frame(pipe, _FAILED, _picklable(error))
+            _send(pipe, _FAILED, _picklable(error))
+
+
+def _send(pipe: BinaryIO, kind: int, payload: object) -> None:
+    pickle.dump((kind, payload), pipe, protocol=pickle.HIGHEST_PROTOCOL)
+    pipe.flush()
 
 
 def _picklable(error: Exception) -> Exception:
@@ -198,11 +179,3 @@ def _picklable(error: Exception) -> Exception:
     except Exception:  # noqa: BLE001 - any exception that does not survive pickling
         return RuntimeError(f"decode worker: {type(error).__name__}: {error}")
     return error
-
-
-def _write_frame(pipe: BinaryIO, kind: int, payload: object) -> None:
-    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    pipe.write(_HEADER.pack(kind, len(data)))
-    view = memoryview(data)
-    while view:  # an unbuffered write may take only part
-        view = view[pipe.write(view):]
