@@ -21,8 +21,7 @@ from engine.ingest.log import EmbeddedLog
 from engine.sim import SimConfig, simulate
 
 NOW_MS = 1_798_761_600_000  # 2027-01-01: after the simulated period
-IN_PROCESS = 1 << 62  # no input is this large: decode in-process
-ALWAYS = 0  # any input: decode in a worker
+IN_PROCESS, ALWAYS = False, True  # decode here, decode in a worker
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +68,10 @@ def _content(data_dir: Path) -> dict[str, Any]:
             "by_key": log.counts_by_key()}
 
 
-def _ingest(inputs: Path, data_dir: Path, batch_lines: int, ahead_bytes_min: int) -> dict:
+def _ingest(inputs: Path, data_dir: Path, batch_lines: int, in_worker: bool | None) -> dict:
     with EmbeddedLog.open(data_dir) as log:
         counts = ingest_paths(log, [str(inputs)], now_ms=NOW_MS, batch_lines=batch_lines,
-                              ahead_bytes_min=ahead_bytes_min)
+                              ahead=in_worker)
     return counts.as_dict()
 
 
@@ -94,7 +93,7 @@ def test_a_small_input_is_decoded_in_process(inputs: Path, tmp_path: Path,
         raise AssertionError("started a worker for a small input")
 
     monkeypatch.setattr(ahead, "_decode_in_worker", no_worker)
-    _ingest(inputs, tmp_path / "data", 97, ahead.DECODE_AHEAD_BYTES_MIN)
+    _ingest(inputs, tmp_path / "data", 97, None)
 
 
 def test_a_failure_in_the_worker_stops_after_the_batches_before_it(
@@ -111,11 +110,11 @@ def test_a_failure_in_the_worker_stops_after_the_batches_before_it(
 
     monkeypatch.setattr(ahead, "decode_lines", failing)
     contents = []
-    for ahead_bytes_min in (IN_PROCESS, ALWAYS):
+    for in_worker in (IN_PROCESS, ALWAYS):
         calls.clear()
-        data_dir = tmp_path / str(ahead_bytes_min)
+        data_dir = tmp_path / str(in_worker)
         with pytest.raises(ValueError, match="decoder failed"):
-            _ingest(inputs, data_dir, 50, ahead_bytes_min)
+            _ingest(inputs, data_dir, 50, in_worker)
         contents.append(_content(data_dir))
     assert contents[0] == contents[1]
     assert contents[0]["position"] > 0
@@ -144,7 +143,7 @@ def test_the_worker_holds_nothing_of_the_log(inputs: Path, tmp_path: Path) -> No
     """A writer restarted after this process is killed must not find the log locked by
     a worker that is still finishing a batch."""
     with EmbeddedLog.open(tmp_path / "data"):
-        batches = ahead.decoded_batches([str(inputs)], NOW_MS, 50, ahead_bytes_min=ALWAYS)
+        batches = ahead.decoded_batches([str(inputs)], NOW_MS, 50, ahead=ALWAYS)
         next(batches)
         (worker,) = multiprocessing.active_children()
         held = [os.readlink(f"/proc/{worker.pid}/fd/{fd}")
@@ -162,18 +161,18 @@ from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
 with EmbeddedLog.open(Path(sys.argv[1])) as log:
     ingest_paths(log, [sys.argv[2]], now_ms=int(sys.argv[3]), batch_lines=50,
-                 ahead_bytes_min=int(sys.argv[4]))
+                 ahead=sys.argv[4] == "True")
 """
 
 
 def test_a_crash_between_batches_leaves_what_the_single_process_path_leaves(
         inputs: Path, tmp_path: Path) -> None:
     contents = []
-    for ahead_bytes_min in (IN_PROCESS, ALWAYS):
-        data_dir = tmp_path / str(ahead_bytes_min)
+    for in_worker in (IN_PROCESS, ALWAYS):
+        data_dir = tmp_path / str(in_worker)
         done = subprocess.run(
             [sys.executable, "-c", _CRASHING_INGEST, str(data_dir), str(inputs), str(NOW_MS),
-             str(ahead_bytes_min)],
+             str(in_worker)],
             env={**os.environ, CRASH_ENV: "ingest_after_batch:3"}, check=False)
         assert done.returncode == -signal.SIGKILL
         with EmbeddedLog.open(data_dir):  # not locked by a worker still finishing a batch
@@ -181,3 +180,21 @@ def test_a_crash_between_batches_leaves_what_the_single_process_path_leaves(
         contents.append(_content(data_dir))
     assert contents[0] == contents[1]
     assert 100 < contents[0]["counters"]["received"] <= 150  # three batches of <= 50 lines
+
+
+@pytest.mark.parametrize(("load", "expected"), [(0.0, True), (99.0, False)])
+def test_a_large_input_is_decoded_ahead_only_with_a_core_to_spare(
+        inputs: Path, monkeypatch: pytest.MonkeyPatch, load: float, expected: bool) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    used = []
+
+    def worker(*args: object) -> Any:
+        used.append(True)
+        return iter(())
+
+    monkeypatch.setattr(ahead, "DECODE_AHEAD_BYTES_MIN", 0)
+    monkeypatch.setattr(ahead, "_decode_in_worker", worker)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    list(ahead.decoded_batches([str(inputs)], NOW_MS))
+    assert bool(used) == expected

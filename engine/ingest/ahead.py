@@ -42,15 +42,30 @@ _ACTIVITY_FIELDS = [f.name for f in fields(Activity)]
 
 
 def decoded_batches(paths: list[str], now_ms: int | None, batch_lines: int = BATCH_LINES_MAX,
-                    ahead_bytes_min: int = DECODE_AHEAD_BYTES_MIN) -> Iterator[Decoded]:
-    """Every batch of the paths, decoded, in order: by a worker process when the files
-    hold at least `ahead_bytes_min` bytes (stdin never), else here. `now_ms` None: the
-    wall clock when each batch is decoded."""
+                    ahead: bool | None = None) -> Iterator[Decoded]:
+    """Every batch of the paths, decoded, in order: by a worker process when `ahead`
+    (None: when the files hold at least DECODE_AHEAD_BYTES_MIN and a core is spare),
+    else here; stdin always here. `now_ms` None: the wall clock when each batch is
+    decoded. Either way the batches are the same."""
     files = expand_paths(paths)  # a usage error is raised here, before any worker starts
-    if "-" in files or sum(os.path.getsize(f) for f in files) < ahead_bytes_min:
+    if ahead is None:
+        ahead = sum(os.path.getsize(f) for f in files if f != "-") >= DECODE_AHEAD_BYTES_MIN \
+            and _spare_core()
+    if not ahead or "-" in files:
         yield from _decode_each(files, now_ms, batch_lines)
         return
     yield from _decode_in_worker(files, now_ms, batch_lines)
+
+
+def _spare_core() -> bool:
+    """Two or more usable CPUs, and a load average (1 minute) leaving about one idle: on
+    a machine already busy a worker only adds its overhead (~20 % more CPU in all). The
+    load counts this process too (about 1 when it has just been busy), hence the half."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus >= 2 and os.getloadavg()[0] <= cpus - 0.5
 
 
 def _decode_each(files: list[str], now_ms: int | None, batch_lines: int) -> Iterator[Decoded]:

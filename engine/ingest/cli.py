@@ -10,7 +10,7 @@ import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
 from engine.faults import crash_point
-from engine.ingest.ahead import DECODE_AHEAD_BYTES_MIN, decoded_batches
+from engine.ingest.ahead import decoded_batches
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, EmbeddedLog, IngestCounts
 from engine.ingest.reader import BATCH_LINES_MAX
 from engine.progress import progress_bar
@@ -18,13 +18,13 @@ from engine.progress import progress_bar
 
 def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
                  show_progress: bool = False, batch_lines: int = BATCH_LINES_MAX,
-                 ahead_bytes_min: int = DECODE_AHEAD_BYTES_MIN) -> IngestCounts:
-    """Ingest the paths batch by batch, the next batch decoded ahead (`decoded_batches`)
-    while this one is stored."""
+                 ahead: bool | None = None) -> IngestCounts:
+    """Ingest the paths batch by batch, the next batch decoded ahead while this one is
+    stored when `ahead` (None: when that pays, see `decoded_batches`)."""
     total = IngestCounts()
     with progress_bar("ingest", enabled=show_progress) as advance:
         for batch, clock_ms, decoded in decoded_batches(paths, now_ms, batch_lines,
-                                                        ahead_bytes_min):
+                                                        ahead):
             counts = log.ingest_lines(batch.lines, batch.source, batch.first_offset, clock_ms,
                                       offsets=batch.line_numbers, decoded=decoded)
             crash_point("ingest_after_batch")
