@@ -8,8 +8,9 @@ transaction each, so the log, its positions and its dead letters are the same
 byte for byte, and a crash of either process leaves what a crash of the
 single-process path leaves (a worker never writes anything). A thread of the
 caller receives and unpickles the next batch meanwhile (most of it while the
-caller waits in SQLite, which releases the GIL). Small inputs are decoded
-in-process: starting a worker costs more than it saves.
+caller waits in SQLite, which releases the GIL). Small inputs, and any input on
+a machine without a spare core, are decoded in-process: there a worker costs more
+than it saves.
 """
 
 from __future__ import annotations
