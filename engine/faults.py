@@ -36,6 +36,8 @@ POINTS: dict[str, str] = {
     "snapshot_mid_write": "a snapshot's header written to its temporary file, arrays not",
     "snapshot_before_rename": "a snapshot's temporary file complete and fsynced, not renamed",
     "snapshot_after_rename": "a snapshot renamed into place, older ones not yet removed",
+    # genki ingest (engine/ingest/cli.py)
+    "ingest_after_batch": "a batch of input lines committed to the log, the next not yet stored",
     # Log archive (engine/ingest/log.py)
     "archive_before_commit": "archive Parquet files written, log rows not yet deleted",
 }

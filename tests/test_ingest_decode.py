@@ -39,7 +39,7 @@ def _summary(batch: DecodedBatch, offset: int = 0) -> dict[str, Any]:
                      for r, (i, s, n) in enumerate(zip(seg.index, starts, seg.lengths.tolist(),
                                                        strict=True))],
         "activities": [(a.index + offset, a.event_id, a.user_id, a.kind, a.ts_ms, a.venue_id,
-                        a.source, a.canonical()) for a in batch.activities],
+                        a.source, a.canonical(), a.body) for a in batch.activities],
         "profiles": [(i + offset, p.model_dump_json()) for i, p in batch.profiles],
         "rejected": [(r.index + offset, r.reason, r.raw) for r in batch.rejected],
     }

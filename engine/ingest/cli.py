@@ -5,24 +5,29 @@ from __future__ import annotations
 import argparse
 import base64
 import sys
-import time
 
 import orjson
 
 from engine.config import add_data_dir_arg, data_dir_of
+from engine.faults import crash_point
+from engine.ingest.ahead import decoded_batches
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, EmbeddedLog, IngestCounts
-from engine.ingest.reader import BATCH_LINES_MAX, iter_sources
+from engine.ingest.reader import BATCH_LINES_MAX
 from engine.progress import progress_bar
 
 
 def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
-                 show_progress: bool = False, batch_lines: int = BATCH_LINES_MAX) -> IngestCounts:
+                 show_progress: bool = False, batch_lines: int = BATCH_LINES_MAX,
+                 ahead: bool | None = None) -> IngestCounts:
+    """Ingest the paths batch by batch, the next batch decoded ahead while this one is
+    stored when `ahead` (None: when that pays, see `decoded_batches`)."""
     total = IngestCounts()
     with progress_bar("ingest", enabled=show_progress) as advance:
-        for batch in iter_sources(paths, batch_lines):
-            clock_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        for batch, clock_ms, decoded in decoded_batches(paths, now_ms, batch_lines,
+                                                        ahead):
             counts = log.ingest_lines(batch.lines, batch.source, batch.first_offset, clock_ms,
-                                      offsets=batch.line_numbers)
+                                      offsets=batch.line_numbers, decoded=decoded)
+            crash_point("ingest_after_batch")
             total.add(counts)
             advance(len(batch.lines), f"{total.accepted_samples:,} samples")
     return total

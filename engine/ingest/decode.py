@@ -127,6 +127,7 @@ class Activity:
     ts_ms: int
     venue_id: str | None
     source: str
+    body: bytes = b""  # canonical(), filled in by decode_lines (so a decode worker makes it)
 
     @classmethod
     def of(cls, index: int, event: ActivityEvent) -> Activity:
@@ -339,6 +340,8 @@ def _decode_lines(lines: list[bytes], now_ms: int) -> DecodedBatch:
                                     f"{TS_SKEW_MS_MAX // 1000} s in the future"))
     future = {r.index for r in rejected}
     activities = [a for a in activities if a.index not in future]
+    for activity in activities:
+        activity.body = activity.canonical()
     rejected.sort(key=lambda r: r.index)
     return DecodedBatch(segments, activities, profiles, rejected, len(lines), lines, consents)
 

@@ -32,14 +32,16 @@ _NO_WATERMARK = -1
 
 def pack_keys(stream_id: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
     """uint64 keys: stream id in the high 20 bits, ts_ms - TS_MS_MIN in the low 43."""
-    offset = ts_ms.astype(np.int64) - TS_MS_MIN
+    offset = np.subtract(ts_ms, TS_MS_MIN, dtype=np.int64)
     if offset.size and (int(offset.min()) < 0 or int(offset.max()) > _TS_MASK):
         raise CapacityError(f"sample timestamps must lie in [{TS_MS_MIN}, {TS_MS_MAX}] ms "
                             "for the seen-sample index")
     if stream_id.size and (int(stream_id.min()) < 0 or int(stream_id.max()) >= STREAMS_MAX):
         raise CapacityError(f"stream ids must lie in [0, {STREAMS_MAX}) for the seen-sample "
                             "index")
-    return (stream_id.astype(np.uint64) << np.uint64(TS_BITS)) | offset.astype(np.uint64)
+    keys = np.left_shift(stream_id, TS_BITS, dtype=np.int64).view(np.uint64)
+    keys |= offset.view(np.uint64)  # both checked non-negative: the views are the values
+    return keys
 
 
 def stream_of_keys(keys: np.ndarray) -> np.ndarray:
@@ -133,10 +135,14 @@ assert ((1 << TS_BITS) + _DAY_BASE_MS % DAY_MS) // DAY_MS < 1 << (
 def group_by_day(keys: np.ndarray) -> DayGroups:
     """One stable sort of day-major keys (samples come in sorted runs: cheap) groups the
     keys by day and sorts each day's keys, with equal keys in the order given."""
-    local_ms = (keys & np.uint64(_TS_MASK)).astype(np.int64) + _DAY_BASE_MS % DAY_MS
-    day, in_day_ms = np.divmod(local_ms, DAY_MS)
-    major = (day.astype(np.uint64) << np.uint64(_STREAM_BITS + _MS_IN_DAY_BITS)) | \
-        ((keys >> np.uint64(TS_BITS)) << np.uint64(_MS_IN_DAY_BITS)) | in_day_ms.astype(np.uint64)
+    local_ms = (keys & np.uint64(_TS_MASK)).view(np.int64)
+    local_ms += _DAY_BASE_MS % DAY_MS
+    day = local_ms // DAY_MS
+    in_day_ms = local_ms  # reused in place: local time less its whole days
+    in_day_ms -= day * DAY_MS
+    major = day.view(np.uint64) << np.uint64(_STREAM_BITS + _MS_IN_DAY_BITS)  # all >= 0
+    major |= (keys >> np.uint64(TS_BITS)) << np.uint64(_MS_IN_DAY_BITS)
+    major |= in_day_ms.view(np.uint64)
     order = np.argsort(major, kind="stable")
     day = day[order]
     cuts = np.flatnonzero(day[1:] != day[:-1]) + 1
@@ -158,7 +164,7 @@ def new_samples(keys: np.ndarray, accepted: np.ndarray,
     grouped by day), first of their key in the batch."""
     assert len(keys) == len(accepted)
     taken = np.flatnonzero(accepted)
-    groups = group_by_day(keys[taken])
+    groups = group_by_day(keys if len(taken) == len(keys) else keys[taken])
     new_grouped = groups.first_of_each() & ~stored_of(groups)
     mask = np.zeros(len(keys), dtype=bool)
     mask[taken[groups.order[new_grouped]]] = True

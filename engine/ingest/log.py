@@ -398,7 +398,8 @@ class EmbeddedLog:
                      *, partition: int | None = None, offsets: list[int] | None = None,
                      meta: dict[str, str] | None = None,
                      rejected_before: Sequence[tuple[int, str, bytes]] = (),
-                     key_id: str = OPERATOR_KEY_ID) -> IngestCounts:
+                     key_id: str = OPERATOR_KEY_ID,
+                     decoded: DecodedBatch | None = None) -> IngestCounts:
         """Decode, judge and durably store one batch of lines in one transaction.
 
         A dead letter names `source`, `partition` and the line's offset: `offsets[i]`
@@ -408,10 +409,14 @@ class EmbeddedLog:
         gateway) refused before they became lines: received and dead-lettered here.
         `key_id` is the API key that submitted the batch (provenance): every record
         stored gets it (`positions_of_key`), and its counters are kept per key.
+        `decoded` is `decode_lines(lines, now_ms)` when the caller decoded ahead (in
+        another thread or process, overlapping this batch's store with the next decode).
         """
         assert offsets is None or len(offsets) == len(lines)
         assert self._lock_file is not None, "log opened read-only"
-        decoded = decode_lines(lines, now_ms)
+        if decoded is None:
+            decoded = decode_lines(lines, now_ms)
+        assert decoded.lines is lines, "decoded from other lines"
         counts = IngestCounts(received=decoded.received + len(rejected_before))
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -550,24 +555,26 @@ class EmbeddedLog:
         stream_ids = self._stream_ids(streams, ~rejected, new_streams)
         record_of = np.repeat(np.arange(len(seg)), lengths)
         keys = pack_keys(stream_ids[record_of], ts)
-        accepted = ~rejected[record_of]
+        accepted = ~rejected[record_of] if rejected.any() else np.ones(len(ts), bool)
         found = new_samples(keys, accepted, self._seen.contains)
         new = found.mask
-        rows, duplicates = _sample_rows(next_seq, record_of[new], ts[new], seg.values[new],
-                                        stream_ids, seg.upload_id, wm_before.tolist(),
-                                        rejected.tolist())
+        n_new = int(np.count_nonzero(new))
+        if n_new == len(ts):  # every sample new (a first upload): no gathers
+            kept, new_ts, new_values = record_of, ts, seg.values
+        else:  # the record of each new sample (the records get positions), and the sample
+            kept, new_ts, new_values = record_of[new], ts[new], seg.values[new]
+        rows, duplicates = _sample_rows(next_seq, kept, new_ts, new_values, stream_ids,
+                                        seg.upload_id, wm_before.tolist(), rejected.tolist())
         self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         counts.duplicate_records += duplicates
-        counts.accepted_samples += int(np.count_nonzero(new))
-        counts.duplicate_samples += int(np.count_nonzero(accepted)) - int(np.count_nonzero(new))
+        counts.accepted_samples += n_new
+        counts.duplicate_samples += int(np.count_nonzero(accepted)) - n_new
         watermarks = {(user, "samples"): int(after) for user, before, after
                       in zip(user_index, wm.tolist(), judged.wm_after_ms.tolist(), strict=True)
                       if after > before}
-        kept = record_of[new]  # the record of each new sample; the records get positions
         rank = np.cumsum(np.bincount(kept, minlength=len(seg)) > 0) - 1  # in _sample_rows order
         recent = (next_seq + rank[kept], streams.users, streams.user_code[kept],
-                  np.asarray(seg.metric, np.int8)[kept], ts[new], seg.values[new],
-                  wm_before[kept])
+                  np.asarray(seg.metric, np.int8)[kept], new_ts, new_values, wm_before[kept])
         staged = self._seen.stage(found.groups, found.new_grouped)
         return staged, watermarks, next_seq + len(rows), recent
 
@@ -580,7 +587,7 @@ class EmbeddedLog:
         rows: list[tuple] = []
         window_days, stored_marks = self.late_window_days, self._watermarks
         for event in decoded.activities:
-            body = event.canonical()
+            body = event.body
             stored = known.get(event.event_id)
             if stored is not None:
                 if stored == body:
@@ -1176,12 +1183,13 @@ def _sample_rows(first_seq: int, record: np.ndarray, ts: np.ndarray, values: np.
     narrow = values.astype(np.float32)
     exact = narrow.astype(np.float64) == values
     lossless = np.logical_and.reduceat(exact, starts) if len(ts) else np.empty(0, dtype=bool)
-    narrow_bytes, wide_bytes = narrow.tobytes(), values.tobytes()
+    narrow_bytes = narrow.tobytes()
     at = has_new.tolist()
     spans = list(map(slice, (4 * starts).tolist(), (4 * ends).tolist()))  # of 4-byte items
     if lossless.all():
         vals = list(map(narrow_bytes.__getitem__, spans))
     else:
+        wide_bytes = values.tobytes()
         vals = [narrow_bytes[span] if ok else wide_bytes[2 * span.start:2 * span.stop]
                 for span, ok in zip(spans, lossless.tolist(), strict=True)]
     rows = list(zip(
