@@ -95,24 +95,27 @@ def collect_rarely() -> tuple[int, int, int]:
     return threshold
 
 
-# The thresholds collected_rarely replaced, while any of its blocks runs.
-_replaced_threshold: list[tuple[int, int, int]] = []
-_rarely_blocks = [0]
+class _RarelyBlocks:
+    """The blocks of collected_rarely running in this process, and the thresholds the
+    first of them replaced."""
+
+    running = 0
+    replaced: tuple[int, int, int] = gc.get_threshold()
 
 
 @contextlib.contextmanager
 def collected_rarely() -> Iterator[None]:
     """collect_rarely while the block runs; the collector as it was once the last such
     block has ended (workers that overlap in one process, as in tests, share it)."""
-    if _rarely_blocks[0] == 0:
-        _replaced_threshold.append(collect_rarely())
-    _rarely_blocks[0] += 1
+    if _RarelyBlocks.running == 0:
+        _RarelyBlocks.replaced = collect_rarely()
+    _RarelyBlocks.running += 1
     try:
         yield
     finally:
-        _rarely_blocks[0] -= 1
-        if _rarely_blocks[0] == 0:
-            gc.set_threshold(*_replaced_threshold.pop())
+        _RarelyBlocks.running -= 1
+        if _RarelyBlocks.running == 0:
+            gc.set_threshold(*_RarelyBlocks.replaced)
             gc.unfreeze()
 
 
