@@ -16,7 +16,8 @@ from engine.faults import CRASH_ENV, POINTS
 from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
-from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
+from engine.pipeline import RULES_DEFAULT_PATH, Pipeline, run_pipeline
+from engine.rules.config import load_rules
 from engine.sim import SimConfig, simulate
 from tests.conftest import genki_cmd
 
@@ -88,6 +89,17 @@ def test_chunk_size_does_not_change_the_ledger(ingested: Path, reference: dict, 
     assert _state(data_dir) == reference
 
 
+def test_appends_in_this_process_give_the_ledger_of_the_forked_writer(
+        ingested: Path, reference: dict, tmp_path: Path) -> None:
+    """run_pipeline appends in a forked writer; Pipeline.run without one appends here."""
+    data_dir = _copy(ingested, tmp_path / "d")
+    pipeline = Pipeline(load_rules(RULES_DEFAULT_PATH), 60)
+    with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
+        summary = pipeline.run(log, ledger)
+    assert summary.awards_appended == reference["entries"]
+    assert _state(data_dir) == reference
+
+
 def test_rules_changed_under_a_live_ledger_are_refused(ingested: Path, tmp_path: Path) -> None:
     data_dir = _copy(ingested, tmp_path / "d")
     run_pipeline(data_dir)
@@ -104,7 +116,9 @@ def test_rules_changed_under_a_live_ledger_are_refused(ingested: Path, tmp_path:
 
 @pytest.mark.parametrize("crash_at", [
     "pipeline_before_append:1", "pipeline_after_append:1", "pipeline_before_append:3",
-    "pipeline_after_append:5"])
+    "pipeline_after_append:5",
+    # in the forked ledger writer: the run dies with it
+    "ledger_before_commit:2", "ledger_after_commit:4"])
 def test_kill_9_at_a_crash_point_then_restart_gives_the_uninterrupted_ledger(
         ingested: Path, reference: dict, tmp_path: Path, crash_at: str) -> None:
     data_dir = _copy(ingested, tmp_path / "d")
