@@ -265,7 +265,9 @@ def run_pipeline(
     """Process everything pending in data_dir's log into its ledger."""
     started = time.perf_counter()
     pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH), chunk_records)
-    writer = AwardWriter.start(data_dir)  # forked before this process opens the ledger
+    writer = None
+    if _pending_records(data_dir) > chunk_records:  # two chunks or more: the overlap pays
+        writer = AwardWriter.start(data_dir)  # forked before this process opens the ledger
     try:
         with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
             summary = pipeline.run(log, ledger, on_chunk, writer=writer)
@@ -274,6 +276,14 @@ def run_pipeline(
             writer.close()
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _pending_records(data_dir: Path) -> int:
+    """Log positions past the ledger's, read on connections closed again before the fork."""
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        end = log.position()
+    with Ledger.open(data_dir) as ledger:
+        return end - int(ledger.get_meta(META_LOG_POSITION) or 0)
 
 
 def _settle_leavers(log: EmbeddedLog, ledger: Ledger, rules: Rules) -> None:

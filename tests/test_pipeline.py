@@ -11,13 +11,14 @@ from pathlib import Path
 import orjson
 import pytest
 
+from engine import pipeline
 from engine.errors import RulesError
 from engine.faults import CRASH_ENV, POINTS
 from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
-from engine.pipeline import RULES_DEFAULT_PATH, Pipeline, run_pipeline
-from engine.rules.config import load_rules
+from engine.ledger.writer import AwardWriter
+from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
 from engine.sim import SimConfig, simulate
 from tests.conftest import genki_cmd
 
@@ -89,13 +90,20 @@ def test_chunk_size_does_not_change_the_ledger(ingested: Path, reference: dict, 
     assert _state(data_dir) == reference
 
 
-def test_appends_in_this_process_give_the_ledger_of_the_forked_writer(
-        ingested: Path, reference: dict, tmp_path: Path) -> None:
-    """run_pipeline appends in a forked writer; Pipeline.run without one appends here."""
+def test_the_forked_writer_gives_the_ledger_of_appends_in_this_process(
+        ingested: Path, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One chunk (the reference) appends in this process; several, in a forked writer."""
+    started: list[AwardWriter | None] = []
+    original = AwardWriter.start
+
+    def start(data_dir: Path) -> AwardWriter | None:
+        started.append(original(data_dir))
+        return started[-1]
+
+    monkeypatch.setattr(pipeline.AwardWriter, "start", start)
     data_dir = _copy(ingested, tmp_path / "d")
-    pipeline = Pipeline(load_rules(RULES_DEFAULT_PATH), 60)
-    with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
-        summary = pipeline.run(log, ledger)
+    summary = run_pipeline(data_dir, chunk_records=60)
+    assert len(started) == 1 and started[0] is not None
     assert summary.awards_appended == reference["entries"]
     assert _state(data_dir) == reference
 
