@@ -134,12 +134,23 @@ def _die_like(signal_number: int) -> None:
 
 
 def _serve(data_dir: Path, connection: Connection, parent_pid: int) -> None:
-    """The child: append what arrives until None or the parent's end closes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl
-        return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle
+    """The child: append what arrives until None or the parent's end closes. Ends with
+    os._exit: nothing the parent's other threads may have held at the fork (stdout's
+    lock, say) is touched on the way out."""
+    code = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl
+            return
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle
+        _append_until_done(data_dir, connection)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _append_until_done(data_dir: Path, connection: Connection) -> None:
     ledger: Ledger | None = None
     try:
         while True:
