@@ -26,6 +26,7 @@ from engine.errors import RulesError
 from engine.faults import crash_point
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
+from engine.ledger.writer import AwardWriter
 from engine.rules.batch import ActivityBatch, Profiles, SampleBatch
 from engine.rules.config import Rules, load_rules
 from engine.rules.engine import RulesEngine, RulesOutput
@@ -39,6 +40,16 @@ LOG_RECORDS_PER_CHUNK = 20_000
 SNAPSHOT_INTERVAL_RECORDS = 200_000
 META_LOG_POSITION = "log_position"
 META_RULES_VERSION = "rules_version"
+
+
+@dataclass
+class _Chunk:
+    """A chunk evaluated by the rules, its append in flight."""
+
+    records: int
+    samples: int
+    activities: int
+    output: RulesOutput
 
 
 @dataclass
@@ -117,8 +128,14 @@ class Pipeline:
         self._engine, self._position = None, -1
 
     def run(self, log: EmbeddedLog, ledger: Ledger,
-            on_chunk: Callable[[int, int], None] | None = None) -> RunSummary:
-        """Process the log past the ledger's position into the ledger."""
+            on_chunk: Callable[[int, int], None] | None = None, *,
+            writer: AwardWriter | None = None) -> RunSummary:
+        """Process the log past the ledger's position into the ledger.
+
+        With a `writer` (engine.ledger.writer, started on the ledger's data directory),
+        each chunk's append runs in its process while this one reads and evaluates the
+        next chunk: the same appends in the same order, each committing its position.
+        """
         _check_rules_version(ledger, self.rules)
         done = int(ledger.get_meta(META_LOG_POSITION) or 0)
         end = log.position()
@@ -127,24 +144,46 @@ class Pipeline:
         if end <= done:
             return summary
         engine = self._engine_at(log, done, summary)
+        in_flight: _Chunk | None = None  # appending in the writer
         for lo, hi in chunks(done, end, self.chunk_records):
             samples, activities = read_batches(log, lo, hi)
             output = engine.process(samples, activities)
-            self._position = -1  # unknown until the append below commits
+            self._position = -1  # unknown until every append below commits
+            if in_flight is not None:
+                self._appended(in_flight, summary, on_chunk, writer)
             crash_point("pipeline_before_append")
-            ledger.append_awards(output.award_entries, flags=output.flags, meta={
-                META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version,
-                META_RULES_JSON: self._rules_json})
-            self._position = hi
-            crash_point("pipeline_after_append")
-            _count(summary, samples, activities, output)
-            if on_chunk is not None:
-                on_chunk(hi - lo, summary.samples)
-            if hi - self._snapshot_position >= self.snapshot_records or (
-                    hi == end and self.snapshot_at_end):
-                self.snapshot(log)
+            meta = {META_LOG_POSITION: str(hi), META_RULES_VERSION: self.rules.version,
+                    META_RULES_JSON: self._rules_json}
+            in_flight = _Chunk(hi - lo, len(samples.ts_ms), len(activities.ts_ms), output)
+            if writer is None:
+                ledger.append_awards(output.award_entries, flags=output.flags, meta=meta)
+            else:
+                writer.submit(ledger, output.award_entries, output.flags, meta)
+            snapshot_due = hi - self._snapshot_position >= self.snapshot_records or (
+                hi == end and self.snapshot_at_end)
+            if writer is None or snapshot_due:  # a snapshot holds the state at hi: wait
+                self._appended(in_flight, summary, on_chunk, writer)
+                in_flight = None
+                self._position = hi
+                if snapshot_due:
+                    self.snapshot(log)
+        if in_flight is not None:
+            self._appended(in_flight, summary, on_chunk, writer)
+            self._position = end
         _settle_leavers(log, ledger, self.rules)
         return summary
+
+    @staticmethod
+    def _appended(chunk: _Chunk, summary: RunSummary,
+                  on_chunk: Callable[[int, int], None] | None,
+                  writer: AwardWriter | None) -> None:
+        """The chunk's append has committed (waits for the writer's)."""
+        if writer is not None:
+            writer.wait()
+        crash_point("pipeline_after_append")
+        _count(summary, chunk.samples, chunk.activities, chunk.output)
+        if on_chunk is not None:
+            on_chunk(chunk.records, summary.samples)
 
     @property
     def engine_position(self) -> int:
@@ -226,10 +265,25 @@ def run_pipeline(
     """Process everything pending in data_dir's log into its ledger."""
     started = time.perf_counter()
     pipeline = Pipeline(load_rules(rules_path or RULES_DEFAULT_PATH), chunk_records)
-    with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
-        summary = pipeline.run(log, ledger, on_chunk)
+    writer = None
+    if _pending_records(data_dir) > chunk_records:  # two chunks or more: the overlap pays
+        writer = AwardWriter.start(data_dir)  # forked before this process opens the ledger
+    try:
+        with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
+            summary = pipeline.run(log, ledger, on_chunk, writer=writer)
+    finally:
+        if writer is not None:
+            writer.close()
     summary.seconds = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _pending_records(data_dir: Path) -> int:
+    """Log positions past the ledger's, read on connections closed again before the fork."""
+    with EmbeddedLog.open(data_dir, writer=False) as log:
+        end = log.position()
+    with Ledger.open(data_dir) as ledger:
+        return end - int(ledger.get_meta(META_LOG_POSITION) or 0)
 
 
 def _settle_leavers(log: EmbeddedLog, ledger: Ledger, rules: Rules) -> None:
@@ -252,10 +306,9 @@ def _check_rules_version(ledger: Ledger, rules: Rules) -> None:
             "Compare with `genki whatif --rules FILE`, or start a new data directory.")
 
 
-def _count(summary: RunSummary, samples: SampleBatch, activities: ActivityBatch,
-           output: RulesOutput) -> None:
-    summary.samples += len(samples.ts_ms)
-    summary.activities += len(activities.ts_ms)
+def _count(summary: RunSummary, samples: int, activities: int, output: RulesOutput) -> None:
+    summary.samples += samples
+    summary.activities += activities
     awards = output.award_entries
     summary.awards_appended += len(awards)
     summary.points_awarded += awards.points_total

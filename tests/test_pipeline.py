@@ -11,11 +11,13 @@ from pathlib import Path
 import orjson
 import pytest
 
+from engine import pipeline
 from engine.errors import RulesError
 from engine.faults import CRASH_ENV, POINTS
 from engine.ingest.cli import ingest_paths
 from engine.ingest.log import EmbeddedLog
 from engine.ledger import Ledger
+from engine.ledger.writer import AwardWriter
 from engine.pipeline import RULES_DEFAULT_PATH, run_pipeline
 from engine.sim import SimConfig, simulate
 from tests.conftest import genki_cmd
@@ -88,6 +90,24 @@ def test_chunk_size_does_not_change_the_ledger(ingested: Path, reference: dict, 
     assert _state(data_dir) == reference
 
 
+def test_the_forked_writer_gives_the_ledger_of_appends_in_this_process(
+        ingested: Path, reference: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One chunk (the reference) appends in this process; several, in a forked writer."""
+    started: list[AwardWriter | None] = []
+    original = AwardWriter.start
+
+    def start(data_dir: Path) -> AwardWriter | None:
+        started.append(original(data_dir))
+        return started[-1]
+
+    monkeypatch.setattr(pipeline.AwardWriter, "start", start)
+    data_dir = _copy(ingested, tmp_path / "d")
+    summary = run_pipeline(data_dir, chunk_records=60)
+    assert len(started) == 1 and started[0] is not None
+    assert summary.awards_appended == reference["entries"]
+    assert _state(data_dir) == reference
+
+
 def test_rules_changed_under_a_live_ledger_are_refused(ingested: Path, tmp_path: Path) -> None:
     data_dir = _copy(ingested, tmp_path / "d")
     run_pipeline(data_dir)
@@ -104,7 +124,9 @@ def test_rules_changed_under_a_live_ledger_are_refused(ingested: Path, tmp_path:
 
 @pytest.mark.parametrize("crash_at", [
     "pipeline_before_append:1", "pipeline_after_append:1", "pipeline_before_append:3",
-    "pipeline_after_append:5"])
+    "pipeline_after_append:5",
+    # in the forked ledger writer: the run dies with it
+    "ledger_before_commit:2", "ledger_after_commit:4"])
 def test_kill_9_at_a_crash_point_then_restart_gives_the_uninterrupted_ledger(
         ingested: Path, reference: dict, tmp_path: Path, crash_at: str) -> None:
     data_dir = _copy(ingested, tmp_path / "d")
