@@ -12,7 +12,7 @@ import pytest
 
 from engine.api.store import ApiStore, Role
 from engine.devices import DeviceConflict, DeviceRegistry
-from engine.errors import NotFound
+from engine.errors import NotFound, UsageError
 from engine.ingest.log import OPERATOR_KEY_ID, EmbeddedLog
 from tests.conftest import genki_cmd
 from tests.test_api import Server
@@ -58,6 +58,17 @@ def test_a_device_is_worn_by_one_person_at_a_time(tmp_path: Path) -> None:
         assert registry.enforced()  # on once enrolment is used
         registry.set_enforced(False)
         assert not registry.enforced()
+
+
+@pytest.mark.parametrize(("user", "device", "vendor"), [
+    ("E1\n", "w1", "garmin"), ("E1", "w1\n", "garmin"), ("E1", "w1", "garmin\n"),
+    ("E 1", "w1", "garmin"), ("E1", "w" * 65, "garmin"), ("E1", "w1", "v" * 33), ("", "w1", "garmin")])
+def test_an_id_with_a_trailing_newline_or_a_foreign_character_is_refused(
+        tmp_path: Path, user: str, device: str, vendor: str) -> None:
+    with DeviceRegistry.open(tmp_path) as registry:
+        with pytest.raises(UsageError, match="characters of A-Z"):
+            registry.enroll(user, device, vendor, TS_MS, "test")
+        assert registry.events() == []
 
 
 def test_genki_devices_enroll_list_unenroll_bind_enforce(tmp_path: Path) -> None:

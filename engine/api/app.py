@@ -78,7 +78,7 @@ CLOCK_OFFSET_ENV = "GENKI_API_CLOCK_OFFSET_MS"
 OUTCOME_WAIT_ENV = "GENKI_API_OUTCOME_WAIT_S"  # Kafka mode; at most OUTCOME_WAIT_S_MAX
 JSON = "application/json"
 REDEMPTIONS_PATH = "/v1/redemptions"
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]+$")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]+")
 _T = TypeVar("_T")
 Service = ApiService
 _log = logging.getLogger("genki.api")
@@ -245,7 +245,7 @@ def _idempotency_key(value: str | None) -> str:
     if value is None:
         raise IdempotencyKeyRequired("this request needs an Idempotency-Key header (a unique "
                                      "string per purchase; resend the same one on retry)")
-    if len(value) > IDEMPOTENCY_KEY_CHARS_MAX or not _IDEMPOTENCY_KEY.match(value):
+    if len(value) > IDEMPOTENCY_KEY_CHARS_MAX or _IDEMPOTENCY_KEY.fullmatch(value) is None:
         raise BadRequest(f"Idempotency-Key: 1-{IDEMPOTENCY_KEY_CHARS_MAX} printable ASCII "
                          "characters without spaces")
     return value

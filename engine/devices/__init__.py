@@ -24,14 +24,14 @@ from typing import Any, Self
 
 from engine.errors import GenkiError, NotFound, UsageError
 from engine.ingest.log import OPERATOR_KEY_ID
-from engine.schemas import ID_CHARS_MAX
+from engine.schemas import ID_CHAR_CLASS, ID_CHARS_MAX, is_id
 from engine.storage import open_sqlite, private_dir
 
 DEVICES_FILE_NAME = "devices.sqlite"
 DEVICES_WAIT_S_MAX = 30.0
 VENDOR_ANY = "any"
 VENDOR_CHARS_MAX = 32
-_ID = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+_VENDOR = re.compile(rf"{ID_CHAR_CLASS}{{1,{VENDOR_CHARS_MAX}}}")  # an id, shorter
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS enrolment_events (
@@ -124,13 +124,13 @@ class KeyPolicy:
 
 
 def _check_id(what: str, text: str) -> str:
-    if not text or len(text) > ID_CHARS_MAX or not _ID.match(text):
+    if not is_id(text):
         raise UsageError(f"{what} {text!r}: 1-{ID_CHARS_MAX} characters of A-Z a-z 0-9 _ . : -")
     return text
 
 
 def _check_vendor(vendor: str) -> str:
-    if not vendor or len(vendor) > VENDOR_CHARS_MAX or not _ID.match(vendor):
+    if _VENDOR.fullmatch(vendor) is None:
         raise UsageError(f"vendor {vendor!r}: 1-{VENDOR_CHARS_MAX} characters of "
                          "A-Z a-z 0-9 _ . : -")
     return vendor.lower()
