@@ -7,7 +7,9 @@ bash scripts/install.sh dev || exit 1
 status=0
 .venv/bin/ruff check engine replay benchmarks tests || { echo "scripts/test.sh: ruff found problems" >&2; status=1; }
 .venv/bin/mypy engine replay || { echo "scripts/test.sh: mypy found problems" >&2; status=1; }
-.venv/bin/python -m pytest "$@"
+# One pytest worker per core, whole files per worker (module fixtures such as a tansu
+# broker start once); `bash scripts/test.sh -n 0` runs in one process.
+.venv/bin/python -m pytest -n auto --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "scripts/test.sh: pytest collected no tests; treating as failure" >&2
