@@ -155,3 +155,41 @@ def test_stored_flags_and_commits_follow_the_spec(data_dir: Path) -> None:
         tuple(record["erasures"]), record["meta"], record["meta_digest"])
     assert commit_hash == hashlib.sha256(GENESIS_HASH.encode() + body.encode()).hexdigest()
     assert (key_id, signature) == (None, None)
+
+
+def _spec_seq_digest(drafts_in_seq_order: list[tuple[EntryDraft, bool]]) -> str:
+    """canonical.py "Seq digest", from the text: each entry's nine-key content in seq order,
+    an erased one with null ids and only its public ref (redemptions' and refunds')."""
+    digest = GENESIS_HASH
+    for draft, erased in drafts_in_seq_order:
+        public = draft.ref if draft.kind.value in ("redeem", "refund") else None
+        content = _j({"day": draft.day, "entry_id": None if erased else draft.entry_id,
+                      "kind": draft.kind.value, "points": draft.points,
+                      "ref": public if erased else draft.ref, "rule": draft.rule,
+                      "rules_version": draft.rules_version, "ts_ms": draft.ts_ms,
+                      "user_id": None if erased else draft.user_id})
+        digest = hashlib.sha256(digest.encode() + content).hexdigest()
+    return digest
+
+
+def test_the_seq_digest_follows_the_spec_extends_and_starts_over_after_an_erasure(
+        tmp_path: Path) -> None:
+    first = [award("P1", 5, 1), award("P2", 3, 1), debit("P1", 2, "k1")]
+    second = [award("P2", 4, 2), award("P1", 1, 2)]
+    with Ledger.open(tmp_path / "a") as ledger, Ledger.open(tmp_path / "b") as other:
+        ledger.append(first)
+        at_first = ledger.seq_digest()
+        assert at_first.seq == 3
+        assert at_first.digest == _spec_seq_digest([(d, False) for d in first])
+        ledger.append(second)
+        extended = ledger.seq_digest(at_first)
+        assert extended == ledger.seq_digest()
+        assert extended.digest == _spec_seq_digest([(d, False) for d in first + second])
+        other.append(first + second)  # other person keys, same contents: same digest
+        assert other.seq_digest().digest == extended.digest
+        ledger.erase_user("P1", "test")
+        after = ledger.seq_digest(extended)  # stale: recomputed from the first entry
+        assert after.erasures == extended.erasures + 1
+        assert after.digest == _spec_seq_digest(
+            [(d, d.user_id == "P1") for d in first + second])
+        assert after == ledger.seq_digest()

@@ -122,6 +122,17 @@ contents sorted bytewise::
 
 Two runtimes fed the same input (and erasing the same people) agree on it
 whatever their batch sizes, orders, restarts or keys.
+
+Seq digest (a partition snapshot's check)
+-----------------------------------------
+The same content bytes (erased entries as above) chained in seq order::
+
+    d_0 = GENESIS_HASH,  d_s = hex(H(d_{s-1} ‖ c_s))
+
+Unlike the content digest it extends: a Kafka partition records d_s of its ledger
+in each snapshot it publishes, at the cost of the entries since the last one, and a
+new owner that rebuilt the ledger from genki.ledger (same seqs, same order) must
+reach the same value. An erasure changes earlier contents, so it starts d over.
 """
 
 from __future__ import annotations
@@ -240,6 +251,14 @@ def content_digest(contents_in_order: Iterable[bytes]) -> str:
         digest.update(content)
         digest.update(b"\n")
     return digest.hexdigest()
+
+
+def seq_digest(digest: str, contents_in_seq_order: Iterable[bytes]) -> str:
+    """`digest` (d_s) extended over the content bytes of the entries after s, in seq order."""
+    sha256 = hashlib.sha256
+    for content in contents_in_seq_order:
+        digest = sha256(digest.encode("ascii") + content).hexdigest()
+    return digest
 
 
 def digest_of_contents(linked: Iterable[tuple[str, bytes]], erased: Iterable[bytes]) -> str:

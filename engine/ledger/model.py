@@ -61,6 +61,16 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class SeqDigest:
+    """The seq digest (canonical.py) of a ledger through entry `seq`, and how many
+    erasures that ledger had recorded then (one more makes it stale)."""
+
+    seq: int
+    digest: str
+    erasures: int
+
+
+@dataclass(frozen=True)
 class AppendResult:
     """What one append transaction did.
 

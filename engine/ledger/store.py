@@ -44,6 +44,7 @@ from engine.ledger.canonical import (
     erasure_bytes,
     flag_bytes,
     meta_digest,
+    seq_digest,
 )
 from engine.ledger.errors import (
     DailyRedeemLimit,
@@ -75,6 +76,7 @@ from engine.ledger.model import (
     Entry,
     ErasureReceipt,
     RebuildResult,
+    SeqDigest,
     Settlement,
     VerifyResult,
 )
@@ -786,6 +788,21 @@ class Ledger:
                 "flag_events": flags_seq, "flags_head": flags_head, "erasures": erasures,
                 "commit_seq": commit_seq, "commit_hash": commit_hash, "signed_by": key_id}
 
+    def seq_digest(self, since: SeqDigest | None = None) -> SeqDigest:
+        """The seq digest (canonical.py) through the newest entry, extending `since` (an
+        earlier answer of this ledger) over the entries after it; from the first entry
+        when there is none or an erasure happened since (it changed older contents)."""
+        with self._read() as db:
+            erasures = _chain_head(db, "erasures")[0]
+            if since is None or since.erasures != erasures or since.seq > _head(db)[0]:
+                since = SeqDigest(0, GENESIS_HASH, erasures)
+            seq, digest = since.seq, since.digest
+            cursor = db.execute(_SEQ_CONTENTS_SQL, (seq,))
+            while rows := cursor.fetchmany(READ_ENTRIES_MAX):
+                digest = seq_digest(digest, _content_bytes(row[1:] for row in rows))
+                seq = rows[-1][0]
+        return SeqDigest(seq, digest, erasures)
+
     def content(self) -> dict[str, Any]:
         """The part of head() every runtime and data directory agrees on for the same input."""
         head = self.head()
@@ -1177,6 +1194,12 @@ def read_contents(path: Path) -> Iterator[tuple[Iterator[tuple], list[bytes]]]:
 # (~5 KB each with orjson's buffers: gigabytes for a year).
 _CONTENTS_SQL = ("SELECT entry_id, user_id, kind, points, day, ts_ms, rule, ref, rules_version "
                  "FROM entries ORDER BY entry_id")
+
+
+_SEQ_CONTENTS_SQL = (  # every entry after a seq, erased ones with null ids and the public ref
+    "SELECT j.seq, l.entry_id, l.user_id, j.kind, j.points, j.day, j.ts_ms, j.rule, "
+    "COALESCE(j.ref, l.ref), j.rules_version FROM journal AS j "
+    "LEFT JOIN entry_links AS l ON l.seq = j.seq WHERE j.seq > ? ORDER BY j.seq")
 
 
 def _linked_count(db: sqlite3.Connection) -> int:
