@@ -20,6 +20,7 @@ has no copy of the balances to answer from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,9 @@ class KafkaRedeemer:
         self.bridge = bridge
 
     def apply(self, command: Command) -> Entry:
+        raise AssertionError("the Kafka redeemer is awaited on the event loop (submit)")
+
+    def apply_all(self, commands: Sequence[Command]) -> list[Entry | GenkiError]:
         raise AssertionError("the Kafka redeemer is awaited on the event loop (submit)")
 
     def batch(self) -> AbstractContextManager[None]:

@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -78,7 +79,13 @@ from engine.clock import DAY_MS
 from engine.errors import GenkiError, UsageError
 from engine.faults import crash_point
 from engine.ingest.log import EmbeddedLog
-from engine.ledger.commands import describe, redeem_id, ref_fields, refund_id
+from engine.ledger.commands import (
+    RedeemRequest,
+    describe,
+    redeem_id,
+    ref_fields,
+    refund_id,
+)
 from engine.ledger.model import Entry, Settlement
 from engine.ledger.store import Ledger
 from engine.rules.flags import frailty_status
@@ -172,6 +179,8 @@ class Redeemer(Protocol):
     synchronous: bool
 
     def apply(self, command: Command) -> Entry: ...
+    def apply_all(self, commands: Sequence[Command]) -> list[Entry | GenkiError]:
+        """`apply` for each command in order, a refusal in its place (inside `batch`)."""
     def batch(self) -> AbstractContextManager[None]: ...
     async def submit(self, command: Command) -> Entry: ...
     def close(self) -> None: ...
@@ -230,6 +239,21 @@ class DirectRedeemer:
         return self.ledger.refund(command.refund_of, command.points, command.ledger_key,
                                   command.ts_ms, shop_id=command.shop_id)
 
+    def apply_all(self, commands: Sequence[Command]) -> list[Entry | GenkiError]:
+        """Each run of redemptions is one `Ledger.redeem_many` (one lookup, one chain and
+        insert for the run); refunds one by one, in their place."""
+        outcomes: list[Entry | GenkiError] = []
+        for is_redeem, run in groupby(commands, key=lambda c: c.kind == EntryKind.redeem):
+            if is_redeem:
+                outcomes.extend(self.ledger.redeem_many([_redeem_request(c) for c in run]))
+                continue
+            for command in run:
+                try:
+                    outcomes.append(self.apply(command))
+                except GenkiError as error:
+                    outcomes.append(error)
+        return outcomes
+
     def batch(self) -> AbstractContextManager[None]:
         """Commands applied inside share one ledger transaction (group commit)."""
         return self.ledger.batch()
@@ -239,6 +263,12 @@ class DirectRedeemer:
 
     def close(self) -> None:
         pass
+
+
+def _redeem_request(command: Command) -> RedeemRequest:
+    return RedeemRequest(command.user_id, command.points, command.shop_id, command.terminal_id,
+                         command.ledger_key, command.ts_ms, command.claim.fingerprint,
+                         command.points_per_day_max)
 
 
 def settlement_view(result: Settlement) -> dict[str, Any]:
@@ -483,14 +513,10 @@ class ApiService:
         if not commands:
             return results
         crash_point("api_after_claims")
-        outcomes: list[Entry | BaseException] = []
+        outcomes: list[Entry | GenkiError] | list[BaseException]
         try:
             with self.redeemer.batch():
-                for _, command in commands:
-                    try:
-                        outcomes.append(self.redeemer.apply(command))
-                    except GenkiError as error:
-                        outcomes.append(error)
+                outcomes = self.redeemer.apply_all([command for _, command in commands])
         except BaseException as error:  # noqa: BLE001 - the batch did not commit
             outcomes = [error] * len(commands)
         else:
