@@ -479,7 +479,17 @@ class GenkiAPI(FastAPI):
             await refusal_response(Refusal.internal, "internal error; see the server log")(
                 scope, receive, send)
             return
-        await reply_response(reply)(scope, receive, send)
+        await _send_reply(reply, send)
+
+
+async def _send_reply(reply: Reply, send: Send) -> None:
+    """`reply_response(reply)` as ASGI messages, without a Response object per request."""
+    headers = [(b"content-length", str(len(reply.body)).encode()),
+               (b"content-type", b"application/json")]
+    if reply.replayed:
+        headers.insert(0, (b"idempotent-replayed", b"true"))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
 
 
 async def _read_body(receive: Receive, limit_bytes: int) -> tuple[bytes, bool]:

@@ -346,17 +346,19 @@ class WriteBatcher:
                 results = self._run([prepare for prepare, _ in batch])
             except BaseException as error:  # noqa: BLE001 - every request of it gets it
                 results = [error] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                loop.call_soon_threadsafe(_resolve, future, result)
+            # one wake-up of the event loop per batch, not per request
+            loop.call_soon_threadsafe(_resolve_all, [future for _, future in batch], results)
 
 
-def _resolve(future: asyncio.Future[Reply], result: Reply | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _resolve_all(futures: list[asyncio.Future[Reply]],
+                 results: list[Reply | BaseException]) -> None:
+    for future, result in zip(futures, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class ApiService:
