@@ -121,6 +121,10 @@ class PartitionReads:
                 continue
         return None
 
+    def entries(self, wanted: Sequence[tuple[str | None, str]]) -> dict[str, Entry]:
+        found = ((entry_id, self.entry(user_id, entry_id)) for user_id, entry_id in wanted)
+        return {entry_id: entry for entry_id, entry in found if entry is not None}
+
     def close(self) -> None:
         for ledger in self._ledgers.values():
             ledger.close()

@@ -707,6 +707,11 @@ class Ledger:
             raise NotFound(f"no ledger entry {entry_id}")
         return found
 
+    def entries(self, entry_ids: Sequence[str]) -> dict[str, Entry]:
+        """The stored entries among `entry_ids` (at most ID_LOOKUP_CHUNK_IDS), by id."""
+        with self._lock:
+            return _entries_locked(self._db, list(entry_ids))
+
     def current_flags(self, day: str | None = None) -> list[FlagEvent]:
         """Flags whose latest event (on or before `day`) raised them, with evidence."""
         with self._lock:
