@@ -335,6 +335,31 @@ def test_keys_cli_creates_once_lists_without_secret_and_revokes(server: Server,
     assert response.json()["detail"] == f"API key {record['key_id']} was revoked"
 
 
+def test_a_shop_key_revoked_after_its_redemptions_redeems_no_more(
+        server: Server, home: Path, keys: dict[str, str]) -> None:
+    """Redemptions remember the keys they saw valid; a revocation still holds at once."""
+    user = unique("revoke")
+    award(home, user, 50)
+    shop_key = make_key(home, Role.shop, "SHOP_A")
+    key_id = shop_key.split(".")[1]
+    first, second = token_for(server, keys, user), token_for(server, keys, user)
+    with server.client(shop_key) as shop:
+        assert redeem(shop, first, 10, unique("key")).status_code == 201
+        subprocess.run(genki_cmd("keys", "revoke", key_id, "--data-dir", str(home)),
+                       cwd=REPO_ROOT, capture_output=True, check=True)
+        revoked = redeem(shop, second, 10, unique("key"))
+        bad_key = shop.post("/v1/redemptions", headers={"Idempotency-Key": "a b"},
+                            json={"token": second, "points": 10, "terminal_id": "T1"})
+    with server.client(keys["shop_a"]) as other:
+        still_usable = redeem(other, second, 10, unique("key"))
+    assert (revoked.status_code, revoked.json()["detail"]) == (
+        401, f"API key {key_id} was revoked")
+    assert (bad_key.status_code, bad_key.json()["detail"]) == (
+        401, f"API key {key_id} was revoked")
+    assert still_usable.status_code == 201
+    assert balance(server, keys, user) == 30
+
+
 def test_wrong_role_is_403(server: Server, keys: dict[str, str]) -> None:
     with server.client(keys["gateway"]) as gateway:
         response = gateway.get("/v1/users/u1/balance")

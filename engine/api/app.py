@@ -465,10 +465,15 @@ class GenkiAPI(FastAPI):
         if request is None:  # FastAPI gives the precise answer (400, 413, ...)
             await super().__call__(scope, _replaying(body, more, receive), send)
             return
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
         try:
-            principal = require_role(service.authenticate(
-                headers.get(b"authorization", b"").decode("latin-1") or None), Role.shop)
-            key = _idempotency_key(headers[b"idempotency-key"].decode("latin-1"))
+            try:
+                principal = require_role(service.authenticate_shop_command(authorization),
+                                         Role.shop)
+                key = _idempotency_key(headers[b"idempotency-key"].decode("latin-1"))
+            except GenkiError:  # a key revoked since it was seen: its 401 comes first
+                require_role(service.authenticate(authorization), Role.shop)
+                raise
             reply = await service.redeem(principal, key, request.token, request.points,
                                          request.terminal_id)
         except GenkiError as error:

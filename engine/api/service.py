@@ -52,6 +52,7 @@ import orjson
 from engine.api.limits import (
     COMMANDS_PER_BATCH_MAX,
     KEY_CLAIM_LEASE_S,
+    KEYS_SEEN_MAX,
     PRUNE_EVERY_WRITES,
     RESPONSES_KEPT_DAYS,
     TOKEN_TTL_S_DEFAULT,
@@ -411,6 +412,7 @@ class ApiService:
         self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
         self.owner = f"{os.getpid()}:{secrets.token_hex(6)}"
         self._in_flight: set[tuple[str, str]] = set()
+        self._keys_seen: dict[str | None, Principal] = {}  # by Authorization header
         self.batcher = WriteBatcher(self.writer, self._carry_out_batch)
         self._ingest_log: EmbeddedLog | None = None
         self._writes = 0
@@ -452,8 +454,26 @@ class ApiService:
         if record is None:
             raise Unauthenticated("unknown API key")
         if record.revoked_ms is not None:
-            raise Unauthenticated(f"API key {record.key_id} was revoked")
+            raise _revoked(record.key_id)
         return _principal(record)
+
+    def authenticate_shop_command(self, authorization: str | None) -> Principal:
+        """`authenticate` for redemptions, from the keys seen valid before: no key lookup
+        on the event loop per request. Revocation is checked again on the writer thread,
+        in the claims transaction, before the command is (see `_check_keys`)."""
+        principal = self._keys_seen.get(authorization) if authorization else None
+        if principal is not None:
+            return principal
+        principal = self.authenticate(authorization)
+        if len(self._keys_seen) >= KEYS_SEEN_MAX:
+            self._keys_seen.clear()
+        self._keys_seen[authorization] = principal
+        return principal
+
+    def _check_keys(self, jobs: list[RedeemJob]) -> dict[str, Unauthenticated]:
+        """Writer thread: the keys among the jobs' that were revoked (one lookup)."""
+        key_ids = {job.principal.key_id for job in jobs}
+        return {key_id: _revoked(key_id) for key_id in self.store.revoked_key_ids(key_ids)}
 
     # -- reads (event loop; reports on the pool) --------------------------------------
 
@@ -595,6 +615,9 @@ class ApiService:
             return error
 
     def _prepare_redeem(self, job: RedeemJob) -> Reply | Command:
+        revoked = self._check_keys([job])
+        if revoked:
+            raise revoked[job.principal.key_id]
         opened = self._open_redemption(job)
         checked = self._check_redemption(opened, self.reads.entry(opened.token.user_id,
                                                                   opened.entry_id))
@@ -606,9 +629,16 @@ class ApiService:
         """`_prepare_redeem` for each, with one entry lookup and one claim write for all."""
         results: list[Reply | Command | BaseException] = []
         opened: list[tuple[int, _OpenedRedemption]] = []
-        for job in jobs:
-            assert isinstance(job, RedeemJob)
+        assert all(isinstance(job, RedeemJob) for job in jobs)
+        redeem_jobs = [job for job in jobs if isinstance(job, RedeemJob)]
+        try:
+            revoked = self._check_keys(redeem_jobs)
+        except BaseException as error:  # noqa: BLE001 - none of them checked
+            return [error] * len(jobs)
+        for job in redeem_jobs:
             try:
+                if job.principal.key_id in revoked:
+                    raise revoked[job.principal.key_id]
                 opened.append((len(results), self._open_redemption(job)))
             except BaseException as error:  # noqa: BLE001 - that request's answer
                 results.append(error)
@@ -824,6 +854,10 @@ class ApiService:
         if self._ingest_log is not None:
             self._ingest_log.close()
             self._ingest_log = None
+
+
+def _revoked(key_id: str) -> Unauthenticated:
+    return Unauthenticated(f"API key {key_id} was revoked")
 
 
 def _claim_key(claim: Claim) -> tuple[str, str]:

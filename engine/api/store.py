@@ -282,6 +282,14 @@ class ApiStore:
                                    (hashed,)).fetchone()
         return None if row is None else _key_of_row(row)
 
+    def revoked_key_ids(self, key_ids: set[str]) -> set[str]:
+        """The revoked keys among `key_ids` (one lookup; inside `batch`, as of its start)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute(
+                "SELECT k.key_id FROM json_each(?) AS j JOIN api_keys AS k "
+                "ON k.key_id = j.value WHERE k.revoked_ms IS NOT NULL",
+                (orjson.dumps(sorted(key_ids)).decode(),))}
+
     # -- stored responses ------------------------------------------------------------
 
     def stored_response(self, scope: str, idempotency_key: str) -> StoredResponse | None:
