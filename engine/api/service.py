@@ -409,6 +409,7 @@ class ApiService:
         self.key_store = ApiStore.open(data_dir)  # event loop: key lookups
         self.store = ApiStore.open(data_dir, durable=False)  # writer thread: claims
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="genki-writer")
+        self.syncer = ThreadPoolExecutor(1, thread_name_prefix="genki-claims-sync")
         self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
         self.owner = f"{os.getpid()}:{secrets.token_hex(6)}"
         self._in_flight: set[tuple[str, str]] = set()
@@ -426,6 +427,7 @@ class ApiService:
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
+        self.syncer.shutdown(wait=True)
         self.ingester.submit(self._close_ingest_log).result()
         self.ingester.shutdown(wait=True)
         self.redeemer.close()
@@ -564,11 +566,13 @@ class ApiService:
             return [error] * len(jobs)
         if not commands:
             return results
+        synced = self.syncer.submit(self.store.sync)  # while the ledger batch is built
         crash_point("api_after_claims")
         outcomes: list[Entry | GenkiError] | list[BaseException]
         try:
             with self.redeemer.batch():
                 outcomes = self.redeemer.apply_all([command for _, command in commands])
+                synced.result()  # the token uses are durable before the redemptions are
         except BaseException as error:  # noqa: BLE001 - the batch did not commit
             outcomes = [error] * len(commands)
         else:
