@@ -462,7 +462,7 @@ class ApiService:
     def authenticate_shop_command(self, authorization: str | None) -> Principal:
         """`authenticate` for redemptions, from the keys seen valid before: no key lookup
         on the event loop per request. Revocation is checked again on the writer thread,
-        in the claims transaction, before the command is (see `_check_keys`)."""
+        in the claims transaction, before the command is (see `_revoked_keys`)."""
         principal = self._keys_seen.get(authorization) if authorization else None
         if principal is not None:
             return principal
@@ -472,10 +472,9 @@ class ApiService:
         self._keys_seen[authorization] = principal
         return principal
 
-    def _check_keys(self, jobs: list[RedeemJob]) -> dict[str, Unauthenticated]:
+    def _revoked_keys(self, jobs: list[RedeemJob]) -> set[str]:
         """Writer thread: the keys among the jobs' that were revoked (one lookup)."""
-        key_ids = {job.principal.key_id for job in jobs}
-        return {key_id: _revoked(key_id) for key_id in self.store.revoked_key_ids(key_ids)}
+        return self.store.revoked_key_ids({job.principal.key_id for job in jobs})
 
     # -- reads (event loop; reports on the pool) --------------------------------------
 
@@ -619,9 +618,8 @@ class ApiService:
             return error
 
     def _prepare_redeem(self, job: RedeemJob) -> Reply | Command:
-        revoked = self._check_keys([job])
-        if revoked:
-            raise revoked[job.principal.key_id]
+        if self._revoked_keys([job]):
+            raise _revoked(job.principal.key_id)
         opened = self._open_redemption(job)
         checked = self._check_redemption(opened, self.reads.entry(opened.token.user_id,
                                                                   opened.entry_id))
@@ -636,13 +634,13 @@ class ApiService:
         assert all(isinstance(job, RedeemJob) for job in jobs)
         redeem_jobs = [job for job in jobs if isinstance(job, RedeemJob)]
         try:
-            revoked = self._check_keys(redeem_jobs)
+            revoked = self._revoked_keys(redeem_jobs)
         except BaseException as error:  # noqa: BLE001 - none of them checked
             return [error] * len(jobs)
         for job in redeem_jobs:
             try:
                 if job.principal.key_id in revoked:
-                    raise revoked[job.principal.key_id]
+                    raise _revoked(job.principal.key_id)
                 opened.append((len(results), self._open_redemption(job)))
             except BaseException as error:  # noqa: BLE001 - that request's answer
                 results.append(error)
