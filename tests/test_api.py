@@ -7,6 +7,7 @@ import itertools
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -335,6 +336,31 @@ def test_keys_cli_creates_once_lists_without_secret_and_revokes(server: Server,
     assert response.json()["detail"] == f"API key {record['key_id']} was revoked"
 
 
+def test_a_shop_key_revoked_after_its_redemptions_redeems_no_more(
+        server: Server, home: Path, keys: dict[str, str]) -> None:
+    """Redemptions remember the keys they saw valid; a revocation still holds at once."""
+    user = unique("revoke")
+    award(home, user, 50)
+    shop_key = make_key(home, Role.shop, "SHOP_A")
+    key_id = shop_key.split(".")[1]
+    first, second = token_for(server, keys, user), token_for(server, keys, user)
+    with server.client(shop_key) as shop:
+        assert redeem(shop, first, 10, unique("key")).status_code == 201
+        subprocess.run(genki_cmd("keys", "revoke", key_id, "--data-dir", str(home)),
+                       cwd=REPO_ROOT, capture_output=True, check=True)
+        revoked = redeem(shop, second, 10, unique("key"))
+        bad_key = shop.post("/v1/redemptions", headers={"Idempotency-Key": "a b"},
+                            json={"token": second, "points": 10, "terminal_id": "T1"})
+    with server.client(keys["shop_a"]) as other:
+        still_usable = redeem(other, second, 10, unique("key"))
+    assert (revoked.status_code, revoked.json()["detail"]) == (
+        401, f"API key {key_id} was revoked")
+    assert (bad_key.status_code, bad_key.json()["detail"]) == (
+        401, f"API key {key_id} was revoked")
+    assert still_usable.status_code == 201
+    assert balance(server, keys, user) == 30
+
+
 def test_wrong_role_is_403(server: Server, keys: dict[str, str]) -> None:
     with server.client(keys["gateway"]) as gateway:
         response = gateway.get("/v1/users/u1/balance")
@@ -402,6 +428,45 @@ def test_same_idempotency_key_with_another_body_is_422(server: Server, home: Pat
     assert response.status_code == 422
     assert response.json()["code"] == "idempotency_conflict"
     assert balance(server, keys, user) == 40
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_batchs_token_claims_are_durable_before_its_redemptions(tmp_path: Path) -> None:
+    """A power cut must not keep a redemption and forget the token use it claimed (the
+    token would pass again with another key): the claims' WAL is fdatasynced, and that
+    has returned, before the ledger's commit syncs. Seen in the server's system calls."""
+    data_dir, trace = tmp_path / "data", tmp_path / "trace.txt"
+    award(data_dir, "u1", 50)
+    keys = {"app": make_key(data_dir, Role.app), "shop_a": make_key(data_dir, Role.shop, "SHOP_A")}
+    running = Server(data_dir)
+    try:
+        tokens = [token_for(running, keys, "u1") for _ in range(3)]
+        tracer = subprocess.Popen(["strace", "-f", "-y", "-e", "trace=fdatasync,fsync", "-o",
+                                   str(trace), "-p", str(running.process.pid)],
+                                  stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        ready, _, _ = select.select([tracer.stderr], [], [], SERVER_START_S_MAX)
+        line = tracer.stderr.readline() if ready else ""
+        if "attached" not in line:  # "Process N attached with M threads"
+            tracer.kill()
+            tracer.wait()
+            pytest.skip(f"strace cannot attach here: {line!r}")
+        with running.client(keys["shop_a"]) as shop:
+            for index, token in enumerate(tokens):  # one batch each
+                assert redeem(shop, token, 10, f"k{index}").status_code == 201
+        tracer.terminate()
+        tracer.communicate(timeout=SERVER_STOP_S_MAX)
+    finally:
+        running.stop()
+    synced = []  # per fdatasync of the ledger's WAL: claims synced since the one before
+    claims = False
+    for line in trace.read_text().splitlines():
+        if "api.sqlite-wal>" in line and not line.endswith("<unfinished ...>"):
+            claims = True
+        elif "ledger.sqlite-wal>" in line:
+            synced.append(claims)
+            claims = False
+    assert synced == [True] * 3
 
 
 def test_redemption_without_idempotency_key_is_400(server: Server,

@@ -10,7 +10,9 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -454,3 +456,79 @@ def test_a_dead_claim_is_taken_over_only_where_one_ledger_binds_the_key(tmp_path
                     answers.append((take_over, fingerprint, refused.reason))
     assert answers == [(False, "body-b", "in_progress"), (False, "body-a", "taken"),
                        (True, "body-b", "taken"), (True, "body-a", "taken")]
+
+
+_BATCH_CLAIMS = st.builds(  # a batch's claims are this server's
+    lambda scope, key, body, nonce, now_ms: Claim(
+        f"redemptions:{scope}", key, body, "1:me", now_ms, now_ms + 60_000, nonce,
+        None if nonce is None else "U1", scope, f"e-{scope}-{key}"),
+    scope=st.sampled_from(["S1", "S2"]),
+    key=st.sampled_from(["k0", "k1", "k2"]),
+    body=st.sampled_from(["f0", "f1"]),
+    nonce=st.sampled_from([None, "n0", "n1", "n2"]),
+    now_ms=st.sampled_from([NOW_MS, NOW_MS + 120_000]),
+)
+_CLAIMS = st.builds(
+    lambda scope, key, body, owner, nonce, now_ms: Claim(
+        f"redemptions:{scope}", key, body, owner, now_ms, now_ms + 60_000, nonce,
+        None if nonce is None else "U1", scope, f"e-{scope}-{key}"),
+    scope=st.sampled_from(["S1", "S2"]),
+    key=st.sampled_from(["k0", "k1", "k2"]),
+    body=st.sampled_from(["f0", "f1"]),
+    owner=st.sampled_from(["1:me", "999999999:dead"]),
+    nonce=st.sampled_from([None, "n0", "n1", "n2"]),
+    now_ms=st.sampled_from([NOW_MS, NOW_MS + 120_000]),
+)
+
+
+def _live_in(in_flight: set[tuple[str, str]], claim: Claim, owner: str) -> bool:
+    """The service's `live`: this server's claim is live while it carries it out."""
+    return owner == "1:me" and (claim.scope, claim.idempotency_key) in in_flight
+
+
+def _claim_rows(path: Path) -> list[list[tuple]]:
+    with sqlite3.connect(path / "api.sqlite") as db:
+        return [db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+                for table in ("key_claims", "token_uses")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_CLAIMS, max_size=6), st.lists(st.booleans(), max_size=6),
+       st.lists(_BATCH_CLAIMS, min_size=1, max_size=8), st.booleans())
+def test_claim_many_equals_claim_one_by_one(before: list[Claim], finished: list[bool],
+                                            batch: list[Claim], take_over: bool) -> None:
+    """Group commit's batched claims: the same answers and rows as `claim` one by one,
+    a key claimed earlier in the batch being in progress (its owner is this server)."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for way in ("one", "many"):
+            path = Path(tmp) / way
+            in_flight: set[tuple[str, str]] = set()
+            with ApiStore.open(path) as store:
+                for claim, finish in zip(before, finished + [False] * len(before)):
+                    try:
+                        store.claim(claim, lambda owner: False)
+                    except ClaimRefused:
+                        continue
+                    if finish:
+                        store.finish(claim, b'{"done":1}')
+                    else:
+                        in_flight.add((claim.scope, claim.idempotency_key))
+
+                live = partial(_live_in, in_flight)
+                outcomes: list[object] = []
+                with store.batch():
+                    if way == "many":
+                        outcomes = store.claim_many(batch, live, take_over_other_body=take_over)
+                    for claim in batch if way == "one" else ():
+                        try:
+                            outcomes.append(store.claim(claim, partial(live, claim),
+                                                        take_over_other_body=take_over))
+                        except ClaimRefused as refused:
+                            outcomes.append(refused)
+                        else:
+                            if outcomes[-1] is None:
+                                in_flight.add((claim.scope, claim.idempotency_key))
+            results.append(([o.reason if isinstance(o, ClaimRefused) else o for o in outcomes],
+                            _claim_rows(path)))
+    assert results[1] == results[0]

@@ -465,10 +465,15 @@ class GenkiAPI(FastAPI):
         if request is None:  # FastAPI gives the precise answer (400, 413, ...)
             await super().__call__(scope, _replaying(body, more, receive), send)
             return
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
         try:
-            principal = require_role(service.authenticate(
-                headers.get(b"authorization", b"").decode("latin-1") or None), Role.shop)
-            key = _idempotency_key(headers[b"idempotency-key"].decode("latin-1"))
+            try:
+                principal = require_role(service.authenticate_shop_command(authorization),
+                                         Role.shop)
+                key = _idempotency_key(headers[b"idempotency-key"].decode("latin-1"))
+            except GenkiError:  # a key revoked since it was seen: its 401 comes first
+                require_role(service.authenticate(authorization), Role.shop)
+                raise
             reply = await service.redeem(principal, key, request.token, request.points,
                                          request.terminal_id)
         except GenkiError as error:
@@ -479,7 +484,17 @@ class GenkiAPI(FastAPI):
             await refusal_response(Refusal.internal, "internal error; see the server log")(
                 scope, receive, send)
             return
-        await reply_response(reply)(scope, receive, send)
+        await _send_reply(reply, send)
+
+
+async def _send_reply(reply: Reply, send: Send) -> None:
+    """`reply_response(reply)` as ASGI messages, without a Response object per request."""
+    headers = [(b"content-length", str(len(reply.body)).encode()),
+               (b"content-type", b"application/json")]
+    if reply.replayed:
+        headers.insert(0, (b"idempotent-replayed", b"true"))
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
 
 
 async def _read_body(receive: Receive, limit_bytes: int) -> tuple[bytes, bool]:

@@ -20,6 +20,7 @@ has no copy of the balances to answer from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,10 @@ class PartitionReads:
                 continue
         return None
 
+    def entries(self, wanted: Sequence[tuple[str | None, str]]) -> dict[str, Entry]:
+        found = ((entry_id, self.entry(user_id, entry_id)) for user_id, entry_id in wanted)
+        return {entry_id: entry for entry_id, entry in found if entry is not None}
+
     def close(self) -> None:
         for ledger in self._ledgers.values():
             ledger.close()
@@ -135,6 +140,9 @@ class KafkaRedeemer:
         self.bridge = bridge
 
     def apply(self, command: Command) -> Entry:
+        raise AssertionError("the Kafka redeemer is awaited on the event loop (submit)")
+
+    def apply_all(self, commands: Sequence[Command]) -> list[Entry | GenkiError]:
         raise AssertionError("the Kafka redeemer is awaited on the event loop (submit)")
 
     def batch(self) -> AbstractContextManager[None]:

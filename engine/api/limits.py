@@ -20,6 +20,9 @@ IDEMPOTENCY_KEY_CHARS_MAX = 128
 RESPONSES_KEPT_DAYS = 30
 PRUNE_EVERY_WRITES = 1_000
 AUTHORIZATION_CHARS_MAX = 256
+# Shop keys remembered valid on the event loop (redemptions; revocation is checked on the
+# writer thread); the memory is cleared when full.
+KEYS_SEEN_MAX = 4_096
 KEY_LABEL_CHARS_MAX = 64
 
 # How long a request may wait for the ingest log or a write slot before 503.

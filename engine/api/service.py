@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -51,6 +52,7 @@ import orjson
 from engine.api.limits import (
     COMMANDS_PER_BATCH_MAX,
     KEY_CLAIM_LEASE_S,
+    KEYS_SEEN_MAX,
     PRUNE_EVERY_WRITES,
     RESPONSES_KEPT_DAYS,
     TOKEN_TTL_S_DEFAULT,
@@ -73,12 +75,18 @@ from engine.api.store import (
     StoredResponse,
     key_hash,
 )
-from engine.api.tokens import TokenBox, fingerprint, load_or_create_secret
+from engine.api.tokens import TokenBox, TokenClaims, fingerprint, load_or_create_secret
 from engine.clock import DAY_MS
 from engine.errors import GenkiError, UsageError
 from engine.faults import crash_point
 from engine.ingest.log import EmbeddedLog
-from engine.ledger.commands import describe, redeem_id, ref_fields, refund_id
+from engine.ledger.commands import (
+    RedeemRequest,
+    describe,
+    redeem_id,
+    ref_fields,
+    refund_id,
+)
 from engine.ledger.model import Entry, Settlement
 from engine.ledger.store import Ledger
 from engine.rules.flags import frailty_status
@@ -88,6 +96,7 @@ from engine.storage import private_dir
 
 Clock = Callable[[], int]
 _T = TypeVar("_T")
+Prepare = Callable[[], "Reply | Command"]
 
 
 def system_clock(offset_ms: int = 0) -> Clock:
@@ -132,6 +141,30 @@ class ApiSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RedeemJob:
+    """A redemption as it arrives; checked and claimed on the writer thread (in a batch,
+    with the redemptions queued next to it: one entry lookup, one claim write)."""
+
+    principal: Principal
+    idempotency_key: str
+    token: str
+    points: int
+    terminal_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _OpenedRedemption:
+    """A redemption whose token opened: the ids and fingerprint it is known by."""
+
+    job: RedeemJob
+    shop_id: str
+    token: TokenClaims
+    ledger_key: str
+    entry_id: str
+    request: str
+
+
+@dataclass(frozen=True, slots=True)
 class Command:
     """A shop request past every check and claim, for a backend to carry out."""
 
@@ -159,6 +192,8 @@ class Reads(Protocol):
     def settlement(self, shop_id: str, month: str) -> dict[str, Any]: ...
     def entry(self, user_id: str | None, entry_id: str) -> Entry | None:
         """On the writer thread: the entry if readable here (None: absent or unknown)."""
+    def entries(self, wanted: Sequence[tuple[str | None, str]]) -> dict[str, Entry]:
+        """On the writer thread: `entry` for each (user id, entry id), the found by id."""
     def close(self) -> None: ...
 
 
@@ -172,6 +207,8 @@ class Redeemer(Protocol):
     synchronous: bool
 
     def apply(self, command: Command) -> Entry: ...
+    def apply_all(self, commands: Sequence[Command]) -> list[Entry | GenkiError]:
+        """`apply` for each command in order, a refusal in its place (inside `batch`)."""
     def batch(self) -> AbstractContextManager[None]: ...
     async def submit(self, command: Command) -> Entry: ...
     def close(self) -> None: ...
@@ -207,6 +244,9 @@ class LedgerReads:
         except GenkiError:
             return None
 
+    def entries(self, wanted: Sequence[tuple[str | None, str]]) -> dict[str, Entry]:
+        return self.writer_ledger.entries([entry_id for _, entry_id in wanted])
+
     def close(self) -> None:
         for ledger in (self.loop_ledger, self.report_ledger, self.writer_ledger):
             ledger.close()
@@ -230,6 +270,21 @@ class DirectRedeemer:
         return self.ledger.refund(command.refund_of, command.points, command.ledger_key,
                                   command.ts_ms, shop_id=command.shop_id)
 
+    def apply_all(self, commands: Sequence[Command]) -> list[Entry | GenkiError]:
+        """Each run of redemptions is one `Ledger.redeem_many` (one lookup, one chain and
+        insert for the run); refunds one by one, in their place."""
+        outcomes: list[Entry | GenkiError] = []
+        for is_redeem, run in groupby(commands, key=lambda c: c.kind == EntryKind.redeem):
+            if is_redeem:
+                outcomes.extend(self.ledger.redeem_many([_redeem_request(c) for c in run]))
+                continue
+            for command in run:
+                try:
+                    outcomes.append(self.apply(command))
+                except GenkiError as error:
+                    outcomes.append(error)
+        return outcomes
+
     def batch(self) -> AbstractContextManager[None]:
         """Commands applied inside share one ledger transaction (group commit)."""
         return self.ledger.batch()
@@ -239,6 +294,12 @@ class DirectRedeemer:
 
     def close(self) -> None:
         pass
+
+
+def _redeem_request(command: Command) -> RedeemRequest:
+    return RedeemRequest(command.user_id, command.points, command.shop_id, command.terminal_id,
+                         command.ledger_key, command.ts_ms, command.claim.fingerprint,
+                         command.points_per_day_max)
 
 
 def settlement_view(result: Settlement) -> dict[str, Any]:
@@ -279,21 +340,23 @@ def _pid_alive(owner: str) -> bool:
     return True
 
 
+Job = RedeemJob | Prepare  # a shop command queued for the writer thread
+
+
 class WriteBatcher:
     """Group commit: requests queue while a batch is written; the writer thread takes
     everything queued (at most COMMANDS_PER_BATCH_MAX) as the next batch. Under load a
     batch holds about the requests in flight; alone, a request is a batch of one."""
 
     def __init__(self, executor: ThreadPoolExecutor,
-                 run: Callable[[list[Callable[[], Reply | Command]]],
-                               list[Reply | BaseException]]) -> None:
+                 run: Callable[[list[Job]], list[Reply | BaseException]]) -> None:
         self._executor = executor
         self._run = run
         self._lock = threading.Lock()
-        self._queued: list[tuple[Callable[[], Reply | Command], asyncio.Future[Reply]]] = []
+        self._queued: list[tuple[Job, asyncio.Future[Reply]]] = []
         self._draining = False
 
-    async def submit(self, prepare: Callable[[], Reply | Command]) -> Reply:
+    async def submit(self, prepare: Job) -> Reply:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         with self._lock:
@@ -316,17 +379,19 @@ class WriteBatcher:
                 results = self._run([prepare for prepare, _ in batch])
             except BaseException as error:  # noqa: BLE001 - every request of it gets it
                 results = [error] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                loop.call_soon_threadsafe(_resolve, future, result)
+            # one wake-up of the event loop per batch, not per request
+            loop.call_soon_threadsafe(_resolve_all, [future for _, future in batch], results)
 
 
-def _resolve(future: asyncio.Future[Reply], result: Reply | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _resolve_all(futures: list[asyncio.Future[Reply]],
+                 results: list[Reply | BaseException]) -> None:
+    for future, result in zip(futures, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class ApiService:
@@ -344,9 +409,11 @@ class ApiService:
         self.key_store = ApiStore.open(data_dir)  # event loop: key lookups
         self.store = ApiStore.open(data_dir, durable=False)  # writer thread: claims
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="genki-writer")
+        self.syncer = ThreadPoolExecutor(1, thread_name_prefix="genki-claims-sync")
         self.ingester = ThreadPoolExecutor(1, thread_name_prefix="genki-ingest")
         self.owner = f"{os.getpid()}:{secrets.token_hex(6)}"
         self._in_flight: set[tuple[str, str]] = set()
+        self._keys_seen: dict[str | None, Principal] = {}  # by Authorization header
         self.batcher = WriteBatcher(self.writer, self._carry_out_batch)
         self._ingest_log: EmbeddedLog | None = None
         self._writes = 0
@@ -360,6 +427,7 @@ class ApiService:
 
     def close(self) -> None:
         self.writer.shutdown(wait=True)
+        self.syncer.shutdown(wait=True)
         self.ingester.submit(self._close_ingest_log).result()
         self.ingester.shutdown(wait=True)
         self.redeemer.close()
@@ -388,8 +456,25 @@ class ApiService:
         if record is None:
             raise Unauthenticated("unknown API key")
         if record.revoked_ms is not None:
-            raise Unauthenticated(f"API key {record.key_id} was revoked")
+            raise _revoked(record.key_id)
         return _principal(record)
+
+    def authenticate_shop_command(self, authorization: str | None) -> Principal:
+        """`authenticate` for redemptions, from the keys seen valid before: no key lookup
+        on the event loop per request. Revocation is checked again on the writer thread,
+        in the claims transaction, before the command is (see `_revoked_keys`)."""
+        principal = self._keys_seen.get(authorization) if authorization else None
+        if principal is not None:
+            return principal
+        principal = self.authenticate(authorization)
+        if len(self._keys_seen) >= KEYS_SEEN_MAX:
+            self._keys_seen.clear()
+        self._keys_seen[authorization] = principal
+        return principal
+
+    def _revoked_keys(self, jobs: list[RedeemJob]) -> set[str]:
+        """Writer thread: the keys among the jobs' that were revoked (one lookup)."""
+        return self.store.revoked_key_ids({job.principal.key_id for job in jobs})
 
     # -- reads (event loop; reports on the pool) --------------------------------------
 
@@ -428,9 +513,8 @@ class ApiService:
 
     async def redeem(self, principal: Principal, idempotency_key: str, token: str,
                      points: int, terminal_id: str) -> Reply:
-        prepare = partial(self._prepare_redeem, principal, idempotency_key, token, points,
-                          terminal_id)
-        return await self._carry_out(prepare)
+        return await self._carry_out(RedeemJob(principal, idempotency_key, token, points,
+                                               terminal_id))
 
     async def refund(self, principal: Principal, idempotency_key: str,
                      redemption_entry_id: str, points: int) -> Reply:
@@ -438,10 +522,10 @@ class ApiService:
                           redemption_entry_id, points)
         return await self._carry_out(prepare)
 
-    async def _carry_out(self, prepare: Callable[[], Reply | Command]) -> Reply:
+    async def _carry_out(self, job: Job) -> Reply:
         if self.redeemer.synchronous:
-            return await self.batcher.submit(prepare)
-        prepared = await self._on_writer(prepare)
+            return await self.batcher.submit(job)
+        prepared = await self._on_writer(self._prepare, job)
         if isinstance(prepared, Reply):
             return prepared
         try:
@@ -457,40 +541,37 @@ class ApiService:
             raise
         return await self._on_writer(self._finish, prepared, entry)
 
-    def _carry_out_batch(self, prepares: list[Callable[[], Reply | Command]],
-                         ) -> list[Reply | BaseException]:
+    def _carry_out_batch(self, jobs: list[Job]) -> list[Reply | BaseException]:
         """On the writer thread: the shop commands that queued up while the last batch
-        was committed, checked and claimed one by one, then applied in one ledger
-        transaction (each command atomic on its own: one fsync for the batch)."""
+        was committed, checked and claimed (each run of redemptions with one entry
+        lookup and one claim write), then applied in one ledger transaction (each
+        command atomic on its own: one fsync for the batch)."""
         results: list[Reply | BaseException] = []
         commands: list[tuple[int, Command]] = []
         try:
             with self.store.batch():  # the claims: committed before the ledger is written
-                for prepare in prepares:
-                    prepared: Reply | Command | BaseException
-                    try:
-                        prepared = prepare()
-                    except BaseException as error:  # noqa: BLE001 - that request's answer
-                        prepared = error
-                    if isinstance(prepared, Command):
-                        commands.append((len(results), prepared))
-                        prepared = Reply(0, b"")  # replaced by its outcome below
-                    results.append(prepared)
+                for is_redeem, group in groupby(jobs, key=lambda j: isinstance(j, RedeemJob)):
+                    run = list(group)
+                    prepared = self._prepare_redemptions(run) if is_redeem \
+                        else [self._prepare_or_error(job) for job in run]
+                    for one in prepared:
+                        if isinstance(one, Command):
+                            commands.append((len(results), one))
+                            one = Reply(0, b"")  # replaced by its outcome below
+                        results.append(one)
         except BaseException as error:  # noqa: BLE001 - no claim was taken
             for _, command in commands:
                 self._in_flight.discard(_claim_key(command.claim))
-            return [error] * len(prepares)
+            return [error] * len(jobs)
         if not commands:
             return results
+        synced = self.syncer.submit(self.store.sync)  # while the ledger batch is built
         crash_point("api_after_claims")
-        outcomes: list[Entry | BaseException] = []
+        outcomes: list[Entry | GenkiError] | list[BaseException]
         try:
             with self.redeemer.batch():
-                for _, command in commands:
-                    try:
-                        outcomes.append(self.redeemer.apply(command))
-                    except GenkiError as error:
-                        outcomes.append(error)
+                outcomes = self.redeemer.apply_all([command for _, command in commands])
+                synced.result()  # the token uses are durable before the redemptions are
         except BaseException as error:  # noqa: BLE001 - the batch did not commit
             outcomes = [error] * len(commands)
         else:
@@ -524,31 +605,107 @@ class ApiService:
         self._count_write()
         return reply
 
-    def _prepare_redeem(self, principal: Principal, idempotency_key: str, token: str,
-                        points: int, terminal_id: str) -> Reply | Command:
-        shop_id = _shop_of(principal)
-        claims = self.box.open(token)
-        ledger_key = self.box.ledger_key("redeem", shop_id, idempotency_key)
-        entry_id = redeem_id(shop_id, ledger_key)
-        request = fingerprint("redeem", claims.nonce, points, terminal_id)
-        existing = self.reads.entry(claims.user_id, entry_id)
+    def _prepare(self, job: Job) -> Reply | Command:
+        """A shop command checked and claimed (or answered: a replay, a refusal)."""
+        if isinstance(job, RedeemJob):
+            return self._prepare_redeem(job)
+        return job()
+
+    def _prepare_or_error(self, job: Job) -> Reply | Command | BaseException:
+        try:
+            return self._prepare(job)
+        except BaseException as error:  # noqa: BLE001 - that request's answer
+            return error
+
+    def _prepare_redeem(self, job: RedeemJob) -> Reply | Command:
+        if self._revoked_keys([job]):
+            raise _revoked(job.principal.key_id)
+        opened = self._open_redemption(job)
+        checked = self._check_redemption(opened, self.reads.entry(opened.token.user_id,
+                                                                  opened.entry_id))
+        if isinstance(checked, Reply):
+            return checked
+        return self._claimed(opened, checked, self._claim(checked))
+
+    def _prepare_redemptions(self, jobs: list[Job]) -> list[Reply | Command | BaseException]:
+        """`_prepare_redeem` for each, with one entry lookup and one claim write for all."""
+        results: list[Reply | Command | BaseException] = []
+        opened: list[tuple[int, _OpenedRedemption]] = []
+        assert all(isinstance(job, RedeemJob) for job in jobs)
+        redeem_jobs = [job for job in jobs if isinstance(job, RedeemJob)]
+        try:
+            revoked = self._revoked_keys(redeem_jobs)
+        except BaseException as error:  # noqa: BLE001 - none of them checked
+            return [error] * len(jobs)
+        for job in redeem_jobs:
+            try:
+                if job.principal.key_id in revoked:
+                    raise _revoked(job.principal.key_id)
+                opened.append((len(results), self._open_redemption(job)))
+            except BaseException as error:  # noqa: BLE001 - that request's answer
+                results.append(error)
+                continue
+            results.append(Reply(0, b""))  # replaced below
+        existing = self.reads.entries([(o.token.user_id, o.entry_id) for _, o in opened])
+        claims: list[tuple[int, _OpenedRedemption, Claim]] = []
+        for index, one in opened:
+            try:
+                checked = self._check_redemption(one, existing.get(one.entry_id))
+            except BaseException as error:  # noqa: BLE001 - that request's answer
+                results[index] = error
+                continue
+            if isinstance(checked, Reply):
+                results[index] = checked
+            else:
+                claims.append((index, one, checked))
+        if not claims:
+            return results
+        try:
+            outcomes = self.store.claim_many([claim for _, _, claim in claims], self._live,
+                                             take_over_other_body=self.redeemer.synchronous)
+        except BaseException as error:  # noqa: BLE001 - none of them claimed
+            for index, _, _ in claims:
+                results[index] = error
+            return results
+        for (index, one, claim), outcome in zip(claims, outcomes, strict=True):
+            if isinstance(outcome, ClaimRefused):
+                results[index] = _claim_refusal(outcome.reason)
+                continue
+            if outcome is None:
+                self._in_flight.add(_claim_key(claim))
+            results[index] = self._claimed(one, claim, outcome)
+        return results
+
+    def _open_redemption(self, job: RedeemJob) -> _OpenedRedemption:
+        shop_id = _shop_of(job.principal)
+        token = self.box.open(job.token)
+        ledger_key = self.box.ledger_key("redeem", shop_id, job.idempotency_key)
+        return _OpenedRedemption(job, shop_id, token, ledger_key, redeem_id(shop_id, ledger_key),
+                                 fingerprint("redeem", token.nonce, job.points, job.terminal_id))
+
+    def _check_redemption(self, opened: _OpenedRedemption,
+                          existing: Entry | None) -> Reply | Claim:
+        """Its replay when its entry exists; else, fresh and within limits, its claim."""
         if existing is not None:
-            return self._reply(EntryKind.redeem, existing, request, replayed=True)
+            return self._reply(EntryKind.redeem, existing, opened.request, replayed=True)
         now_ms = self.clock()
-        self.box.check_fresh(claims, now_ms)
+        self.box.check_fresh(opened.token, now_ms)
         limit = self.settings.points_per_redemption_max
-        if limit is not None and points > limit:
+        if limit is not None and opened.job.points > limit:
             raise Refused(Refusal.points_per_redemption_max_exceeded,
                           f"at most {limit} points per redemption (points_per_redemption_max); "
                           "nothing was taken")
-        claim = Claim(f"redemptions:{shop_id}", idempotency_key, request, self.owner, now_ms,
-                      now_ms + KEY_CLAIM_LEASE_S * 1000, claims.nonce, claims.user_id, shop_id,
-                      entry_id)
-        stored = self._claim(claim)
+        return Claim(f"redemptions:{opened.shop_id}", opened.job.idempotency_key,
+                     opened.request, self.owner, now_ms, now_ms + KEY_CLAIM_LEASE_S * 1000,
+                     opened.token.nonce, opened.token.user_id, opened.shop_id, opened.entry_id)
+
+    def _claimed(self, opened: _OpenedRedemption, claim: Claim,
+                 stored: bytes | None) -> Reply | Command:
         if stored is not None:
             return Reply(201, stored, replayed=True)
-        return Command(EntryKind.redeem, claim, ledger_key, entry_id, claims.user_id, shop_id,
-                       terminal_id, points, now_ms,
+        return Command(EntryKind.redeem, claim, opened.ledger_key, opened.entry_id,
+                       opened.token.user_id, opened.shop_id, opened.job.terminal_id,
+                       opened.job.points, claim.now_ms,
                        points_per_day_max=self.settings.points_per_person_per_day_max)
 
     def _prepare_refund(self, principal: Principal, idempotency_key: str,
@@ -581,21 +738,20 @@ class ApiService:
             return entry.user_id
         raise refusal_of_ledger_code("not_found")
 
+    def _live(self, claim: Claim, owner: str) -> bool:
+        """Whether the owner of a pending claim on this claim's key may still finish it."""
+        if owner == self.owner:
+            return _claim_key(claim) in self._in_flight
+        return not owner.startswith(f"{os.getpid()}:") and _pid_alive(owner)
+
     def _claim(self, claim: Claim) -> bytes | None:
-        key = _claim_key(claim)
-
-        def live(owner: str) -> bool:
-            if owner == self.owner:
-                return key in self._in_flight
-            return not owner.startswith(f"{os.getpid()}:") and _pid_alive(owner)
-
         try:
-            stored = self.store.claim(claim, live,
+            stored = self.store.claim(claim, partial(self._live, claim),
                                       take_over_other_body=self.redeemer.synchronous)
         except ClaimRefused as refused:
             raise _claim_refusal(refused.reason) from None
         if stored is None:
-            self._in_flight.add(key)
+            self._in_flight.add(_claim_key(claim))
         return stored
 
     def _reply(self, kind: EntryKind, entry: Entry, request: str, *,
@@ -700,6 +856,10 @@ class ApiService:
         if self._ingest_log is not None:
             self._ingest_log.close()
             self._ingest_log = None
+
+
+def _revoked(key_id: str) -> Unauthenticated:
+    return Unauthenticated(f"API key {key_id} was revoked")
 
 
 def _claim_key(claim: Claim) -> tuple[str, str]:

@@ -17,14 +17,17 @@
 All are kept RESPONSES_KEPT_DAYS (limits.py), then pruned. Claims are taken
 in one BEGIN IMMEDIATE transaction, so several server processes may share the
 file. The server's connection commits without fsync (synchronous=NORMAL: it
-survives a killed process, and a power cut loses at most the claims of the
-last moments, which the ledger's (shop, key) ids still bind); keys are
-managed with full fsync.
+survives a killed process); the embedded server's group commit then makes a
+batch's claims durable (`sync`, one fdatasync of the WAL) while it builds the
+ledger transaction, and waits for it before the ledger commits, so a power cut
+cannot keep a redemption and forget the token use it claimed (a token then
+used again with another key). Keys are managed with full fsync.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -32,10 +35,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, Self
 
-from engine.api.limits import KEY_LABEL_CHARS_MAX, WRITE_WAIT_S_MAX
+import orjson
+
+from engine.api.limits import COMMANDS_PER_BATCH_MAX, KEY_LABEL_CHARS_MAX, WRITE_WAIT_S_MAX
 from engine.errors import NotFound, UsageError
 from engine.schemas import ID_CHARS_MAX, is_id
 from engine.storage import open_sqlite, private_dir
@@ -44,6 +50,7 @@ API_DB_FILE_NAME = "api.sqlite"
 KEY_PREFIX = "gk"
 KEY_ID_BYTES = 6
 KEY_SECRET_BYTES = 32
+CLAIMS_PER_CALL_MAX = COMMANDS_PER_BATCH_MAX
 
 _DDL = (
     """
@@ -176,6 +183,8 @@ class ApiStore:
         path = data_dir / API_DB_FILE_NAME
         db = open_sqlite(path, busy_wait_s_max=WRITE_WAIT_S_MAX, durable=durable)
         try:
+            # Statement journals in memory: a claim's savepoint opened a temporary file.
+            db.execute("PRAGMA temp_store = MEMORY")
             store = cls(db, path)
             with store._write() as tx:
                 for statement in _DDL:
@@ -276,6 +285,27 @@ class ApiStore:
                                    (hashed,)).fetchone()
         return None if row is None else _key_of_row(row)
 
+    def sync(self) -> None:
+        """Make what this connection committed so far durable: one fdatasync of the WAL
+        (synchronous=NORMAL commits do not; SQLite syncs before and after a checkpoint,
+        so frames checkpointed already are durable, and a WAL that is gone held none)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def revoked_key_ids(self, key_ids: set[str]) -> set[str]:
+        """The revoked keys among `key_ids` (one lookup; inside `batch`, as of its start)."""
+        with self._lock:
+            return {row[0] for row in self._db.execute(
+                "SELECT k.key_id FROM json_each(?) AS j JOIN api_keys AS k "
+                "ON k.key_id = j.value WHERE k.revoked_ms IS NOT NULL",
+                (orjson.dumps(sorted(key_ids)).decode(),))}
+
     # -- stored responses ------------------------------------------------------------
 
     def stored_response(self, scope: str, idempotency_key: str) -> StoredResponse | None:
@@ -316,15 +346,9 @@ class ApiStore:
                              "key_claims WHERE scope = ? AND idempotency_key = ?",
                              (claim.scope, claim.idempotency_key)).fetchone()
             if row is not None:
-                fingerprint, state, owner, lease_until_ms, response = row
-                if state == "done":
-                    if fingerprint != claim.fingerprint:
-                        raise ClaimRefused("idempotency_conflict")
-                    return None if response is None else bytes(response)
-                if lease_until_ms > claim.now_ms and live(owner):
-                    raise ClaimRefused("in_progress")
-                if fingerprint != claim.fingerprint and not take_over_other_body:
-                    raise ClaimRefused("in_progress")
+                done = _done_or_refused(claim, row, live, take_over_other_body)
+                if done is not None:
+                    return done.response
             if claim.nonce is not None:
                 holder = db.execute("SELECT shop_id, idempotency_key FROM token_uses WHERE "
                                     "nonce = ?", (claim.nonce,)).fetchone()
@@ -332,16 +356,65 @@ class ApiStore:
                                                             claim.idempotency_key):
                     raise ClaimRefused("token_used")
                 if holder is None:
-                    db.execute("INSERT INTO token_uses VALUES (?, ?, ?, ?, ?, ?)",
-                               (claim.nonce, claim.user_id, claim.shop_id,
-                                claim.idempotency_key, claim.entry_id, claim.now_ms))
-            db.execute("INSERT INTO key_claims VALUES (?, ?, ?, 'pending', ?, ?, NULL, ?) "
-                       "ON CONFLICT (scope, idempotency_key) DO UPDATE SET "
-                       "fingerprint = excluded.fingerprint, owner = excluded.owner, "
-                       "lease_until_ms = excluded.lease_until_ms",
-                       (claim.scope, claim.idempotency_key, claim.fingerprint, claim.owner,
-                        claim.lease_until_ms, claim.now_ms))
+                    db.execute(_INSERT_TOKEN_USE_SQL, _token_row(claim))
+            db.execute(_UPSERT_KEY_CLAIM_SQL, _key_claim_row(claim))
         return None
+
+    def claim_many(self, claims: list[Claim], live: Callable[[Claim, str], bool], *,
+                   take_over_other_body: bool = True) -> list[bytes | None | ClaimRefused]:
+        """`claim` for each, in order, as one write: what each call would return or raise
+        (a refusal in its place). One read of the keys and one of the tokens for all,
+        one insert of each kind (a test holds the outcomes and rows equal to `claim`
+        one by one). `live` is `claim`'s, given the claim it is asked about; the owner
+        of a key claimed earlier in the same call is live (it is carrying it out)."""
+        assert len(claims) <= CLAIMS_PER_CALL_MAX
+        with self._write() as db:
+            pairs = orjson.dumps([[c.scope, c.idempotency_key] for c in claims]).decode()
+            keys: dict[tuple[str, str], tuple] = {
+                (row[0], row[1]): row[2:] for row in db.execute(
+                    "SELECT k.scope, k.idempotency_key, k.fingerprint, k.state, k.owner, "
+                    "k.lease_until_ms, k.response FROM json_each(?) AS j JOIN key_claims AS k "
+                    "ON k.scope = json_extract(j.value, '$[0]') "
+                    "AND k.idempotency_key = json_extract(j.value, '$[1]')", (pairs,))}
+            nonces = orjson.dumps([c.nonce for c in claims if c.nonce is not None]).decode()
+            holders: dict[str, tuple[str, str]] = {
+                row[0]: (row[1], row[2]) for row in db.execute(
+                    "SELECT t.nonce, t.shop_id, t.idempotency_key FROM json_each(?) AS j "
+                    "JOIN token_uses AS t ON t.nonce = j.value", (nonces,))}
+            taken: set[tuple[str, str]] = set()
+            token_rows: list[tuple] = []
+            outcomes: list[bytes | None | ClaimRefused] = []
+            for claim in claims:
+                key = (claim.scope, claim.idempotency_key)
+                try:
+                    row = keys.get(key)
+                    if row is not None:
+                        done = _done_or_refused(
+                            claim, row, _live_owner if key in taken else partial(live, claim),
+                            take_over_other_body)
+                        if done is not None:
+                            outcomes.append(done.response)
+                            continue
+                    if claim.nonce is not None:
+                        holder = holders.get(claim.nonce)
+                        if holder is not None and holder != (claim.shop_id,
+                                                              claim.idempotency_key):
+                            raise ClaimRefused("token_used")
+                        if holder is None:
+                            holders[claim.nonce] = (str(claim.shop_id), claim.idempotency_key)
+                            token_rows.append(_token_row(claim))
+                except ClaimRefused as refused:
+                    outcomes.append(refused)
+                    continue
+                taken.add(key)
+                keys[key] = (claim.fingerprint, "pending", claim.owner, claim.lease_until_ms,
+                             None)
+                outcomes.append(None)
+            db.executemany(_INSERT_TOKEN_USE_SQL, token_rows)
+            db.executemany(_UPSERT_KEY_CLAIM_SQL, [
+                _key_claim_row(claim) for claim, outcome in zip(claims, outcomes, strict=True)
+                if outcome is None])
+        return outcomes
 
     def release(self, claim: Claim) -> None:
         """Free what a request claimed when it wrote nothing: the key and the token."""
@@ -381,6 +454,48 @@ class ApiStore:
                 removed += db.execute(f"DELETE FROM {table} WHERE created_ms < ?",
                                       (before_ms,)).rowcount
         return int(removed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    response: bytes | None
+
+
+def _done_or_refused(claim: Claim, row: tuple, live: Callable[[str], bool],
+                     take_over_other_body: bool) -> _Done | None:
+    """The claim's key is held (`row` of key_claims): its stored answer when done with
+    this body, None when the claim may take it over; else raises ClaimRefused."""
+    fingerprint, state, owner, lease_until_ms, response = row
+    if state == "done":
+        if fingerprint != claim.fingerprint:
+            raise ClaimRefused("idempotency_conflict")
+        return _Done(None if response is None else bytes(response))
+    if lease_until_ms > claim.now_ms and live(owner):
+        raise ClaimRefused("in_progress")
+    if fingerprint != claim.fingerprint and not take_over_other_body:
+        raise ClaimRefused("in_progress")
+    return None
+
+
+def _live_owner(owner: str) -> bool:
+    return True
+
+
+_INSERT_TOKEN_USE_SQL = "INSERT INTO token_uses VALUES (?, ?, ?, ?, ?, ?)"
+_UPSERT_KEY_CLAIM_SQL = (
+    "INSERT INTO key_claims VALUES (?, ?, ?, 'pending', ?, ?, NULL, ?) "
+    "ON CONFLICT (scope, idempotency_key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+    "owner = excluded.owner, lease_until_ms = excluded.lease_until_ms")
+
+
+def _token_row(claim: Claim) -> tuple:
+    return (claim.nonce, claim.user_id, claim.shop_id, claim.idempotency_key, claim.entry_id,
+            claim.now_ms)
+
+
+def _key_claim_row(claim: Claim) -> tuple:
+    return (claim.scope, claim.idempotency_key, claim.fingerprint, claim.owner,
+            claim.lease_until_ms, claim.now_ms)
 
 
 def _role_of(role: Role | str) -> Role:

@@ -10,6 +10,7 @@ reverses; the staff member and reason of an adjustment; the lot an expiry ends.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -91,6 +92,20 @@ def adjust_id(staff_id: str, key: str) -> str:
 
 def expire_id(user_id: str, lot_entry_id: str) -> str:
     return derive_id("expire", user_id, lot_entry_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemRequest:
+    """The arguments of one `Ledger.redeem`, for `Ledger.redeem_many`."""
+
+    user_id: str
+    points: int
+    shop_id: str
+    terminal_id: str
+    idempotency_key: str
+    ts_ms: int
+    request: str | None = None
+    points_per_day_max: int | None = None
 
 
 def redeem_draft(user_id: str, points: int, shop_id: str, terminal_id: str,

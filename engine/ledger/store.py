@@ -30,7 +30,7 @@ import orjson
 from engine.clock import TOKYO, iso_to_day
 from engine.config import SIGNING_KEY_ENV
 from engine.entries import Awards, EntryDraft
-from engine.errors import LedgerError, NotFound, RefundExceeds
+from engine.errors import GenkiError, LedgerError, NotFound, RefundExceeds
 from engine.faults import crash_point
 from engine.ledger import commands
 from engine.ledger.audit import commit_hashes, verify_ledger
@@ -513,16 +513,83 @@ class Ledger:
         with self._write() as db:
             stored = _entry_locked(db, draft.entry_id)
             if stored is not None:
-                sent = {"user_id": user_id, "points": points, "terminal_id": terminal_id,
-                        "request": request}
-                fields = commands.ref_fields(stored.ref)
-                known = {"user_id": stored.user_id, "points": -stored.points,
-                         "terminal_id": fields.get("terminal"), "request": fields.get("request")}
-                _raise_if_request_differs("idempotency key", idempotency_key, known, sent)
+                _raise_if_redeem_differs(stored, commands.RedeemRequest(
+                    user_id, points, shop_id, terminal_id, idempotency_key, ts_ms, request))
                 return stored
             if points_per_day_max is not None:
                 _check_day_redeemed(db, user_id, draft.day, points, points_per_day_max)
             return self._append_one_locked(db, draft)
+
+    def redeem_many(self, requests: Sequence[commands.RedeemRequest],
+                    ) -> list[Entry | GenkiError]:
+        """`redeem` for each request, in order, as one write: what each call would return
+        or raise (a refusal is returned in its place; the others go on).
+
+        One lookup of the entry ids, one of the balances, one chain and insert for the
+        batch (the API's group commit) instead of a transaction (or savepoint) each,
+        with the same entries, checks and refusals as the calls one by one (a test holds
+        them equal). A batch that repeats an entry id, or holds a request `redeem`
+        refuses before its lookup, is taken one by one.
+        """
+        _check_count(len(requests))
+        try:
+            drafts = [commands.redeem_draft(r.user_id, r.points, r.shop_id, r.terminal_id,
+                                            r.idempotency_key, r.ts_ms, r.request)
+                      for r in requests]
+            contents = normalise(drafts)
+        except GenkiError:
+            drafts = []
+        if not drafts or len({draft.entry_id for draft in drafts}) != len(drafts):
+            return [self._redeem_or_refusal(request) for request in requests]
+        with self._write() as db:
+            return self._redeem_many_locked(db, requests, contents)
+
+    def _redeem_or_refusal(self, request: commands.RedeemRequest) -> Entry | GenkiError:
+        try:
+            return self.redeem(request.user_id, request.points, request.shop_id,
+                               request.terminal_id, request.idempotency_key, request.ts_ms,
+                               request=request.request,
+                               points_per_day_max=request.points_per_day_max)
+        except GenkiError as error:
+            return error
+
+    def _redeem_many_locked(self, db: sqlite3.Connection,
+                            requests: Sequence[commands.RedeemRequest],
+                            contents: list[Content]) -> list[Entry | GenkiError]:
+        stored = _entries_locked(db, [content[0] for content in contents])
+        running = self._balances_locked(db, {content[1] for content in contents})
+        stored_on_day: dict[tuple[str, str | None], int] = {}
+        new_on_day: dict[tuple[str, str | None], int] = {}
+        outcomes: list[Entry | GenkiError | None] = []
+        new: list[Content] = []
+        for request, content in zip(requests, contents, strict=True):
+            user_id, points, day_key = content[1], request.points, (content[1], content[4])
+            try:
+                known = stored.get(content[0])
+                if known is not None:
+                    _raise_if_redeem_differs(known, request)
+                    outcomes.append(known)
+                    continue
+                if request.points_per_day_max is not None:
+                    if day_key not in stored_on_day:
+                        stored_on_day[day_key] = _day_redeemed(db, *day_key)
+                    _check_day_limit(user_id, content[4],
+                                     stored_on_day[day_key] + new_on_day.get(day_key, 0),
+                                     points, request.points_per_day_max)
+                if running[user_id] < points:
+                    raise Overdraft(user_id, running[user_id], points)
+            except GenkiError as error:
+                outcomes.append(error)
+                continue
+            running[user_id] -= points
+            new_on_day[day_key] = new_on_day.get(day_key, 0) + points
+            outcomes.append(None)
+            new.append(content)
+        if new:
+            appended = iter(self._append_locked(db, new, ids_checked=True).entries)
+            outcomes = [next(appended) if outcome is None else outcome for outcome in outcomes]
+            self._commit_locked(db, {})
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def refund(self, redemption_entry_id: str, points: int, idempotency_key: str, ts_ms: int,
                shop_id: str | None = None) -> Entry:
@@ -641,6 +708,11 @@ class Ledger:
         if found is None:
             raise NotFound(f"no ledger entry {entry_id}")
         return found
+
+    def entries(self, entry_ids: Sequence[str]) -> dict[str, Entry]:
+        """The stored entries among `entry_ids` (at most ID_LOOKUP_CHUNK_IDS), by id."""
+        with self._lock:
+            return _entries_locked(self._db, list(entry_ids))
 
     def current_flags(self, day: str | None = None) -> list[FlagEvent]:
         """Flags whose latest event (on or before `day`) raised them, with evidence."""
@@ -1041,11 +1113,37 @@ def _check_refunds(db: sqlite3.Connection, new: list[Content]) -> None:
 
 def _check_day_redeemed(db: sqlite3.Connection, user_id: str, day: str | None, points: int,
                         points_per_day_max: int) -> None:
-    redeemed = -int(db.execute(
+    _check_day_limit(user_id, day, _day_redeemed(db, user_id, day), points, points_per_day_max)
+
+
+def _day_redeemed(db: sqlite3.Connection, user_id: str, day: str | None) -> int:
+    return -int(db.execute(
         "SELECT COALESCE(SUM(points), 0) FROM entries WHERE user_id = ? AND kind = 'redeem' "
         "AND day = ?", (user_id, day)).fetchone()[0])
+
+
+def _check_day_limit(user_id: str, day: str | None, redeemed: int, points: int,
+                     points_per_day_max: int) -> None:
     if redeemed + points > points_per_day_max:
         raise DailyRedeemLimit(user_id, str(day), redeemed, points, points_per_day_max)
+
+
+def _entries_locked(db: sqlite3.Connection, entry_ids: list[str]) -> dict[str, Entry]:
+    """The stored entries among `entry_ids` (at most ID_LOOKUP_CHUNK_IDS), by id."""
+    assert len(entry_ids) <= ID_LOOKUP_CHUNK_IDS
+    return {row[1]: Entry.from_row(row) for row in db.execute(
+        f"SELECT {', '.join('e.' + c for c in ENTRY_COLUMNS)} FROM json_each(?) AS j "
+        "JOIN entries AS e ON e.entry_id = j.value", (orjson.dumps(entry_ids).decode(),))}
+
+
+def _raise_if_redeem_differs(stored: Entry, request: commands.RedeemRequest) -> None:
+    """A redemption's retry (same key) must be the same request; see Ledger.redeem."""
+    sent = {"user_id": request.user_id, "points": request.points,
+            "terminal_id": request.terminal_id, "request": request.request}
+    fields = commands.ref_fields(stored.ref)
+    known = {"user_id": stored.user_id, "points": -stored.points,
+             "terminal_id": fields.get("terminal"), "request": fields.get("request")}
+    _raise_if_request_differs("idempotency key", request.idempotency_key, known, sent)
 
 
 def _refunded(db: sqlite3.Connection, redemption_id: str) -> int:
