@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import os
 import re
@@ -431,6 +432,26 @@ def test_same_idempotency_key_with_another_body_is_422(server: Server, home: Pat
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@contextlib.contextmanager
+def traced_syncs(pid: int, trace: Path) -> Iterator[None]:
+    """The fdatasync/fsync calls of process `pid` (all threads, with file names) written
+    to `trace` while the block runs; skips the test where strace cannot attach."""
+    tracer = subprocess.Popen(["strace", "-f", "-y", "-e", "trace=fdatasync,fsync", "-o",
+                               str(trace), "-p", str(pid)], stderr=subprocess.PIPE, text=True)
+    assert tracer.stderr is not None
+    ready, _, _ = select.select([tracer.stderr], [], [], SERVER_START_S_MAX)
+    line = tracer.stderr.readline() if ready else ""
+    if "attached" not in line:  # "Process N attached with M threads"
+        tracer.kill()
+        tracer.wait()
+        pytest.skip(f"strace cannot attach here: {line!r}")
+    try:
+        yield
+    finally:
+        tracer.terminate()
+        tracer.communicate(timeout=SERVER_STOP_S_MAX)
+
+
 def test_a_batchs_token_claims_are_durable_before_its_redemptions(tmp_path: Path) -> None:
     """A power cut must not keep a redemption and forget the token use it claimed (the
     token would pass again with another key): the claims' WAL is fdatasynced, and that
@@ -441,21 +462,9 @@ def test_a_batchs_token_claims_are_durable_before_its_redemptions(tmp_path: Path
     running = Server(data_dir)
     try:
         tokens = [token_for(running, keys, "u1") for _ in range(3)]
-        tracer = subprocess.Popen(["strace", "-f", "-y", "-e", "trace=fdatasync,fsync", "-o",
-                                   str(trace), "-p", str(running.process.pid)],
-                                  stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        ready, _, _ = select.select([tracer.stderr], [], [], SERVER_START_S_MAX)
-        line = tracer.stderr.readline() if ready else ""
-        if "attached" not in line:  # "Process N attached with M threads"
-            tracer.kill()
-            tracer.wait()
-            pytest.skip(f"strace cannot attach here: {line!r}")
-        with running.client(keys["shop_a"]) as shop:
+        with traced_syncs(running.process.pid, trace), running.client(keys["shop_a"]) as shop:
             for index, token in enumerate(tokens):  # one batch each
                 assert redeem(shop, token, 10, f"k{index}").status_code == 201
-        tracer.terminate()
-        tracer.communicate(timeout=SERVER_STOP_S_MAX)
     finally:
         running.stop()
     synced = []  # per fdatasync of the ledger's WAL: claims synced since the one before

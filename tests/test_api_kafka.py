@@ -33,7 +33,7 @@ from tests.kafka_fixtures import (
     start_genki,
     wait_for,
 )
-from tests.test_api import Server, check_race, make_key, race_same_key
+from tests.test_api import Server, check_race, make_key, race_same_key, traced_syncs
 
 pytest_plugins = ["tests.kafka_fixtures"]
 
@@ -394,3 +394,19 @@ async def produce_to_every_partition(target: KafkaTarget, name: str, values: lis
                                              partition=partition)
     finally:
         await producer.stop()
+
+
+def test_a_kafka_mode_claim_is_durable_before_its_redemption_is_sent(
+        scenario: Scenario, tmp_path: Path) -> None:
+    """The owner applies what it receives; a power cut of the API's host must not forget
+    the token use behind it: each redemption's claims are fdatasynced before publishing."""
+    users = scenario.users[:2]
+    tokens = [token_for(scenario, user) for user in users]
+    trace = tmp_path / "trace.txt"
+    with traced_syncs(scenario.server.process.pid, trace):
+        for index, token in enumerate(tokens):
+            assert redeem(scenario, token, 1, f"durable-{index}").status_code == 201
+    claim_syncs = [line for line in trace.read_text().splitlines()
+                   if "fdatasync" in line and "api.sqlite-wal>" in line
+                   and not line.endswith("<unfinished ...>")]
+    assert len(claim_syncs) >= len(tokens)

@@ -525,7 +525,7 @@ class ApiService:
     async def _carry_out(self, job: Job) -> Reply:
         if self.redeemer.synchronous:
             return await self.batcher.submit(job)
-        prepared = await self._on_writer(self._prepare, job)
+        prepared = await self._on_writer(self._prepare_durably, job)
         if isinstance(prepared, Reply):
             return prepared
         try:
@@ -610,6 +610,14 @@ class ApiService:
         if isinstance(job, RedeemJob):
             return self._prepare_redeem(job)
         return job()
+
+    def _prepare_durably(self, job: Job) -> Reply | Command:
+        """Kafka mode: `_prepare`, and a command's claim made durable before it is sent
+        (a power cut must not forget a token use whose redemption the owner applies)."""
+        prepared = self._prepare(job)
+        if isinstance(prepared, Command):
+            self.store.sync()
+        return prepared
 
     def _prepare_or_error(self, job: Job) -> Reply | Command | BaseException:
         try:

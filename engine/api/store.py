@@ -21,7 +21,8 @@ survives a killed process); the embedded server's group commit then makes a
 batch's claims durable (`sync`, one fdatasync of the WAL) while it builds the
 ledger transaction, and waits for it before the ledger commits, so a power cut
 cannot keep a redemption and forget the token use it claimed (a token then
-used again with another key). Keys are managed with full fsync.
+used again with another key); in Kafka mode each command's claims are synced
+the same way before it is published. Keys are managed with full fsync.
 """
 
 from __future__ import annotations
