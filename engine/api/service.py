@@ -626,14 +626,11 @@ class ApiService:
             return error
 
     def _prepare_redeem(self, job: RedeemJob) -> Reply | Command:
-        if self._revoked_keys([job]):
-            raise _revoked(job.principal.key_id)
-        opened = self._open_redemption(job)
-        checked = self._check_redemption(opened, self.reads.entry(opened.token.user_id,
-                                                                  opened.entry_id))
-        if isinstance(checked, Reply):
-            return checked
-        return self._claimed(opened, checked, self._claim(checked))
+        """One redemption (Kafka mode): a batch of one, raising its refusal."""
+        (prepared,) = self._prepare_redemptions([job])
+        if isinstance(prepared, BaseException):
+            raise prepared
+        return prepared
 
     def _prepare_redemptions(self, jobs: list[Job]) -> list[Reply | Command | BaseException]:
         """`_prepare_redeem` for each, with one entry lookup and one claim write for all."""
