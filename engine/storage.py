@@ -108,8 +108,11 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
+WAL_BYTES_MAX = 64 * 1024 * 1024  # a big store's write-ahead log is checkpointed at this size
+
+
 def open_sqlite(path: Path, *, busy_wait_s_max: float, cache_kib: int | None = None,
-                durable: bool = True) -> sqlite3.Connection:
+                durable: bool = True, large_wal: bool = False) -> sqlite3.Connection:
     """A connection in autocommit mode (callers BEGIN IMMEDIATE themselves), WAL journal and
     synchronous=FULL: a committed transaction survives power loss, not just a crash.
 
@@ -117,6 +120,11 @@ def open_sqlite(path: Path, *, busy_wait_s_max: float, cache_kib: int | None = N
     costs no money: a commit then survives a killed process but skips the fsync.
     check_same_thread is off because pyarrow and the API hand a connection between threads;
     every caller uses a connection from one thread at a time.
+
+    `large_wal` checkpoints when the WAL holds WAL_BYTES_MAX instead of SQLite's 1,000
+    pages (4 MiB), and truncates it back to that size: for stores whose transactions
+    write more than 4 MiB (an ingest batch, a `genki run` chunk), which otherwise copy
+    every commit's pages into the file again.
     """
     if str(path) != ":memory:" and not str(path).startswith("file:"):
         _create_private(Path(path))
@@ -127,6 +135,10 @@ def open_sqlite(path: Path, *, busy_wait_s_max: float, cache_kib: int | None = N
         db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         if cache_kib is not None:
             db.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
+        if large_wal:
+            page_bytes = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA journal_size_limit = {WAL_BYTES_MAX}")
+            db.execute(f"PRAGMA wal_autocheckpoint = {WAL_BYTES_MAX // page_bytes}")
     except BaseException:
         db.close()
         raise

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,9 +190,11 @@ def workers_default() -> int:
 def _evaluate(data_dir: Path, rules_path: Path, position: int,
               window: tuple[str | None, str | None], workers: int,
               ) -> tuple[list[_ShareResult], tuple[Counter, Counter, Counter]]:
-    """The shares' what-ifs and the live ledger's tallies; with workers > 1 each share in
-    a fresh interpreter (`python -m replay.whatif`: nothing of this process is inherited)
-    while this one reads the ledger."""
+    """The shares' what-ifs and the live ledger's tallies. With workers > 1, shares 1..N-1
+    each run in a fresh interpreter (`python -m replay.whatif`: nothing of this process is
+    inherited) and share 0 in this one, which has its modules loaded already (a worker's
+    start-up is ~1 CPU s of imports), while a thread reads the live ledger (SQLite
+    releases the GIL while it aggregates)."""
     if workers == 1:
         shares = [_evaluate_share(data_dir, rules_path, position, window, None,
                                   LOG_RECORDS_PER_CHUNK)]
@@ -202,22 +205,24 @@ def _evaluate(data_dir: Path, rules_path: Path, position: int,
     processes = [subprocess.Popen(
         [sys.executable, "-m", "replay.whatif", str(data_dir), str(rules_path), str(position),
          window[0] or "", window[1] or "", str(index), str(workers)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for index in range(workers)]
-    try:
-        live = _live(data_dir, window)
-        shares = []
-        for process in processes:
-            out, err = process.communicate()
-            if process.returncode != 0:
-                raise GenkiError(f"whatif: a worker failed (exit {process.returncode}): "
-                                 f"{err.decode(errors='replace').strip()[-2000:]}")
-            shares.append(_ShareResult.of_json(out))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return shares, live
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for index in range(1, workers)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="genki-whatif-live") as pool:
+        try:
+            live = pool.submit(_live, data_dir, window)
+            shares = [_evaluate_share(data_dir, rules_path, position, window,
+                                      UserShare(0, workers), LOG_RECORDS_PER_CHUNK * workers)]
+            for process in processes:
+                out, err = process.communicate()
+                if process.returncode != 0:
+                    raise GenkiError(f"whatif: a worker failed (exit {process.returncode}): "
+                                     f"{err.decode(errors='replace').strip()[-2000:]}")
+                shares.append(_ShareResult.of_json(out))
+            return shares, live.result()
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
 
 
 def _share_main(argv: list[str]) -> None:

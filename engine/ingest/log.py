@@ -250,7 +250,9 @@ def exclusive_lock(path: Path) -> BinaryIO | None:
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    return open_sqlite(path, busy_wait_s_max=LOCK_WAIT_S_MAX)
+    # An ingest batch writes more than SQLite's 4 MiB checkpoint size (fleet ingest
+    # 8.5 -> 8.0 CPU s with the large WAL).
+    return open_sqlite(path, busy_wait_s_max=LOCK_WAIT_S_MAX, large_wal=True)
 
 
 class EmbeddedLog:

@@ -96,7 +96,6 @@ READ_ENTRIES_MAX = 200_000
 LOCK_WAIT_S_MAX = 30.0
 ID_LOOKUP_CHUNK_IDS = 50_000
 EXPIRY_USERS_PER_TRANSACTION = 500
-WAL_BYTES_MAX = 64 * 1024 * 1024
 CACHE_KIB = 65_536
 KEY_CACHE_USERS_MAX = 200_000
 REASON_CHARS_MAX = 500
@@ -151,17 +150,14 @@ class Ledger:
         signer = signer_for(data_dir, signing_key)
         path = data_dir / LEDGER_FILE_NAME
         try:
-            connection = open_sqlite(path, busy_wait_s_max=LOCK_WAIT_S_MAX, cache_kib=CACHE_KIB)
+            # A `genki run` chunk writes ~2,500 pages (the random entry-id index among them):
+            # checkpointing them after every commit doubled the commit's work (large_wal).
+            connection = open_sqlite(path, busy_wait_s_max=LOCK_WAIT_S_MAX, cache_kib=CACHE_KIB,
+                                     large_wal=True)
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"{path}: cannot open as a genki ledger: {error}") from error
         try:
             connection.execute("PRAGMA temp_store = MEMORY")
-            connection.execute(f"PRAGMA journal_size_limit = {WAL_BYTES_MAX}")
-            # Checkpoint when the WAL holds WAL_BYTES_MAX, not SQLite's 1,000 pages: a
-            # `genki run` chunk writes ~2,500 pages (the random entry-id index among them),
-            # and copying them into the file after every commit doubled the commit's work.
-            page_bytes = connection.execute("PRAGMA page_size").fetchone()[0]
-            connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_BYTES_MAX // page_bytes}")
             # Erased keys and links are overwritten with zeros, not left in free pages.
             connection.execute("PRAGMA secure_delete = ON")
             ledger = cls(connection, path, signer)
