@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 
-from engine.ingest.log import EmbeddedLog, SampleColumns
+from engine.ingest.log import ActivityColumns, EmbeddedLog, SampleColumns, UserShare
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 T0 = 1_764_547_200_000  # 2025-12-01T00:00:00Z
@@ -33,6 +34,10 @@ def _batch(rng: random.Random, batch: int) -> list[bytes]:
         lines.append(orjson.dumps({"v": 1, "event_id": f"e{batch}", "user_id": "W00001",
                                    "kind": "checkin", "ts_ms": T0 + batch * DAY_MS,
                                    "venue_id": "V1", "source": "app"}))
+    if rng.random() < 0.3:
+        lines.append(orjson.dumps({"v": 1, "event_id": f"m{batch}",
+                                   "user_id": f"W{rng.randint(1, 4):05d}", "kind": "meal",
+                                   "ts_ms": T0 + batch * DAY_MS + MINUTE_MS, "source": "app"}))
     if rng.random() < 0.2:
         lines.append(b"not json")
     return lines
@@ -74,3 +79,45 @@ def test_excluded_key_reads_leave_its_records_out_of_the_tail_too(data_dir: Path
         log.exclude_key("gw1", NOW_MS)
         assert log.read_samples(0, log.position()).ts_ms.tolist() == []
         assert np.array_equal(log.read_samples(0, 0).ts_ms, np.empty(0, np.int64))
+
+
+def test_stored_records_joined_by_sqlite_read_as_the_rows_one_by_one(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_samples takes SQLite's records as one aggregate row of joined columns; the row
+    by row reading it falls back to is the reference (wide float64 values, re-sends, shares
+    and random ranges included)."""
+    rng = random.Random(11)
+    with EmbeddedLog.open(data_dir) as log:
+        for batch in range(30):
+            log.ingest_lines(_batch(rng, batch), "test", 1, NOW_MS)
+        position = log.position()
+    ranges = [(0, position), *((lo, rng.randint(lo, position))
+                               for lo in (rng.randint(0, position) for _ in range(12)))]
+    shares: list[UserShare | None] = [None, UserShare(0, 2), UserShare(1, 2)]
+
+    def reads() -> tuple[list[tuple], list[tuple]]:
+        samples, activities = [], []
+        for share in shares:
+            with EmbeddedLog.open(data_dir, writer=False) as reader:
+                if share is not None:
+                    reader.read_share(share)
+                samples += [_as_tuple(reader.read_samples(lo, hi)) for lo, hi in ranges]
+                activities += [_activities_tuple(reader.read_activities(lo, hi))
+                               for lo, hi in ranges]
+        return samples, activities
+
+    joined = reads()
+    monkeypatch.setattr(EmbeddedLog, "_stored_columns", lambda *_: None)
+    monkeypatch.setattr(EmbeddedLog, "_stored_activity_columns", lambda *_: None)
+    assert joined == reads()
+    samples, activities = joined
+    assert any(len(read[3]) for read in samples)
+    assert any(value != float(np.float32(value)) for read in samples for value in read[4])
+    assert any(len(read[1]) > 1 for read in activities)
+    assert any(venue == "" for read in activities for venue in read[5])
+
+
+def _activities_tuple(cols: ActivityColumns) -> tuple:
+    return (cols.users, cols.user_idx.tolist(), cols.event_id, cols.kind.tolist(),
+            cols.ts_ms.tolist(), cols.venue_id, cols.wm_before_ms.tolist(),
+            [a.dtype.str for a in (cols.user_idx, cols.kind, cols.ts_ms, cols.wm_before_ms)])

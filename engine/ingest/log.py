@@ -21,6 +21,7 @@ import sqlite3
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -1012,15 +1013,20 @@ class EmbeddedLog:
                 self._recent.covers(after_seq, upto_seq) and not self._not_excluded("r.seq"):
             return self._recent.read(after_seq, upto_seq)
         parts = [] if archived is None else [_archived_records(archived)]
-        with gc_paused():  # a tuple per record, none in a cycle
-            rows = self._db.execute(
-                "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
-                " r.wm_before_ms FROM sample_records r WHERE r.seq > ? AND r.seq <= ?"
-                + self._share_streams_clause() + self._not_excluded("r.seq") + " ORDER BY r.seq",
-                (after_seq, upto_seq)).fetchall()
-            if rows:
-                parts.append(self._stored_records(rows))
-            del rows
+        where = (" WHERE r.seq > ? AND r.seq <= ?" + self._share_streams_clause()
+                 + self._not_excluded("r.seq"))
+        stored = self._stored_columns(where, (after_seq, upto_seq))
+        if stored is None:
+            with gc_paused():  # a tuple per record, none in a cycle
+                rows = self._db.execute(
+                    "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
+                    " r.wm_before_ms FROM sample_records r" + where + " ORDER BY r.seq",
+                    (after_seq, upto_seq)).fetchall()
+                if rows:
+                    stored = self._stored_records(rows)
+                del rows
+        if stored is not None:
+            parts.append(stored)
         if self._share is not None:
             parts = [part.only(self._share) for part in parts]
         return _sample_columns(parts)
@@ -1058,6 +1064,44 @@ class EmbeddedLog:
             return ""
         return (" AND (r.stream_id IN (SELECT stream_id FROM temp.share_streams)"
                 f" OR r.stream_id > {int(self._share_streams_max)})")
+
+    def _stored_columns(self, where: str, parameters: tuple[int, int]) -> _SampleRecords | None:
+        """The records `where` selects as columns from one aggregate row: SQLite joins each
+        column into one value (numbers as comma-separated text, blobs back to back), so no
+        Python object is made per record (a year's what-if read its records ~1.6x faster).
+
+        SQLite does not promise the order in which an aggregate sees its rows (a rowid
+        range scan gives seq order) and text of a blob is the blob's bytes only in a UTF-8
+        database, so the result is checked: seqs strictly rising and every blob's length
+        adding up. None when there is nothing, or when the check fails (the caller then
+        reads row by row, the reference path), or when a joined value would be too long.
+        """
+        try:
+            count, seq, stream, base, n, wide, wm_before, offsets, vals = self._db.execute(
+                "SELECT count(*), group_concat(r.seq), group_concat(r.stream_id),"
+                " group_concat(r.base_ts_ms), group_concat(r.n), group_concat(r.vals_f64),"
+                " group_concat(r.wm_before_ms), CAST(group_concat(r.ts_offsets, '') AS BLOB),"
+                " CAST(group_concat(r.vals, '') AS BLOB) FROM sample_records r" + where,
+                parameters).fetchone()
+        except sqlite3.DataError:  # a joined value over SQLite's length limit (1e9 bytes)
+            return None
+        if not count:
+            return None
+
+        def numbers(text: str) -> np.ndarray:
+            return np.fromstring(text, dtype=np.int64, sep=",")
+
+        seqs, counts, is_wide = numbers(seq), numbers(n), numbers(wide).astype(np.bool_)
+        in_order = len(seqs) == count and bool(np.all(seqs[1:] > seqs[:-1]))
+        if not in_order or len(offsets) != 4 * int(counts.sum()) or \
+                len(vals) != int(np.sum(counts * np.where(is_wide, 8, 4))):
+            return None
+        stream_ids = numbers(stream)
+        users, user_of_stream, metric_of_stream = self._stream_names(int(stream_ids.max()))
+        return _SampleRecords(
+            users, user_of_stream[stream_ids], metric_of_stream[stream_ids], numbers(base),
+            counts, numbers(wm_before), np.frombuffer(offsets, np.int32),
+            _values(np.frombuffer(vals, np.uint8), is_wide, counts))
 
     def _stored_records(self, rows: list[tuple]) -> _SampleRecords:
         """Rows of (stream_id, base_ts_ms, n, ts_offsets, vals, vals_f64, wm_before_ms)."""
@@ -1099,28 +1143,55 @@ class EmbeddedLog:
         return self._stream_cache
 
     def read_activities(self, after_seq: int, upto_seq: int) -> ActivityColumns:
-        columns = ["user_id", "event_id", "kind", "ts_ms", "venue_id", "wm_before_ms"]
-        archived = self._archived_table("activities", after_seq, upto_seq, columns)
+        names = ["user_id", "event_id", "kind", "ts_ms", "venue_id", "wm_before_ms"]
+        archived = self._archived_table("activities", after_seq, upto_seq, names)
         after_seq = max(after_seq, self.archived_through())
-        rows = self._db.execute(
-            "SELECT user_id, event_id, kind, ts_ms, venue_id, wm_before_ms FROM activity_records"
-            " WHERE seq > ? AND seq <= ?" + self._share_users_clause() + self._not_excluded("seq")
-            + " ORDER BY seq", (after_seq, upto_seq)).fetchall()
+        where = (" WHERE seq > ? AND seq <= ?" + self._share_users_clause()
+                 + self._not_excluded("seq"))
+        columns = self._stored_activity_columns(where, (after_seq, upto_seq))
+        if columns is None:  # row by row, the reference
+            rows = self._db.execute(
+                "SELECT user_id, event_id, kind, ts_ms, venue_id, wm_before_ms"
+                " FROM activity_records" + where + " ORDER BY seq",
+                (after_seq, upto_seq)).fetchall()
+            columns = _activity_columns(*([row[at] for row in rows] for at in range(len(names))))
         if archived is not None:
-            archived_rows = list(zip(*(archived.column(name).to_pylist() for name in columns),
-                                     strict=True))
+            before = [archived.column(name).to_pylist() for name in names]
             if self._share is not None:
-                archived_rows = [row for row in archived_rows if self._share.owns(row[0])]
-            rows = archived_rows + rows
+                owned = list(map(self._share.owns, before[0]))
+                before = [list(compress(column, owned)) for column in before]
+            old = _activity_columns(*before)
+            columns = (old[0] + columns[0], old[1] + columns[1],
+                       np.concatenate([old[2], columns[2]]), np.concatenate([old[3], columns[3]]),
+                       old[4] + columns[4], np.concatenate([old[5], columns[5]]))
+        users, event_ids, kinds, ts_ms, venue_ids, wm_before = columns
         user_index: dict[str, int] = {}
-        user_idx = np.fromiter((user_index.setdefault(r[0], len(user_index)) for r in rows),
-                               dtype=np.int32, count=len(rows))
-        return ActivityColumns(
-            users=list(user_index), user_idx=user_idx, event_id=[r[1] for r in rows],
-            kind=np.fromiter((r[2] for r in rows), dtype=np.int8, count=len(rows)),
-            ts_ms=np.fromiter((r[3] for r in rows), dtype=np.int64, count=len(rows)),
-            venue_id=[r[4] for r in rows],
-            wm_before_ms=np.fromiter((r[5] for r in rows), dtype=np.int64, count=len(rows)))
+        user_idx = np.fromiter((user_index.setdefault(u, len(user_index)) for u in users),
+                               dtype=np.int32, count=len(users))
+        return ActivityColumns(users=list(user_index), user_idx=user_idx, event_id=event_ids,
+                               kind=kinds, ts_ms=ts_ms, venue_id=venue_ids,
+                               wm_before_ms=wm_before)
+
+    def _stored_activity_columns(self, where: str, parameters: tuple[int, int],
+                                 ) -> _ActivityRecords | None:
+        """The activity records `where` selects as columns from one aggregate row (as
+        `_stored_columns`: ids joined by newlines, which no id holds, numbers by commas),
+        checked the same way; None when there is nothing or the check fails."""
+        count, seq, users, event_ids, kinds, ts_ms, venue_ids, wm_before = self._db.execute(
+            "SELECT count(*), group_concat(seq), group_concat(user_id, char(10)),"
+            " group_concat(event_id, char(10)), group_concat(kind), group_concat(ts_ms),"
+            " group_concat(venue_id, char(10)), group_concat(wm_before_ms)"
+            " FROM activity_records" + where, parameters).fetchone()
+        if not count:
+            return None
+        seqs = np.fromstring(seq, dtype=np.int64, sep=",")
+        if len(seqs) != count or not bool(np.all(seqs[1:] > seqs[:-1])):
+            return None
+        columns = _activity_columns(
+            users.split("\n"), event_ids.split("\n"), np.fromstring(kinds, np.int64, sep=","),
+            np.fromstring(ts_ms, np.int64, sep=","), venue_ids.split("\n"),
+            np.fromstring(wm_before, np.int64, sep=","))
+        return columns if all(len(column) == count for column in columns) else None
 
     def stored_sample_keys(self) -> dict[tuple[str, str, int], dict[int, float]]:
         """Every stored sample as {(user, device, metric): {ts_ms: value}} (tests, small logs)."""
@@ -1216,6 +1287,18 @@ class UserShare:
 
     def owns(self, user_id: str) -> bool:
         return zlib.crc32(user_id.encode()) % self.count == self.index
+
+
+_ActivityRecords = tuple[list[str], list[str], np.ndarray, np.ndarray, list[str], np.ndarray]
+
+
+def _activity_columns(users: list[str], event_ids: list[str], kinds: Sequence[int] | np.ndarray,
+                      ts_ms: Sequence[int] | np.ndarray, venue_ids: list[str],
+                      wm_before_ms: Sequence[int] | np.ndarray) -> _ActivityRecords:
+    """Activity records as (user ids, event ids, kind int8, ts_ms, venue ids, wm_before_ms)."""
+    return (users, event_ids, np.asarray(kinds, dtype=np.int8),
+            np.asarray(ts_ms, dtype=np.int64), venue_ids,
+            np.asarray(wm_before_ms, dtype=np.int64))
 
 
 @dataclass
