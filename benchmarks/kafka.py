@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine.kafka.client import consumer_settings
 from engine.kafka.combined import combined_ledger, partition_numbers
-from engine.kafka.keys import Keyring, add_key, load_keyring
+from engine.kafka.keys import KEYS_DIR_ENV, Keyring, add_key, load_keyring
 from engine.kafka.partition import PARTITION_DIR_PREFIX
 from engine.kafka.publish import Gateway
 from engine.kafka.topics import create_topics
@@ -560,6 +560,10 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="genki-bench-kafka-") as name:
         tmp = Path(name)
+        # The workers' record and wrap keys live with the run, not in the user's
+        # ~/.config/genki (where a real deployment's default keys would be); an explicit
+        # $GENKI_KEYS_DIR is kept.
+        os.environ.setdefault(KEYS_DIR_ENV, str(tmp / "keys"))
         simulate(tmp / "fleet", args.participants, args.app_users, args.days)
         lines = read_lines(tmp / "fleet")
         samples = samples_of(lines)
