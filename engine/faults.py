@@ -40,6 +40,8 @@ POINTS: dict[str, str] = {
     "ingest_after_batch": "a batch of input lines committed to the log, the next not yet stored",
     # Log archive (engine/ingest/log.py)
     "archive_before_commit": "archive Parquet files written, log rows not yet deleted",
+    "convert_legacy_before_commit": "a log's one-row-per-record samples written as blocks,"
+                                    " the rows not yet deleted nor committed",
 }
 _hits: dict[str, int] = {}
 

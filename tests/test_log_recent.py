@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
 
-from engine.ingest.log import ActivityColumns, EmbeddedLog, SampleColumns, UserShare
+from engine.faults import CRASH_ENV
+from engine.ingest.blocks import BLOCK_COLUMNS, SampleBlock
+from engine.ingest.log import LOG_FILE_NAME, ActivityColumns, EmbeddedLog, SampleColumns, UserShare
+from tests.conftest import genki_cmd
 
 NOW_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 T0 = 1_764_547_200_000  # 2025-12-01T00:00:00Z
@@ -81,35 +87,36 @@ def test_excluded_key_reads_leave_its_records_out_of_the_tail_too(data_dir: Path
         assert np.array_equal(log.read_samples(0, 0).ts_ms, np.empty(0, np.int64))
 
 
-def test_stored_records_joined_by_sqlite_read_as_the_rows_one_by_one(
-        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """read_samples takes SQLite's records as one aggregate row of joined columns; the row
-    by row reading it falls back to is the reference (wide float64 values, re-sends, shares
-    and random ranges included)."""
-    rng = random.Random(11)
+def _reads(data_dir: Path, ranges: list[tuple[int, int]]) -> tuple[list[tuple], list[tuple]]:
+    """Samples and activities of every range, for the whole log and for each of 2 shares."""
+    samples, activities = [], []
+    for share in [None, UserShare(0, 2), UserShare(1, 2)]:
+        with EmbeddedLog.open(data_dir, writer=False) as reader:
+            if share is not None:
+                reader.read_share(share)
+            samples += [_as_tuple(reader.read_samples(lo, hi)) for lo, hi in ranges]
+            activities += [_activities_tuple(reader.read_activities(lo, hi))
+                           for lo, hi in ranges]
+    return samples, activities
+
+
+def _random_log(data_dir: Path, rng: random.Random) -> list[tuple[int, int]]:
     with EmbeddedLog.open(data_dir) as log:
         for batch in range(30):
             log.ingest_lines(_batch(rng, batch), "test", 1, NOW_MS)
         position = log.position()
-    ranges = [(0, position), *((lo, rng.randint(lo, position))
-                               for lo in (rng.randint(0, position) for _ in range(12)))]
-    shares: list[UserShare | None] = [None, UserShare(0, 2), UserShare(1, 2)]
+    return [(0, position), *((lo, rng.randint(lo, position))
+                             for lo in (rng.randint(0, position) for _ in range(12)))]
 
-    def reads() -> tuple[list[tuple], list[tuple]]:
-        samples, activities = [], []
-        for share in shares:
-            with EmbeddedLog.open(data_dir, writer=False) as reader:
-                if share is not None:
-                    reader.read_share(share)
-                samples += [_as_tuple(reader.read_samples(lo, hi)) for lo, hi in ranges]
-                activities += [_activities_tuple(reader.read_activities(lo, hi))
-                               for lo, hi in ranges]
-        return samples, activities
 
-    joined = reads()
-    monkeypatch.setattr(EmbeddedLog, "_stored_columns", lambda *_: None)
+def test_activity_records_joined_by_sqlite_read_as_the_rows_one_by_one(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_activities takes SQLite's records as one aggregate row of joined columns; the
+    row by row reading it falls back to is the reference (shares, random ranges)."""
+    ranges = _random_log(data_dir, random.Random(11))
+    joined = _reads(data_dir, ranges)
     monkeypatch.setattr(EmbeddedLog, "_stored_activity_columns", lambda *_: None)
-    assert joined == reads()
+    assert joined == _reads(data_dir, ranges)
     samples, activities = joined
     assert any(len(read[3]) for read in samples)
     assert any(value != float(np.float32(value)) for read in samples for value in read[4])
@@ -117,7 +124,92 @@ def test_stored_records_joined_by_sqlite_read_as_the_rows_one_by_one(
     assert any(venue == "" for read in activities for venue in read[5])
 
 
+def _as_legacy_rows(path: Path) -> int:
+    """Rewrite a log's sample blocks as the one-row-per-record table an earlier version
+    wrote (the test plays that version); returns the records."""
+    db = sqlite3.connect(path)
+    rows = [record for row in db.execute(f"SELECT {BLOCK_COLUMNS} FROM sample_blocks")
+            for record in SampleBlock.of_row(row).records()]
+    db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   [(seq, stream, upload, base, n, offsets, vals, int(wide), wm)
+                    for seq, stream, upload, base, n, offsets, vals, wide, wm in rows])
+    db.execute("DELETE FROM sample_blocks")
+    db.commit()
+    db.close()
+    return len(rows)
+
+
+def test_a_log_of_one_row_per_record_reads_the_same_and_converts_once(data_dir: Path) -> None:
+    """Logs written before sample blocks (one sample_records row per record) read the same
+    samples, wide float64 values, shares and ranges included, before and after a writer
+    converts them to blocks; positions, stored samples and the seen index stay."""
+    ranges = _random_log(data_dir, random.Random(5))
+    with EmbeddedLog.open(data_dir, writer=False) as reader:
+        position, keys = reader.position(), reader.stored_sample_keys()
+        hot = reader.archive_summary()["hot_records"]
+    blocks = _reads(data_dir, ranges)
+    records = _as_legacy_rows(data_dir / LOG_FILE_NAME)
+    assert records > 30
+    with EmbeddedLog.open(data_dir, writer=False) as reader:  # not converted by a reader
+        assert reader.position() == position and reader.stored_sample_keys() == keys
+        assert reader.archive_summary()["hot_records"] == hot
+    assert _reads(data_dir, ranges) == blocks
+    with EmbeddedLog.open(data_dir) as writer:  # converted
+        assert writer.position() == position and writer.stored_sample_keys() == keys
+        assert writer.archive_summary()["hot_records"] == hot
+        again = writer.ingest_lines(_batch(random.Random(5), 0), "test", 1, NOW_MS)
+        assert again.accepted_samples == 0  # the seen index still knows every sample
+    assert _reads(data_dir, ranges) == blocks
+    db = sqlite3.connect(data_dir / LOG_FILE_NAME)
+    assert db.execute("SELECT count(*) FROM sample_records").fetchone()[0] == 0
+    assert db.execute("SELECT sum(records) FROM sample_blocks").fetchone()[0] == records
+    db.close()
+
+
+def test_kill_9_while_converting_leaves_the_rows_converted_at_the_next_open(
+        data_dir: Path, tmp_path: Path) -> None:
+    ranges = _random_log(data_dir, random.Random(3))
+    blocks = _reads(data_dir, ranges)
+    records = _as_legacy_rows(data_dir / LOG_FILE_NAME)
+    empty = tmp_path / "empty.ndjson"
+    empty.write_bytes(b"")
+    command = genki_cmd("ingest", "--data-dir", str(data_dir), str(empty))
+    crashed = subprocess.run(command, capture_output=True, check=False,
+                             env={**os.environ, CRASH_ENV: "convert_legacy_before_commit:1"})
+    assert crashed.returncode == -9
+    assert _reads(data_dir, ranges) == blocks  # the rows, still read as rows
+    subprocess.run(command, capture_output=True, check=True)
+    assert _reads(data_dir, ranges) == blocks
+    db = sqlite3.connect(data_dir / LOG_FILE_NAME)
+    assert db.execute("SELECT count(*), (SELECT sum(records) FROM sample_blocks)"
+                      " FROM sample_records").fetchone() == (0, records)
+    db.close()
+
+
 def _activities_tuple(cols: ActivityColumns) -> tuple:
     return (cols.users, cols.user_idx.tolist(), cols.event_id, cols.kind.tolist(),
             cols.ts_ms.tolist(), cols.venue_id, cols.wm_before_ms.tolist(),
             [a.dtype.str for a in (cols.user_idx, cols.kind, cols.ts_ms, cols.wm_before_ms)])
+
+
+def test_erasing_the_newest_records_keeps_the_position(data_dir: Path) -> None:
+    """The next record after an erasure gets a position after every earlier one, even when
+    the erased person's records were the newest (a run has read past them)."""
+    def segment(user: str, upload: str, minute: int) -> bytes:
+        return orjson.dumps({"v": 1, "upload_id": upload, "user_id": user, "device_id": "d",
+                             "metric": "steps", "unit": "count",
+                             "ts_ms": [T0 + minute * MINUTE_MS], "values": [5.0]})
+
+    with EmbeddedLog.open(data_dir) as log:
+        log.ingest_lines([segment("W00001", "u1", 0), segment("W00002", "u2", 0)], "t", 1, NOW_MS)
+        log.ingest_lines([segment("W00002", "u3", 1)], "t", 1, NOW_MS)
+        position = log.position()
+        assert log.erase_user("W00002")["samples"] == 2
+        assert log.position() == position
+        assert log.read_samples(0, position).ts_ms.tolist() == [T0]
+        log.ingest_lines([segment("W00001", "u4", 2)], "t", 1, NOW_MS)
+        assert log.position() == position + 1
+        assert log.read_samples(position, position + 1).ts_ms.tolist() == [T0 + 2 * MINUTE_MS]
+    with EmbeddedLog.open(data_dir, writer=False) as reader:
+        assert reader.stored_sample_keys() == {
+            ("W00001", "d", 0): {T0: 5.0, T0 + 2 * MINUTE_MS: 5.0}}

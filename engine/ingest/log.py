@@ -7,9 +7,11 @@ transaction together with its dead letters and counters, so a kill -9 leaves
 either the whole batch or none of it. Every record gets a position (`seq`) in
 one global arrival order; the pipeline reads from a position onward.
 
-Stored sample rows hold only the samples that were new, as int32 offsets from
+Stored sample records hold only the samples that were new, as int32 offsets from
 the first timestamp (segments span at most 7 days) and float32 values when
-that is lossless, float64 otherwise.
+that is lossless, float64 otherwise; a batch's records are one row of columns
+(`engine.ingest.blocks`). Logs written one row per record by an earlier version
+are converted when a writer opens them, and read as they are until then.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
-from operator import itemgetter
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
@@ -35,13 +36,22 @@ from engine.consent import LifecycleEvent, events_of_profile
 from engine.errors import GenkiError, UsageError
 from engine.faults import crash_point
 from engine.ingest.archive import ArchiveResult, archive_dir, drop_user, read_table, write_rows
+from engine.ingest.blocks import (
+    BLOCK_COLUMNS,
+    BLOCK_INSERT,
+    BLOCK_KEY_COLUMNS,
+    BLOCK_READ_COLUMNS,
+    BLOCK_SCHEMA,
+    LEGACY_COLUMNS,
+    SampleBlock,
+    new_sample_block,
+)
 from engine.ingest.decode import (
     DecodedBatch,
     Rejected,
     SegmentColumns,
     activity_kind_code,
     decode_lines,
-    gc_paused,
 )
 from engine.ingest.dedup import (
     LATE_WINDOW_DAYS_MIN,
@@ -69,6 +79,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS streams (
     stream_id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, device_id TEXT NOT NULL,
     metric INTEGER NOT NULL, UNIQUE (user_id, device_id, metric));
+-- One row per record: written by versions before sample blocks, converted on a writer's open.
 CREATE TABLE IF NOT EXISTS sample_records (
     seq INTEGER PRIMARY KEY, stream_id INTEGER NOT NULL, upload_id TEXT NOT NULL,
     base_ts_ms INTEGER NOT NULL, n INTEGER NOT NULL, ts_offsets BLOB NOT NULL,
@@ -104,7 +115,7 @@ CREATE TABLE IF NOT EXISTS excluded_keys (key_id TEXT PRIMARY KEY, excluded_ms I
 CREATE TABLE IF NOT EXISTS key_stats (
     key_id TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (key_id, name));
-""" + SEEN_SCHEMA
+""" + BLOCK_SCHEMA + SEEN_SCHEMA
 META_SEEN_WINDOW_DAYS = "seen_index.window_days"  # the window the index was pruned with
 
 log = logging.getLogger(__name__)
@@ -273,8 +284,9 @@ class EmbeddedLog:
         self._recent = RecentSamples()
         self._stream_cache: tuple[list[str], np.ndarray, np.ndarray] | None = None
         self._share: UserShare | None = None
-        self._share_streams_max = 0
+        self._share_owned: tuple[object, np.ndarray] | None = None  # (stream cache, mask)
         if lock_file is not None:
+            self._convert_legacy_rows()
             self._load_state()
 
     @classmethod
@@ -340,13 +352,48 @@ class EmbeddedLog:
             raise
 
     def _stored_timestamp_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        cursor = self._db.execute("SELECT stream_id, base_ts_ms, ts_offsets FROM sample_records")
+        for block in self._blocks(0, self.position()):
+            yield (np.repeat(block.stream_id, block.n),
+                   np.repeat(block.base_ts_ms, block.n) + block.ts_offsets)
+
+    def _convert_legacy_rows(self) -> None:
+        """Sample records an earlier version stored one row each become blocks of up to
+        SAMPLE_RECORDS_PER_READ_MAX records, same positions and bytes (once, one
+        transaction: a kill leaves the old rows, converted again at the next open)."""
+        if self._db.execute("SELECT 1 FROM sample_records LIMIT 1").fetchone() is None:
+            return
+        records, = self._db.execute("SELECT count(*) FROM sample_records").fetchone()
+        log.warning("converting %d sample records of %s to sample blocks; this happens once",
+                    records, self._db)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for block in self._legacy_blocks(0, self.position()):
+                self._db.execute(BLOCK_INSERT, block.row())
+            crash_point("convert_legacy_before_commit")
+            self._db.execute("DELETE FROM sample_records")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _legacy_blocks(self, after_seq: int, upto_seq: int) -> Iterator[SampleBlock]:
+        cursor = self._db.execute(f"SELECT {LEGACY_COLUMNS} FROM sample_records"
+                                  " WHERE seq > ? AND seq <= ? ORDER BY seq", (after_seq, upto_seq))
         while rows := cursor.fetchmany(SAMPLE_RECORDS_PER_READ_MAX):
-            counts = np.fromiter((len(r[2]) // 4 for r in rows), np.int64, count=len(rows))
-            streams = np.fromiter((r[0] for r in rows), np.int64, count=len(rows))
-            base = np.fromiter((r[1] for r in rows), np.int64, count=len(rows))
-            offsets = np.frombuffer(b"".join(r[2] for r in rows), np.int32).astype(np.int64)
-            yield np.repeat(streams, counts), np.repeat(base, counts) + offsets
+            yield SampleBlock.of_legacy_rows(rows)
+
+    def _blocks(self, after_seq: int, upto_seq: int,
+                columns: str = BLOCK_READ_COLUMNS) -> Iterator[SampleBlock]:
+        """The stored sample records at positions in (after_seq, upto_seq], in position
+        order, as blocks cut to the range (rows of an unconverted log first)."""
+        yield from self._legacy_blocks(after_seq, upto_seq)
+        rows = self._db.execute(
+            f"SELECT {columns} FROM sample_blocks WHERE first_seq >= coalesce("
+            "(SELECT max(first_seq) FROM sample_blocks WHERE first_seq <= ?1), 0)"
+            " AND first_seq <= ?2 AND last_seq > ?1 ORDER BY first_seq", (after_seq, upto_seq))
+        for row in rows:
+            block = SampleBlock.of_row(row)
+            yield block.take((block.seq > after_seq) & (block.seq <= upto_seq))
 
     def _prune_seen(self) -> None:
         """Drop index keys older than their user's late window (plus a margin) once the
@@ -378,6 +425,7 @@ class EmbeddedLog:
         """The highest log position written so far (0 when empty)."""
         row = self._db.execute(
             "SELECT max(coalesce((SELECT max(seq) FROM sample_records), 0),"
+            " coalesce((SELECT max(last_seq) FROM sample_blocks), 0),"
             " coalesce((SELECT max(seq) FROM activity_records), 0),"
             " coalesce((SELECT max(seq) FROM profile_records), 0),"
             " coalesce((SELECT max(seq) FROM consent_records), 0),"
@@ -566,20 +614,22 @@ class EmbeddedLog:
             kept, new_ts, new_values = record_of, ts, seg.values
         else:  # the record of each new sample (the records get positions), and the sample
             kept, new_ts, new_values = record_of[new], ts[new], seg.values[new]
-        rows, duplicates = _sample_rows(next_seq, kept, new_ts, new_values, stream_ids,
-                                        seg.upload_id, wm_before.tolist(), rejected.tolist())
-        self._db.executemany("INSERT INTO sample_records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        counts.duplicate_records += duplicates
+        block = new_sample_block(next_seq, kept, new_ts, new_values, stream_ids, seg.upload_id,
+                                 wm_before)
+        records = 0 if block is None else len(block)
+        if block is not None:
+            self._db.execute(BLOCK_INSERT, block.row())
+        counts.duplicate_records += len(seg) - int(np.count_nonzero(rejected)) - records
         counts.accepted_samples += n_new
         counts.duplicate_samples += int(np.count_nonzero(accepted)) - n_new
         watermarks = {(user, "samples"): int(after) for user, before, after
                       in zip(user_index, wm.tolist(), judged.wm_after_ms.tolist(), strict=True)
                       if after > before}
-        rank = np.cumsum(np.bincount(kept, minlength=len(seg)) > 0) - 1  # in _sample_rows order
+        rank = np.cumsum(np.bincount(kept, minlength=len(seg)) > 0) - 1  # in the block's order
         recent = (next_seq + rank[kept], streams.users, streams.user_code[kept],
                   np.asarray(seg.metric, np.int8)[kept], new_ts, new_values, wm_before[kept])
         staged = self._seen.stage(found.groups, found.new_grouped)
-        return staged, watermarks, next_seq + len(rows), recent
+        return staged, watermarks, next_seq + records, recent
 
     def _store_activities(self, decoded: DecodedBatch, counts: IngestCounts,
                           next_seq: int) -> tuple[dict, int]:
@@ -766,9 +816,12 @@ class EmbeddedLog:
         removed: dict[str, int] = {}
         db.execute("BEGIN IMMEDIATE")
         try:
-            removed["samples"] = db.execute(  # one pass over the table, however many streams
-                "DELETE FROM sample_records WHERE stream_id IN"
-                " (SELECT stream_id FROM streams WHERE user_id = ?)", (user_id,)).rowcount
+            # The position never goes back, even when the newest records were theirs: the
+            # next record must not take a position a run has already read past.
+            self._store_meta({"position_base": str(self.position())})
+            streams = np.array([stream for (stream,) in db.execute(
+                "SELECT stream_id FROM streams WHERE user_id = ?", (user_id,))], np.int64)
+            removed["samples"] = self._erase_streams(streams)
             db.execute("UPDATE streams SET user_id = '', device_id = 'erased:' || stream_id"
                        " WHERE user_id = ?", (user_id,))
             for kind, table in (("activities", "activity_records"),
@@ -796,6 +849,25 @@ class EmbeddedLog:
                 label = f"archived_{kind}"
                 removed[label] = removed.get(label, 0) + drop_user(
                     archive_dir(self.data_dir) / name, kind, user_id)
+        return removed
+
+    def _erase_streams(self, streams: np.ndarray) -> int:
+        """Delete the sample records of these streams (inside the caller's transaction):
+        each block holding one is written again without them. Returns records deleted."""
+        if not len(streams):
+            return 0
+        hits = [first for first, ids in self._db.execute(  # per-record columns only
+                "SELECT first_seq, stream_ids FROM sample_blocks")
+                if np.isin(np.frombuffer(ids, "<i8"), streams).any()]
+        removed = 0
+        for first in hits:
+            block = SampleBlock.of_row(self._db.execute(
+                f"SELECT {BLOCK_COLUMNS} FROM sample_blocks WHERE first_seq = ?",
+                (first,)).fetchone())
+            keep = ~np.isin(block.stream_id, streams)
+            removed += len(block) - int(np.count_nonzero(keep))
+            self._db.execute("DELETE FROM sample_blocks WHERE first_seq = ?", (first,))
+            self._db.execute(BLOCK_INSERT, block.take(keep).row())
         return removed
 
     # -- reading -------------------------------------------------------------
@@ -831,17 +903,20 @@ class EmbeddedLog:
         if not tables:
             return None
         table = pa.concat_tables(tables)
+        excluded = self._excluded_ranges()
+        if excluded is not None:
+            table = table.filter(pa.array(~_in_ranges(table.column("seq").to_numpy(), excluded)))
+        return table if table.num_rows else None
+
+    def _excluded_ranges(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(first, last) positions of the records of excluded keys, by first; None: none."""
         ranges = self._db.execute(
             "SELECT first_seq, last_seq FROM record_keys WHERE key_id IN"
             " (SELECT key_id FROM excluded_keys) ORDER BY first_seq").fetchall()
-        if ranges:
-            starts = np.array([r[0] for r in ranges], np.int64)
-            ends = np.array([r[1] for r in ranges], np.int64)
-            seqs = table.column("seq").to_numpy()
-            at = np.searchsorted(starts, seqs, side="right") - 1
-            hit = (at >= 0) & (seqs <= ends[np.maximum(at, 0)])
-            table = table.filter(pa.array(~hit))
-        return table if table.num_rows else None
+        if not ranges:
+            return None
+        return (np.array([r[0] for r in ranges], np.int64),
+                np.array([r[1] for r in ranges], np.int64))
 
     def archive(self, before_day: int, processed_position: int) -> ArchiveResult:
         """Move the longest prefix of log records that the ledger has processed, that lie
@@ -859,11 +934,11 @@ class EmbeddedLog:
         stop = min(stop, self._first_hot_seq(before_day) - 1)
         if stop <= start:
             return ArchiveResult(start, 0, 0)
-        samples = self._db.execute(
-            "SELECT r.seq, r.stream_id, s.user_id, s.device_id, s.metric, r.upload_id,"
-            " r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64, r.wm_before_ms"
-            " FROM sample_records r JOIN streams s USING (stream_id)"
-            " WHERE r.seq > ? AND r.seq <= ? ORDER BY r.seq", (start, stop)).fetchall()
+        names = {stream: (user, device, metric) for stream, user, device, metric in
+                 self._db.execute("SELECT stream_id, user_id, device_id, metric FROM streams")}
+        samples = [(seq, stream, *names[stream], upload, base, n, offsets, vals, int(wide), wm)
+                   for block in self._blocks(start, stop, BLOCK_COLUMNS)
+                   for seq, stream, upload, base, n, offsets, vals, wide, wm in block.records()]
         activities = self._db.execute(
             "SELECT seq, event_id, user_id, kind, ts_ms, venue_id, source, wm_before_ms, body"
             " FROM activity_records WHERE seq > ? AND seq <= ? ORDER BY seq",
@@ -878,6 +953,13 @@ class EmbeddedLog:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.execute("DELETE FROM sample_records WHERE seq > ? AND seq <= ?", (start, stop))
+            straddling = self._db.execute(  # its records after stop stay
+                f"SELECT {BLOCK_COLUMNS} FROM sample_blocks WHERE first_seq <= ? AND last_seq > ?",
+                (stop, stop)).fetchone()
+            self._db.execute("DELETE FROM sample_blocks WHERE first_seq <= ?", (stop,))
+            if straddling is not None:
+                block = SampleBlock.of_row(straddling)
+                self._db.execute(BLOCK_INSERT, block.take(block.seq > stop, stop + 1).row())
             self._db.execute("DELETE FROM activity_records WHERE seq > ? AND seq <= ?",
                              (start, stop))
             self._db.executemany("INSERT INTO archives VALUES (?, ?, ?, ?, ?)", files)
@@ -894,12 +976,7 @@ class EmbeddedLog:
         before_day, or inside its person's late window (plus a margin)."""
         window_ms = (self.late_window_days_max() + SEEN_MARGIN_DAYS + 1) * DAY_MS
         before_ms = before_day * DAY_MS - TOKYO_OFFSET_MS
-        span_ms = SEGMENT_SPAN_MS_MAX
-        sample = self._db.execute(
-            "SELECT min(r.seq) FROM sample_records r JOIN streams s USING (stream_id)"
-            " LEFT JOIN watermarks w ON w.user_id = s.user_id AND w.kind = 'samples'"
-            " WHERE r.base_ts_ms + ? >= ? OR w.wm_ms IS NULL OR r.base_ts_ms + ? >= w.wm_ms - ?",
-            (span_ms, before_ms, span_ms, window_ms)).fetchone()[0]
+        sample = self._first_hot_sample_seq(before_ms, window_ms)
         activity = self._db.execute(
             "SELECT min(a.seq) FROM activity_records a LEFT JOIN watermarks w"
             " ON w.user_id = a.user_id AND w.kind = 'activities'"
@@ -908,10 +985,33 @@ class EmbeddedLog:
         found = [seq for seq in (sample, activity) if seq is not None]
         return min(found) if found else self.position() + 1
 
+    def _first_hot_sample_seq(self, before_ms: int, window_ms: int) -> int | None:
+        """The first sample record that may hold data on or after before_ms (its base plus
+        the longest span) or inside its person's late window; None: no such record."""
+        streams = self._db.execute("SELECT stream_id, user_id FROM streams").fetchall()
+        size = max((stream for stream, _ in streams), default=0) + 1
+        always = np.ones(size, bool)  # no sample watermark (yet): hot
+        limit = np.zeros(size, np.int64)
+        for stream, user in streams:
+            wm = self._watermarks.get((user, "samples"))
+            if wm is not None:
+                always[stream], limit[stream] = False, wm - window_ms
+        span_ms = SEGMENT_SPAN_MS_MAX  # a writer's log holds no unconverted rows
+        for _, seq_bytes, id_bytes, base_bytes in self._db.execute(
+                f"SELECT {BLOCK_KEY_COLUMNS} FROM sample_blocks ORDER BY first_seq"):
+            seqs, ids = np.frombuffer(seq_bytes, "<i8"), np.frombuffer(id_bytes, "<i8")
+            base = np.frombuffer(base_bytes, "<i8")
+            hot = (base + span_ms >= before_ms) | always[ids] | (base + span_ms >= limit[ids])
+            if hot.any():
+                return int(seqs[int(np.argmax(hot))])
+        return None
+
     def archive_summary(self) -> dict[str, int]:
         """Hot vs archived: records in SQLite, records and bytes in the archive."""
         hot = sum(int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
                   for table in ("sample_records", "activity_records"))
+        hot += int(self._db.execute(
+            "SELECT coalesce(sum(records), 0) FROM sample_blocks").fetchone()[0])
         rows, = self._db.execute("SELECT coalesce(sum(rows), 0) FROM archives").fetchone()
         size = 0
         if self.data_dir is not None:
@@ -1013,22 +1113,11 @@ class EmbeddedLog:
                 self._recent.covers(after_seq, upto_seq) and not self._not_excluded("r.seq"):
             return self._recent.read(after_seq, upto_seq)
         parts = [] if archived is None else [_archived_records(archived)]
-        where = (" WHERE r.seq > ? AND r.seq <= ?" + self._share_streams_clause()
-                 + self._not_excluded("r.seq"))
-        stored = self._stored_columns(where, (after_seq, upto_seq))
-        if stored is None:
-            with gc_paused():  # a tuple per record, none in a cycle
-                rows = self._db.execute(
-                    "SELECT r.stream_id, r.base_ts_ms, r.n, r.ts_offsets, r.vals, r.vals_f64,"
-                    " r.wm_before_ms FROM sample_records r" + where + " ORDER BY r.seq",
-                    (after_seq, upto_seq)).fetchall()
-                if rows:
-                    stored = self._stored_records(rows)
-                del rows
-        if stored is not None:
-            parts.append(stored)
         if self._share is not None:
             parts = [part.only(self._share) for part in parts]
+        stored = self._stored_records(after_seq, upto_seq)
+        if stored is not None:
+            parts.append(stored)
         return _sample_columns(parts)
 
     def read_share(self, share: UserShare) -> None:
@@ -1037,11 +1126,6 @@ class EmbeddedLog:
         assert self._share is None, "a log reads one share"
         self._share = share
         self._db.create_function("genki_share_owns", 1, share.owns, deterministic=True)
-        known = self._db.execute("SELECT stream_id, user_id FROM streams").fetchall()
-        self._db.execute("CREATE TEMP TABLE share_streams (stream_id INTEGER PRIMARY KEY)")
-        self._db.executemany("INSERT INTO temp.share_streams VALUES (?)",
-                             [(stream,) for stream, user in known if share.owns(user)])
-        self._share_streams_max = max((stream for stream, _ in known), default=0)
         users = {user for (user,) in self._db.execute(
             "SELECT user_id FROM watermarks WHERE kind = 'activities'")}
         self._db.execute("CREATE TEMP TABLE share_users"
@@ -1057,74 +1141,43 @@ class EmbeddedLog:
         return (" AND coalesce((SELECT owned FROM temp.share_users u"
                 " WHERE u.user_id = activity_records.user_id), genki_share_owns(user_id))")
 
-    def _share_streams_clause(self) -> str:
-        """Records of the share's streams (and of streams newer than the share: filtered
-        exactly after the read)."""
-        if self._share is None:
-            return ""
-        return (" AND (r.stream_id IN (SELECT stream_id FROM temp.share_streams)"
-                f" OR r.stream_id > {int(self._share_streams_max)})")
-
-    def _stored_columns(self, where: str, parameters: tuple[int, int]) -> _SampleRecords | None:
-        """The records `where` selects as columns from one aggregate row: SQLite joins each
-        column into one value (numbers as comma-separated text, blobs back to back), so no
-        Python object is made per record (a year's what-if read its records ~1.6x faster).
-
-        SQLite does not promise the order in which an aggregate sees its rows (a rowid
-        range scan gives seq order) and text of a blob is the blob's bytes only in a UTF-8
-        database, so the result is checked: seqs strictly rising and every blob's length
-        adding up. None when there is nothing, or when the check fails (the caller then
-        reads row by row, the reference path), or when a joined value would be too long.
-        """
-        try:
-            count, seq, stream, base, n, wide, wm_before, offsets, vals = self._db.execute(
-                "SELECT count(*), group_concat(r.seq), group_concat(r.stream_id),"
-                " group_concat(r.base_ts_ms), group_concat(r.n), group_concat(r.vals_f64),"
-                " group_concat(r.wm_before_ms), CAST(group_concat(r.ts_offsets, '') AS BLOB),"
-                " CAST(group_concat(r.vals, '') AS BLOB) FROM sample_records r" + where,
-                parameters).fetchone()
-        except sqlite3.DataError:  # a joined value over SQLite's length limit (1e9 bytes)
-            return None
-        if not count:
+    def _stored_records(self, after_seq: int, upto_seq: int) -> _SampleRecords | None:
+        """The hot records at positions in (after_seq, upto_seq] (of the share, without
+        excluded keys') as columns; None when there are none."""
+        excluded = self._excluded_ranges()
+        blocks = []
+        for block in self._blocks(after_seq, upto_seq):
+            keep = np.ones(len(block), bool)
+            if self._share is not None and len(block):
+                keep &= self._owned_streams(int(block.stream_id.max()))[block.stream_id]
+            if excluded is not None:
+                keep &= ~_in_ranges(block.seq, excluded)
+            block = block.take(keep)
+            if len(block):
+                blocks.append(block)
+        if not blocks:
             return None
 
-        def numbers(text: str) -> np.ndarray:
-            return np.fromstring(text, dtype=np.int64, sep=",")
+        def cat(name: str) -> np.ndarray:
+            arrays = [getattr(block, name) for block in blocks]
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
-        seqs, counts, is_wide = numbers(seq), numbers(n), numbers(wide).astype(np.bool_)
-        in_order = len(seqs) == count and bool(np.all(seqs[1:] > seqs[:-1]))
-        if not in_order or len(offsets) != 4 * int(counts.sum()) or \
-                len(vals) != int(np.sum(counts * np.where(is_wide, 8, 4))):
-            return None
-        stream_ids = numbers(stream)
+        stream_ids = cat("stream_id")
         users, user_of_stream, metric_of_stream = self._stream_names(int(stream_ids.max()))
         return _SampleRecords(
-            users, user_of_stream[stream_ids], metric_of_stream[stream_ids], numbers(base),
-            counts, numbers(wm_before), np.frombuffer(offsets, np.int32),
-            _values(np.frombuffer(vals, np.uint8), is_wide, counts))
+            users, user_of_stream[stream_ids], metric_of_stream[stream_ids], cat("base_ts_ms"),
+            cat("n").astype(np.int64), cat("wm_before_ms"), cat("ts_offsets"),
+            np.concatenate([block.values() for block in blocks]))
 
-    def _stored_records(self, rows: list[tuple]) -> _SampleRecords:
-        """Rows of (stream_id, base_ts_ms, n, ts_offsets, vals, vals_f64, wm_before_ms)."""
-        n = len(rows)
-
-        def column(at: int, dtype: type) -> np.ndarray:
-            return np.fromiter(map(itemgetter(at), rows), dtype, count=n)
-
-        stream_ids, counts, wide = column(0, np.int64), column(2, np.int64), column(5, np.bool_)
-        users, user_of_stream, metric_of_stream = self._stream_names(int(stream_ids.max()))
-        if wide.any():
-            value = np.empty(int(counts.sum()), np.float64)
-            per_sample_wide = np.repeat(wide, counts)
-            value[~per_sample_wide] = np.frombuffer(
-                b"".join([rows[i][4] for i in np.flatnonzero(~wide).tolist()]), np.float32)
-            value[per_sample_wide] = np.frombuffer(
-                b"".join([rows[i][4] for i in np.flatnonzero(wide).tolist()]), np.float64)
-        else:
-            value = np.frombuffer(b"".join(map(itemgetter(4), rows)), np.float32).astype(np.float64)
-        return _SampleRecords(
-            users, user_of_stream[stream_ids], metric_of_stream[stream_ids], column(1, np.int64),
-            counts, column(6, np.int64),
-            np.frombuffer(b"".join(map(itemgetter(3), rows)), np.int32), value)
+    def _owned_streams(self, stream_id_max: int) -> np.ndarray:
+        """bool per stream id: its person is in the share being read."""
+        assert self._share is not None
+        cache = self._stream_names(stream_id_max)
+        if self._share_owned is None or self._share_owned[0] is not cache:
+            users, user_of_stream, _ = cache
+            owned = np.fromiter(map(self._share.owns, users), bool, count=len(users))
+            self._share_owned = (cache, np.append(owned, False)[user_of_stream])  # -1: none
+        return self._share_owned[1]
 
     def _stream_names(self, stream_id_max: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(user ids, user code per stream id, metric per stream id), read once and again
@@ -1175,8 +1228,12 @@ class EmbeddedLog:
     def _stored_activity_columns(self, where: str, parameters: tuple[int, int],
                                  ) -> _ActivityRecords | None:
         """The activity records `where` selects as columns from one aggregate row (as
-        `_stored_columns`: ids joined by newlines, which no id holds, numbers by commas),
-        checked the same way; None when there is nothing or the check fails."""
+        columns: ids joined by newlines, which no id holds, numbers by commas), so no
+        Python object is made per record. SQLite does not promise the order in which an
+        aggregate sees its rows (a rowid range scan gives seq order), so the result is
+        checked: seqs strictly rising and every column as long as the count. None when
+        there is nothing or the check fails (the caller then reads row by row, the
+        reference)."""
         count, seq, users, event_ids, kinds, ts_ms, venue_ids, wm_before = self._db.execute(
             "SELECT count(*), group_concat(seq), group_concat(user_id, char(10)),"
             " group_concat(event_id, char(10)), group_concat(kind), group_concat(ts_ms),"
@@ -1195,16 +1252,16 @@ class EmbeddedLog:
 
     def stored_sample_keys(self) -> dict[tuple[str, str, int], dict[int, float]]:
         """Every stored sample as {(user, device, metric): {ts_ms: value}} (tests, small logs)."""
+        names = {stream: (user, device, metric) for stream, user, device, metric in
+                 self._db.execute("SELECT stream_id, user_id, device_id, metric FROM streams")}
         result: dict[tuple[str, str, int], dict[int, float]] = {}
-        for user, device, metric, base, offsets, vals, f64 in self._db.execute(
-                "SELECT s.user_id, s.device_id, s.metric, r.base_ts_ms, r.ts_offsets, r.vals,"
-                " r.vals_f64 FROM sample_records r JOIN streams s USING (stream_id)"):
-            ts = base + np.frombuffer(offsets, dtype=np.int32).astype(np.int64)
-            values = np.frombuffer(vals, dtype=np.float64 if f64 else np.float32)
-            stream = result.setdefault((user, device, metric), {})
-            for t, v in zip(ts.tolist(), values.tolist(), strict=True):
-                assert t not in stream, "a sample is stored twice"
-                stream[t] = v
+        for block in self._blocks(0, self.position()):
+            ts = (np.repeat(block.base_ts_ms, block.n) + block.ts_offsets).tolist()
+            for stream, t, v in zip(np.repeat(block.stream_id, block.n).tolist(), ts,
+                                    block.values().tolist(), strict=True):
+                samples = result.setdefault(names[stream], {})
+                assert t not in samples, "a sample is stored twice"
+                samples[t] = v
         return result
 
 
@@ -1238,40 +1295,6 @@ class _BatchStreams:
 
 _NO_RECENT: tuple = (np.empty(0, np.int64), [], np.empty(0, np.int64), np.empty(0, np.int8),
                      np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64))
-
-
-def _sample_rows(first_seq: int, record: np.ndarray, ts: np.ndarray, values: np.ndarray,
-                 stream_ids: np.ndarray, upload_ids: list[str], wm_before: list[int],
-                 too_late: list[bool]) -> tuple[list[tuple], int]:
-    """Rows of sample_records for the new samples (grouped by record, arrival order).
-
-    Returns the rows and how many accepted records brought no new sample.
-    """
-    n_new = np.bincount(record, minlength=len(stream_ids))
-    has_new = np.flatnonzero(n_new)
-    ends = np.cumsum(n_new[has_new])
-    starts = ends - n_new[has_new]
-    base = np.minimum.reduceat(ts, starts) if len(ts) else np.empty(0, dtype=np.int64)
-    offsets = (ts - np.repeat(base, n_new[has_new])).astype(np.int32).tobytes()
-    narrow = values.astype(np.float32)
-    exact = narrow.astype(np.float64) == values
-    lossless = np.logical_and.reduceat(exact, starts) if len(ts) else np.empty(0, dtype=bool)
-    narrow_bytes = narrow.tobytes()
-    at = has_new.tolist()
-    spans = list(map(slice, (4 * starts).tolist(), (4 * ends).tolist()))  # of 4-byte items
-    if lossless.all():
-        vals = list(map(narrow_bytes.__getitem__, spans))
-    else:
-        wide_bytes = values.tobytes()
-        vals = [narrow_bytes[span] if ok else wide_bytes[2 * span.start:2 * span.stop]
-                for span, ok in zip(spans, lossless.tolist(), strict=True)]
-    rows = list(zip(
-        range(first_seq, first_seq + len(at)), stream_ids[has_new].tolist(),
-        list(map(upload_ids.__getitem__, at)), base.tolist(), n_new[has_new].tolist(),
-        list(map(offsets.__getitem__, spans)), vals, (~lossless).astype(np.int64).tolist(),
-        list(map(wm_before.__getitem__, at)), strict=True))
-    accepted_records = len(stream_ids) - sum(too_late)
-    return rows, accepted_records - len(has_new)
 
 
 @dataclass(frozen=True)
@@ -1335,6 +1358,13 @@ def _values(data: np.ndarray, wide: np.ndarray, counts: np.ndarray) -> np.ndarra
     value[~per_sample_wide] = np.frombuffer(data[~per_byte_wide], np.float32)
     value[per_sample_wide] = np.frombuffer(data[per_byte_wide], np.float64)
     return value
+
+
+def _in_ranges(seqs: np.ndarray, ranges: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """bool per seq: inside one of the (first, last) ranges, sorted by first."""
+    starts, ends = ranges
+    at = np.searchsorted(starts, seqs, side="right") - 1
+    return (at >= 0) & (seqs <= ends[np.maximum(at, 0)])
 
 
 def _binary_bytes(column: pa.ChunkedArray) -> np.ndarray:

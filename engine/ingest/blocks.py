@@ -1,0 +1,203 @@
+"""Sample blocks: the stored form of sample records, one SQLite row per batch.
+
+Each ingest batch stores its new samples as one row of `sample_blocks` holding every
+record of the batch as columns (before: one row per record, whose count, not its bytes,
+cost most of ingest's inserts and of every read's row stepping). A record keeps its own
+log position (`seq`), stream, upload id and watermark, so reads, dedup, erasure and the
+archive see the same records as before; only the container changed.
+
+Byte layout of a row (every number little-endian; `k` records, `m` samples):
+
+| column        | type    | content                                                   |
+|---------------|---------|-----------------------------------------------------------|
+| first_seq     | INTEGER | primary key: the lowest position the block may hold        |
+| last_seq      | INTEGER | the highest position the block may hold                    |
+| records       | INTEGER | k (the records it holds now)                               |
+| seqs          | BLOB    | k int64: each record's position, strictly rising           |
+| stream_ids    | BLOB    | k int64: each record's (user, device, metric) stream        |
+| base_ts_ms    | BLOB    | k int64: each record's first sample time (Unix ms)          |
+| n             | BLOB    | k int32: samples per record (at least 1)                    |
+| vals_f64      | BLOB    | k uint8: 1 = the record's values are float64, 0 = float32   |
+| wm_before_ms  | BLOB    | k int64: its user's sample watermark before it (-1: none)   |
+| ts_offsets    | BLOB    | m int32: ms after the record's base, record after record    |
+| vals          | BLOB    | each record's values, 4 bytes (float32, when every value of |
+|               |         | the record is exact in it) or 8 bytes (float64) each        |
+| upload_ids    | TEXT    | k upload ids joined by "\\n" (no id holds one)              |
+
+A record's samples and bytes are exactly those of the old per-record row, so the
+archive's Parquet rows are unchanged. [first_seq, last_seq] is the range of positions
+the batch was given; erasure and archiving take records out without moving the end of
+the range, so blocks never overlap and the log's position never goes back. Per-record
+columns come first and the two large ones last, so a scan that needs only the former
+(the archive's hot-record search, erasure) does not read the samples' pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+
+BLOCK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sample_blocks (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, records INTEGER NOT NULL,
+    seqs BLOB NOT NULL, stream_ids BLOB NOT NULL, base_ts_ms BLOB NOT NULL, n BLOB NOT NULL,
+    vals_f64 BLOB NOT NULL, wm_before_ms BLOB NOT NULL, ts_offsets BLOB NOT NULL,
+    vals BLOB NOT NULL, upload_ids TEXT NOT NULL);
+"""
+BLOCK_COLUMNS = ("first_seq, last_seq, records, seqs, stream_ids, base_ts_ms, n, vals_f64,"
+                 " wm_before_ms, ts_offsets, vals, upload_ids")
+# What a read of samples needs: everything but the upload ids (which come last).
+BLOCK_READ_COLUMNS = ("first_seq, last_seq, records, seqs, stream_ids, base_ts_ms, n,"
+                      " vals_f64, wm_before_ms, ts_offsets, vals")
+BLOCK_INSERT = "INSERT INTO sample_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# The per-record columns a record's position and stream can be judged by.
+BLOCK_KEY_COLUMNS = "first_seq, seqs, stream_ids, base_ts_ms"
+
+_I8, _I4, _U1 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("u1")
+# A legacy row of sample_records (one row per record), in this column order.
+LEGACY_COLUMNS = ("seq, stream_id, upload_id, base_ts_ms, n, ts_offsets, vals, vals_f64,"
+                  " wm_before_ms")
+
+
+@dataclass(frozen=True)
+class SampleBlock:
+    """Sample records as columns (see the module docstring for the stored bytes)."""
+
+    first_seq: int
+    last_seq: int
+    seq: np.ndarray  # int64 per record
+    stream_id: np.ndarray  # int64 per record
+    base_ts_ms: np.ndarray  # int64 per record
+    n: np.ndarray  # int32 per record
+    wide: np.ndarray  # bool per record: values stored as float64
+    wm_before_ms: np.ndarray  # int64 per record
+    ts_offsets: np.ndarray  # int32 per sample
+    vals: np.ndarray  # uint8: each record's value bytes
+    upload_text: str | None  # upload ids joined by newlines (None: not read)
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    @property
+    def widths(self) -> np.ndarray:
+        """Value bytes per record."""
+        return self.n.astype(np.int64) * np.where(self.wide, 8, 4)
+
+    @property
+    def upload_ids(self) -> list[str]:
+        assert self.upload_text is not None, "read without its upload ids"
+        return self.upload_text.split("\n") if len(self.seq) else []
+
+    def values(self) -> np.ndarray:
+        """float64 per sample."""
+        if not self.wide.any():
+            return self.vals.view(np.float32).astype(np.float64)
+        value = np.empty(int(self.n.sum()), np.float64)
+        per_sample_wide = np.repeat(self.wide, self.n)
+        per_byte_wide = np.repeat(self.wide, self.widths)
+        value[~per_sample_wide] = self.vals[~per_byte_wide].view(np.float32)
+        value[per_sample_wide] = self.vals[per_byte_wide].view(np.float64)
+        return value
+
+    def take(self, keep: np.ndarray, first_seq: int | None = None) -> SampleBlock:
+        """The records where `keep` (bool per record), in the same range unless
+        `first_seq` moves its start."""
+        if keep.all() and first_seq is None:
+            return self
+        uploads = None
+        if self.upload_text is not None:
+            uploads = "\n".join(u for u, k in zip(self.upload_ids, keep.tolist(), strict=True)
+                                if k)
+        return SampleBlock(
+            self.first_seq if first_seq is None else first_seq, self.last_seq, self.seq[keep],
+            self.stream_id[keep], self.base_ts_ms[keep], self.n[keep], self.wide[keep],
+            self.wm_before_ms[keep], self.ts_offsets[np.repeat(keep, self.n)],
+            self.vals[np.repeat(keep, self.widths)], uploads)
+
+    def row(self) -> tuple[Any, ...]:
+        """The row of sample_blocks (BLOCK_COLUMNS order)."""
+        assert self.upload_text is not None, "read without its upload ids"
+        return (self.first_seq, self.last_seq, len(self.seq),
+                self.seq.astype(_I8).tobytes(), self.stream_id.astype(_I8).tobytes(),
+                self.base_ts_ms.astype(_I8).tobytes(), self.n.astype(_I4).tobytes(),
+                self.wide.astype(_U1).tobytes(), self.wm_before_ms.astype(_I8).tobytes(),
+                self.ts_offsets.astype(_I4).tobytes(), self.vals.tobytes(), self.upload_text)
+
+    @classmethod
+    def of_row(cls, row: tuple[Any, ...]) -> SampleBlock:
+        """A row of BLOCK_COLUMNS or BLOCK_READ_COLUMNS (then without upload ids)."""
+        count = row[2]
+        block = cls(row[0], row[1], np.frombuffer(row[3], _I8), np.frombuffer(row[4], _I8),
+                    np.frombuffer(row[5], _I8), np.frombuffer(row[6], _I4),
+                    np.frombuffer(row[7], _U1).astype(np.bool_), np.frombuffer(row[8], _I8),
+                    np.frombuffer(row[9], _I4), np.frombuffer(row[10], _U1),
+                    row[11] if len(row) > 11 else None)
+        if not (len(block.seq) == len(block.stream_id) == len(block.n) == count
+                and len(block.ts_offsets) == int(block.n.sum())
+                and len(block.vals) == int(block.widths.sum())):
+            raise ValueError(f"sample block at {row[0]} is damaged: its columns disagree")
+        return block
+
+    @classmethod
+    def of_legacy_rows(cls, rows: list[tuple[Any, ...]]) -> SampleBlock:
+        """Rows of the old sample_records table (LEGACY_COLUMNS order, by seq)."""
+        count = len(rows)
+
+        def column(at: int, dtype: type) -> np.ndarray:
+            return np.fromiter(map(itemgetter(at), rows), dtype, count=count)
+
+        seq = column(0, np.int64)
+        return cls(int(seq[0]), int(seq[-1]), seq, column(1, np.int64), column(3, np.int64),
+                   column(4, np.int32), column(7, np.bool_), column(8, np.int64),
+                   np.frombuffer(b"".join(map(itemgetter(5), rows)), _I4),
+                   np.frombuffer(b"".join(map(itemgetter(6), rows)), _U1),
+                   "\n".join(map(itemgetter(2), rows)))
+
+    def records(self) -> list[tuple[int, int, str, int, int, bytes, bytes, bool, int]]:
+        """One tuple per record: (seq, stream_id, upload_id, base_ts_ms, n, ts_offsets
+        bytes, value bytes, vals_f64, wm_before_ms), as the old row held them."""
+        ends = np.cumsum(self.n)
+        byte_ends = np.cumsum(self.widths)
+        offsets, vals = self.ts_offsets.astype(_I4).tobytes(), self.vals.tobytes()
+        return [(seq, stream, upload, base, n, offsets[4 * (end - n):4 * end],
+                 vals[byte_end - width:byte_end], wide, wm)
+                for seq, stream, upload, base, n, end, width, byte_end, wide, wm in zip(
+                    self.seq.tolist(), self.stream_id.tolist(), self.upload_ids,
+                    self.base_ts_ms.tolist(), self.n.tolist(), ends.tolist(),
+                    self.widths.tolist(), byte_ends.tolist(), self.wide.tolist(),
+                    self.wm_before_ms.tolist(), strict=True)]
+
+
+def new_sample_block(first_seq: int, record: np.ndarray, ts: np.ndarray,
+                     values: np.ndarray, stream_ids: np.ndarray, upload_ids: list[str],
+                     wm_before: np.ndarray) -> SampleBlock | None:
+    """The block of a batch's new samples: `record` (non-decreasing) is each sample's
+    segment, `stream_ids`, `upload_ids` and `wm_before` are per segment. Segments with no
+    new sample get no record; the others get positions first_seq, first_seq + 1, ... in
+    segment order. None when no sample is new."""
+    n_new = np.bincount(record, minlength=len(stream_ids))
+    has_new = np.flatnonzero(n_new)
+    if not len(has_new):
+        return None
+    counts = n_new[has_new]
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    base = np.minimum.reduceat(ts, starts)
+    offsets = (ts - np.repeat(base, counts)).astype(np.int32)
+    narrow = values.astype(np.float32)
+    lossless = np.logical_and.reduceat(narrow.astype(np.float64) == values, starts)
+    if lossless.all():
+        vals = narrow.view(np.uint8)
+    else:  # each record's values in float32 when exact there, else float64
+        wide_sample = np.repeat(~lossless, counts)
+        wide_byte = np.repeat(~lossless, counts * np.where(lossless, 4, 8))
+        vals = np.empty(len(wide_byte), np.uint8)
+        vals[~wide_byte] = narrow[~wide_sample].view(np.uint8)
+        vals[wide_byte] = np.ascontiguousarray(values[wide_sample]).view(np.uint8)
+    seq = np.arange(first_seq, first_seq + len(has_new), dtype=np.int64)
+    return SampleBlock(first_seq, int(seq[-1]), seq, stream_ids[has_new], base,
+                       counts.astype(np.int32), ~lossless, wm_before[has_new], offsets,
+                       vals, "\n".join(map(upload_ids.__getitem__, has_new.tolist())))
