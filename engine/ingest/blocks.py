@@ -107,6 +107,11 @@ class SampleBlock:
         `first_seq` moves its start."""
         if keep.all() and first_seq is None:
             return self
+        per_sample = np.repeat(keep, self.n)
+        if self.wide.any():
+            vals = self.vals[np.repeat(keep, self.widths)]
+        else:  # 4 bytes a sample: gathered as such
+            vals = self.vals.view(np.uint32)[per_sample].view(np.uint8)
         uploads = None
         if self.upload_text is not None:
             uploads = "\n".join(u for u, k in zip(self.upload_ids, keep.tolist(), strict=True)
@@ -114,8 +119,7 @@ class SampleBlock:
         return SampleBlock(
             self.first_seq if first_seq is None else first_seq, self.last_seq, self.seq[keep],
             self.stream_id[keep], self.base_ts_ms[keep], self.n[keep], self.wide[keep],
-            self.wm_before_ms[keep], self.ts_offsets[np.repeat(keep, self.n)],
-            self.vals[np.repeat(keep, self.widths)], uploads)
+            self.wm_before_ms[keep], self.ts_offsets[per_sample], vals, uploads)
 
     def row(self) -> tuple[Any, ...]:
         """The row of sample_blocks (BLOCK_COLUMNS order)."""

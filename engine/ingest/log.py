@@ -21,7 +21,7 @@ import hashlib
 import logging
 import sqlite3
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
@@ -285,6 +285,9 @@ class EmbeddedLog:
         self._stream_cache: tuple[list[str], np.ndarray, np.ndarray] | None = None
         self._share: UserShare | None = None
         self._share_owned: tuple[object, np.ndarray] | None = None  # (stream cache, mask)
+        # The last block a read decoded (reads go in chunks of positions, and a chunk's last
+        # block is often the next one's first), with the data_version it was read at.
+        self._last_block: tuple[int, SampleBlock] | None = None
         if lock_file is not None:
             self._convert_legacy_rows()
             self._load_state()
@@ -359,18 +362,23 @@ class EmbeddedLog:
     def _convert_legacy_rows(self) -> None:
         """Sample records an earlier version stored one row each become blocks of up to
         SAMPLE_RECORDS_PER_READ_MAX records, same positions and bytes (once, one
-        transaction: a kill leaves the old rows, converted again at the next open)."""
+        transaction: a kill leaves the old rows, converted again at the next open). Rows
+        are deleted as their block is written, so the blocks reuse the rows' pages."""
         if self._db.execute("SELECT 1 FROM sample_records LIMIT 1").fetchone() is None:
             return
         records, = self._db.execute("SELECT count(*) FROM sample_records").fetchone()
+        path = self._db.execute("PRAGMA database_list").fetchone()[2]
         log.warning("converting %d sample records of %s to sample blocks; this happens once",
-                    records, self._db)
+                    records, path)
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for block in self._legacy_blocks(0, self.position()):
+            while rows := self._db.execute(
+                    f"SELECT {LEGACY_COLUMNS} FROM sample_records ORDER BY seq LIMIT ?",
+                    (SAMPLE_RECORDS_PER_READ_MAX,)).fetchall():
+                block = SampleBlock.of_legacy_rows(rows)
                 self._db.execute(BLOCK_INSERT, block.row())
+                self._db.execute("DELETE FROM sample_records WHERE seq <= ?", (block.last_seq,))
             crash_point("convert_legacy_before_commit")
-            self._db.execute("DELETE FROM sample_records")
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -382,18 +390,39 @@ class EmbeddedLog:
         while rows := cursor.fetchmany(SAMPLE_RECORDS_PER_READ_MAX):
             yield SampleBlock.of_legacy_rows(rows)
 
-    def _blocks(self, after_seq: int, upto_seq: int,
-                columns: str = BLOCK_READ_COLUMNS) -> Iterator[SampleBlock]:
+    def _blocks(self, after_seq: int, upto_seq: int, columns: str = BLOCK_READ_COLUMNS,
+                select: Callable[[SampleBlock], np.ndarray] | None = None,
+                ) -> Iterator[SampleBlock]:
         """The stored sample records at positions in (after_seq, upto_seq], in position
-        order, as blocks cut to the range (rows of an unconverted log first)."""
-        yield from self._legacy_blocks(after_seq, upto_seq)
+        order, as blocks cut to the range (rows of an unconverted log first); `select`
+        (bool per record of a block) keeps fewer."""
+        def cut(block: SampleBlock) -> SampleBlock:
+            keep = (block.seq > after_seq) & (block.seq <= upto_seq)
+            return block.take(keep if select is None else keep & select(block))
+
+        for block in self._legacy_blocks(after_seq, upto_seq):
+            yield cut(block)
+        lowest = ("first_seq >= coalesce((SELECT max(first_seq) FROM sample_blocks"
+                  " WHERE first_seq <= ?1), 0)")
+        last = self._last_block if columns == BLOCK_READ_COLUMNS else None
+        if last is not None and last[0] == self._data_version() and \
+                last[1].first_seq <= after_seq + 1 <= last[1].last_seq:
+            block = last[1]  # the first block of this range: decoded already
+            yield cut(block)
+            lowest = f"first_seq > {int(block.first_seq)}"
         rows = self._db.execute(
-            f"SELECT {columns} FROM sample_blocks WHERE first_seq >= coalesce("
-            "(SELECT max(first_seq) FROM sample_blocks WHERE first_seq <= ?1), 0)"
+            f"SELECT {columns} FROM sample_blocks WHERE {lowest}"
             " AND first_seq <= ?2 AND last_seq > ?1 ORDER BY first_seq", (after_seq, upto_seq))
         for row in rows:
             block = SampleBlock.of_row(row)
-            yield block.take((block.seq > after_seq) & (block.seq <= upto_seq))
+            if columns == BLOCK_READ_COLUMNS:
+                self._last_block = (self._data_version(), block)
+            yield cut(block)
+
+    def _data_version(self) -> int:
+        """Changes when another connection commits to the log (this one's own changes to
+        stored blocks reset `_last_block`)."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def _prune_seen(self) -> None:
         """Drop index keys older than their user's late window (plus a margin) once the
@@ -812,6 +841,7 @@ class EmbeddedLog:
         assert self._lock_file is not None, "log opened read-only"
         db = self._db
         self._recent.reset()
+        self._last_block = None
         db.execute("PRAGMA secure_delete = ON")
         removed: dict[str, int] = {}
         db.execute("BEGIN IMMEDIATE")
@@ -969,6 +999,7 @@ class EmbeddedLog:
             self._db.execute("ROLLBACK")
             raise
         self._recent.reset()
+        self._last_block = None
         return ArchiveResult(stop, len(samples), len(activities))
 
     def _first_hot_seq(self, before_day: int) -> int:
@@ -1145,16 +1176,18 @@ class EmbeddedLog:
         """The hot records at positions in (after_seq, upto_seq] (of the share, without
         excluded keys') as columns; None when there are none."""
         excluded = self._excluded_ranges()
-        blocks = []
-        for block in self._blocks(after_seq, upto_seq):
+
+        def select(block: SampleBlock) -> np.ndarray:
             keep = np.ones(len(block), bool)
             if self._share is not None and len(block):
                 keep &= self._owned_streams(int(block.stream_id.max()))[block.stream_id]
             if excluded is not None:
                 keep &= ~_in_ranges(block.seq, excluded)
-            block = block.take(keep)
-            if len(block):
-                blocks.append(block)
+            return keep
+
+        selected = None if self._share is None and excluded is None else select
+        blocks = [block for block in self._blocks(after_seq, upto_seq, select=selected)
+                  if len(block)]
         if not blocks:
             return None
 
