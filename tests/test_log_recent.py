@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
+from engine.clock import tokyo_day
 from engine.faults import CRASH_ENV
 from engine.ingest.blocks import BLOCK_COLUMNS, SampleBlock
 from engine.ingest.log import LOG_FILE_NAME, ActivityColumns, EmbeddedLog, SampleColumns, UserShare
@@ -213,3 +214,58 @@ def test_erasing_the_newest_records_keeps_the_position(data_dir: Path) -> None:
     with EmbeddedLog.open(data_dir, writer=False) as reader:
         assert reader.stored_sample_keys() == {
             ("W00001", "d", 0): {T0: 5.0, T0 + 2 * MINUTE_MS: 5.0}}
+
+
+def test_an_erased_record_leaves_no_byte_in_the_log_file(data_dir: Path) -> None:
+    """Erasure overwrites the person's records inside the blocks they share with others:
+    their values, times and upload ids are gone from log.sqlite; the others' stay."""
+    marker = 1234.56789012345  # not exact in float32: stored as these 8 bytes
+    def segment(user: str, upload: str, value: float) -> bytes:
+        return orjson.dumps({"v": 1, "upload_id": upload, "user_id": user, "device_id": "d",
+                             "metric": "steps", "unit": "count",
+                             "ts_ms": [T0, T0 + MINUTE_MS], "values": [value, value]})
+
+    with EmbeddedLog.open(data_dir) as log:
+        log.ingest_lines([segment("W00001", "keep-me", 7.0),
+                          segment("W00002", "upload-of-the-erased", marker),
+                          segment("W00003", "keep-me-too", 8.0)], "t", 1, NOW_MS)
+        raw = (data_dir / LOG_FILE_NAME).read_bytes() + \
+            (data_dir / f"{LOG_FILE_NAME}-wal").read_bytes()
+        assert np.float64(marker).tobytes() in raw and b"upload-of-the-erased" in raw
+        assert log.archive_summary()["hot_records"] == 3
+        assert log.erase_user("W00002")["samples"] == 1
+        assert log.archive_summary()["hot_records"] == 2
+        samples = log.read_samples(0, log.position())
+        assert samples.users == ["W00001", "W00003"] and samples.value.tolist() == [7.0] * 2 + [8.0] * 2
+        assert log.erase_user("W00002")["samples"] == 0
+    with EmbeddedLog.open(data_dir, writer=False) as reader:
+        assert sorted(reader.stored_sample_keys()) == [("W00001", "d", 0), ("W00003", "d", 0)]
+    wal = data_dir / f"{LOG_FILE_NAME}-wal"
+    raw = (data_dir / LOG_FILE_NAME).read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    assert np.float64(marker).tobytes() not in raw and b"upload-of-the-erased" not in raw
+    assert b"keep-me-too" in raw
+
+
+def test_the_archive_drops_erased_records_and_keeps_the_rest_of_their_block(
+        data_dir: Path) -> None:
+    def segment(user: str, upload: str, start_ms: int) -> bytes:
+        return orjson.dumps({"v": 1, "upload_id": upload, "user_id": user, "device_id": "d",
+                             "metric": "steps", "unit": "count", "ts_ms": [start_ms],
+                             "values": [9.0]})
+
+    with EmbeddedLog.open(data_dir) as log:
+        log.ingest_lines([segment("W00001", "a", T0), segment("W00002", "b", T0),
+                          segment("W00003", "c", T0)], "t", 1, NOW_MS)
+        later_ms = T0 + 100 * DAY_MS
+        log.ingest_lines([segment("W00001", "d", later_ms)], "t", 1, later_ms + DAY_MS)
+        position = log.position()
+        log.erase_user("W00002")
+        assert log.archive_summary()["hot_records"] == 3
+        # W00003's record is inside their late window: the archive stops before it
+        moved = log.archive(tokyo_day(later_ms), position)
+        assert (moved.archived_through, moved.sample_records) == (2, 1)
+        summary = log.archive_summary()
+        assert (summary["hot_records"], summary["archived_records"]) == (2, 1)
+        samples = log.read_samples(0, position)
+        assert samples.users == ["W00001", "W00003"]
+        assert samples.ts_ms.tolist() == [T0, T0, T0 + 100 * DAY_MS]

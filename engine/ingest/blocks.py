@@ -26,10 +26,16 @@ Byte layout of a row (every number little-endian; `k` records, `m` samples):
 
 A record's samples and bytes are exactly those of the old per-record row, so the
 archive's Parquet rows are unchanged. [first_seq, last_seq] is the range of positions
-the batch was given; erasure and archiving take records out without moving the end of
-the range, so blocks never overlap and the log's position never goes back. Per-record
-columns come first and the two large ones last, so a scan that needs only the former
-(the archive's hot-record search, erasure) does not read the samples' pages.
+the batch was given; archiving takes records out without moving the end of the range,
+so blocks never overlap and the log's position never goes back. Per-record columns come
+first and the two large ones last, so a scan that needs only the former (the archive's
+hot-record search, erasure's search) does not read the samples' pages.
+
+Erasure overwrites a record in place, every byte the same length (SQLite's incremental
+blob writes: only the pages holding the record change, as a deleted row did): stream
+id, base time and watermark 0, its offsets and values zero bytes, its upload id the
+character "0" repeated. Stream id 0 (ERASED_STREAM) is no stream; reads skip such
+records, and `sample_block_erasures` counts them per block until the archive drops them.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ CREATE TABLE IF NOT EXISTS sample_blocks (
     seqs BLOB NOT NULL, stream_ids BLOB NOT NULL, base_ts_ms BLOB NOT NULL, n BLOB NOT NULL,
     vals_f64 BLOB NOT NULL, wm_before_ms BLOB NOT NULL, ts_offsets BLOB NOT NULL,
     vals BLOB NOT NULL, upload_ids TEXT NOT NULL);
+"""
+ERASED_STREAM = 0  # a record erased in place (stream ids start at 1)
+ERASURES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sample_block_erasures (
+    first_seq INTEGER PRIMARY KEY, records INTEGER NOT NULL);
 """
 BLOCK_COLUMNS = ("first_seq, last_seq, records, seqs, stream_ids, base_ts_ms, n, vals_f64,"
                  " wm_before_ms, ts_offsets, vals, upload_ids")
@@ -205,3 +216,19 @@ def new_sample_block(first_seq: int, record: np.ndarray, ts: np.ndarray,
     return SampleBlock(first_seq, int(seq[-1]), seq, stream_ids[has_new], base,
                        counts.astype(np.int32), ~lossless, wm_before[has_new], offsets,
                        vals, "\n".join(map(upload_ids.__getitem__, has_new.tolist())))
+
+
+def erased_bytes(block: SampleBlock, which: np.ndarray) -> dict[str, list[tuple[int, int]]]:
+    """Per column of a stored block, the (offset, length) byte ranges that hold the records
+    at indexes `which`: what erasure overwrites (see the module docstring)."""
+    n = block.n.astype(np.int64)
+    sample_ends = np.cumsum(n)
+    byte_ends = np.cumsum(block.widths)
+    id_lengths = np.array([len(upload) for upload in block.upload_ids], np.int64)
+    id_starts = np.cumsum(id_lengths + 1) - id_lengths - 1  # each followed by a newline
+    at = which.tolist()
+    per_record = [(8 * i, 8) for i in at]
+    return {"stream_ids": per_record, "base_ts_ms": per_record, "wm_before_ms": per_record,
+            "ts_offsets": [(4 * int(sample_ends[i] - n[i]), 4 * int(n[i])) for i in at],
+            "vals": [(int(byte_ends[i] - block.widths[i]), int(block.widths[i])) for i in at],
+            "upload_ids": [(int(id_starts[i]), int(id_lengths[i])) for i in at]}

@@ -42,8 +42,11 @@ from engine.ingest.blocks import (
     BLOCK_KEY_COLUMNS,
     BLOCK_READ_COLUMNS,
     BLOCK_SCHEMA,
+    ERASED_STREAM,
+    ERASURES_SCHEMA,
     LEGACY_COLUMNS,
     SampleBlock,
+    erased_bytes,
     new_sample_block,
 )
 from engine.ingest.decode import (
@@ -115,7 +118,7 @@ CREATE TABLE IF NOT EXISTS excluded_keys (key_id TEXT PRIMARY KEY, excluded_ms I
 CREATE TABLE IF NOT EXISTS key_stats (
     key_id TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (key_id, name));
-""" + BLOCK_SCHEMA + SEEN_SCHEMA
+""" + BLOCK_SCHEMA + ERASURES_SCHEMA + SEEN_SCHEMA
 META_SEEN_WINDOW_DAYS = "seen_index.window_days"  # the window the index was pruned with
 
 log = logging.getLogger(__name__)
@@ -397,7 +400,8 @@ class EmbeddedLog:
         order, as blocks cut to the range (rows of an unconverted log first); `select`
         (bool per record of a block) keeps fewer."""
         def cut(block: SampleBlock) -> SampleBlock:
-            keep = (block.seq > after_seq) & (block.seq <= upto_seq)
+            keep = (block.seq > after_seq) & (block.seq <= upto_seq) & \
+                (block.stream_id != ERASED_STREAM)
             return block.take(keep if select is None else keep & select(block))
 
         for block in self._legacy_blocks(after_seq, upto_seq):
@@ -834,8 +838,9 @@ class EmbeddedLog:
         dead letters, in one transaction; returns rows removed per kind (all 0 the second time).
 
         Their streams keep their numbers (stream ids are handed out by count) but lose the
-        user and device ids. Deleted content is overwritten (secure_delete) and the WAL
-        truncated, so the bytes do not linger in the files. Dead letters are matched by the
+        user and device ids. Deleted rows are overwritten (secure_delete), sample records in
+        place (their bytes zeroed inside their block), and the WAL truncated, so the bytes
+        do not linger in the files. Dead letters are matched by the
         id as a JSON string anywhere in the raw record (a broken record may name them too).
         """
         assert self._lock_file is not None, "log opened read-only"
@@ -882,23 +887,30 @@ class EmbeddedLog:
         return removed
 
     def _erase_streams(self, streams: np.ndarray) -> int:
-        """Delete the sample records of these streams (inside the caller's transaction):
-        each block holding one is written again without them. Returns records deleted."""
+        """Overwrite the sample records of these streams in place (inside the caller's
+        transaction; `engine.ingest.blocks` says how). Returns records erased."""
         if not len(streams):
             return 0
         hits = [first for first, ids in self._db.execute(  # per-record columns only
                 "SELECT first_seq, stream_ids FROM sample_blocks")
                 if np.isin(np.frombuffer(ids, "<i8"), streams).any()]
-        removed = 0
+        erased = 0
         for first in hits:
             block = SampleBlock.of_row(self._db.execute(
                 f"SELECT {BLOCK_COLUMNS} FROM sample_blocks WHERE first_seq = ?",
                 (first,)).fetchone())
-            keep = ~np.isin(block.stream_id, streams)
-            removed += len(block) - int(np.count_nonzero(keep))
-            self._db.execute("DELETE FROM sample_blocks WHERE first_seq = ?", (first,))
-            self._db.execute(BLOCK_INSERT, block.take(keep).row())
-        return removed
+            which = np.flatnonzero(np.isin(block.stream_id, streams))
+            for column, ranges in erased_bytes(block, which).items():
+                fill = b"0" if column == "upload_ids" else b"\0"
+                with self._db.blobopen("sample_blocks", column, first) as blob:
+                    for offset, length in ranges:
+                        blob.seek(offset)
+                        blob.write(fill * length)
+            self._db.execute(
+                "INSERT INTO sample_block_erasures VALUES (?, ?) ON CONFLICT (first_seq)"
+                " DO UPDATE SET records = records + excluded.records", (first, len(which)))
+            erased += len(which)
+        return erased
 
     # -- reading -------------------------------------------------------------
 
@@ -987,9 +999,11 @@ class EmbeddedLog:
                 f"SELECT {BLOCK_COLUMNS} FROM sample_blocks WHERE first_seq <= ? AND last_seq > ?",
                 (stop, stop)).fetchone()
             self._db.execute("DELETE FROM sample_blocks WHERE first_seq <= ?", (stop,))
-            if straddling is not None:
+            self._db.execute("DELETE FROM sample_block_erasures WHERE first_seq <= ?", (stop,))
+            if straddling is not None:  # without its erased records
                 block = SampleBlock.of_row(straddling)
-                self._db.execute(BLOCK_INSERT, block.take(block.seq > stop, stop + 1).row())
+                self._db.execute(BLOCK_INSERT, block.take(
+                    (block.seq > stop) & (block.stream_id != ERASED_STREAM), stop + 1).row())
             self._db.execute("DELETE FROM activity_records WHERE seq > ? AND seq <= ?",
                              (start, stop))
             self._db.executemany("INSERT INTO archives VALUES (?, ?, ?, ?, ?)", files)
@@ -1033,6 +1047,7 @@ class EmbeddedLog:
             seqs, ids = np.frombuffer(seq_bytes, "<i8"), np.frombuffer(id_bytes, "<i8")
             base = np.frombuffer(base_bytes, "<i8")
             hot = (base + span_ms >= before_ms) | always[ids] | (base + span_ms >= limit[ids])
+            hot &= ids != ERASED_STREAM
             if hot.any():
                 return int(seqs[int(np.argmax(hot))])
         return None
@@ -1042,7 +1057,8 @@ class EmbeddedLog:
         hot = sum(int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
                   for table in ("sample_records", "activity_records"))
         hot += int(self._db.execute(
-            "SELECT coalesce(sum(records), 0) FROM sample_blocks").fetchone()[0])
+            "SELECT coalesce(sum(records), 0) - (SELECT coalesce(sum(records), 0)"
+            " FROM sample_block_erasures) FROM sample_blocks").fetchone()[0])
         rows, = self._db.execute("SELECT coalesce(sum(rows), 0) FROM archives").fetchone()
         size = 0
         if self.data_dir is not None:
