@@ -232,12 +232,14 @@ class RecentSamples:
 
     def read(self, after_seq: int, upto_seq: int) -> SampleColumns:
         assert self.covers(after_seq, upto_seq)
-        if len(self._parts) > 1:
-            self._parts = [tuple(np.concatenate(column) for column in zip(*self._parts,
-                                                                           strict=True))]
-        if not self._parts:
+        # Only the batches the range reaches (a run reads the newest one or two: joining
+        # every batch held, up to RECENT_SAMPLES_MAX samples, cost each read that much).
+        parts = [part for part in self._parts if part[0][-1] > after_seq and
+                 part[0][0] <= upto_seq]
+        if not parts:
             return _sample_columns([])
-        seq, user, metric, ts, value, wm = self._parts[0]
+        seq, user, metric, ts, value, wm = parts[0] if len(parts) == 1 else tuple(
+            np.concatenate(column) for column in zip(*parts, strict=True))
         lo, hi = np.searchsorted(seq, [after_seq, upto_seq], side="right").tolist()
         user = user[lo:hi]
         present, first = np.unique(user, return_index=True)
