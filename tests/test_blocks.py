@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -80,3 +82,19 @@ def test_a_damaged_row_is_refused() -> None:
     row[9] = row[9][:-4]  # one sample's offset missing
     with pytest.raises(ValueError, match="damaged"):
         SampleBlock.of_row(tuple(row))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 10**9), st.lists(_record, min_size=1, max_size=12), st.integers(1, 20))
+def test_a_split_block_tiles_its_range_with_whole_records(
+        first_seq: int, records: list, samples_max: int) -> None:
+    block = _block(first_seq, records)
+    parts = block.split(samples_max)
+    assert [r for part in parts for r in _as_records(SampleBlock.of_row(part.row()))] == \
+        _as_records(block)
+    assert parts[0].first_seq == block.first_seq and parts[-1].last_seq == block.last_seq
+    for before, after in itertools.pairwise(parts):
+        assert before.last_seq + 1 == after.first_seq
+    for part in parts:
+        assert len(part) and part.first_seq <= int(part.seq[0])
+        assert int(part.n.sum()) <= samples_max or len(part) == 1

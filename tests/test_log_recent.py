@@ -269,3 +269,19 @@ def test_the_archive_drops_erased_records_and_keeps_the_rest_of_their_block(
         samples = log.read_samples(0, position)
         assert samples.users == ["W00001", "W00003"]
         assert samples.ts_ms.tolist() == [T0, T0, T0 + 100 * DAY_MS]
+
+
+def test_a_batch_stored_as_several_blocks_reads_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch with more than BLOCK_SAMPLES_MAX samples becomes several blocks: the same
+    reads (ranges, shares), the same position, the same seen index."""
+    one, split = tmp_path / "one", tmp_path / "split"
+    ranges = _random_log(one, random.Random(9))
+    monkeypatch.setattr("engine.ingest.blocks.BLOCK_SAMPLES_MAX", 3)
+    assert _random_log(split, random.Random(9)) == ranges
+    assert _reads(split, ranges) == _reads(one, ranges)
+    db = sqlite3.connect(split / LOG_FILE_NAME)
+    assert db.execute("SELECT count(*) FROM sample_blocks").fetchone()[0] > 30
+    db.close()
+    with EmbeddedLog.open(split) as log:
+        assert log.ingest_lines(_batch(random.Random(9), 0), "t", 1, NOW_MS).accepted_samples == 0

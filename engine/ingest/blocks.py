@@ -40,6 +40,8 @@ records, and `sample_block_erasures` counts them per block until the archive dro
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -53,6 +55,9 @@ CREATE TABLE IF NOT EXISTS sample_blocks (
     vals_f64 BLOB NOT NULL, wm_before_ms BLOB NOT NULL, ts_offsets BLOB NOT NULL,
     vals BLOB NOT NULL, upload_ids TEXT NOT NULL);
 """
+# A batch with more samples is stored as several blocks (each blob then stays far below
+# SQLite's 1e9-byte value limit: 4 bytes of offset and at most 8 of value per sample).
+BLOCK_SAMPLES_MAX = 4_000_000
 ERASED_STREAM = 0  # a record erased in place (stream ids start at 1)
 ERASURES_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sample_block_erasures (
@@ -131,6 +136,29 @@ class SampleBlock:
             self.first_seq if first_seq is None else first_seq, self.last_seq, self.seq[keep],
             self.stream_id[keep], self.base_ts_ms[keep], self.n[keep], self.wide[keep],
             self.wm_before_ms[keep], self.ts_offsets[per_sample], vals, uploads)
+
+    def split(self, samples_max: int | None = None) -> list[SampleBlock]:
+        """Consecutive blocks of whole records, each with at most samples_max samples
+        (default BLOCK_SAMPLES_MAX) unless one record alone has more; their ranges tile
+        this one's."""
+        samples_max = BLOCK_SAMPLES_MAX if samples_max is None else samples_max
+        ends = np.cumsum(self.n, dtype=np.int64)
+        if not len(ends) or ends[-1] <= samples_max:
+            return [self]
+        cuts, at = [], 0
+        while at < len(ends):  # the first record of each part
+            cuts.append(at)
+            base = ends[at - 1] if at else 0
+            at = max(at + 1, int(np.searchsorted(ends, base + samples_max, side="right")))
+        bounds = [*cuts, len(ends)]
+        parts = []
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            keep = np.zeros(len(ends), bool)
+            keep[lo:hi] = True
+            part = self.take(keep, self.first_seq if i == 0 else int(self.seq[lo]))
+            last = self.last_seq if hi == len(ends) else int(self.seq[hi]) - 1
+            parts.append(dataclasses.replace(part, last_seq=last))
+        return parts
 
     def row(self) -> tuple[Any, ...]:
         """The row of sample_blocks (BLOCK_COLUMNS order)."""

@@ -653,7 +653,7 @@ class EmbeddedLog:
                                  wm_before)
         records = 0 if block is None else len(block)
         if block is not None:
-            self._db.execute(BLOCK_INSERT, block.row())
+            self._db.executemany(BLOCK_INSERT, [part.row() for part in block.split()])
         counts.duplicate_records += len(seg) - int(np.count_nonzero(rejected)) - records
         counts.accepted_samples += n_new
         counts.duplicate_samples += int(np.count_nonzero(accepted)) - n_new
