@@ -71,6 +71,9 @@ BLOCK_READ_COLUMNS = ("first_seq, last_seq, records, seqs, stream_ids, base_ts_m
 BLOCK_INSERT = "INSERT INTO sample_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # The per-record columns a record's position and stream can be judged by.
 BLOCK_KEY_COLUMNS = "first_seq, seqs, stream_ids, base_ts_ms"
+# What erasure needs to find a record's bytes (SQLite still walks the row's pages to the
+# upload ids, but the samples are not copied out).
+BLOCK_LAYOUT_COLUMNS = "stream_ids, n, vals_f64, upload_ids"
 
 _I8, _I4, _U1 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("u1")
 # A legacy row of sample_records (one row per record), in this column order.
@@ -246,17 +249,22 @@ def new_sample_block(first_seq: int, record: np.ndarray, ts: np.ndarray,
                        vals, "\n".join(map(upload_ids.__getitem__, has_new.tolist())))
 
 
-def erased_bytes(block: SampleBlock, which: np.ndarray) -> dict[str, list[tuple[int, int]]]:
+def erased_bytes(n: np.ndarray, wide: np.ndarray, upload_text: str,
+                 which: np.ndarray) -> dict[str, list[tuple[int, int]]]:
     """Per column of a stored block, the (offset, length) byte ranges that hold the records
-    at indexes `which`: what erasure overwrites (see the module docstring)."""
-    n = block.n.astype(np.int64)
-    sample_ends = np.cumsum(n)
-    byte_ends = np.cumsum(block.widths)
-    id_lengths = np.array([len(upload) for upload in block.upload_ids], np.int64)
-    id_starts = np.cumsum(id_lengths + 1) - id_lengths - 1  # each followed by a newline
+    at indexes `which` (of a block with these counts, widths and upload ids joined by
+    newlines): what erasure overwrites (see the module docstring)."""
+    n = n.astype(np.int64)
+    widths = n * np.where(wide, 8, 4)
+    sample_ends, byte_ends = np.cumsum(n), np.cumsum(widths)
+    newlines = np.flatnonzero(np.frombuffer(upload_text.encode(), np.uint8) == 10)
+    id_ends = np.append(newlines, len(upload_text.encode()))  # ids are ASCII
+    id_starts = np.concatenate(([0], newlines + 1))
+    id_lengths = id_ends - id_starts
+    assert len(id_lengths) == len(n), "one upload id per record"
     at = which.tolist()
     per_record = [(8 * i, 8) for i in at]
     return {"stream_ids": per_record, "base_ts_ms": per_record, "wm_before_ms": per_record,
             "ts_offsets": [(4 * int(sample_ends[i] - n[i]), 4 * int(n[i])) for i in at],
-            "vals": [(int(byte_ends[i] - block.widths[i]), int(block.widths[i])) for i in at],
+            "vals": [(int(byte_ends[i] - widths[i]), int(widths[i])) for i in at],
             "upload_ids": [(int(id_starts[i]), int(id_lengths[i])) for i in at]}

@@ -40,6 +40,7 @@ from engine.ingest.blocks import (
     BLOCK_COLUMNS,
     BLOCK_INSERT,
     BLOCK_KEY_COLUMNS,
+    BLOCK_LAYOUT_COLUMNS,
     BLOCK_READ_COLUMNS,
     BLOCK_SCHEMA,
     ERASED_STREAM,
@@ -898,11 +899,13 @@ class EmbeddedLog:
                 if np.isin(np.frombuffer(ids, "<i8"), streams).any()]
         erased = 0
         for first in hits:
-            block = SampleBlock.of_row(self._db.execute(
-                f"SELECT {BLOCK_COLUMNS} FROM sample_blocks WHERE first_seq = ?",
-                (first,)).fetchone())
-            which = np.flatnonzero(np.isin(block.stream_id, streams))
-            for column, ranges in erased_bytes(block, which).items():
+            ids, n, wide, uploads = self._db.execute(
+                f"SELECT {BLOCK_LAYOUT_COLUMNS} FROM sample_blocks WHERE first_seq = ?",
+                (first,)).fetchone()
+            which = np.flatnonzero(np.isin(np.frombuffer(ids, "<i8"), streams))
+            for column, ranges in erased_bytes(np.frombuffer(n, "<i4"),
+                                               np.frombuffer(wide, "u1").astype(bool),
+                                               uploads, which).items():
                 fill = b"0" if column == "upload_ids" else b"\0"
                 with self._db.blobopen("sample_blocks", column, first) as blob:
                     for offset, length in ranges:
