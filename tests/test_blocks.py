@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.ingest.blocks import BLOCK_COLUMNS, SampleBlock, erased_bytes, new_sample_block
+from engine.ingest.blocks import SampleBlock, erased_row, new_sample_block
 
 T0 = 1_764_547_200_000
 
@@ -104,20 +104,18 @@ def test_a_split_block_tiles_its_range_with_whole_records(
 @given(st.integers(1, 10**9), st.lists(_record, min_size=1, max_size=12), st.data())
 def test_erased_bytes_cover_exactly_the_erased_records(
         first_seq: int, records: list, data: st.DataObject) -> None:
-    """Overwriting the ranges erased_bytes names (as erasure does, in place) leaves the
-    other records as they were and the erased ones with stream 0 and no content."""
+    """A row with some streams erased keeps every value's length (SQLite overwrites it in
+    place), the other records as they were and the erased ones with stream 0 and no
+    content."""
     block = _block(first_seq, records)
     erase = np.array(data.draw(st.lists(st.booleans(), min_size=len(records),
                                         max_size=len(records))), bool)
-    row = dict(zip([c.strip() for c in BLOCK_COLUMNS.split(",")], block.row(), strict=True))
-    ranges = erased_bytes(block.n, block.wide, block.upload_text or "", np.flatnonzero(erase))
-    for column, spans in ranges.items():
-        text = column == "upload_ids"
-        value = bytearray(row[column].encode() if text else row[column])
-        for offset, length in spans:
-            value[offset:offset + length] = (b"0" if text else b"\0") * length
-        row[column] = value.decode() if text else bytes(value)
-    stored = SampleBlock.of_row(tuple(row.values()))
+    streams = np.unique(block.stream_id[erase])
+    erase = np.isin(block.stream_id, streams)  # every record of those streams goes
+    row, count = erased_row(block.row(), streams)
+    assert count == int(erase.sum())
+    assert [len(value) for value in row[3:]] == [len(value) for value in block.row()[3:]]
+    stored = SampleBlock.of_row(row)
     kept = _as_records(block.take(~erase))
     assert [r for r, gone in zip(_as_records(stored), erase.tolist(), strict=True)
             if not gone] == kept

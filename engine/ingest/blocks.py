@@ -31,10 +31,10 @@ so blocks never overlap and the log's position never goes back. Per-record colum
 first and the two large ones last, so a scan that needs only the former (the archive's
 hot-record search, erasure's search) does not read the samples' pages.
 
-Erasure overwrites a record in place, every byte the same length (SQLite's incremental
-blob writes: only the pages holding the record change, as a deleted row did): stream
-id, base time and watermark 0, its offsets and values zero bytes, its upload id the
-character "0" repeated. Stream id 0 (ERASED_STREAM) is no stream; reads skip such
+Erasure overwrites a record in place, every value the same length (an UPDATE of a row
+to a payload of the same size makes SQLite write only the pages whose bytes changed,
+as a deleted row did): stream id, base time and watermark 0, its offsets and values
+zero bytes, its upload id the character "0" repeated. Stream id 0 (ERASED_STREAM) is no stream; reads skip such
 records, and `sample_block_erasures` counts them per block until the archive drops them.
 """
 
@@ -71,9 +71,6 @@ BLOCK_READ_COLUMNS = ("first_seq, last_seq, records, seqs, stream_ids, base_ts_m
 BLOCK_INSERT = "INSERT INTO sample_blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 # The per-record columns a record's position and stream can be judged by.
 BLOCK_KEY_COLUMNS = "first_seq, seqs, stream_ids, base_ts_ms"
-# What erasure needs to find a record's bytes (SQLite still walks the row's pages to the
-# upload ids, but the samples are not copied out).
-BLOCK_LAYOUT_COLUMNS = "stream_ids, n, vals_f64, upload_ids"
 
 _I8, _I4, _U1 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("u1")
 # A legacy row of sample_records (one row per record), in this column order.
@@ -268,3 +265,24 @@ def erased_bytes(n: np.ndarray, wide: np.ndarray, upload_text: str,
             "ts_offsets": [(4 * int(sample_ends[i] - n[i]), 4 * int(n[i])) for i in at],
             "vals": [(int(byte_ends[i] - widths[i]), int(widths[i])) for i in at],
             "upload_ids": [(int(id_starts[i]), int(id_lengths[i])) for i in at]}
+
+
+_COLUMN_AT = {name.strip(): at for at, name in enumerate(BLOCK_COLUMNS.split(","))}
+
+
+def erased_row(row: tuple[Any, ...], streams: np.ndarray) -> tuple[tuple[Any, ...], int]:
+    """A stored row (BLOCK_COLUMNS order) with the records of `streams` overwritten, every
+    value the same length (SQLite then writes only the pages whose bytes changed), and how
+    many records that was."""
+    which = np.flatnonzero(np.isin(np.frombuffer(row[_COLUMN_AT["stream_ids"]], _I8), streams))
+    ranges = erased_bytes(np.frombuffer(row[_COLUMN_AT["n"]], _I4),
+                          np.frombuffer(row[_COLUMN_AT["vals_f64"]], _U1).astype(bool),
+                          row[_COLUMN_AT["upload_ids"]], which)
+    new = list(row)
+    for column, spans in ranges.items():
+        at, text = _COLUMN_AT[column], column == "upload_ids"
+        value = bytearray(row[at].encode() if text else row[at])
+        for offset, length in spans:
+            value[offset:offset + length] = (b"0" if text else b"\0") * length
+        new[at] = value.decode() if text else bytes(value)
+    return tuple(new), len(which)

@@ -40,14 +40,13 @@ from engine.ingest.blocks import (
     BLOCK_COLUMNS,
     BLOCK_INSERT,
     BLOCK_KEY_COLUMNS,
-    BLOCK_LAYOUT_COLUMNS,
     BLOCK_READ_COLUMNS,
     BLOCK_SCHEMA,
     ERASED_STREAM,
     ERASURES_SCHEMA,
     LEGACY_COLUMNS,
     SampleBlock,
-    erased_bytes,
+    erased_row,
     new_sample_block,
 )
 from engine.ingest.decode import (
@@ -899,22 +898,17 @@ class EmbeddedLog:
                 if np.isin(np.frombuffer(ids, "<i8"), streams).any()]
         erased = 0
         for first in hits:
-            ids, n, wide, uploads = self._db.execute(
-                f"SELECT {BLOCK_LAYOUT_COLUMNS} FROM sample_blocks WHERE first_seq = ?",
-                (first,)).fetchone()
-            which = np.flatnonzero(np.isin(np.frombuffer(ids, "<i8"), streams))
-            for column, ranges in erased_bytes(np.frombuffer(n, "<i4"),
-                                               np.frombuffer(wide, "u1").astype(bool),
-                                               uploads, which).items():
-                fill = b"0" if column == "upload_ids" else b"\0"
-                with self._db.blobopen("sample_blocks", column, first) as blob:
-                    for offset, length in ranges:
-                        blob.seek(offset)
-                        blob.write(fill * length)
+            row, count = erased_row(self._db.execute(
+                f"SELECT {BLOCK_COLUMNS} FROM sample_blocks WHERE first_seq = ?",
+                (first,)).fetchone(), streams)
+            columns = BLOCK_COLUMNS.split(", ")[1:]  # not the key: that would move the row
+            self._db.execute(f"UPDATE sample_blocks SET ({', '.join(columns)}) ="
+                             f" ({', '.join('?' * len(columns))}) WHERE first_seq = ?",
+                             (*row[1:], first))
             self._db.execute(
                 "INSERT INTO sample_block_erasures VALUES (?, ?) ON CONFLICT (first_seq)"
-                " DO UPDATE SET records = records + excluded.records", (first, len(which)))
-            erased += len(which)
+                " DO UPDATE SET records = records + excluded.records", (first, count))
+            erased += count
         return erased
 
     # -- reading -------------------------------------------------------------
