@@ -12,7 +12,7 @@ Byte layout of a row (every number little-endian; `k` records, `m` samples):
 |---------------|---------|-----------------------------------------------------------|
 | first_seq     | INTEGER | primary key: the lowest position the block may hold        |
 | last_seq      | INTEGER | the highest position the block may hold                    |
-| records       | INTEGER | k (the records it holds now)                               |
+| records       | INTEGER | k (the records it holds, erased ones included)             |
 | seqs          | BLOB    | k int64: each record's position, strictly rising           |
 | stream_ids    | BLOB    | k int64: each record's (user, device, metric) stream        |
 | base_ts_ms    | BLOB    | k int64: each record's first sample time (Unix ms)          |
@@ -34,8 +34,9 @@ hot-record search, erasure's search) does not read the samples' pages.
 Erasure overwrites a record in place, every value the same length (an UPDATE of a row
 to a payload of the same size makes SQLite write only the pages whose bytes changed,
 as a deleted row did): stream id, base time and watermark 0, its offsets and values
-zero bytes, its upload id the character "0" repeated. Stream id 0 (ERASED_STREAM) is no stream; reads skip such
-records, and `sample_block_erasures` counts them per block until the archive drops them.
+zero bytes, its upload id the character "0" repeated. Stream id 0 (ERASED_STREAM) is
+no stream; reads skip such records, and `sample_block_erasures` counts them per block
+until the archive drops them.
 """
 
 from __future__ import annotations
