@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pyarrow.parquet as pq
 import pytest
 
 from engine.clock import tokyo_day
 from engine.faults import CRASH_ENV
+from engine.ingest.archive import archive_dir
 from engine.ingest.blocks import BLOCK_COLUMNS, SampleBlock
 from engine.ingest.log import LOG_FILE_NAME, ActivityColumns, EmbeddedLog, SampleColumns, UserShare
 from tests.conftest import genki_cmd
@@ -261,9 +263,21 @@ def test_the_archive_drops_erased_records_and_keeps_the_rest_of_their_block(
         position = log.position()
         log.erase_user("W00002")
         assert log.archive_summary()["hot_records"] == 3
+        db = sqlite3.connect(data_dir / LOG_FILE_NAME)
+        stored = [record for row in db.execute(f"SELECT {BLOCK_COLUMNS} FROM sample_blocks")
+                  for record in SampleBlock.of_row(row).records()]
+        db.close()
         # W00003's record is inside their late window: the archive stops before it
         moved = log.archive(tokyo_day(later_ms), position)
         assert (moved.archived_through, moved.sample_records) == (2, 1)
+    (archived,) = archive_dir(data_dir).glob("samples-*.parquet")
+    rows = pq.read_table(archived).to_pylist()  # the row the record had, with its names
+    assert [(r["seq"], r["stream_id"], r["user_id"], r["device_id"], r["metric"],
+             r["upload_id"], r["base_ts_ms"], r["n"], r["ts_offsets"], r["vals"],
+             r["vals_f64"], r["wm_before_ms"]) for r in rows] == [
+        (seq, stream, "W00001", "d", 0, upload, base, n, offsets, vals, wide, wm)
+        for seq, stream, upload, base, n, offsets, vals, wide, wm in stored if seq == 1]
+    with EmbeddedLog.open(data_dir) as log:
         summary = log.archive_summary()
         assert (summary["hot_records"], summary["archived_records"]) == (2, 1)
         samples = log.read_samples(0, position)

@@ -14,11 +14,13 @@ see archive and log as one.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 ARCHIVE_DIR_NAME = "archive"
@@ -48,25 +50,43 @@ def archive_dir(data_dir: Path) -> Path:
     return data_dir / ARCHIVE_DIR_NAME
 
 
-def write_rows(path: Path, kind: str, rows: list[tuple]) -> None:
-    """Write rows (in schema column order) to a Parquet file atomically, mode 0600."""
+def rows_table(kind: str, rows: list[tuple]) -> pa.Table:
+    """Rows (in schema column order) as a table of the kind's schema."""
     schema = SCHEMAS[kind]
     columns: list[Any] = list(zip(*rows, strict=True)) if rows else [[] for _ in schema]
-    table = pa.Table.from_arrays([pa.array([bool(v) for v in c] if f.type == pa.bool_()
-                                           else list(c), type=f.type)
-                                  for c, f in zip(columns, schema, strict=True)], schema=schema)
+    return pa.Table.from_arrays([pa.array([bool(v) for v in c] if f.type == pa.bool_()
+                                          else list(c), type=f.type)
+                                 for c, f in zip(columns, schema, strict=True)], schema=schema)
+
+
+def write_tables(path: Path, kind: str, tables: Iterable[pa.Table]) -> int:
+    """Write the tables' rows, in order, to one Parquet file atomically (mode 0600), a
+    table at a time (memory: one table, however long the file); returns the rows (the
+    file is written even with none)."""
+    schema = SCHEMAS[kind]
     temporary = path.with_name(path.name + ".tmp")
+    rows = 0
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    with os.fdopen(fd, "wb") as stream:
-        pq.write_table(table, stream, row_group_size=ARCHIVE_ROWS_PER_GROUP)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            with pq.ParquetWriter(stream, schema) as writer:
+                for table in tables:
+                    if table.num_rows:
+                        writer.write_table(table.cast(schema),
+                                           row_group_size=ARCHIVE_ROWS_PER_GROUP)
+                        rows += table.num_rows
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+    return rows
 
 
 def read_table(path: Path, after_seq: int, upto_seq: int, columns: list[str]) -> pa.Table:
@@ -86,13 +106,18 @@ def read_rows(path: Path, kind: str, after_seq: int, upto_seq: int,
 
 
 def drop_user(path: Path, kind: str, user_id: str) -> int:
-    """Rewrite a file without one person's rows; returns how many went."""
-    table = pq.read_table(path)
-    keep = pa.compute.not_equal(table.column("user_id"), pa.scalar(user_id))
-    kept = table.filter(keep)
-    removed = table.num_rows - kept.num_rows
-    if removed:
-        rows = list(zip(*(kept.column(f.name).to_pylist() for f in SCHEMAS[kind]),
-                        strict=True)) if kept.num_rows else []
-        write_rows(path, kind, rows)
+    """Rewrite a file without one person's rows, a row group at a time; returns how many
+    went (the file is left as it is when none)."""
+    users = pq.read_table(path, columns=["user_id"]).column("user_id")
+    removed = int(pc.sum(pc.equal(users, pa.scalar(user_id))).as_py() or 0)
+    if not removed:
+        return 0
+    source = pq.ParquetFile(path)
+
+    def kept() -> Iterator[pa.Table]:
+        for group in range(source.num_row_groups):
+            table = source.read_row_group(group)
+            yield table.filter(pc.not_equal(table.column("user_id"), pa.scalar(user_id)))
+
+    write_tables(path, kind, kept())  # it stays registered, rows or none
     return removed

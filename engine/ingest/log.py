@@ -35,7 +35,16 @@ from engine.clock import DAY_MS, TOKYO_OFFSET_MS, day_to_iso, tokyo_day
 from engine.consent import LifecycleEvent, events_of_profile
 from engine.errors import GenkiError, UsageError
 from engine.faults import crash_point
-from engine.ingest.archive import ArchiveResult, archive_dir, drop_user, read_table, write_rows
+from engine.ingest.archive import (
+    ARCHIVE_ROWS_PER_GROUP,
+    SAMPLE_SCHEMA,
+    ArchiveResult,
+    archive_dir,
+    drop_user,
+    read_table,
+    rows_table,
+    write_tables,
+)
 from engine.ingest.blocks import (
     BLOCK_COLUMNS,
     BLOCK_INSERT,
@@ -975,21 +984,15 @@ class EmbeddedLog:
         stop = min(stop, self._first_hot_seq(before_day) - 1)
         if stop <= start:
             return ArchiveResult(start, 0, 0)
-        names = {stream: (user, device, metric) for stream, user, device, metric in
-                 self._db.execute("SELECT stream_id, user_id, device_id, metric FROM streams")}
-        samples = [(seq, stream, *names[stream], upload, base, n, offsets, vals, int(wide), wm)
-                   for block in self._blocks(start, stop, BLOCK_COLUMNS)
-                   for seq, stream, upload, base, n, offsets, vals, wide, wm in block.records()]
-        activities = self._db.execute(
-            "SELECT seq, event_id, user_id, kind, ts_ms, venue_id, source, wm_before_ms, body"
-            " FROM activity_records WHERE seq > ? AND seq <= ? ORDER BY seq",
-            (start, stop)).fetchall()
-        files = []
-        for kind, rows in (("samples", samples), ("activities", activities)):
-            if rows:
-                name = f"{kind}-{start + 1:012d}-{stop:012d}.parquet"
-                write_rows(directory / name, kind, [tuple(r) for r in rows])
-                files.append((name, kind, start + 1, stop, len(rows)))
+        files, moved = [], {}
+        for kind, tables in (("samples", self._archive_sample_tables(start, stop)),
+                             ("activities", self._archive_activity_tables(start, stop))):
+            name = f"{kind}-{start + 1:012d}-{stop:012d}.parquet"
+            moved[kind] = write_tables(directory / name, kind, tables)  # a block at a time
+            if moved[kind]:
+                files.append((name, kind, start + 1, stop, moved[kind]))
+            else:
+                (directory / name).unlink()
         crash_point("archive_before_commit")
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -1013,7 +1016,35 @@ class EmbeddedLog:
             raise
         self._recent.reset()
         self._last_block = None
-        return ArchiveResult(stop, len(samples), len(activities))
+        return ArchiveResult(stop, moved["samples"], moved["activities"])
+
+    def _archive_sample_tables(self, start: int, stop: int) -> Iterator[pa.Table]:
+        """The sample records at positions in (start, stop] as archive rows, a block at a
+        time, straight from the block's columns (no Python object per record's bytes)."""
+        names = {stream: (user, device, metric) for stream, user, device, metric in
+                 self._db.execute("SELECT stream_id, user_id, device_id, metric FROM streams")}
+        for block in self._blocks(start, stop, BLOCK_COLUMNS):
+            if not len(block):
+                continue
+            named = [names[stream] for stream in block.stream_id.tolist()]
+            n = block.n.astype(np.int64)
+            yield pa.Table.from_arrays([
+                pa.array(block.seq, pa.int64()), pa.array(block.stream_id, pa.int64()),
+                pa.array([user for user, _, _ in named], pa.string()),
+                pa.array([device for _, device, _ in named], pa.string()),
+                pa.array(np.array([metric for _, _, metric in named], np.int8)),
+                pa.array(block.upload_ids, pa.string()),
+                pa.array(block.base_ts_ms, pa.int64()), pa.array(n),
+                _binary_array(block.ts_offsets.view(np.uint8), 4 * n),
+                _binary_array(block.vals, block.widths), pa.array(block.wide),
+                pa.array(block.wm_before_ms, pa.int64())], schema=SAMPLE_SCHEMA)
+
+    def _archive_activity_tables(self, start: int, stop: int) -> Iterator[pa.Table]:
+        cursor = self._db.execute(
+            "SELECT seq, event_id, user_id, kind, ts_ms, venue_id, source, wm_before_ms, body"
+            " FROM activity_records WHERE seq > ? AND seq <= ? ORDER BY seq", (start, stop))
+        while rows := cursor.fetchmany(ARCHIVE_ROWS_PER_GROUP):
+            yield rows_table("activities", rows)
 
     def _first_hot_seq(self, before_day: int) -> int:
         """The first log position holding a record that must stay hot: data on or after
@@ -1413,6 +1444,14 @@ def _in_ranges(seqs: np.ndarray, ranges: tuple[np.ndarray, np.ndarray]) -> np.nd
     starts, ends = ranges
     at = np.searchsorted(starts, seqs, side="right") - 1
     return (at >= 0) & (seqs <= ends[np.maximum(at, 0)])
+
+
+def _binary_array(data: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    """A binary column of consecutive values of these lengths in `data` (uint8), without a
+    Python object each."""
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)  # a block: < 2 GiB
+    return pa.BinaryArray.from_buffers(pa.binary(), len(lengths), [
+        None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data))])
 
 
 def _binary_bytes(column: pa.ChunkedArray) -> np.ndarray:
