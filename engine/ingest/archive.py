@@ -97,14 +97,6 @@ def read_table(path: Path, after_seq: int, upto_seq: int, columns: list[str]) ->
     return table.sort_by("seq")
 
 
-def read_rows(path: Path, kind: str, after_seq: int, upto_seq: int,
-              columns: list[str]) -> list[tuple]:
-    """Rows with after_seq < seq <= upto_seq in seq order (row groups skipped by stats)."""
-    table = read_table(path, after_seq, upto_seq, columns)
-    data = [table.column(name).to_pylist() for name in ["seq", *columns]]
-    return list(zip(*data, strict=True)) if data and data[0] else []
-
-
 def drop_user(path: Path, kind: str, user_id: str) -> int:
     """Rewrite a file without one person's rows, a row group at a time; returns how many
     went (the file is left as it is when none)."""
