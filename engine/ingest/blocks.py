@@ -110,14 +110,7 @@ class SampleBlock:
 
     def values(self) -> np.ndarray:
         """float64 per sample."""
-        if not self.wide.any():
-            return self.vals.view(np.float32).astype(np.float64)
-        value = np.empty(int(self.n.sum()), np.float64)
-        per_sample_wide = np.repeat(self.wide, self.n)
-        per_byte_wide = np.repeat(self.wide, self.widths)
-        value[~per_sample_wide] = self.vals[~per_byte_wide].view(np.float32)
-        value[per_sample_wide] = self.vals[per_byte_wide].view(np.float64)
-        return value
+        return values_of(self.vals, self.wide, self.n)
 
     def take(self, keep: np.ndarray, first_seq: int | None = None) -> SampleBlock:
         """The records where `keep` (bool per record), in the same range unless
@@ -215,6 +208,20 @@ class SampleBlock:
                     self.wm_before_ms.tolist(), strict=True)]
 
 
+def values_of(data: np.ndarray, wide: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float64 per sample from records' value bytes (uint8), each record's float32 or, when
+    `wide`, float64 (blocks and archived rows alike)."""
+    if not wide.any():
+        return data.view(np.float32).astype(np.float64)
+    counts = counts.astype(np.int64)
+    value = np.empty(int(counts.sum()), np.float64)
+    per_sample_wide = np.repeat(wide, counts)
+    per_byte_wide = np.repeat(wide, counts * np.where(wide, 8, 4))
+    value[~per_sample_wide] = data[~per_byte_wide].view(np.float32)
+    value[per_sample_wide] = data[per_byte_wide].view(np.float64)
+    return value
+
+
 def new_sample_block(first_seq: int, record: np.ndarray, ts: np.ndarray,
                      values: np.ndarray, stream_ids: np.ndarray, upload_ids: list[str],
                      wm_before: np.ndarray) -> SampleBlock | None:
@@ -255,8 +262,9 @@ def erased_bytes(n: np.ndarray, wide: np.ndarray, upload_text: str,
     n = n.astype(np.int64)
     widths = n * np.where(wide, 8, 4)
     sample_ends, byte_ends = np.cumsum(n), np.cumsum(widths)
-    newlines = np.flatnonzero(np.frombuffer(upload_text.encode(), np.uint8) == 10)
-    id_ends = np.append(newlines, len(upload_text.encode()))  # ids are ASCII
+    text = upload_text.encode()  # ids are ASCII: a byte a character
+    newlines = np.flatnonzero(np.frombuffer(text, np.uint8) == 10)
+    id_ends = np.append(newlines, len(text))
     id_starts = np.concatenate(([0], newlines + 1))
     id_lengths = id_ends - id_starts
     assert len(id_lengths) == len(n), "one upload id per record"

@@ -57,6 +57,7 @@ from engine.ingest.blocks import (
     SampleBlock,
     erased_row,
     new_sample_block,
+    values_of,
 )
 from engine.ingest.decode import (
     DecodedBatch,
@@ -419,8 +420,9 @@ class EmbeddedLog:
             yield cut(block)
         lowest = ("first_seq >= coalesce((SELECT max(first_seq) FROM sample_blocks"
                   " WHERE first_seq <= ?1), 0)")
+        version = self._data_version()
         last = self._last_block if columns == BLOCK_READ_COLUMNS else None
-        if last is not None and last[0] == self._data_version() and \
+        if last is not None and last[0] == version and \
                 last[1].first_seq <= after_seq + 1 <= last[1].last_seq:
             block = last[1]  # the first block of this range: decoded already
             yield cut(block)
@@ -431,7 +433,7 @@ class EmbeddedLog:
         for row in rows:
             block = SampleBlock.of_row(row)
             if columns == BLOCK_READ_COLUMNS:
-                self._last_block = (self._data_version(), block)
+                self._last_block = (version, block)
             yield cut(block)
 
     def _data_version(self) -> int:
@@ -1021,8 +1023,7 @@ class EmbeddedLog:
     def _archive_sample_tables(self, start: int, stop: int) -> Iterator[pa.Table]:
         """The sample records at positions in (start, stop] as archive rows, a block at a
         time, straight from the block's columns (no Python object per record's bytes)."""
-        names = {stream: (user, device, metric) for stream, user, device, metric in
-                 self._db.execute("SELECT stream_id, user_id, device_id, metric FROM streams")}
+        names = self._stream_keys()
         for block in self._blocks(start, stop, BLOCK_COLUMNS):
             if not len(block):
                 continue
@@ -1258,6 +1259,11 @@ class EmbeddedLog:
             self._share_owned = (cache, np.append(owned, False)[user_of_stream])  # -1: none
         return self._share_owned[1]
 
+    def _stream_keys(self) -> dict[int, tuple[str, str, int]]:
+        """(user, device, metric) of every stream id, as stored (readers too)."""
+        return {stream: (user, device, metric) for stream, user, device, metric in
+                self._db.execute("SELECT stream_id, user_id, device_id, metric FROM streams")}
+
     def _stream_names(self, stream_id_max: int) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(user ids, user code per stream id, metric per stream id), read once and again
         when a newer stream shows up. A stream's user changes only when the person is
@@ -1331,8 +1337,7 @@ class EmbeddedLog:
 
     def stored_sample_keys(self) -> dict[tuple[str, str, int], dict[int, float]]:
         """Every stored sample as {(user, device, metric): {ts_ms: value}} (tests, small logs)."""
-        names = {stream: (user, device, metric) for stream, user, device, metric in
-                 self._db.execute("SELECT stream_id, user_id, device_id, metric FROM streams")}
+        names = self._stream_keys()
         result: dict[tuple[str, str, int], dict[int, float]] = {}
         for block in self._blocks(0, self.position()):
             ts = (np.repeat(block.base_ts_ms, block.n) + block.ts_offsets).tolist()
@@ -1427,18 +1432,6 @@ class _SampleRecords:
                               self.ts_offsets[per_sample], self.value[per_sample])
 
 
-def _values(data: np.ndarray, wide: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """float64 per sample from archived records' value bytes, each float32 or float64 (wide)."""
-    if not wide.any():
-        return np.frombuffer(data, np.float32).astype(np.float64)
-    value = np.empty(int(counts.sum()), np.float64)
-    per_sample_wide = np.repeat(wide, counts)
-    per_byte_wide = np.repeat(wide, counts * np.where(wide, 8, 4))
-    value[~per_sample_wide] = np.frombuffer(data[~per_byte_wide], np.float32)
-    value[per_sample_wide] = np.frombuffer(data[per_byte_wide], np.float64)
-    return value
-
-
 def _in_ranges(seqs: np.ndarray, ranges: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """bool per seq: inside one of the (first, last) ranges, sorted by first."""
     starts, ends = ranges
@@ -1474,7 +1467,7 @@ def _archived_records(table: pa.Table) -> _SampleRecords:
         table.column("base_ts_ms").to_numpy().astype(np.int64), counts,
         table.column("wm_before_ms").to_numpy().astype(np.int64),
         _binary_bytes(table.column("ts_offsets")).view(np.int32),
-        _values(_binary_bytes(table.column("vals")), wide, counts))
+        values_of(_binary_bytes(table.column("vals")), wide, counts))
 
 
 def _sample_columns(parts: list[_SampleRecords]) -> SampleColumns:
