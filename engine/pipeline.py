@@ -38,6 +38,12 @@ log_line = logging.getLogger(__name__)
 RULES_DEFAULT_PATH = Path(__file__).resolve().parent.parent / "rules" / "default.toml"
 LOG_RECORDS_PER_CHUNK = 20_000
 SNAPSHOT_INTERVAL_RECORDS = 200_000
+# Snapshots mid-run are spaced by at least their own size / this many bytes per log
+# position, so writing them stays a small share of a long catch-up run however large the
+# state grows: the full fleet's state is ~300 MB (about 1.5 s to write and fsync), a
+# catch-up run processes a position in ~50 us; 256 bytes a position puts a snapshot every
+# ~1.2 M positions (~60 s of processing, also the most a crash makes a run re-read).
+SNAPSHOT_BYTES_PER_RECORD = 256
 META_LOG_POSITION = "log_position"
 META_RULES_VERSION = "rules_version"
 
@@ -107,22 +113,34 @@ class Pipeline:
     snapshot is written after the ledger commits, at the end of a run and every
     `snapshot_records` positions, with the state pruned to what rules can still
     read. New profiles change the engine's inputs (step targets): the caller
-    invalidates, and snapshots of other profiles are not used.
+    invalidates, and snapshots of other profiles are not used. Mid-run snapshots
+    come at most every `snapshot_records` positions, and at least the last one's
+    size / `snapshot_bytes_per_record` apart (a large state is written less often).
     """
 
     def __init__(self, rules: Rules, chunk_records: int = LOG_RECORDS_PER_CHUNK, *,
                  snapshot_records: int = SNAPSHOT_INTERVAL_RECORDS,
+                 snapshot_bytes_per_record: int = SNAPSHOT_BYTES_PER_RECORD,
                  snapshot_at_end: bool = True) -> None:
-        assert chunk_records > 0 and snapshot_records > 0
+        assert chunk_records > 0 and snapshot_records > 0 and snapshot_bytes_per_record > 0
         self.rules = rules
         self._rules_json = rules.canonical_json().decode()  # in the ledger meta: severities
         self.chunk_records = chunk_records
         self.snapshot_records = snapshot_records
+        self.snapshot_bytes_per_record = snapshot_bytes_per_record
         self.snapshot_at_end = snapshot_at_end
         self._engine: RulesEngine | None = None
         self._position = -1  # log position the in-memory engine has seen
         self._snapshot_position = -1  # position of the newest snapshot written or loaded
+        self._snapshot_bytes = 0  # size of the newest snapshot written (0: none yet)
+        self.snapshots_written = 0
         self.loaded: SnapshotInfo | None = None
+
+    @property
+    def snapshot_interval(self) -> int:
+        """Positions between two mid-run snapshots, as the newest one's size sets it."""
+        return max(self.snapshot_records,
+                   -(-self._snapshot_bytes // self.snapshot_bytes_per_record))
 
     def invalidate(self) -> None:
         self._engine, self._position = None, -1
@@ -159,7 +177,7 @@ class Pipeline:
                 ledger.append_awards(output.award_entries, flags=output.flags, meta=meta)
             else:
                 writer.submit(ledger, output.award_entries, output.flags, meta)
-            snapshot_due = hi - self._snapshot_position >= self.snapshot_records or (
+            snapshot_due = hi - self._snapshot_position >= self.snapshot_interval or (
                 hi == end and self.snapshot_at_end)
             if writer is None or snapshot_due:  # a snapshot holds the state at hi: wait
                 self._appended(in_flight, summary, on_chunk, writer)
@@ -207,6 +225,8 @@ class Pipeline:
                             extra or {})
         path = write_snapshot(log.data_dir, self._engine.state(), info)
         self._snapshot_position = self._position
+        self._snapshot_bytes = path.stat().st_size
+        self.snapshots_written += 1
         return path
 
     def _engine_at(self, log: EmbeddedLog, done: int, summary: RunSummary) -> RulesEngine:

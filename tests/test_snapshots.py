@@ -319,3 +319,29 @@ def test_pruning_mid_run_keeps_the_ledger(dormant_lines: list[bytes], short_rule
         outcomes.append(_outcome(data_dir))
     assert len(snapshot_files(tmp_path / "often")) == 2
     assert outcomes[0] == outcomes[1]
+
+
+def test_a_large_state_is_snapshotted_less_often(dormant_lines: list[bytes], short_rules: Path,
+                                                 tmp_path: Path) -> None:
+    """Mid-run snapshots are spaced by at least their size / bytes-per-position: with
+    one byte a position, the first snapshot's size pushes the next past the log's end.
+    The ledger is the same either way."""
+    outcomes, written = [], []
+    for name, bytes_per_record in (("by count", 10**9), ("by size", 1)):
+        data_dir = tmp_path / name
+        with EmbeddedLog.open(data_dir, late_window_days=SHORT_WINDOW_DAYS) as log:
+            log.ingest_lines(dormant_lines, "t", 1, NOW_MS)
+            end = log.position()
+        pipeline = Pipeline(load_rules(short_rules), 100, snapshot_records=300,
+                            snapshot_bytes_per_record=bytes_per_record, snapshot_at_end=False)
+        with EmbeddedLog.open(data_dir, writer=False) as log, Ledger.open(data_dir) as ledger:
+            pipeline.run(log, ledger)
+        newest = snapshot_files(data_dir)[0][1]
+        assert pipeline.snapshot_interval == max(
+            300, -(-newest.stat().st_size // bytes_per_record))
+        outcomes.append(_outcome(data_dir))
+        written.append(pipeline.snapshots_written)
+    assert end > 3 * 300
+    assert newest.stat().st_size > end  # one byte a position: past the end after the first
+    assert written[0] == end // 300 and written[1] == 1
+    assert outcomes[0] == outcomes[1]
