@@ -110,12 +110,12 @@ class Pipeline:
     The first run (and any run after `invalidate`) rebuilds the engine's state
     from the newest valid snapshot plus the processed log after it (the whole
     processed log when there is none); later runs feed it only what is new. A
-    snapshot is written after the ledger commits, at the end of a run and every
-    `snapshot_records` positions, with the state pruned to what rules can still
-    read. New profiles change the engine's inputs (step targets): the caller
-    invalidates, and snapshots of other profiles are not used. Mid-run snapshots
-    come at most every `snapshot_records` positions, and at least the last one's
-    size / `snapshot_bytes_per_record` apart (a large state is written less often).
+    snapshot is written after the ledger commits, at the end of a run and during
+    it every `snapshot_interval` positions (`snapshot_records`, or the last
+    snapshot's size / `snapshot_bytes_per_record` when that is more: a large state
+    is written less often), with the state pruned to what rules can still read.
+    New profiles change the engine's inputs (step targets): the caller
+    invalidates, and snapshots of other profiles are not used.
     """
 
     def __init__(self, rules: Rules, chunk_records: int = LOG_RECORDS_PER_CHUNK, *,

@@ -112,6 +112,10 @@ class SampleBlock:
         """float64 per sample."""
         return values_of(self.vals, self.wide, self.n)
 
+    def timestamps(self) -> np.ndarray:
+        """int64 Unix ms per sample."""
+        return np.repeat(self.base_ts_ms, self.n) + self.ts_offsets
+
     def take(self, keep: np.ndarray, first_seq: int | None = None) -> SampleBlock:
         """The records where `keep` (bool per record), in the same range unless
         `first_seq` moves its start."""
@@ -208,6 +212,12 @@ class SampleBlock:
                     self.wm_before_ms.tolist(), strict=True)]
 
 
+def record_column(blob: bytes) -> np.ndarray:
+    """A stored per-record int64 column (seqs, stream_ids, base_ts_ms, wm_before_ms) read
+    without decoding the rest of its block (e.g. from a BLOCK_KEY_COLUMNS row)."""
+    return np.frombuffer(blob, _I8)
+
+
 def values_of(data: np.ndarray, wide: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """float64 per sample from records' value bytes (uint8), each record's float32 or, when
     `wide`, float64 (blocks and archived rows alike)."""
@@ -283,7 +293,7 @@ def erased_row(row: tuple[Any, ...], streams: np.ndarray) -> tuple[tuple[Any, ..
     """A stored row (BLOCK_COLUMNS order) with the records of `streams` overwritten, every
     value the same length (SQLite then writes only the pages whose bytes changed), and how
     many records that was."""
-    which = np.flatnonzero(np.isin(np.frombuffer(row[_COLUMN_AT["stream_ids"]], _I8), streams))
+    which = np.flatnonzero(np.isin(record_column(row[_COLUMN_AT["stream_ids"]]), streams))
     ranges = erased_bytes(np.frombuffer(row[_COLUMN_AT["n"]], _I4),
                           np.frombuffer(row[_COLUMN_AT["vals_f64"]], _U1).astype(bool),
                           row[_COLUMN_AT["upload_ids"]], which)

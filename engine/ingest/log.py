@@ -57,6 +57,7 @@ from engine.ingest.blocks import (
     SampleBlock,
     erased_row,
     new_sample_block,
+    record_column,
     values_of,
 )
 from engine.ingest.decode import (
@@ -371,8 +372,7 @@ class EmbeddedLog:
 
     def _stored_timestamp_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for block in self._blocks(0, self.position()):
-            yield (np.repeat(block.stream_id, block.n),
-                   np.repeat(block.base_ts_ms, block.n) + block.ts_offsets)
+            yield np.repeat(block.stream_id, block.n), block.timestamps()
 
     def _convert_legacy_rows(self) -> None:
         """Sample records an earlier version stored one row each become blocks of up to
@@ -906,7 +906,7 @@ class EmbeddedLog:
             return 0
         hits = [first for first, ids in self._db.execute(  # per-record columns only
                 "SELECT first_seq, stream_ids FROM sample_blocks")
-                if np.isin(np.frombuffer(ids, "<i8"), streams).any()]
+                if np.isin(record_column(ids), streams).any()]
         erased = 0
         for first in hits:
             row, count = erased_row(self._db.execute(
@@ -1075,8 +1075,7 @@ class EmbeddedLog:
         span_ms = SEGMENT_SPAN_MS_MAX  # a writer's log holds no unconverted rows
         for _, seq_bytes, id_bytes, base_bytes in self._db.execute(
                 f"SELECT {BLOCK_KEY_COLUMNS} FROM sample_blocks ORDER BY first_seq"):
-            seqs, ids = np.frombuffer(seq_bytes, "<i8"), np.frombuffer(id_bytes, "<i8")
-            base = np.frombuffer(base_bytes, "<i8")
+            seqs, ids, base = map(record_column, (seq_bytes, id_bytes, base_bytes))
             hot = (base + span_ms >= before_ms) | always[ids] | (base + span_ms >= limit[ids])
             hot &= ids != ERASED_STREAM
             if hot.any():
@@ -1340,7 +1339,7 @@ class EmbeddedLog:
         names = self._stream_keys()
         result: dict[tuple[str, str, int], dict[int, float]] = {}
         for block in self._blocks(0, self.position()):
-            ts = (np.repeat(block.base_ts_ms, block.n) + block.ts_offsets).tolist()
+            ts = block.timestamps().tolist()
             for stream, t, v in zip(np.repeat(block.stream_id, block.n).tolist(), ts,
                                     block.values().tolist(), strict=True):
                 samples = result.setdefault(names[stream], {})
