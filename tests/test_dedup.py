@@ -91,8 +91,11 @@ def test_judgement_matches_the_one_at_a_time_reference(
     def stored_of(groups: DayGroups) -> np.ndarray:
         return np.array([int(k) in stored_keys for k in groups.keys.tolist()], bool)
 
-    assert new_samples(keys, accepted, stored_of).mask.tolist() == [f for part in new_ref
-                                                                    for f in part]
+    expected = [f for part in new_ref for f in part]
+    assert new_samples(keys, accepted, stored_of).mask.tolist() == expected
+    # The same with the segments given as runs (the path the log takes).
+    assert new_samples(keys, accepted, stored_of, np.array(lengths, np.int64)).mask.tolist() \
+        == expected
     expected_wm = dict(wm)
     for (u, _, _), part, late in zip(segments, to_ms, late_ref, strict=True):
         if not late:
@@ -172,3 +175,28 @@ def test_day_groups_sort_by_tokyo_day_then_key_keeping_equal_keys_in_order(
     assert [days[i] for i in groups.order.tolist()] == [
         day for day, lo, hi in zip(groups.days, groups.bounds, groups.bounds[1:], strict=False)
         for _ in range(hi - lo)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3),  # stream
+                          st.integers(-30, 24 * 60 * 4),  # start, minutes after T0
+                          st.sampled_from([0, 1, 17, 60, 24 * 60 - 1]),  # step, minutes
+                          st.integers(0, 8),  # samples
+                          st.booleans()),  # reversed (not a run)
+                max_size=30))
+def test_day_groups_from_runs_equal_the_sort(
+        segments: list[tuple[int, int, int, int, bool]]) -> None:
+    """Runs that cross midnights, overlap, repeat keys or are not sorted at all: grouping
+    from the runs gives the sort's groups exactly, equal keys in the order given."""
+    streams, ts, lengths = [], [], []
+    for stream, start, step, n, backwards in segments:
+        minutes = [start + i * step for i in range(n)]
+        minutes = minutes[::-1] if backwards else minutes
+        streams += [stream] * n
+        ts += [T0 + m * 60_000 for m in minutes]
+        lengths.append(n)
+    keys = pack_keys(np.array(streams, np.int64), np.array(ts, np.int64))
+    plain, from_runs = group_by_day(keys), group_by_day(keys, np.array(lengths, np.int64))
+    assert from_runs.order.tolist() == plain.order.tolist()
+    assert from_runs.keys.tolist() == plain.keys.tolist()
+    assert (from_runs.days, from_runs.bounds) == (plain.days, plain.bounds)

@@ -12,12 +12,12 @@ from engine.config import add_data_dir_arg, data_dir_of
 from engine.faults import crash_point
 from engine.ingest.ahead import decoded_batches
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT, EmbeddedLog, IngestCounts
-from engine.ingest.reader import BATCH_LINES_MAX
+from engine.ingest.reader import BATCH_LINES_DEFAULT, BATCH_LINES_MAX
 from engine.progress import progress_bar
 
 
 def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
-                 show_progress: bool = False, batch_lines: int = BATCH_LINES_MAX,
+                 show_progress: bool = False, batch_lines: int = BATCH_LINES_DEFAULT,
                  ahead: bool | None = None) -> IngestCounts:
     """Ingest the paths batch by batch, the next batch decoded ahead while this one is
     stored when `ahead` (None: when that pays, see `decoded_batches`)."""
@@ -66,14 +66,22 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_lines(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= BATCH_LINES_MAX:
+        raise argparse.ArgumentTypeError(f"1..{BATCH_LINES_MAX}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("ingest", help="append NDJSON wire records to the embedded log")
     parser.add_argument("paths", nargs="+", help="files, directories (their *.ndjson) or - for stdin")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     parser.add_argument("--late-window-days", type=int, default=LATE_WINDOW_DAYS_DEFAULT,
                         help="data older than this behind the user's newest data is rejected")
-    parser.add_argument("--batch-lines", type=int, default=BATCH_LINES_MAX,
-                        help=f"records per transaction (max {BATCH_LINES_MAX})")
+    parser.add_argument("--batch-lines", type=_batch_lines, default=BATCH_LINES_DEFAULT,
+                        help=f"records per transaction (default {BATCH_LINES_DEFAULT:,}, "
+                             f"max {BATCH_LINES_MAX:,})")
     add_data_dir_arg(parser)
     parser.set_defaults(func=_cmd_ingest)
 

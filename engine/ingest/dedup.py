@@ -132,9 +132,23 @@ assert ((1 << TS_BITS) + _DAY_BASE_MS % DAY_MS) // DAY_MS < 1 << (
     64 - _STREAM_BITS - _MS_IN_DAY_BITS), "day-major keys need 64 bits at most"
 
 
-def group_by_day(keys: np.ndarray) -> DayGroups:
-    """One stable sort of day-major keys (samples come in sorted runs: cheap) groups the
-    keys by day and sorts each day's keys, with equal keys in the order given."""
+def group_by_day(keys: np.ndarray, run_lengths: np.ndarray | None = None) -> DayGroups:
+    """The keys grouped by Tokyo day, each day's keys sorted, equal keys in the order given.
+
+    `run_lengths` (summing to len(keys)) cuts the keys into runs that are usually sorted
+    already (a segment's samples: one stream, rising time). Then the runs are ordered
+    instead of the keys (`_grouped_runs`), and the keys are sorted one by one only when
+    the runs turn out to overlap, to hold a key out of order, or to share a key.
+    """
+    if run_lengths is not None and len(keys):
+        grouped = _grouped_runs(keys, run_lengths)
+        if grouped is not None:
+            return grouped
+    return _sorted_by_day(keys)
+
+
+def _sorted_by_day(keys: np.ndarray) -> DayGroups:
+    """One stable sort of day-major keys (samples come in sorted runs: cheap)."""
     local_ms = (keys & np.uint64(_TS_MASK)).view(np.int64)
     local_ms += _DAY_BASE_MS % DAY_MS
     day = local_ms // DAY_MS
@@ -151,6 +165,83 @@ def group_by_day(keys: np.ndarray) -> DayGroups:
     return DayGroups(order, keys[order], days, starts[:len(days)] + [len(keys)])
 
 
+def _grouped_runs(keys: np.ndarray, run_lengths: np.ndarray) -> DayGroups | None:
+    """`_sorted_by_day(keys)` built from runs, or None when a run is not one stream's
+    keys in non-decreasing order.
+
+    Runs are cut at Tokyo midnights into pieces, and the pieces are laid end to end in
+    (day, first key, position) order. Where each piece's first key is greater than the
+    key laid before it on its day, that is the stable sort already (equal keys then lie
+    inside one piece, in the order given). The days where it is not (pieces that
+    overlap or share keys: re-sent data) are sorted again, each from that nearly
+    sorted order, and their equal keys put in the order given.
+    """
+    lengths = np.asarray(run_lengths, np.int64)
+    lengths = lengths[lengths > 0]
+    starts = np.cumsum(lengths) - lengths
+    ends = starts + lengths - 1
+    rising = keys[1:] >= keys[:-1]
+    rising[starts[1:] - 1] = True  # a run may start below the last one's end
+    if not rising.all() or (keys[starts] >> np.uint64(TS_BITS) !=
+                            keys[ends] >> np.uint64(TS_BITS)).any():
+        return None
+    day_first, day_last = _local_day(keys[starts]), _local_day(keys[ends])
+    piece_start = starts
+    crossing = np.flatnonzero(day_last != day_first)
+    if len(crossing):  # runs past midnight: cut where the day changes inside them
+        inside = _ranges(starts[crossing], lengths[crossing])
+        day = _local_day(keys[inside])
+        cut = np.zeros(len(inside), bool)
+        cut[1:] = day[1:] != day[:-1]
+        cut[np.cumsum(lengths[crossing]) - lengths[crossing]] = False  # run starts already
+        piece_start = np.sort(np.concatenate([starts, inside[cut]]))
+    piece_day = _local_day(keys[piece_start])
+    piece_length = np.diff(np.append(piece_start, len(keys)))
+    ranked = np.lexsort((piece_start, keys[piece_start], piece_day))
+    length_ranked = piece_length[ranked]
+    landed_at = np.cumsum(length_ranked) - length_ranked
+    order = _ranges(piece_start[ranked], length_ranked)
+    sorted_keys = keys[order]
+    day_ranked = piece_day[ranked]
+    first_of_day = np.ones(len(ranked), bool)
+    first_of_day[1:] = day_ranked[1:] != day_ranked[:-1]
+    bounds = [*landed_at[first_of_day].tolist(), len(keys)]
+    joins = landed_at[~first_of_day]
+    out_of_order = joins[sorted_keys[joins] <= sorted_keys[joins - 1]]
+    for day in np.unique(np.searchsorted(bounds, out_of_order, side="right") - 1).tolist():
+        lo, hi = bounds[day], bounds[day + 1]
+        _sort_in_place(sorted_keys[lo:hi], order[lo:hi])
+    days = (day_ranked[first_of_day] + _DAY_BASE_MS // DAY_MS).tolist()
+    return DayGroups(order, sorted_keys, days, bounds)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions of the ranges [start, start + length), one after another."""
+    landed_at = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - landed_at, lengths)
+
+
+def _sort_in_place(keys: np.ndarray, order: np.ndarray) -> None:
+    """Sort `keys` (views) and `order` along, equal keys by their `order` value."""
+    by_key = np.argsort(keys, kind="stable")  # nearly sorted: a few runs to merge
+    keys[:] = keys[by_key]
+    order[:] = order[by_key]
+    tie = keys[1:] == keys[:-1]
+    if not tie.any():
+        return
+    in_tie = np.zeros(len(keys), bool)
+    in_tie[1:] = tie
+    in_tie[:-1] |= tie
+    members = np.flatnonzero(in_tie)
+    group = np.cumsum(~np.append(False, tie)[members])  # a new group where no tie back
+    order[members] = order[members][np.lexsort((order[members], group))]
+
+
+def _local_day(keys: np.ndarray) -> np.ndarray:
+    """Tokyo day of each key's time, counted from the day of TS_MS_MIN (as in the sort)."""
+    return ((keys & np.uint64(_TS_MASK)).view(np.int64) + _DAY_BASE_MS % DAY_MS) // DAY_MS
+
+
 @dataclass(frozen=True)
 class NewSamples:
     mask: np.ndarray  # per sample given: store it
@@ -159,16 +250,32 @@ class NewSamples:
 
 
 def new_samples(keys: np.ndarray, accepted: np.ndarray,
-                stored_of: Callable[[DayGroups], np.ndarray]) -> NewSamples:
+                stored_of: Callable[[DayGroups], np.ndarray],
+                run_lengths: np.ndarray | None = None) -> NewSamples:
     """The samples to store: accepted, not stored before (`stored_of` answers for keys
-    grouped by day), first of their key in the batch."""
+    grouped by day), first of their key in the batch. `run_lengths` cuts the keys into
+    runs that are usually sorted (the segments: see `group_by_day`)."""
     assert len(keys) == len(accepted)
+    assert run_lengths is None or int(np.sum(run_lengths)) == len(keys)
     taken = np.flatnonzero(accepted)
-    groups = group_by_day(keys if len(taken) == len(keys) else keys[taken])
+    if len(taken) == len(keys):
+        groups = group_by_day(keys, run_lengths)
+    else:  # the accepted keys of each run are still a run
+        groups = group_by_day(keys[taken], None if run_lengths is None
+                              else _taken_lengths(accepted, run_lengths))
     new_grouped = groups.first_of_each() & ~stored_of(groups)
     mask = np.zeros(len(keys), dtype=bool)
     mask[taken[groups.order[new_grouped]]] = True
     return NewSamples(mask, groups, new_grouped)
+
+
+def _taken_lengths(accepted: np.ndarray, run_lengths: np.ndarray) -> np.ndarray:
+    """How many of each (non-empty) run's keys are accepted."""
+    lengths = np.asarray(run_lengths, np.int64)
+    lengths = lengths[lengths > 0]
+    if not len(lengths):
+        return lengths
+    return np.add.reduceat(accepted, np.cumsum(lengths) - lengths, dtype=np.int64)
 
 
 def horizon_days(wm_ms: np.ndarray, late_window_days: int, margin_days: int) -> np.ndarray:

@@ -653,7 +653,7 @@ class EmbeddedLog:
         record_of = np.repeat(np.arange(len(seg)), lengths)
         keys = pack_keys(stream_ids[record_of], ts)
         accepted = ~rejected[record_of] if rejected.any() else np.ones(len(ts), bool)
-        found = new_samples(keys, accepted, self._seen.contains)
+        found = new_samples(keys, accepted, self._seen.contains, lengths)
         new = found.mask
         n_new = int(np.count_nonzero(new))
         if n_new == len(ts):  # every sample new (a first upload): no gathers

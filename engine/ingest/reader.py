@@ -11,6 +11,11 @@ from typing import BinaryIO
 from engine.errors import UsageError
 
 BATCH_LINES_MAX = 20_000
+# The default is half the maximum: `genki ingest` stores a batch while the next one is
+# decoded, and nothing overlaps the first batch's decode. With 10,000 lines that wait
+# is half as long, and the smaller transactions cost no more (a 150 + 1,200 person
+# fleet, 5.9 M samples: 1.81 s median against 2.17 s with 20,000; 5,000: 1.87 s).
+BATCH_LINES_DEFAULT = 10_000
 BATCH_BYTES_MAX = 64 * 1024 * 1024
 READ_BYTES = 16 * 1024 * 1024
 DIRECTORY_SUFFIXES = (".ndjson", ".jsonl")
@@ -45,7 +50,7 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
 
 
 def iter_batches(stream: BinaryIO, source: str,
-                 batch_lines: int = BATCH_LINES_MAX) -> Iterator[LineBatch]:
+                 batch_lines: int = BATCH_LINES_DEFAULT) -> Iterator[LineBatch]:
     """Batches of at most batch_lines lines (or until BATCH_BYTES_MAX bytes are reached);
     a line loses its newline and trailing carriage returns, blank lines are skipped."""
     assert 0 < batch_lines <= BATCH_LINES_MAX
@@ -115,7 +120,8 @@ def _line_blocks(stream: BinaryIO) -> Iterator[tuple[int, list[bytes], bool]]:
         yield number, [rest], b"\r" in rest
 
 
-def iter_sources(paths: Iterable[str], batch_lines: int = BATCH_LINES_MAX) -> Iterator[LineBatch]:
+def iter_sources(paths: Iterable[str],
+                 batch_lines: int = BATCH_LINES_DEFAULT) -> Iterator[LineBatch]:
     for text in expand_paths(paths):
         if text == "-":
             yield from iter_batches(sys.stdin.buffer, "stdin", batch_lines)
