@@ -249,7 +249,9 @@ def new_sample_block(first_seq: int, record: np.ndarray, ts: np.ndarray,
     base = np.minimum.reduceat(ts, starts)
     offsets = (ts - np.repeat(base, counts)).astype(np.int32)
     narrow = values.astype(np.float32)
-    lossless = np.logical_and.reduceat(narrow.astype(np.float64) == values, starts)
+    exact = narrow == values  # compared as float64
+    lossless = np.ones(len(counts), bool) if exact.all() else np.logical_and.reduceat(
+        exact, starts)
     if lossless.all():
         vals = narrow.view(np.uint8)
     else:  # each record's values in float32 when exact there, else float64

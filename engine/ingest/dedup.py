@@ -264,6 +264,8 @@ def new_samples(keys: np.ndarray, accepted: np.ndarray,
         groups = group_by_day(keys[taken], None if run_lengths is None
                               else _taken_lengths(accepted, run_lengths))
     new_grouped = groups.first_of_each() & ~stored_of(groups)
+    if new_grouped.all():  # every accepted sample is new (a first upload): no scatter
+        return NewSamples(np.asarray(accepted, bool).copy(), groups, new_grouped)
     mask = np.zeros(len(keys), dtype=bool)
     mask[taken[groups.order[new_grouped]]] = True
     return NewSamples(mask, groups, new_grouped)
