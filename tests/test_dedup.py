@@ -22,6 +22,7 @@ from engine.ingest.dedup import (
     pack_keys,
 )
 from engine.ingest.log import EmbeddedLog
+from engine.ingest.seen import run_bytes, run_of
 from engine.schemas import TS_MS_MIN
 
 T0 = 1_764_547_200_000  # 2025-12-01T00:00:00Z
@@ -200,3 +201,27 @@ def test_day_groups_from_runs_equal_the_sort(
     assert from_runs.order.tolist() == plain.order.tolist()
     assert from_runs.keys.tolist() == plain.keys.tolist()
     assert (from_runs.days, from_runs.bounds) == (plain.days, plain.bounds)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, (1 << 63) - 1),
+       st.lists(st.one_of(st.integers(0, 70_000), st.sampled_from([0xFFFF_FFFE, 0xFFFF_FFFF,
+                                                                   1 << 32, 1 << 43])),
+                max_size=60))
+def test_a_stored_run_reads_back_as_its_keys(first: int, gaps: list[int]) -> None:
+    keys = [first]
+    for gap in gaps:
+        keys.append(min(keys[-1] + gap, (1 << 63) - 1))
+    run = np.array(keys, np.uint64)
+    blob = run_bytes(run)
+    assert run_of(blob, len(run)).tolist() == keys
+    assert len(blob) <= 8 * len(run)
+    # Runs stored as raw keys (before the encoding, or not shorter encoded) read as such.
+    assert run_of(run.tobytes(), len(run)).tolist() == keys
+
+
+def test_runs_of_one_streams_samples_are_stored_in_about_4_bytes_a_key() -> None:
+    ts = T0 + 60_000 * np.arange(10_000)
+    keys = np.sort(np.concatenate([pack_keys(np.full(len(ts), stream), ts)
+                                   for stream in (1, 2, 3)]))
+    assert len(run_bytes(keys)) < 4.01 * len(keys)

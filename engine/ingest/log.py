@@ -1105,8 +1105,7 @@ class EmbeddedLog:
         that judges every later record as this one would."""
         window_ms = (self.late_window_days_max() + SEEN_MARGIN_DAYS + 1) * DAY_MS
         days, keys = [], []
-        for day, blob in self._db.execute("SELECT day, keys FROM seen_runs ORDER BY id"):
-            run = np.frombuffer(blob, np.uint64)
+        for day, run in self._seen.stored_runs():
             days.append(np.full(len(run), day, np.int64))
             keys.append(run)
         events = self._db.execute(

@@ -7,12 +7,18 @@ window plus a margin are pruned as watermarks move. Opening the log therefore
 reads nothing of the index, and its size grows with people x window, not with
 history. A day's runs merge into one when there are more than
 SEEN_RUNS_PER_DAY_MAX of them.
+
+A run is stored as its first key, the count of gaps that need more than 32 bits, every
+gap between neighbouring keys as uint32 (0xFFFFFFFF where it needs more), then those
+gaps as uint64: about 4 bytes a key, since one stream's samples lie seconds or minutes
+apart (`run_bytes`). A run that would not be shorter that way is stored as its uint64
+keys; a blob of 8 bytes a key is such a run (runs written before the encoding too).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +34,40 @@ SEEN_DAYS_CACHED_MAX = 64
 SEEN_RUNS_PER_DAY_MAX = 8
 SEEN_MARGIN_DAYS = 1
 SQL_DAYS_PER_QUERY_MAX = 500
+
+
+_WIDE_GAP = 0xFFFF_FFFF  # a gap of this or more is stored in full (uint64)
+_RUN_HEADER_BYTES = 16  # first key, wide gap count (uint64 each)
+
+
+def run_bytes(run: np.ndarray) -> bytes:
+    """A sorted run of keys as stored (module docstring)."""
+    n = len(run)
+    gaps = np.diff(run)
+    wide = gaps >= np.uint64(_WIDE_GAP)
+    n_wide = int(np.count_nonzero(wide))
+    if _RUN_HEADER_BYTES + 4 * (n - 1) + 8 * n_wide >= 8 * n:
+        return run.tobytes()
+    narrow = gaps.astype(np.uint32)
+    narrow[wide] = _WIDE_GAP
+    header = np.array([run[0], n_wide], np.uint64)
+    return b"".join((header.tobytes(), narrow.tobytes(), gaps[wide].tobytes()))
+
+
+def run_of(blob: bytes, n: int) -> np.ndarray:
+    """The keys of a stored run of `n` keys (read-only when stored as raw keys)."""
+    if len(blob) == 8 * n:
+        return np.frombuffer(blob, np.uint64)
+    first, n_wide = np.frombuffer(blob, np.uint64, 2).tolist()
+    narrow = np.frombuffer(blob, np.uint32, n - 1, _RUN_HEADER_BYTES)
+    gaps = narrow.astype(np.uint64)
+    gaps[narrow == _WIDE_GAP] = np.frombuffer(blob, np.uint64, n_wide,
+                                              _RUN_HEADER_BYTES + 4 * (n - 1))
+    run = np.empty(n, np.uint64)
+    run[0] = first
+    np.cumsum(gaps, out=run[1:])
+    run[1:] += np.uint64(first)
+    return run
 
 
 @dataclass(frozen=True)
@@ -93,9 +133,10 @@ class SeenIndex:
             chunk = missing[lo:lo + SQL_DAYS_PER_QUERY_MAX]
             found: dict[int, list[np.ndarray]] = {day: [] for day in chunk}
             marks = ",".join("?" * len(chunk))
-            for day, blob in self._db.execute(
-                    f"SELECT day, keys FROM seen_runs WHERE day IN ({marks}) ORDER BY id", chunk):
-                found[day].append(np.frombuffer(blob, np.uint64))
+            for day, n, blob in self._db.execute(
+                    f"SELECT day, n, keys FROM seen_runs WHERE day IN ({marks}) ORDER BY id",
+                    chunk):
+                found[day].append(run_of(blob, n))
             for day, runs in found.items():
                 self._days[day] = DayRuns(runs)
 
@@ -126,7 +167,7 @@ class SeenIndex:
                 self._db.execute("DELETE FROM seen_runs WHERE day = ?", (day,))
             stored = run if merged is None else merged
             self._db.execute("INSERT INTO seen_runs (day, n, keys) VALUES (?, ?, ?)",
-                             (day, len(stored), stored.tobytes()))
+                             (day, len(stored), run_bytes(stored)))
             staged.append(StagedDay(day, run, merged))
         return staged
 
@@ -148,10 +189,10 @@ class SeenIndex:
         """Drop keys of days before their stream's horizon, looking at days < before_day
         (inside the caller's transaction). Returns how many keys were dropped."""
         dropped = 0
-        rows = self._db.execute("SELECT id, day, keys FROM seen_runs WHERE day < ?",
+        rows = self._db.execute("SELECT id, day, n, keys FROM seen_runs WHERE day < ?",
                                 (before_day,)).fetchall()
-        for row_id, day, blob in rows:
-            keys = np.frombuffer(blob, np.uint64)
+        for row_id, day, n, blob in rows:
+            keys = run_of(blob, n)
             stream = stream_of_keys(keys)
             inside = stream < len(horizon_day_by_stream)
             keep = ~inside
@@ -164,7 +205,7 @@ class SeenIndex:
                 self._db.execute("DELETE FROM seen_runs WHERE id = ?", (row_id,))
             else:
                 self._db.execute("UPDATE seen_runs SET n = ?, keys = ? WHERE id = ?",
-                                 (kept, keys[keep].tobytes(), row_id))
+                                 (kept, run_bytes(keys[keep]), row_id))
         for day in [d for d in self._days if d < before_day]:
             del self._days[day]
         return dropped
@@ -174,8 +215,13 @@ class SeenIndex:
         for day, part in _split_by_day(keys):
             run = np.sort(part, kind="stable")
             self._db.execute("INSERT INTO seen_runs (day, n, keys) VALUES (?, ?, ?)",
-                             (day, len(run), run.tobytes()))
+                             (day, len(run), run_bytes(run)))
         self.forget_cache()
+
+    def stored_runs(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every stored run with its day, in the order written."""
+        for day, n, blob in self._db.execute("SELECT day, n, keys FROM seen_runs ORDER BY id"):
+            yield day, run_of(blob, n)
 
     def clear(self) -> None:
         self._db.execute("DELETE FROM seen_runs")
