@@ -58,3 +58,15 @@ def test_missing_input_file_is_a_usage_error(data_dir: Path) -> None:
     result = _run("ingest", "/nonexistent/file.ndjson", "--data-dir", str(data_dir))
     assert result.returncode == 2
     assert b"no such file or directory: /nonexistent/file.ndjson" in result.stderr
+
+
+def test_a_batch_size_outside_its_limits_is_a_usage_error(data_dir: Path) -> None:
+    line = orjson.dumps(segment("u1", [T0], [1.0])) + b"\n"
+    for size in ("0", "20001"):
+        result = _run("ingest", "-", "--batch-lines", size, "--data-dir", str(data_dir),
+                      stdin=line)
+        assert result.returncode == 2
+        assert b"--batch-lines: 1..20000" in result.stderr
+    stored = _run("ingest", "-", "--batch-lines", "20000", "--json", "--data-dir",
+                  str(data_dir), stdin=line)
+    assert orjson.loads(stored.stdout)["accepted"] == 1
