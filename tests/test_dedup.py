@@ -16,6 +16,7 @@ from engine.ingest.dedup import (
     LATE_WINDOW_DAYS_MIN,
     STREAMS_MAX,
     DayGroups,
+    _grouped_runs,
     group_by_day,
     judge_late,
     new_samples,
@@ -197,10 +198,17 @@ def test_day_groups_from_runs_equal_the_sort(
         ts += [T0 + m * 60_000 for m in minutes]
         lengths.append(n)
     keys = pack_keys(np.array(streams, np.int64), np.array(ts, np.int64))
-    plain, from_runs = group_by_day(keys), group_by_day(keys, np.array(lengths, np.int64))
-    assert from_runs.order.tolist() == plain.order.tolist()
-    assert from_runs.keys.tolist() == plain.keys.tolist()
-    assert (from_runs.days, from_runs.bounds) == (plain.days, plain.bounds)
+    plain = group_by_day(keys)
+    from_runs = [group_by_day(keys, np.array(lengths, np.int64))]
+    if len(keys):  # also below the mean run length where group_by_day sorts instead
+        grouped = _grouped_runs(keys, np.array(lengths, np.int64))
+        assert (grouped is None) == any(backwards and n > 1 and step
+                                        for _, _, step, n, backwards in segments)
+        from_runs += [grouped] if grouped is not None else []
+    for groups in from_runs:
+        assert groups.order.tolist() == plain.order.tolist()
+        assert groups.keys.tolist() == plain.keys.tolist()
+        assert (groups.days, groups.bounds) == (plain.days, plain.bounds)
 
 
 @settings(max_examples=300, deadline=None)

@@ -140,7 +140,8 @@ def group_by_day(keys: np.ndarray, run_lengths: np.ndarray | None = None) -> Day
     instead of the keys (`_grouped_runs`), and the keys are sorted one by one only when
     the runs turn out to overlap, to hold a key out of order, or to share a key.
     """
-    if run_lengths is not None and len(keys):
+    if run_lengths is not None and len(keys) and \
+            len(keys) >= _RUN_KEYS_MEAN_MIN * len(run_lengths):
         grouped = _grouped_runs(keys, run_lengths)
         if grouped is not None:
             return grouped
@@ -163,6 +164,11 @@ def _sorted_by_day(keys: np.ndarray) -> DayGroups:
     starts = [0, *cuts.tolist()]
     days = (day[starts] + _DAY_BASE_MS // DAY_MS).tolist() if len(keys) else []
     return DayGroups(order, keys[order], days, starts[:len(days)] + [len(keys)])
+
+
+# Runs shorter than this on average are grouped faster by sorting their keys (one sample
+# a record: 3.6 ms for 48,000 keys sorted, 7.1 ms as runs; 8 a run: 1.5 against 1.3 ms).
+_RUN_KEYS_MEAN_MIN = 8
 
 
 def _grouped_runs(keys: np.ndarray, run_lengths: np.ndarray) -> DayGroups | None:
