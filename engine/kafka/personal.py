@@ -40,7 +40,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.errors import GenkiError, UsageError
-from engine.kafka.client import consumer_settings, producer_settings, topic_name
+from engine.kafka.client import (
+    READ_TO_END_POLL_MS,
+    consumer_settings,
+    producer_settings,
+    topic_name,
+)
 from engine.kafka.keys import WRAP_KEYS_ENV, KeyFileError, Keyring, wrap_keys
 from engine.kafka.topics import KEYS
 
@@ -54,9 +59,6 @@ DATA_KEY_BYTES = 32
 HEADER_BYTES = len(MAGIC) + DKID_BYTES + NONCE_BYTES
 KEYS_VALUE_BYTES_MAX = 64 * 1_024
 DATA_KEYS_PER_PERSON_MAX = 64
-POLL_MS = 200
-# A reader at the end of genki.keys should not wait for news: it reads to the end and stops.
-KEYS_FETCH_WAIT_MS = 20
 # Long-running readers (workers, the HTTP gateway) look for new keys and tombstones at
 # least this often, so an erasure takes effect on them without a restart.
 KEYS_REFRESH_S_MAX = 10.0
@@ -266,8 +268,8 @@ class KeyTopic:
         self.partitions = 0
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**consumer_settings(self._bootstrap, self._client_id),
-                                          fetch_max_wait_ms=KEYS_FETCH_WAIT_MS)
+        self._consumer = AIOKafkaConsumer(**consumer_settings(self._bootstrap, self._client_id,
+                                                              read_to_end=True))
         await self._consumer.start()
         self._producer = AIOKafkaProducer(**producer_settings(self._bootstrap, self._client_id,
                                                               "none", linger_ms=0))
@@ -300,7 +302,7 @@ class KeyTopic:
         self._refreshed_s = time.monotonic()
         pending = set(tps)
         while pending:
-            got = await consumer.getmany(*pending, timeout_ms=POLL_MS,
+            got = await consumer.getmany(*pending, timeout_ms=READ_TO_END_POLL_MS,
                                          max_records=FETCH_RECORDS_MAX)
             for tp, records in got.items():
                 for record in records:

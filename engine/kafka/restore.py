@@ -19,14 +19,13 @@ from pydantic import ValidationError
 
 from engine.ingest.reasons import Reason, reason_text
 from engine.kafka.authn import verification_failure
-from engine.kafka.client import consumer_settings
+from engine.kafka.client import READ_TO_END_POLL_MS, consumer_settings
 from engine.kafka.keys import Keyring
 from engine.kafka.personal import PersonKeys, open_entry
 from engine.ledger.commands import expire_id, redeem_id, ref_fields, refund_id
 from engine.ledger.model import Entry
 from engine.schemas import EntryKind, LedgerEntry, Redemption, RedemptionKind
 
-POLL_MS = 500
 FETCH_RECORDS_MAX = 50_000
 # Kinds made by commands, not rules: restored from genki.ledger on takeover.
 RESTORED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust", "expire"})
@@ -38,7 +37,7 @@ REQUESTED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust"})
 async def read_partition(bootstrap: str, topic: str, number: int,
                          ) -> list[tuple[int, bytes | None, bytes]]:
     """(offset, key, value) of every record on one partition, read to its high watermark."""
-    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore"))
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore", read_to_end=True))
     await consumer.start()
     tp = TopicPartition(topic, number)
     records: list[tuple[int, bytes | None, bytes]] = []
@@ -46,7 +45,8 @@ async def read_partition(bootstrap: str, topic: str, number: int,
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         while True:
-            got = await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=FETCH_RECORDS_MAX)
+            got = await consumer.getmany(tp, timeout_ms=READ_TO_END_POLL_MS,
+                                         max_records=FETCH_RECORDS_MAX)
             records.extend((r.offset, r.key, r.value or b"") for r in got.get(tp, []))
             end = consumer.highwater(tp)  # tansu's end_offsets() under-reports
             if end is not None and await consumer.position(tp) >= end:

@@ -41,7 +41,12 @@ from engine.errors import GenkiError
 from engine.faults import crash_point
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
 from engine.kafka.assignor import CoPartitionedAssignor
-from engine.kafka.client import consumer_settings, producer_settings, topic_name
+from engine.kafka.client import (
+    READ_TO_END_POLL_MS,
+    consumer_settings,
+    producer_settings,
+    topic_name,
+)
 from engine.kafka.fetch import FetchedRecord, TopicBatch, columns_of, skip_consumer_records
 from engine.kafka.host import ThreadHost, collected_rarely, new_host
 from engine.kafka.keys import (
@@ -744,7 +749,7 @@ class _Listener(ConsumerRebalanceListener):
 async def read_partition_entries(bootstrap: str, topic: str, number: int,
                                  kinds: frozenset[str] | None = None) -> list[LedgerEntry]:
     """Every ledger entry on one partition of genki.ledger, in topic order."""
-    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore"))
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore", read_to_end=True))
     await consumer.start()
     tp = TopicPartition(topic, number)
     entries: list[LedgerEntry] = []
@@ -752,7 +757,7 @@ async def read_partition_entries(bootstrap: str, topic: str, number: int,
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         while True:
-            got = await consumer.getmany(tp, timeout_ms=POLL_MS,
+            got = await consumer.getmany(tp, timeout_ms=READ_TO_END_POLL_MS,
                                          max_records=RESTORE_FETCH_RECORDS_MAX)
             for record in got.get(tp, []):
                 body = orjson.loads(record.value or b"{}")
