@@ -32,12 +32,17 @@ PRODUCE_LINGER_MS = 20
 PRODUCE_REQUEST_TIMEOUT_MS = 60_000
 FETCH_PARTITION_BYTES_MAX = 8 * 1_048_576
 FETCH_BYTES_MAX = 64 * 1_048_576
-# A reader that reads partitions to their end and stops (takeover restores, the keys
-# topic) must not wait for news: the broker answers its fetch that finds nothing after
-# READ_TO_END_FETCH_WAIT_MS (Kafka's default is 500 ms), and it looks for that answer
-# every READ_TO_END_POLL_MS. Reading an empty partition took 1.0 s with the defaults
-# (the fetch held, then a 500 ms poll for records that never came), 0.07 s so.
-READ_TO_END_FETCH_WAIT_MS = 20
+# How long the broker may hold a fetch that finds no new records (Kafka's default is
+# 500 ms). aiokafka sends no new fetch for a partition while one is in flight, and tansu
+# answers a held fetch only when its wait ends, so whatever lands meanwhile waits for it:
+# the worker reading busy topics beside empty ones stalled up to half a second a batch
+# (segment records 1.37-1.61 M -> 1.8-2.3 M samples/s at 20-100 ms), and a redemption
+# through Kafka (API -> worker -> API) took 190-230 ms, 32-83 ms at 20 ms. Idle, a
+# consumer then asks 50 times a second.
+FETCH_WAIT_MS = 20
+# Readers that read partitions to their end and stop (takeover restores, snapshots, the
+# keys topic) look for the broker's answer this often: an empty partition took 1.0 s to
+# read (the fetch held, then a 500 ms poll for records that never came), 0.05 s so.
 READ_TO_END_POLL_MS = 50
 COMPRESSIONS: tuple[str, ...] = ("auto", "none", "gzip", "snappy", "lz4", "zstd")
 
@@ -71,9 +76,7 @@ def producer_settings(bootstrap: str, client_id: str, compression: str = "auto",
     }
 
 
-def consumer_settings(bootstrap: str, client_id: str, *,
-                      read_to_end: bool = False) -> dict[str, Any]:
-    """`read_to_end`: for a reader that stops at the end (READ_TO_END_FETCH_WAIT_MS)."""
+def consumer_settings(bootstrap: str, client_id: str) -> dict[str, Any]:
     return {
         "bootstrap_servers": bootstrap,
         "client_id": f"{CLIENT_ID_PREFIX}-{client_id}",
@@ -82,7 +85,7 @@ def consumer_settings(bootstrap: str, client_id: str, *,
         "max_partition_fetch_bytes": FETCH_PARTITION_BYTES_MAX,
         "fetch_max_bytes": FETCH_BYTES_MAX,
         "isolation_level": "read_uncommitted",
-        **({"fetch_max_wait_ms": READ_TO_END_FETCH_WAIT_MS} if read_to_end else {}),
+        "fetch_max_wait_ms": FETCH_WAIT_MS,
         **current_security().client_kwargs(),
     }
 

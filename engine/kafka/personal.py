@@ -268,8 +268,7 @@ class KeyTopic:
         self.partitions = 0
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**consumer_settings(self._bootstrap, self._client_id,
-                                                              read_to_end=True))
+        self._consumer = AIOKafkaConsumer(**consumer_settings(self._bootstrap, self._client_id))
         await self._consumer.start()
         self._producer = AIOKafkaProducer(**producer_settings(self._bootstrap, self._client_id,
                                                               "none", linger_ms=0))

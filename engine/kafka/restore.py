@@ -37,7 +37,7 @@ REQUESTED_KINDS: frozenset[str] = frozenset({"redeem", "refund", "adjust"})
 async def read_partition(bootstrap: str, topic: str, number: int,
                          ) -> list[tuple[int, bytes | None, bytes]]:
     """(offset, key, value) of every record on one partition, read to its high watermark."""
-    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore", read_to_end=True))
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore"))
     await consumer.start()
     tp = TopicPartition(topic, number)
     records: list[tuple[int, bytes | None, bytes]] = []

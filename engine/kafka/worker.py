@@ -99,14 +99,6 @@ from engine.schemas import LedgerEntry
 FETCH_RECORDS_MAX_DEFAULT = 20_000
 FETCH_RECORDS_LIMIT = 200_000
 POLL_MS = 500
-# How long the broker may hold a fetch that finds no new records. aiokafka sends no new
-# fetch for a partition while one is in flight, so records that land meanwhile (or a
-# partition whose position became known meanwhile) wait for it: at Kafka's default
-# 500 ms a worker reading busy topics beside empty ones (redemptions, consent) stalled
-# up to half a second a batch. 100 ms: segment records 1.37-1.61 M -> 1.81 M samples/s,
-# partition processes 1.70-1.98 M -> 2.55 M (benchmarks/kafka.py, 2026-12-02); idle, it
-# costs ten fetches a second.
-FETCH_WAIT_MS = 100
 SESSION_TIMEOUT_MS_DEFAULT = 10_000
 SESSION_TIMEOUT_MS_MIN = 1_000
 HEARTBEATS_PER_SESSION_TIMEOUT = 6
@@ -273,7 +265,7 @@ class Worker:
             partition_assignment_strategy=(self._assignor,),
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.session_timeout_ms // HEARTBEATS_PER_SESSION_TIMEOUT,
-            max_poll_interval_ms=MAX_POLL_INTERVAL_MS, fetch_max_wait_ms=FETCH_WAIT_MS)
+            max_poll_interval_ms=MAX_POLL_INTERVAL_MS)
         producer = self.producer = AIOKafkaProducer(
             **producer_settings(s.bootstrap, s.client_id, s.compression))
         consumer.subscribe([self.topics[t] for t in INPUT_TOPICS], listener=_Listener(self))
@@ -749,7 +741,7 @@ class _Listener(ConsumerRebalanceListener):
 async def read_partition_entries(bootstrap: str, topic: str, number: int,
                                  kinds: frozenset[str] | None = None) -> list[LedgerEntry]:
     """Every ledger entry on one partition of genki.ledger, in topic order."""
-    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore", read_to_end=True))
+    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore"))
     await consumer.start()
     tp = TopicPartition(topic, number)
     entries: list[LedgerEntry] = []
