@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from engine.entries import EntryDraft
 from engine.errors import UsageError
 from engine.ingest.log import EmbeddedLog
-from engine.kafka.client import consumer_settings, topic_name
+from engine.kafka.client import READ_TO_END_POLL_MS, consumer_settings, topic_name
 from engine.kafka.personal import (
     FLAGS_TAG,
     LEDGER_TAG,
@@ -36,7 +36,6 @@ from engine.schemas import FlagEvent, LedgerEntry
 from replay.anonymise import ExportPolicy
 from replay.export import ReplayManifest, export_embedded
 
-POLL_MS = 500
 FETCH_RECORDS_MAX = 20_000
 INPUT_TOPICS = ("genki.profiles", "genki.consent", "genki.samples", "genki.activities")
 
@@ -54,7 +53,8 @@ async def _partition_batches(consumer: AIOKafkaConsumer, topic: str,
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         while True:
-            got = await consumer.getmany(tp, timeout_ms=POLL_MS, max_records=FETCH_RECORDS_MAX)
+            got = await consumer.getmany(tp, timeout_ms=READ_TO_END_POLL_MS,
+                                         max_records=FETCH_RECORDS_MAX)
             records = got.get(tp, [])
             if records:
                 yield (number, [r.offset for r in records], [r.key for r in records],
