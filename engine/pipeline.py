@@ -177,6 +177,7 @@ class Pipeline:
                 ledger.append_awards(output.award_entries, flags=output.flags, meta=meta)
             else:
                 writer.submit(ledger, output.award_entries, output.flags, meta)
+                ledger.copy_wal()  # the chunks before, while the writer appends this one
             snapshot_due = hi - self._snapshot_position >= self.snapshot_interval or (
                 hi == end and self.snapshot_at_end)
             if writer is None or snapshot_due:  # a snapshot holds the state at hi: wait

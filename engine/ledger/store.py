@@ -1023,6 +1023,14 @@ class Ledger:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def copy_wal(self) -> None:
+        """Copy what is committed in the WAL into the file, without waiting for anyone
+        (SQLite's PASSIVE checkpoint): a process whose appends run in another one
+        (engine.ledger.writer) does it meanwhile, so that the last connection to close
+        has little left to copy."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def erasures(self) -> list[dict[str, Any]]:
         """The erasure log (no user ids): seq, subject, reason, ts_ms, counts, hash."""
         with self._lock:
