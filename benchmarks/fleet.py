@@ -34,7 +34,8 @@ def simulate_fleet(args: argparse.Namespace, root: Path) -> Path:
 
 
 def ingest_fleet(fleet: Path, data_dir: Path) -> IngestCounts:
-    with EmbeddedLog.open(data_dir) as log:
+    """As `genki ingest` does it (its log keeps no recent samples: nothing reads them)."""
+    with EmbeddedLog.open(data_dir, recent=False) as log:
         return ingest_paths(log, [str(fleet)], now_ms=NOW_MS)
 
 

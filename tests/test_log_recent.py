@@ -80,6 +80,27 @@ def test_tail_read_from_memory_equals_the_stored_rows(data_dir: Path) -> None:
         assert log.read_samples(0, log.position()).ts_ms.size > 0
 
 
+def test_a_log_opened_without_a_tail_stores_and_reads_the_same(tmp_path: Path) -> None:
+    """`genki ingest` keeps no tail (nothing in its process reads one): same file rows,
+    same reads, from SQLite."""
+    rng, dirs = random.Random(11), [tmp_path / "tail", tmp_path / "no-tail"]
+    batches = [_batch(rng, batch) for batch in range(12)]
+    for data_dir, recent in zip(dirs, (True, False), strict=True):
+        with EmbeddedLog.open(data_dir, recent=recent) as log:
+            for lines in batches:
+                before = log.position()
+                log.ingest_lines(lines, "test", 1, NOW_MS)
+                assert log._recent.covers(before, log.position()) == (recent and
+                                                                      log.position() > before)
+    reads = []
+    for data_dir in dirs:
+        with EmbeddedLog.open(data_dir) as log:
+            reads.append([_as_tuple(log.read_samples(lo, log.position())) for lo in (0, 5)])
+        with sqlite3.connect(data_dir / LOG_FILE_NAME) as db:
+            reads.append(db.execute(f"SELECT {BLOCK_COLUMNS} FROM sample_blocks").fetchall())
+    assert reads[0] == reads[2] and reads[1] == reads[3]
+
+
 def test_excluded_key_reads_leave_its_records_out_of_the_tail_too(data_dir: Path) -> None:
     line = orjson.dumps({"v": 1, "upload_id": "u1", "user_id": "W00001", "device_id": "d",
                          "metric": "steps", "unit": "count", "ts_ms": [T0], "values": [5.0]})

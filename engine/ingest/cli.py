@@ -34,7 +34,8 @@ def ingest_paths(log: EmbeddedLog, paths: list[str], now_ms: int | None = None,
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    with EmbeddedLog.open(data_dir_of(args), late_window_days=args.late_window_days) as log:
+    with EmbeddedLog.open(data_dir_of(args), late_window_days=args.late_window_days,
+                          recent=False) as log:
         counts = ingest_paths(log, args.paths, batch_lines=args.batch_lines,
                               show_progress=not args.json and sys.stderr.isatty())
     summary = counts.as_dict()

@@ -206,10 +206,12 @@ class RecentSamples:
     contiguous log positions lo..hi, so the run that follows an ingest reads its tail
     from memory instead of SQLite (the Kafka worker: ingest, then run, every fetch).
 
-    Only the writer fills it; anything that changes stored records resets it.
+    Only the writer fills it; anything that changes stored records resets it. A log
+    whose writer runs nothing after its ingest (`genki ingest`) keeps none: `held` False.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = True) -> None:
+        self.held = held
         self.reset()
 
     def reset(self) -> None:
@@ -224,7 +226,7 @@ class RecentSamples:
             value: np.ndarray, wm_before_ms: np.ndarray) -> None:
         """Positions first_seq..last_seq were committed; `seq` etc. are their samples,
         `user_of_sample` indexing `users`."""
-        if last_seq < first_seq:
+        if last_seq < first_seq or not self.held:
             return
         if first_seq != self.hi + 1 or self.samples + len(seq) > RECENT_SAMPLES_MAX:
             self.reset()
@@ -287,7 +289,7 @@ class EmbeddedLog:
     """The single-machine input log. Use `EmbeddedLog.open(data_dir)`."""
 
     def __init__(self, db: sqlite3.Connection, lock_file: BinaryIO | None,
-                 late_window_days: int) -> None:
+                 late_window_days: int, recent: bool = True) -> None:
         self._db = db
         self._lock_file = lock_file
         self.data_dir: Path | None = None
@@ -297,7 +299,7 @@ class EmbeddedLog:
         self._seen = SeenIndex(db)
         self._seen_pruned_before_day = np.iinfo(np.int64).min
         self._wm_day_max = -1
-        self._recent = RecentSamples()
+        self._recent = RecentSamples(held=recent)
         self._stream_cache: tuple[list[str], np.ndarray, np.ndarray] | None = None
         self._share: UserShare | None = None
         self._share_owned: tuple[object, np.ndarray] | None = None  # (stream cache, mask)
@@ -310,7 +312,10 @@ class EmbeddedLog:
 
     @classmethod
     def open(cls, data_dir: Path, *, writer: bool = True,
-             late_window_days: int = LATE_WINDOW_DAYS_DEFAULT) -> EmbeddedLog:
+             late_window_days: int = LATE_WINDOW_DAYS_DEFAULT,
+             recent: bool = True) -> EmbeddedLog:
+        """`recent` False: the writer keeps no copy of the newest batches' samples for
+        reads that follow in this process (RecentSamples); `genki ingest` reads nothing."""
         if late_window_days < LATE_WINDOW_DAYS_MIN:
             raise UsageError(f"the late window must be at least {LATE_WINDOW_DAYS_MIN} days "
                              f"(a segment may span that long), not {late_window_days}")
@@ -323,7 +328,7 @@ class EmbeddedLog:
                                 "wait for it to finish")
         db = connect(data_dir / LOG_FILE_NAME)
         db.executescript(_SCHEMA)
-        opened = cls(db, lock_file, late_window_days)
+        opened = cls(db, lock_file, late_window_days, recent)
         opened.data_dir = data_dir
         return opened
 
@@ -671,9 +676,12 @@ class EmbeddedLog:
         watermarks = {(user, "samples"): int(after) for user, before, after
                       in zip(user_index, wm.tolist(), judged.wm_after_ms.tolist(), strict=True)
                       if after > before}
-        rank = np.cumsum(np.bincount(kept, minlength=len(seg)) > 0) - 1  # in the block's order
-        recent = (next_seq + rank[kept], streams.users, streams.user_code[kept],
-                  np.asarray(seg.metric, np.int8)[kept], new_ts, new_values, wm_before[kept])
+        recent = _NO_RECENT
+        if self._recent.held:
+            rank = np.cumsum(np.bincount(kept, minlength=len(seg)) > 0) - 1  # block order
+            recent = (next_seq + rank[kept], streams.users, streams.user_code[kept],
+                      np.asarray(seg.metric, np.int8)[kept], new_ts, new_values,
+                      wm_before[kept])
         staged = self._seen.stage(found.groups, found.new_grouped)
         return staged, watermarks, next_seq + records, recent
 
