@@ -36,8 +36,8 @@ FETCH_BYTES_MAX = 64 * 1_048_576
 # 500 ms). aiokafka sends no new fetch for a partition while one is in flight, and tansu
 # answers a held fetch only when its wait ends, so whatever lands meanwhile waits for it:
 # the worker reading busy topics beside empty ones stalled up to half a second a batch
-# (segment records 1.37-1.61 M -> 1.8-2.3 M samples/s at 20-100 ms), and a redemption
-# through Kafka (API -> worker -> API) took 190-230 ms, 32-83 ms at 20 ms. Idle, a
+# (segment records 1.26-1.68 M -> 1.46-2.25 M samples/s at 20-100 ms), and a redemption
+# through Kafka (API -> worker -> API) took 193-232 ms, 36-61 ms at 20 ms. Idle, a
 # consumer then asks 50 times a second.
 FETCH_WAIT_MS = 20
 # Readers that read partitions to their end and stop (takeover restores, snapshots, the
