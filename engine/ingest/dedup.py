@@ -137,8 +137,8 @@ def group_by_day(keys: np.ndarray, run_lengths: np.ndarray | None = None) -> Day
 
     `run_lengths` (summing to len(keys)) cuts the keys into runs that are usually sorted
     already (a segment's samples: one stream, rising time). Then the runs are ordered
-    instead of the keys (`_grouped_runs`), and the keys are sorted one by one only when
-    the runs turn out to overlap, to hold a key out of order, or to share a key.
+    instead of the keys (`_grouped_runs`); the keys are sorted one by one when a run is
+    not sorted or holds two streams, or when runs are short (`_RUN_KEYS_MEAN_MIN`).
     """
     if run_lengths is not None and len(keys) and \
             len(keys) >= _RUN_KEYS_MEAN_MIN * len(run_lengths):
