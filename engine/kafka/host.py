@@ -5,7 +5,9 @@ store (log, rules, ledger: decode → dedup → rules → ledger) runs elsewhere
 one call at a time, so SQLite connections stay with the thread that opened them.
 
 * `ThreadHost` (default): a thread of the worker process. Decoding holds the GIL,
-  so partitions on threads take turns on one core.
+  so partitions on threads share one core for their Python work; two run at once
+  (the worker's PARTITIONS_IN_PARALLEL_MAX), so one's SQLite and numpy work, which
+  releases the GIL, overlaps the other's.
 * `ProcessHost` (`genki worker --partition-processes`): a process per partition
   (forked from a forkserver that has imported the engine once), so partitions
   run on every core while the worker's loop keeps the Kafka I/O. What crosses
