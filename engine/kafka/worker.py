@@ -42,7 +42,6 @@ from engine.faults import crash_point
 from engine.ingest.log import LATE_WINDOW_DAYS_DEFAULT
 from engine.kafka.assignor import CoPartitionedAssignor
 from engine.kafka.client import (
-    READ_TO_END_POLL_MS,
     consumer_settings,
     producer_settings,
     topic_name,
@@ -94,7 +93,6 @@ from engine.kafka.topics import (
     check_copartitioned,
     partition_counts,
 )
-from engine.schemas import LedgerEntry
 
 FETCH_RECORDS_MAX_DEFAULT = 20_000
 FETCH_RECORDS_LIMIT = 200_000
@@ -105,7 +103,6 @@ HEARTBEATS_PER_SESSION_TIMEOUT = 6
 MAX_POLL_INTERVAL_MS = 600_000
 PARTITION_BUSY_WAIT_S_MAX = 120.0
 PARTITION_BUSY_RETRY_S = 0.2
-RESTORE_FETCH_RECORDS_MAX = 50_000
 SNAPSHOT_PUBLISH_RECORDS = 100_000  # log positions between two published partition snapshots
 # Partitions on threads run two at a time: while one holds the GIL (decoding, rules) the
 # other's SQLite and numpy work, which releases it, goes on. Segment records 1.41-1.82 M
@@ -739,30 +736,6 @@ class _Listener(ConsumerRebalanceListener):
         except Exception as error:  # noqa: BLE001 (handed to the main loop, which raises it)
             log.error("taking over partitions failed: %s", error)
             self._worker.fail(error)
-
-
-async def read_partition_entries(bootstrap: str, topic: str, number: int,
-                                 kinds: frozenset[str] | None = None) -> list[LedgerEntry]:
-    """Every ledger entry on one partition of genki.ledger, in topic order."""
-    consumer = AIOKafkaConsumer(**consumer_settings(bootstrap, "restore"))
-    await consumer.start()
-    tp = TopicPartition(topic, number)
-    entries: list[LedgerEntry] = []
-    try:
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        while True:
-            got = await consumer.getmany(tp, timeout_ms=READ_TO_END_POLL_MS,
-                                         max_records=RESTORE_FETCH_RECORDS_MAX)
-            for record in got.get(tp, []):
-                body = orjson.loads(record.value or b"{}")
-                if kinds is None or body.get("kind") in kinds:
-                    entries.append(LedgerEntry.model_validate(body))
-            end = consumer.highwater(tp)
-            if end is not None and await consumer.position(tp) >= end:
-                return entries
-    finally:
-        await consumer.stop()
 
 
 def _b64(raw: bytes) -> str:
